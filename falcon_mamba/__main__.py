@@ -1,0 +1,5 @@
+import sys
+
+from falcon_mamba.cli import main
+
+sys.exit(main())

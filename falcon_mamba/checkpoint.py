@@ -1,0 +1,209 @@
+"""HF-format checkpoints: config.json + model.safetensors (or shards with an index), in and out.
+
+Loading builds the model on the meta device and assigns tensors read through safetensors' mmap, one
+tensor at a time and cast straight to the requested dtype and device, so a 7B checkpoint never sits
+twice in memory. Only safetensors are read: a pickle is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from falcon_mamba.config import ModelConfig
+from falcon_mamba.dtypes import check_device_dtype, parse_dtype
+from falcon_mamba.errors import UserError
+from falcon_mamba.hub import resolve_model_dir
+from falcon_mamba.model import FP32_PARAM_SUFFIXES, FalconMamba
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise UserError(f"{index}: damaged index ({e})") from None
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise UserError(f"{f}: shard named in {INDEX_NAME} is missing")
+        return files
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        from safetensors import safe_open
+
+        with _open(single) as f:
+            return {name: single for name in f.keys()}
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise UserError(f"{folder}: only pickle weights (.bin/.pt) found; they are never loaded for "
+                        "safety. Convert them to safetensors first")
+    raise UserError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+class _open:
+    """safe_open with errors that name the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        from safetensors import safe_open
+
+        try:
+            self.f = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as e:  # SafetensorError, OSError: the file is truncated or not safetensors
+            raise UserError(f"{self.path}: not a readable safetensors file ({e})") from None
+        return self.f.__enter__()
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+
+def expected_shapes(model: FalconMamba) -> dict[str, tuple[int, ...]]:
+    """The checkpoint keys a model needs, with their shapes (lm_head omitted when tied)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
+               device: torch.device | str = "cpu") -> FalconMamba:
+    """Load an HF-format folder or Hub id into a FalconMamba in eval mode.
+
+    dtype applies to the weights; A_log, D and the dt bias stay fp32. Missing, unexpected or
+    mis-shaped tensors raise one UserError naming them all.
+    """
+    dtype = parse_dtype(dtype)
+    device = check_device_dtype(device, dtype)
+    folder = resolve_model_dir(ref)
+    config = ModelConfig.from_json_file(folder / "config.json")
+    quant = folder / "quantization.json"
+    if quant.is_file():
+        from falcon_mamba import quant as quant_mod  # a quantized folder has its own loader
+
+        return quant_mod.load_quantized(folder, config, dtype, device)
+    files = _weight_files(folder)
+    with torch.device("meta"):
+        model = FalconMamba(config)
+    want = expected_shapes(model)
+    names = set(files)
+    if config.tie_word_embeddings:
+        names.discard("lm_head.weight")  # some writers store the tied head too
+    missing = sorted(set(want) - names)
+    unexpected = sorted(names - set(want))
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in want:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for path, keys in by_file.items():
+        with _open(path) as f:
+            for name in keys:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise UserError(f"{path}: tensor {name} cannot be read ({e})") from None
+                if tuple(t.shape) != want[name]:
+                    problems.append(f"{name} has shape {tuple(t.shape)}, expected {want[name]}")
+                    continue
+                target = torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype
+                tensors[name] = t.to(device=device, dtype=target)
+    if problems:
+        raise UserError(f"{folder}: checkpoint does not fit the config: {'; '.join(problems)}")
+    if config.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    model.eval()
+    model.source = str(folder)
+    return model
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 1024**3), ("MIB", 1024**2), ("KIB", 1024), ("GB", 10**9),
+                       ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_model(model: FalconMamba, out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+               tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write the model as an HF folder that transformers' from_pretrained loads.
+
+    Above max_shard_size the weights are split into model-0000i-of-0000n.safetensors with an index.
+    The folder is written next to its destination and renamed into place, so a crash never leaves
+    a half-written checkpoint where a good one was.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    limit = _parse_size(max_shard_size)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp"))
+    try:
+        model.config.write_json(tmp / "config.json")
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_NAME, metadata=meta)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                save_file(shard, tmp / fname, metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if tokenizer_dir is not None:
+            for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copyfile(src, tmp / fname)
+        if out.exists():
+            # Keep the old folder until the new one is in place.
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

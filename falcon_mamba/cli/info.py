@@ -1,0 +1,60 @@
+"""`falcon-mamba info`: versions, device, op backend, and a model's config and size."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+NAME = "info"
+HELP = "print versions, device, op backend and (with --model) the model's config and parameter count"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="model folder or Hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    import torch
+
+    import falcon_mamba
+    from falcon_mamba import ops
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = {
+        "falcon_mamba": falcon_mamba.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "op_backend": ops.backend_name(device),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if args.model:
+        from falcon_mamba.config import ModelConfig
+        from falcon_mamba.hub import resolve_model_dir
+
+        folder = resolve_model_dir(args.model)
+        cfg = ModelConfig.from_json_file(folder / "config.json")
+        info["model"] = str(folder)
+        info["config"] = cfg.to_hf_dict()
+        info["parameters"] = cfg.num_parameters
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        if k == "config":
+            print("config:")
+            for ck, cv in v.items():
+                print(f"  {ck}: {cv}")
+        elif k == "parameters":
+            print(f"parameters: {v:,}")
+        else:
+            print(f"{k}: {v}")
+    return 0

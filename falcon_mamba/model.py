@@ -1,0 +1,205 @@
+"""The (Falcon) Mamba-1 language model in plain PyTorch, module names equal to HF checkpoint keys.
+
+    FalconMamba
+      backbone.embeddings            (V, H)
+      backbone.layers.{i}.norm       RMSNorm (H) with weight
+      backbone.layers.{i}.mixer      in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj
+      backbone.norm_f                RMSNorm (H)
+      lm_head                        (V, H), shared with the embeddings when tied
+
+Numerics (REFERENCE.md section 10): the residual stream, A, D, the dt bias + softplus and the SSM
+state are fp32; each block norm sees the residual rounded to the weight dtype; norm_f sees the
+fp32 stream; logits are lm_head(h.to(weight dtype)).float().
+
+Legend: B batch, L length, H hidden, D inner width, N state size, R dt rank, K conv width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from falcon_mamba import ops
+from falcon_mamba.config import ModelConfig
+from falcon_mamba.state import State
+
+# Parameters kept in fp32 whatever the model dtype: they feed fp32 math and are tiny.
+FP32_PARAM_SUFFIXES = ("mixer.A_log", "mixer.D", "mixer.dt_proj.bias")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class MambaMixer(nn.Module):
+    """The selective SSM mixer of one block."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        H, D, N, R, K = (config.hidden_size, config.intermediate_size, config.state_size,
+                         config.time_step_rank, config.conv_kernel)
+        self.in_proj = nn.Linear(H, 2 * D, bias=config.use_bias)
+        # nn.Conv1d only to hold weight (D, 1, K) and bias (D) under the checkpoint's names.
+        self.conv1d = nn.Conv1d(D, D, K, groups=D, padding=K - 1, bias=config.use_conv_bias)
+        self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, D, bias=True)
+        self.A_log = nn.Parameter(torch.empty(D, N))
+        self.D = nn.Parameter(torch.empty(D))
+        self.out_proj = nn.Linear(D, H, bias=config.use_bias)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x (..., D) post-conv -> dt (..., D) without bias, B (..., N), C (..., N)."""
+        c = self.config
+        dt_r, Bm, Cm = torch.split(self.x_proj(x), [c.time_step_rank, c.state_size, c.state_size], -1)
+        if c.bcdt_rms:
+            dt_r = ops.rms_norm(dt_r, None, c.mixer_rms_eps)
+            Bm = ops.rms_norm(Bm, None, c.mixer_rms_eps)
+            Cm = ops.rms_norm(Cm, None, c.mixer_rms_eps)
+        # The bias is added in fp32 inside the scan, as the CUDA kernels do.
+        dt = F.linear(dt_r, self.dt_proj.weight)
+        return dt, Bm, Cm
+
+    def forward(self, u_BLH: torch.Tensor, conv_state: torch.Tensor | None = None,
+                ssm_state: torch.Tensor | None = None):
+        """u (B, L, H) -> (out (B, L, H), conv state (B, K-1, D), ssm state (B, D, N) fp32)."""
+        x, z = self.in_proj(u_BLH).chunk(2, dim=-1)
+        x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        dt, Bm, Cm = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ops.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z,
+                                          self.dt_proj.bias.float(), ssm_state)
+        return self.out_proj(y), conv_state, ssm_state
+
+    def step(self, u_BH: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One token: u (B, H) -> out (B, H); conv_state and ssm_state are updated in place."""
+        x, z = self.in_proj(u_BH).chunk(2, dim=-1)
+        x = ops.conv_step(conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias)
+        dt, Bm, Cm = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        y = ops.ssm_step(ssm_state, x, dt, A, Bm, Cm, self.D.float(), z, self.dt_proj.bias.float())
+        return self.out_proj(y)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = MambaMixer(config)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+
+class FalconMamba(nn.Module):
+    """The causal LM. ``forward(input_ids, state=None) -> (logits, state)``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    # ---- initialisation (as mamba_ssm / HF do it) -----------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        c = self.config
+        nn.init.normal_(self.backbone.embeddings.weight, std=0.02, generator=generator)
+        if not c.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02, generator=generator)
+        for blk in self.backbone.layers:
+            m = blk.mixer
+            blk.norm.weight.fill_(1.0)
+            for lin in (m.in_proj, m.x_proj, m.out_proj):
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            nn.init.kaiming_uniform_(m.conv1d.weight, a=math.sqrt(5), generator=generator)
+            if m.conv1d.bias is not None:
+                m.conv1d.bias.zero_()
+            # GPT-2 style: scale the residual-branch output by 1/sqrt(n_layers).
+            m.out_proj.weight /= math.sqrt(c.num_hidden_layers)
+            std = c.time_step_rank ** -0.5 * c.time_step_scale
+            nn.init.uniform_(m.dt_proj.weight, -std, std, generator=generator)
+            # dt bias = inverse softplus of dt drawn log-uniformly in [dt_min, dt_max].
+            u = torch.rand(c.intermediate_size, generator=generator)
+            dt = torch.exp(u * (math.log(c.time_step_max) - math.log(c.time_step_min))
+                           + math.log(c.time_step_min)).clamp(min=c.time_step_floor)
+            m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            A = torch.arange(1, c.state_size + 1, dtype=torch.float32).expand(c.intermediate_size, -1)
+            m.A_log.copy_(torch.log(A))
+            m.D.fill_(1.0)
+        self.backbone.norm_f.weight.fill_(1.0)
+
+    def to_dtype(self, dtype: torch.dtype) -> FalconMamba:
+        """Cast weights to dtype, keeping A_log, D and the dt bias in fp32."""
+        for name, p in self.named_parameters():
+            want = torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype
+            if p.dtype != want:
+                p.data = p.data.to(want)
+        return self
+
+    # ---- forward ----------------------------------------------------------------------------
+    def new_state(self, batch_size: int) -> State:
+        return State.zeros(self.config, batch_size, self.dtype, self.device)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.backbone.norm_f(h)
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+    def forward(self, input_ids: torch.Tensor, state: State | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, State]:
+        """input_ids (B, L) int64 -> logits (B, L, V) fp32 (or (B, 1, V) with last_only) and the
+        state after the last token. ``state`` (from a previous call) is read, not modified."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        h = self.backbone.embeddings(input_ids)
+        convs, ssms = [], []
+        for i, blk in enumerate(self.backbone.layers):
+            u = blk.norm(h.to(blk.norm.weight.dtype))
+            out, conv, ssm = blk.mixer(u, None if state is None else state.conv[i],
+                                       None if state is None else state.ssm[i])
+            h = h.float() + out
+            convs.append(conv)
+            ssms.append(ssm)
+        if last_only:
+            h = h[:, -1:]
+        seen = (0 if state is None else state.tokens_seen) + input_ids.shape[1]
+        return self._head(h), State(self.config, torch.stack(convs), torch.stack(ssms), seen)
+
+    @torch.no_grad()
+    def step(self, token_ids_B: torch.Tensor, state: State) -> torch.Tensor:
+        """Decode one token per row: token ids (B,) -> logits (B, V) fp32. Updates state IN PLACE,
+        so each token costs the same time and memory whatever the context length."""
+        h = self.backbone.embeddings(token_ids_B)
+        for i, blk in enumerate(self.backbone.layers):
+            u = blk.norm(h.to(blk.norm.weight.dtype))
+            h = h.float() + blk.mixer.step(u, state.conv[i], state.ssm[i])
+        state.tokens_seen += 1
+        return self._head(h)

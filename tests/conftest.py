@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+FALCON_TOKENIZER = os.path.join(SHARED, "tokenizers", "falcon", "tokenizer.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run the cuda suite on the device machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    """A fresh seeded generator per test: random data, never zeros, reproducible on failure."""
+    return torch.Generator().manual_seed(1234)
+
+
+def assert_close(actual, expected, rtol, atol, what=""):
+    """allclose with max/mean differences in the failure message."""
+    actual = actual.float()
+    expected = expected.float()
+    diff = (actual - expected).abs()
+    ok = torch.allclose(actual, expected, rtol=rtol, atol=atol)
+    assert ok, (f"{what} mismatch: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}, "
+                f"max |expected| {expected.abs().max().item():.3e}")
