@@ -41,7 +41,6 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return files
     single = folder / SINGLE_NAME
     if single.is_file():
-        from safetensors import safe_open
 
         with _open(single) as f:
             return {name: single for name in f.keys()}
@@ -148,7 +147,8 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
-def save_model(model: FalconMamba, out: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+def save_model(model: FalconMamba, out: str | os.PathLike,
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
                tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write the model as an HF folder that transformers' from_pretrained loads.
 
