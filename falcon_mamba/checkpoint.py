@@ -57,6 +57,7 @@ class _open:
         self.path = path
 
     def __enter__(self):
+        from safetensors import safe_open
 
         try:
             self.f = safe_open(str(self.path), framework="pt", device="cpu")
