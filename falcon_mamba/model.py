@@ -70,14 +70,17 @@ class MambaMixer(nn.Module):
         return dt, Bm, Cm
 
     def forward(self, u_BLH: torch.Tensor, conv_state: torch.Tensor | None = None,
-                ssm_state: torch.Tensor | None = None):
-        """u (B, L, H) -> (out (B, L, H), conv state (B, K-1, D), ssm state (B, D, N) fp32)."""
+                ssm_state: torch.Tensor | None = None, reset_BL: torch.Tensor | None = None):
+        """u (B, L, H) -> (out (B, L, H), conv state (B, K-1, D), ssm state (B, D, N) fp32).
+        reset_BL (B, L) bool, True at the first token of a new document: no state crosses it."""
+        # Only pass reset_BL when given, so backends without document resets still serve inference.
+        kw = {} if reset_BL is None else {"reset_BL": reset_BL}
         x, z = self.in_proj(u_BLH).chunk(2, dim=-1)
-        x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, **kw)
         dt, Bm, Cm = self._ssm_inputs(x)
         A = -torch.exp(self.A_log.float())
         y, ssm_state = ops.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z,
-                                          self.dt_proj.bias.float(), ssm_state)
+                                          self.dt_proj.bias.float(), ssm_state, **kw)
         return self.out_proj(y), conv_state, ssm_state
 
     def step(self, u_BH: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
@@ -174,9 +177,11 @@ class FalconMamba(nn.Module):
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, State]:
+                last_only: bool = False, reset_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """input_ids (B, L) int64 -> logits (B, L, V) fp32 (or (B, 1, V) with last_only) and the
-        state after the last token. ``state`` (from a previous call) is read, not modified."""
+        state after the last token. ``state`` (from a previous call) is read, not modified.
+        ``reset_BL`` (B, L) bool marks the first token of each new document in packed sequences
+        (training): the state is dropped there, so no information crosses a document boundary."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         h = self.backbone.embeddings(input_ids)
@@ -184,7 +189,7 @@ class FalconMamba(nn.Module):
         for i, blk in enumerate(self.backbone.layers):
             u = blk.norm(h.to(blk.norm.weight.dtype))
             out, conv, ssm = blk.mixer(u, None if state is None else state.conv[i],
-                                       None if state is None else state.ssm[i])
+                                       None if state is None else state.ssm[i], reset_BL)
             h = h.float() + out
             convs.append(conv)
             ssms.append(ssm)
