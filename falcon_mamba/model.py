@@ -40,6 +40,14 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+class DtProj(nn.Linear):
+    """dt_proj: an nn.Linear whose forward leaves out the bias, which the scan adds in fp32 (as the
+    CUDA kernels do). A quantized dt_proj (falcon_mamba.quant) keeps the same contract."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class MambaMixer(nn.Module):
     """The selective SSM mixer of one block."""
 
@@ -52,7 +60,7 @@ class MambaMixer(nn.Module):
         # nn.Conv1d only to hold weight (D, 1, K) and bias (D) under the checkpoint's names.
         self.conv1d = nn.Conv1d(D, D, K, groups=D, padding=K - 1, bias=config.use_conv_bias)
         self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(R, D, bias=True)
+        self.dt_proj = DtProj(R, D, bias=True)
         self.A_log = nn.Parameter(torch.empty(D, N))
         self.D = nn.Parameter(torch.empty(D))
         self.out_proj = nn.Linear(D, H, bias=config.use_bias)
@@ -65,8 +73,7 @@ class MambaMixer(nn.Module):
             dt_r = ops.rms_norm(dt_r, None, c.mixer_rms_eps)
             Bm = ops.rms_norm(Bm, None, c.mixer_rms_eps)
             Cm = ops.rms_norm(Cm, None, c.mixer_rms_eps)
-        # The bias is added in fp32 inside the scan, as the CUDA kernels do.
-        dt = F.linear(dt_r, self.dt_proj.weight)
+        dt = self.dt_proj(dt_r)  # without its bias: the scan adds it in fp32
         return dt, Bm, Cm
 
     def forward(self, u_BLH: torch.Tensor, conv_state: torch.Tensor | None = None,
@@ -174,7 +181,8 @@ class FalconMamba(nn.Module):
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.backbone.norm_f(h)
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        # self.dtype, not lm_head.weight.dtype: a quantized lm_head has no dense weight.
+        return self.lm_head(h.to(self.dtype)).float()
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 last_only: bool = False, reset_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
