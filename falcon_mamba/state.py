@@ -78,18 +78,29 @@ class State:
         from safetensors.torch import save_file
 
         path = Path(path)
+        tensors = {"conv": self.conv.contiguous().cpu(), "ssm": self.ssm.contiguous().cpu()}
         meta = {"format": _FORMAT, "config": json.dumps(self.config.to_hf_dict(), sort_keys=True),
-                "tokens_seen": str(self.tokens_seen)}
+                "tokens_seen": str(self.tokens_seen), "sha256": _digest(tensors)}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         os.close(fd)
         try:
-            save_file({"conv": self.conv.contiguous().cpu(), "ssm": self.ssm.contiguous().cpu()},
-                      tmp, metadata=meta)
+            save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the raw bytes, so a file damaged inside its data is caught, not silently used."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def _config_key(config: ModelConfig) -> dict:
@@ -134,5 +145,19 @@ def load_state(path: str | os.PathLike, model_or_config, device: torch.device | 
     if (conv.dim() != 4 or ssm.dim() != 4 or conv.shape[0] != nL or conv.shape[2:] != (K - 1, D)
             or ssm.shape[0] != nL or ssm.shape[2:] != (D, N) or conv.shape[1] != ssm.shape[1]):
         raise UserError(f"{path}: damaged state file (shapes {tuple(conv.shape)}, {tuple(ssm.shape)})")
-    state = State(config, conv, ssm.float(), int(meta.get("tokens_seen", "0")))
+    if "sha256" in meta and meta["sha256"] != _digest(tensors):
+        raise UserError(f"{path}: damaged state file (checksum mismatch)")
+    try:
+        seen = int(meta.get("tokens_seen", "0"))
+    except ValueError:
+        raise UserError(f"{path}: damaged state file (bad tokens_seen header)") from None
+    if not (torch.isfinite(ssm).all() and torch.isfinite(conv.float()).all()):
+        raise UserError(f"{path}: damaged state file (it holds NaN or infinite values)")
+    # Given a model, the state lands on its device with the conv state in its dtype, ready to use.
+    model_dtype = getattr(model_or_config, "dtype", None)
+    if device is None:
+        device = getattr(model_or_config, "device", None)
+    if isinstance(model_dtype, torch.dtype):
+        conv = conv.to(model_dtype)
+    state = State(config, conv, ssm.float(), seen)
     return state.to(device) if device is not None else state
