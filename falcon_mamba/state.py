@@ -112,8 +112,7 @@ def _config_key(config: ModelConfig) -> dict:
 
 def load_state(path: str | os.PathLike, model_or_config, device: torch.device | str | None = None) -> State:
     """Read a state written by State.save; it must come from a model with the same config."""
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     config = getattr(model_or_config, "config", model_or_config)
     path = Path(path)

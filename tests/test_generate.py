@@ -107,8 +107,9 @@ def test_batch_rows_equal_running_each_alone(lm, tok):
         assert greedy[i].token_ids == g.token_ids and greedy[i].text == g.text
         assert sampled[i].token_ids == s.token_ids and sampled[i].text == s.text
     assert len({tuple(r.token_ids) for r in sampled}) == 3
-    texts = generate(lm, tok, PROMPTS, max_new_tokens=12, temperature=0.0)
+    texts = fm.generate(lm, tok, PROMPTS, max_new_tokens=12, temperature=0.0)  # the public API
     assert texts == [r.text for r in greedy]
+    assert fm.generate(lm, tok, PROMPTS[1], max_new_tokens=12, temperature=0.0) == texts[1]
 
 
 def test_same_seed_same_output(lm, tok):
