@@ -43,7 +43,12 @@ def loaded(model_dir):
 
 
 def cli(capsys, *args):
-    rc = main(["generate", *map(str, args)])
+    """Run `falcon-mamba generate` in-process; on the CPU unless the args name a device, so the
+    output can be compared with the CPU model of `loaded` (the default would be CUDA on a GPU)."""
+    args = [*map(str, args)]
+    if "--device" not in args:
+        args += ["--device", "cpu"]
+    rc = main(["generate", *args])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -158,7 +163,7 @@ def _env():
 def test_subprocess_generate(model_dir, loaded):
     model, tok = loaded
     p = subprocess.run([sys.executable, "-m", "falcon_mamba", "generate", "--model", model_dir,
-                        "Hello world", "--max-new-tokens", "10", "--temperature", "0"],
+                        "Hello world", "--max-new-tokens", "10", "--temperature", "0", "--device", "cpu"],
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout == generate(model, tok, "Hello world", max_new_tokens=10, temperature=0.0)
@@ -170,7 +175,8 @@ def test_chat_reads_stdin_with_save_reset_load(model_dir, loaded, tmp_path, caps
     st = tmp_path / "chat.state"
     script = f"hello\n/save {st}\n/reset\n/load {st}\nand again\n/nonsense\n/save\n/quit\nnot read\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    rc = main(["chat", "--model", model_dir, "--max-new-tokens", "8", "--temperature", "0"])
+    rc = main(["chat", "--model", model_dir, "--max-new-tokens", "8", "--temperature", "0",
+               "--device", "cpu"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert len(out.splitlines()) == 2  # two answers, one line each; /quit stopped reading
@@ -241,3 +247,11 @@ def test_chat_template_closing_becomes_a_stop_string(tmp_path):
     assert s.params.stop == ("X", "<|im_end|>")
     s = ChatSession(model, fm.load_tokenizer(FALCON_TOKENIZER), SamplingParams())
     assert s.params.stop == ("\nUser:",)
+
+
+@pytest.mark.cuda
+def test_cuda_cli_stats_report_cuda_memory(capsys, model_dir):
+    rc, out, err = cli(capsys, "--model", model_dir, "--device", "cuda", "Hello", "--max-new-tokens", 8,
+                       "--seed", 1, "--stats")
+    assert rc == 0 and out
+    assert "peak CUDA memory allocated" in err and "tok/s" in err
