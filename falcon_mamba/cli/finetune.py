@@ -1,0 +1,29 @@
+"""`falcon-mamba finetune`: supervised fine-tuning (full or LoRA) of a model on prepared chat data."""
+
+from __future__ import annotations
+
+NAME = "finetune"
+HELP = "fine-tune a model (full, or LoRA with --lora-rank) on data made by `prepare-data --chat`"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="HF-format model folder to start from")
+    p.add_argument("--data", required=True, help="data folder (prepare-data --chat --tokenizer MODEL)")
+    p.add_argument("--out", required=True, help="run folder; the merged model is exported to OUT/model")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from falcon_mamba.train import apply_overrides, get_recipe, train
+
+    cfg = get_recipe("sft-lora" if args.lora_rank else "sft")
+    cfg = cfg.replace(init_from=args.model, **({"lora_rank": args.lora_rank} if args.lora_rank else {}))
+    cfg = apply_overrides(cfg, args.set)
+    if args.steps is not None:
+        cfg = cfg.replace(steps=args.steps)
+    train(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,61 @@
+"""`falcon-mamba train`: run a recipe on a prepared data folder (one process, or under torchrun)."""
+
+from __future__ import annotations
+
+NAME = "train"
+HELP = "train a model with a recipe preset on a prepared data folder (works under torchrun)"
+
+
+def add_arguments(p) -> None:
+    from falcon_mamba.train.recipes import RECIPES
+
+    p.add_argument("--preset", default="tiny", help=f"recipe: {', '.join(RECIPES)} (default tiny)")
+    p.add_argument("--data", required=True, help="data folder made by `falcon-mamba prepare-data`")
+    p.add_argument("--out", required=True, help="run folder: metrics, checkpoint, exported model/")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set lr=1e-3 --set model.num_hidden_layers=4")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save a checkpoint after STEP and exit (time-limited sessions; --resume continues)")
+    p.add_argument("--export-only", action="store_true",
+                   help="only export the checkpoint in --out to --out/model (HF format)")
+    p.add_argument("--export-dtype", default="float32", help="weights dtype of the exported model")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl still written)")
+
+
+def export_only(out: str, dtype) -> int:
+    from pathlib import Path
+
+    from falcon_mamba.train.build import export_model
+    from falcon_mamba.train.checkpoint import load_checkpoint
+    from falcon_mamba.train.config import TrainConfig
+
+    payload = load_checkpoint(out)
+    cfg = TrainConfig.from_dict(payload["config"])
+    state = {k.removeprefix("model."): v for k, v in payload["model"].items()}
+    folder = Path(payload["data"]["folder"])
+    path = export_model(cfg, state, Path(out) / "model", folder, dtype)
+    print(f"exported step {payload['step']} to {path}")
+    return 0
+
+
+def run(args) -> int:
+    import json
+
+    from falcon_mamba.dtypes import parse_dtype
+    from falcon_mamba.train import apply_overrides, get_recipe, train
+
+    dtype = parse_dtype(args.export_dtype)
+    if args.export_only:
+        return export_only(args.out, dtype)
+    cfg = apply_overrides(get_recipe(args.preset), args.set)
+    if args.steps is not None:
+        cfg = cfg.replace(steps=args.steps)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    train(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress, export_dtype=dtype,
+          stop_at=args.stop_at)
+    return 0
