@@ -106,7 +106,10 @@ def prefill(model, ids: Sequence[int] | torch.Tensor, state: State | None = None
 def decode_step(model, tokens_B: torch.Tensor, state: State) -> torch.Tensor:
     """One token per row: tokens (B,) -> next-token logits (B, V) fp32; ``state`` is updated in
     place. Every decode goes through here (the place for a CUDA-graph decoder)."""
-    return model.step(tokens_B, state)
+    from falcon_mamba.decode_graph import maybe_graphed_step  # CUDA graphs on the triton backend
+
+    logits = maybe_graphed_step(model, tokens_B, state)
+    return logits if logits is not None else model.step(tokens_B, state)
 
 
 # ---- decoding a prefilled batch -------------------------------------------------------------------

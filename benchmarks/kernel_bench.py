@@ -1,0 +1,131 @@
+"""Kernel-level timings on the GPU, Falcon Mamba 7B shapes (bf16): scan forward variants, conv,
+scan backward, and the pieces of one decode step. Prints a table, then one JSON line.
+
+    PYTHONPATH=. python3 benchmarks/kernel_bench.py [--out kernels.json]
+
+Each figure comes with the bytes it must move and the bandwidth that implies, to compare with the
+measured copy rate (ENGINEERING.md section 6: 3.01 TB/s on the lent H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.testing
+
+from falcon_mamba.ops import reference, triton_backend, triton_conv, triton_scan
+
+
+def bench(fn, reps=50):
+    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1e-3  # seconds
+
+
+def scan_variants(rows, L=16384, D=8192, N=16):
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    r = lambda *s, scale=1.0, shift=0.0: torch.randn(*s, device=dev, generator=g) * scale + shift  # noqa
+    xz = r(1, L, 2 * D).bfloat16()
+    x, z = xz[..., :D], xz[..., D:]  # strided halves of in_proj's output, as in the model
+    dt = r(1, L, D, scale=0.5, shift=-1).bfloat16()
+    A = -torch.exp(r(D, N, scale=0.5))
+    xdbl = r(1, L, 256 + 2 * N).bfloat16()
+    Bm, Cm = xdbl[..., 256:256 + N], xdbl[..., 256 + N:]
+    Dv, dtb = r(D), r(D, scale=0.5)
+    nbytes = 4 * L * D * 2  # x, dt, z read; y written
+    sel = slice(0, 64)
+    f64 = lambda t: t[..., sel].cpu().double()  # noqa: E731
+    yr, _ = reference.selective_scan(f64(x), f64(dt), A[sel].cpu().double(), Bm.cpu().double(),
+                                     Cm.cpu().double(), Dv[sel].cpu().double(), f64(z),
+                                     dtb[sel].cpu().double())
+    for bd, unroll, warps, defer in [(32, 8, 1, True), (32, 16, 1, True), (32, 4, 1, True),
+                                     (32, 8, 1, False), (64, 8, 2, True), (16, 8, 1, True),
+                                     (128, 8, 4, True)]:
+        def fn(bd=bd, unroll=unroll, warps=warps, defer=defer):
+            return triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, block_d=bd, unroll=unroll,
+                                        num_warps=warps, defer=defer)
+        try:
+            y, _, _ = fn()
+            err = ((y[..., sel].cpu().double() - yr).norm() / yr.norm()).item()
+            t = bench(fn)
+        except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported
+            rows.append({"kernel": f"scan_fwd bd={bd} T={unroll} w={warps} defer={defer}",
+                         "error": str(e)[:200]})
+            continue
+        rows.append({"kernel": f"scan_fwd bd={bd} T={unroll} w={warps} defer={defer}",
+                     "shape": f"B=1 L={L} D={D}", "ms": t * 1e3, "GB/s": nbytes / t / 1e9,
+                     "rel_err_vs_ref": err})
+    w = r(D, 4).bfloat16()
+    t = bench(lambda: triton_conv.conv_fwd(x, w, Dv.bfloat16(), None, True))
+    rows.append({"kernel": "conv_fwd (strided x)", "shape": f"B=1 L={L} D={D}", "ms": t * 1e3,
+                 "GB/s": 2 * L * D * 2 / t / 1e9})
+    Lb = 4096
+    with torch.enable_grad():
+        leaves = [t_[:, :Lb].detach().contiguous().requires_grad_() for t_ in (x, dt)]
+        zz = z[:, :Lb].contiguous().requires_grad_()
+        y, h = triton_scan.SelectiveScanFn.apply(leaves[0], leaves[1], A, Bm[:, :Lb].contiguous(),
+                                                 Cm[:, :Lb].contiguous(), Dv, zz, dtb, None, None)
+        gy = torch.randn_like(y)
+        t = bench(lambda: torch.autograd.grad(y, [leaves[0]], gy, retain_graph=True), reps=20)
+    rows.append({"kernel": "scan_bwd (+recompute)", "shape": f"B=1 L={Lb} D={D}", "ms": t * 1e3})
+
+
+def decode_pieces(rows, B, H=4096, D=8192, N=16, R=256, V=65024):
+    dev = "cuda"
+    bf = torch.bfloat16
+    u = torch.randn(B, H, device=dev, dtype=bf)
+    W_in = torch.randn(2 * D, H, device=dev, dtype=bf)
+    W_out = torch.randn(H, D, device=dev, dtype=bf)
+    W_x = torch.randn(R + 2 * N, D, device=dev, dtype=bf)
+    W_head = torch.randn(V, H, device=dev, dtype=bf)
+    xz = torch.nn.functional.linear(u, W_in)
+    for name, fn, nbytes in [
+        ("in_proj GEMM", lambda: torch.nn.functional.linear(u, W_in), W_in.numel() * 2),
+        ("out_proj GEMM", lambda: torch.nn.functional.linear(xz[:, :D], W_out), W_out.numel() * 2),
+        ("x_proj GEMM", lambda: torch.nn.functional.linear(xz[:, :D], W_x), W_x.numel() * 2),
+        ("lm_head GEMM", lambda: torch.nn.functional.linear(u, W_head), W_head.numel() * 2),
+    ]:
+        t = bench(fn)
+        rows.append({"kernel": name, "shape": f"B={B}", "us": t * 1e6, "GB/s": nbytes / t / 1e9})
+    conv = torch.randn(B, 3, D, device=dev, dtype=bf)
+    w, b = torch.randn(D, 4, device=dev, dtype=bf), torch.randn(D, device=dev, dtype=bf)
+    t = bench(lambda: triton_backend.conv_step(conv, xz[:, :D], w, b))
+    rows.append({"kernel": "conv_step", "shape": f"B={B}", "us": t * 1e6})
+    st = torch.randn(B, D, N, device=dev)
+    xdbl = torch.randn(B, R + 2 * N, device=dev, dtype=bf)
+    W_dt = torch.randn(D, R, device=dev, dtype=bf) * 0.06
+    A_log, Dv, dtb = torch.randn(D, N, device=dev), torch.randn(D, device=dev), torch.randn(D, device=dev)
+    t = bench(lambda: triton_backend.mixer_ssm_step(st, xz[:, :D], xz[:, D:], xdbl, W_dt, dtb, A_log,
+                                                    Dv, 1e-6))
+    rows.append({"kernel": "fused ssm step (norms+dt_proj+scan+gate)", "shape": f"B={B}",
+                 "us": t * 1e6, "GB/s": (W_dt.numel() * 2 + 2 * st.numel() * 4) / t / 1e9})
+    h = torch.randn(B, H, device=dev)
+    o = torch.randn(B, H, device=dev, dtype=bf)
+    wn = torch.randn(H, device=dev, dtype=bf)
+    t = bench(lambda: triton_backend.add_rms_norm(h, o, wn, 1e-5, round_to=bf, h_out=h))
+    rows.append({"kernel": "add+rmsnorm", "shape": f"B={B}", "us": t * 1e6})
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = []
+    props = torch.cuda.get_device_properties(0)
+    scan_variants(rows)
+    for B in (1, 64):
+        decode_pieces(rows, B)
+    for r in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    rec = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rec, f, indent=1)
+    print(json.dumps(rec))
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()

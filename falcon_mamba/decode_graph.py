@@ -1,0 +1,219 @@
+"""Fast decode on CUDA: the fused single-token step, replayed as CUDA graphs per batch-size bucket.
+
+Legend: B batch (Bb: its bucket), nL layers, K conv taps, D inner width, N state size, V vocab.
+
+``fast_step`` is FalconMamba.step with the fused kernels of ops/triton_decode.py: per layer one
+add+RMSNorm kernel, in_proj, one conv-step kernel, x_proj, one fused SSM kernel (norms, dt_proj,
+softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head.
+
+``GraphDecoder`` captures fast_step once per bucket (1, 2, 4, ... 256 rows) over static buffers: the
+token ids, the conv state (nL, Bb, K-1, D), the SSM state (nL, Bb, D, N) and the logits. A State
+handed to ``step`` is *bound* to its bucket: its rows are copied in once and its tensors become
+views of the static buffers, so later steps replay the graph with no copies and no host
+synchronisation. A State that loses its bucket to another one gets its tensors back as private
+copies first, so states never alias. The graph also writes the greedy next token into the token
+buffer, so ``greedy`` runs n steps as n replays with nothing read back until the end.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from falcon_mamba.state import State
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _ops():
+    from falcon_mamba.ops import triton_backend
+
+    return triton_backend
+
+
+def _dense(mod) -> bool:
+    """A plain nn.Linear (a quantized drop-in has no dense weight to hand to the fused kernel)."""
+    return isinstance(mod, torch.nn.Linear) and mod.weight.dtype in (torch.float32, torch.bfloat16,
+                                                                    torch.float16)
+
+
+@torch.no_grad()
+def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+    """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
+    conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
+    The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
+    SSM kernel when it is a dense Linear."""
+    ops = _ops()
+    c = model.config
+    D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
+    h = model.backbone.embeddings(tokens_B)
+    hbuf = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # the fp32 residual stream
+    out = None
+    norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
+    for i, blk in enumerate(model.backbone.layers):
+        m = blk.mixer
+        u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
+                             h_out=hbuf)
+        h = hbuf
+        xz = m.in_proj(u)
+        xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
+        xdbl = m.x_proj(xc)
+        if _dense(m.dt_proj):
+            y = ops.mixer_ssm_step(ssm[i], xc, xz[:, D:], xdbl, m.dt_proj.weight, m.dt_proj.bias,
+                                   m.A_log, m.D, norm_eps)
+        else:
+            dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
+            if norm_eps is not None:
+                dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
+            y = ops.ssm_step(ssm[i], xc, m.dt_proj(dt_r), -torch.exp(m.A_log.float()), Bm, Cm,
+                             m.D.float(), xz[:, D:], m.dt_proj.bias.float())
+        out = m.out_proj(y)
+    norm_f = model.backbone.norm_f
+    hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
+    return model.lm_head(hn).float()
+
+
+class _Slot:
+    """Static buffers (and, on CUDA, the captured graph) of one batch-size bucket."""
+
+    def __init__(self, model, rows: int, use_graph: bool, pool):
+        c = model.config
+        dev = model.device
+        self.model = model
+        self.rows = rows
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.conv = torch.zeros(c.num_hidden_layers, rows, c.conv_kernel - 1, c.intermediate_size,
+                                dtype=model.dtype, device=dev)
+        self.ssm = torch.zeros(c.num_hidden_layers, rows, c.intermediate_size, c.state_size,
+                               dtype=torch.float32, device=dev)
+        self.logits: torch.Tensor | None = None
+        self.owner = None  # weakref to the State bound to these buffers
+        self.graph = None
+        if use_graph:
+            self._capture(pool)
+
+    def _body(self) -> None:
+        self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm)
+        self.tokens.copy_(self.logits.argmax(-1))
+
+    def _capture(self, pool) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile the kernels, create the cuBLAS handles
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self._body()
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._body()
+
+    def bind(self, state: State) -> None:
+        """Make ``state``'s tensors views of these buffers (copying its rows in) unless they are."""
+        B = state.batch_size
+        if (self.owner is not None and self.owner() is state and state.ssm.data_ptr() == self.ssm.data_ptr()
+                and state.conv.data_ptr() == self.conv.data_ptr()):
+            return
+        prev = self.owner() if self.owner is not None else None
+        if prev is not None and prev is not state and prev.ssm.data_ptr() == self.ssm.data_ptr():
+            prev.conv, prev.ssm = prev.conv.clone(), prev.ssm.clone()  # give it its own memory back
+        self.conv[:, :B].copy_(state.conv)
+        self.ssm[:, :B].copy_(state.ssm)
+        self.conv[:, B:].zero_()
+        self.ssm[:, B:].zero_()
+        self.tokens[B:].zero_()
+        state.conv, state.ssm = self.conv[:, :B], self.ssm[:, :B]
+        self.owner = weakref.ref(state)
+
+
+class GraphDecoder:
+    """Decode steps of one model as CUDA-graph replays (eager fused steps when use_graph=False)."""
+
+    def __init__(self, model, use_graph: bool | None = None, buckets=BUCKETS):
+        self.model = model
+        self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        self.buckets = tuple(sorted(buckets))
+        self._slots: dict[int, _Slot] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None
+
+    def bucket(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        return batch  # larger than every bucket: a slot of exactly this size
+
+    def slot(self, batch: int) -> _Slot:
+        rows = self.bucket(batch)
+        if rows not in self._slots:
+            self._slots[rows] = _Slot(self.model, rows, self.use_graph, self._pool)
+        return self._slots[rows]
+
+    def _check(self, tokens_B: torch.Tensor, state: State) -> None:
+        if tokens_B.dim() != 1 or tokens_B.shape[0] != state.batch_size:
+            raise ValueError(f"tokens must be (batch,) = ({state.batch_size},), got {tuple(tokens_B.shape)}")
+        if state.device != self.model.device:
+            raise ValueError(f"state is on {state.device} but the model is on {self.model.device}")
+
+    def step(self, tokens_B: torch.Tensor, state: State) -> torch.Tensor:
+        """Like model.step: tokens (B,) -> logits (B, V) fp32 (a fresh tensor); state advances."""
+        self._check(tokens_B, state)
+        B = state.batch_size
+        s = self.slot(B)
+        s.bind(state)
+        s.tokens[:B].copy_(tokens_B)
+        s.replay()
+        state.tokens_seen += 1
+        return s.logits[:B].clone()
+
+    def greedy(self, tokens_B: torch.Tensor, state: State, n: int) -> torch.Tensor:
+        """n greedy steps starting from tokens (B,): returns the generated ids (B, n) on the device.
+        No host synchronisation inside the loop."""
+        self._check(tokens_B, state)
+        B = state.batch_size
+        s = self.slot(B)
+        s.bind(state)
+        s.tokens[:B].copy_(tokens_B)
+        out = torch.empty(B, n, dtype=torch.long, device=tokens_B.device)
+        for i in range(n):
+            s.replay()
+            out[:, i].copy_(s.tokens[:B])
+        state.tokens_seen += n
+        return out
+
+
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model) -> GraphDecoder:
+    """The model's GraphDecoder (one per model, kept while the model lives)."""
+    dec = _decoders.get(model)
+    if dec is None:
+        dec = _decoders[model] = GraphDecoder(model)
+    return dec
+
+
+def graphs_usable(model) -> bool:
+    """True where graphed decoding applies: CUDA model, triton backend, not disabled by
+    FALCON_MAMBA_CUDA_GRAPHS=0. (Decoding never needs gradients: the step runs under no_grad.)"""
+    if os.environ.get("FALCON_MAMBA_CUDA_GRAPHS", "1") == "0":
+        return False
+    if model.device.type != "cuda":
+        return False
+    from falcon_mamba import ops
+
+    return ops.backend_name(model.device) == "triton"
+
+
+def maybe_graphed_step(model, tokens_B: torch.Tensor, state: State) -> torch.Tensor | None:
+    """The hook for generate.decode_step: logits (B, V) from a graph replay, or None where graphs
+    do not apply (the caller then runs model.step)."""
+    if not graphs_usable(model):
+        return None
+    return decoder_for(model).step(tokens_B, state)

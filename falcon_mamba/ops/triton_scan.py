@@ -1,0 +1,385 @@
+"""Triton selective scan (Mamba-1): forward and backward kernels and their autograd Function.
+
+Legend: B batch, L length, D inner width, N state size (NP: N padded to a power of two), BD channels
+per program, T time steps unrolled per chunk, CHK steps between saved states (backward).
+
+Forward: one program owns BD channels of one batch row and walks the length in chunks of T steps
+with its (NP, BD) state in fp32 registers. Each thread holds one channel's N states, so the
+y = h @ C reduction stays inside a thread. A chunk's loads do not depend on the recurrence and its
+outputs are stored once at the chunk's end (DEFER), so the compiler can issue all of a chunk's
+loads before its math: the latency is hidden by instruction-level parallelism rather than by many
+warps (batch 1 has only D/BD programs). Length offsets are 64-bit (pointer increments, int64).
+
+Backward: the forward saves the state every CHK steps. The backward walks the chunks in reverse;
+for each it recomputes the chunk's states into a per-program scratch buffer, then runs the reverse
+recurrence g_{t-1} = exp(dt_t A) g_t, accumulating dA, dD and d(dt bias) in registers and dB, dC
+(sums over channels) with atomics.
+
+Loops over runtime bounds are `while` loops: Triton's interpreter (TRITON_INTERPRET=1, the CPU
+tests) cannot run `range()` over a runtime scalar with numpy >= 2.4.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Launch defaults (tuned on the H100; see benchmarks/NOTES.md).
+FWD_BLOCK_D = 32
+FWD_UNROLL = 8
+FWD_WARPS = 1
+FWD_DEFER = True
+BWD_BLOCK_D = 32
+BWD_WARPS = 1
+CHK = 128  # steps between saved states for the backward; a multiple of FWD_UNROLL
+
+
+@triton.jit
+def _softplus(v):
+    # Threshold 20 as the CUDA kernels (identity above it); log1p by Goldberg's trick so tiny dt
+    # keep their precision. The scan kernels repeat these lines inline: each nested jit call
+    # costs milliseconds in the interpreter that the CPU tests use.
+    u = tl.exp(tl.minimum(v, 20.0))
+    w = 1.0 + u
+    lp = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
+    return tl.where(v > 20.0, v, lp)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, h0_ptr, rst_ptr,
+    y_ptr, hT_ptr, chk_ptr,
+    L, D,
+    sx_b, sx_l, sdt_b, sdt_l, sz_b, sz_l, sb_b, sb_l, sc_b, sc_l, sy_b, sy_l, sr_b, sr_l,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, CHKS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_RST: tl.constexpr, SAVE_CHK: tl.constexpr, DEFER: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    md = d < D
+    mn = n < N
+    mnd = mn[:, None] & md[None, :]
+    dn_off = d[None, :].to(tl.int64) * N + n[:, None]  # (NP, BD) offsets into a (D, N) tensor
+    A2 = tl.load(a_ptr + dn_off, mask=mnd, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_DTB:
+        dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
+    st_off = b * D * N + dn_off
+    if HAS_H0:
+        h = tl.load(h0_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((NP, BD), tl.float32)
+    x_p = x_ptr + b * sx_b + d
+    dt_p = dt_ptr + b * sdt_b + d
+    z_p = z_ptr + b * sz_b + d
+    bb_p = b_ptr + b * sb_b + n
+    cc_p = c_ptr + b * sc_b + n
+    y_p = y_ptr + b * sy_b + d
+    r_p = rst_ptr + b * sr_b
+    rows = tl.arange(0, T)
+    nchk = (L + CHKS - 1) // CHKS
+    t0 = 0
+    while t0 < L:
+        if SAVE_CHK:
+            if t0 % CHKS == 0:
+                tl.store(chk_ptr + (b * nchk + t0 // CHKS) * D * N + dn_off, h, mask=mnd)
+        if DEFER:
+            Y = tl.zeros((T, BD), tl.float32)
+        for i in tl.static_range(T):
+            ok = (t0 + i) < L
+            m = md & ok
+            xv = tl.load(x_p, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(dt_p, mask=m, other=0.0).to(tl.float32)
+            if HAS_DTB:
+                v += dtb
+            # softplus (threshold 20, log1p by Goldberg's trick), inline: see _softplus
+            u = tl.exp(tl.minimum(v, 20.0))
+            w = 1.0 + u
+            lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
+            sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
+            sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
+            Bv = tl.load(bb_p, mask=mn & ok, other=0.0).to(tl.float32)
+            Cv = tl.load(cc_p, mask=mn & ok, other=0.0).to(tl.float32)
+            if HAS_RST:
+                r = tl.load(r_p, mask=ok, other=0)
+                h = tl.where(r != 0, 0.0, h)
+            h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv[:, None]
+            yv = tl.sum(h * Cv[:, None], axis=0)
+            if HAS_D:
+                yv += Dv * xv
+            if HAS_Z:
+                zv = tl.load(z_p, mask=m, other=0.0).to(tl.float32)
+                yv = yv * zv * tl.sigmoid(zv)
+            if DEFER:
+                Y = tl.where(rows[:, None] == i, yv[None, :], Y)
+            else:
+                tl.store(y_p, yv.to(y_ptr.dtype.element_ty), mask=m)
+                y_p += sy_l
+            x_p += sx_l
+            dt_p += sdt_l
+            z_p += sz_l
+            bb_p += sb_l
+            cc_p += sc_l
+            r_p += sr_l
+        if DEFER:
+            tt = t0 + rows
+            ptrs = y_ptr + b * sy_b + tt[:, None].to(tl.int64) * sy_l + d[None, :]
+            tl.store(ptrs, Y.to(y_ptr.dtype.element_ty), mask=(tt < L)[:, None] & md[None, :])
+        t0 += T
+    tl.store(hT_ptr + st_off, h, mask=mnd)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, rst_ptr, chk_ptr, dy_ptr,
+    dhT_ptr, scr_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr,
+    L, D,
+    sx_b, sx_l, sdt_b, sdt_l, sz_b, sz_l, sb_b, sb_l, sc_b, sc_l, sr_b, sr_l, sdy_b, sdy_l,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, HAS_RST: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+):
+    # Gradient outputs dx, ddt, dz are (B, L, D) contiguous; db, dc (B, L, N) fp32, zeroed;
+    # dA (B, D, N), dD and ddtb (B, D): per-row partials summed by the caller.
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    nprog_d = tl.num_programs(0)
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    md = d < D
+    mn = n < N
+    mnd = mn[:, None] & md[None, :]
+    dn_off = d[None, :].to(tl.int64) * N + n[:, None]
+    A = tl.load(a_ptr + dn_off, mask=mnd, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_DTB:
+        dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
+    st_off = b * D * N + dn_off
+    if HAS_DHT:
+        g = tl.load(dhT_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((NP, BD), tl.float32)
+    dA_acc = tl.zeros((NP, BD), tl.float32)
+    dD_acc = tl.zeros((BD,), tl.float32)
+    ddtb_acc = tl.zeros((BD,), tl.float32)
+    scr_off = n[:, None] * BD + tl.arange(0, BD)[None, :]
+    scr_base = scr_ptr + (b * nprog_d + pid_d) * (CHKS * NP * BD)
+    nchk = (L + CHKS - 1) // CHKS
+    c = nchk - 1
+    while c >= 0:
+        tstart = c * CHKS
+        h_start = tl.load(chk_ptr + (b * nchk + c) * D * N + dn_off, mask=mnd, other=0.0)
+        # 1) recompute this chunk's states into the scratch buffer
+        h = h_start
+        i = 0
+        while i < CHKS:
+            t = (tstart + i).to(tl.int64)
+            ok = t < L
+            m = md & ok
+            xv = tl.load(x_ptr + b * sx_b + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(dt_ptr + b * sdt_b + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
+            if HAS_DTB:
+                v += dtb
+            u = tl.exp(tl.minimum(v, 20.0))
+            w = 1.0 + u
+            lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
+            sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
+            sp = tl.where(m, sp, 0.0)
+            Bv = tl.load(b_ptr + b * sb_b + t * sb_l + n, mask=mn & ok, other=0.0).to(tl.float32)
+            if HAS_RST:
+                r = tl.load(rst_ptr + b * sr_b + t * sr_l, mask=ok, other=0)
+                h = tl.where(r != 0, 0.0, h)
+            h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv[:, None]
+            tl.store(scr_base + i * (NP * BD) + scr_off, h)
+            i += 1
+        tl.debug_barrier()
+        # 2) the reverse recurrence through the chunk
+        j = 0
+        while j < CHKS:
+            i = CHKS - 1 - j
+            t = (tstart + i).to(tl.int64)
+            ok = t < L
+            m = md & ok
+            xv = tl.load(x_ptr + b * sx_b + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(dt_ptr + b * sdt_b + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
+            if HAS_DTB:
+                v += dtb
+            u = tl.exp(tl.minimum(v, 20.0))
+            w = 1.0 + u
+            lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
+            sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
+            sp = tl.where(m, sp, 0.0)
+            Bv = tl.load(b_ptr + b * sb_b + t * sb_l + n, mask=mn & ok, other=0.0).to(tl.float32)
+            Cv = tl.load(c_ptr + b * sc_b + t * sc_l + n, mask=mn & ok, other=0.0).to(tl.float32)
+            dout = tl.load(dy_ptr + b * sdy_b + t * sdy_l + d, mask=m, other=0.0).to(tl.float32)
+            h_t = tl.load(scr_base + i * (NP * BD) + scr_off)
+            h_prev = tl.load(scr_base + (i - 1) * (NP * BD) + scr_off, mask=(i > 0) & mnd, other=0.0)
+            h_prev = tl.where(i > 0, h_prev, h_start)
+            if HAS_RST:
+                r = tl.load(rst_ptr + b * sr_b + t * sr_l, mask=ok, other=0)
+                h_prev = tl.where(r != 0, 0.0, h_prev)
+            y_raw = tl.sum(h_t * Cv[:, None], axis=0)
+            if HAS_D:
+                y_pre = y_raw + Dv * xv
+            else:
+                y_pre = y_raw
+            if HAS_Z:
+                zv = tl.load(z_ptr + b * sz_b + t * sz_l + d, mask=m, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zv)
+                dz = dout * y_pre * sig * (1.0 + zv * (1.0 - sig))
+                tl.store(dz_ptr + (b * L + t) * D + d, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                dyv = dout * zv * sig
+            else:
+                dyv = dout
+            dxv = tl.zeros((BD,), tl.float32)
+            if HAS_D:
+                dD_acc += dyv * xv
+                dxv = dyv * Dv
+            g = g + Cv[:, None] * dyv[None, :]  # dL/dh_t
+            dC = tl.sum(h_t * dyv[None, :], axis=1)
+            a = tl.exp2(sp[None, :] * A2)
+            gB = tl.sum(g * Bv[:, None], axis=0)
+            dxv += sp * gB
+            gha = g * h_prev * a
+            dsp = xv * gB + tl.sum(gha * A, axis=0)
+            dA_acc += gha * sp[None, :]
+            dB = tl.sum(g * (sp * xv)[None, :], axis=1)
+            dv = tl.where(m, dsp * tl.where(v > 20.0, 1.0, tl.sigmoid(v)), 0.0)
+            ddtb_acc += dv
+            tl.store(dx_ptr + (b * L + t) * D + d, dxv.to(dx_ptr.dtype.element_ty), mask=m)
+            tl.store(ddt_ptr + (b * L + t) * D + d, dv.to(ddt_ptr.dtype.element_ty), mask=m)
+            tl.atomic_add(db_ptr + (b * L + t) * N + n, dB, mask=mn & ok)
+            tl.atomic_add(dc_ptr + (b * L + t) * N + n, dC, mask=mn & ok)
+            g = g * a  # dL/dh_{t-1} through the decay ...
+            if HAS_RST:
+                g = tl.where(r != 0, 0.0, g)  # ... unless t started a new document
+            j += 1
+        tl.debug_barrier()  # the next chunk's recompute overwrites the scratch
+        c -= 1
+    tl.store(dh0_ptr + st_off, g, mask=mnd)
+    tl.store(dA_ptr + st_off, dA_acc, mask=mnd)
+    tl.store(dD_ptr + b * D + d, dD_acc, mask=md)
+    tl.store(ddtb_ptr + b * D + d, ddtb_acc, mask=md)
+
+
+def _np2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _check_last_stride(name: str, t: torch.Tensor) -> None:
+    assert t.stride(-1) == 1, f"{name} must have a contiguous last dim (stride {t.stride()})"
+
+
+def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=None,
+             save_chk=False, block_d=None, unroll=None, num_warps=None, defer=None):
+    """Launch the forward kernel. Shapes: x, dt, z (B, L, D) any row strides, last dim contiguous;
+    Bm, Cm (B, L, N); A (D, N) fp32; Dv, dt_bias (D,); h0 (B, D, N) fp32; reset (B, L) bool.
+    Returns (y (B, L, D) in x's dtype, final state (B, D, N) fp32, saved states (B, nchk, D, N) or None).
+    """
+    Bsz, L, D = x.shape
+    N = A.shape[1]
+    for name, t in (("x", x), ("dt", dt), ("B", Bm), ("C", Cm)) + ((("z", z),) if z is not None else ()):
+        _check_last_stride(name, t)
+    A = A.contiguous()
+    block_d = block_d or FWD_BLOCK_D
+    unroll = unroll or FWD_UNROLL
+    y = torch.empty(Bsz, L, D, dtype=x.dtype, device=x.device)
+    hT = torch.empty(Bsz, D, N, dtype=torch.float32, device=x.device)
+    nchk = triton.cdiv(L, CHK)
+    chk = (torch.empty(Bsz, nchk, D, N, dtype=torch.float32, device=x.device) if save_chk else hT)
+    if h0 is not None:
+        h0 = h0.contiguous()
+    rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    zz = z if z is not None else x
+    grid = (triton.cdiv(D, block_d), Bsz)
+    _scan_fwd_kernel[grid](
+        x, dt, zz, Bm, Cm, A, Dv if Dv is not None else A, dt_bias if dt_bias is not None else A,
+        h0 if h0 is not None else hT, rst if rst is not None else x,
+        y, hT, chk,
+        L, D,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+        Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), y.stride(0), y.stride(1),
+        rst.stride(0) if rst is not None else 0, rst.stride(1) if rst is not None else 0,
+        N=N, NP=_np2(N), BD=block_d, T=unroll, CHKS=CHK,
+        HAS_Z=z is not None, HAS_D=Dv is not None, HAS_DTB=dt_bias is not None,
+        HAS_H0=h0 is not None, HAS_RST=rst is not None, SAVE_CHK=save_chk,
+        DEFER=FWD_DEFER if defer is None else defer,
+        num_warps=num_warps or FWD_WARPS,
+    )
+    return y, hT, (chk if save_chk else None)
+
+
+def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT):
+    """Launch the backward kernel; returns fp32/input-dtype gradients
+    (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0); entries for absent inputs are None."""
+    Bsz, L, D = x.shape
+    N = A.shape[1]
+    NP = _np2(N)
+    dev = x.device
+    dx = torch.empty(Bsz, L, D, dtype=x.dtype, device=dev)
+    ddt = torch.empty(Bsz, L, D, dtype=dt.dtype, device=dev)
+    dz = torch.empty(Bsz, L, D, dtype=z.dtype, device=dev) if z is not None else None
+    dB = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
+    dC = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
+    dA = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
+    dD = torch.empty(Bsz, D, dtype=torch.float32, device=dev)
+    ddtb = torch.empty(Bsz, D, dtype=torch.float32, device=dev)
+    dh0 = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
+    nprog = triton.cdiv(D, BWD_BLOCK_D)
+    scratch = torch.empty(Bsz * nprog * CHK * NP * BWD_BLOCK_D, dtype=torch.float32, device=dev)
+    rst = reset.contiguous().view(torch.uint8) if reset is not None else None
+    zz = z if z is not None else x
+    if dhT is not None:
+        dhT = dhT.contiguous()
+    _scan_bwd_kernel[(nprog, Bsz)](
+        x, dt, zz, Bm, Cm, A.contiguous(), Dv if Dv is not None else A,
+        dt_bias if dt_bias is not None else A, rst if rst is not None else x, chk, dy,
+        dhT if dhT is not None else chk, scratch,
+        dx, ddt, dz if dz is not None else dx, dB, dC, dA, dD, ddtb, dh0,
+        L, D,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+        Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1),
+        rst.stride(0) if rst is not None else 0, rst.stride(1) if rst is not None else 0,
+        dy.stride(0), dy.stride(1),
+        N=N, NP=NP, BD=BWD_BLOCK_D, CHKS=CHK,
+        HAS_Z=z is not None, HAS_D=Dv is not None, HAS_DTB=dt_bias is not None,
+        HAS_RST=rst is not None, HAS_DHT=dhT is not None,
+        num_warps=BWD_WARPS,
+    )
+    return (dx, ddt, dA.sum(0), dB, dC, dD.sum(0) if Dv is not None else None, dz,
+            ddtb.sum(0) if dt_bias is not None else None, dh0)
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper: forward saves the state every CHK steps, backward recomputes from them."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, Bm, Cm, Dv, z, dt_bias, h0, reset):
+        y, hT, chk = scan_fwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, h0, reset, save_chk=True)
+        ctx.save_for_backward(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk)
+        ctx.has_h0 = h0 is not None
+        ctx.h0_dtype = h0.dtype if h0 is not None else None
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dx, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset,
+                                                          chk, dy, dhT)
+        cast = lambda g, ref: None if g is None or ref is None else g.to(ref.dtype)
+        return (dx, ddt, cast(dA, A), cast(dB, Bm), cast(dC, Cm), cast(dD, Dv), dz,
+                cast(ddtb, dt_bias), dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None)

@@ -1,0 +1,116 @@
+"""The fused decode step and the CUDA-graph decoder (decode_graph.py) against model.step.
+
+On CPU the fused step runs in Triton's interpreter and the decoder runs without graphs (the
+binding of states to static buffers is the same code); the cuda-marked tests capture real graphs.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from falcon_mamba import FalconMamba, get_preset  # noqa: E402
+from falcon_mamba.decode_graph import GraphDecoder, fast_step, maybe_graphed_step  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+
+def _model(preset, dtype=torch.float32, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = FalconMamba(get_preset(preset))
+    return m.to_dtype(dtype).eval()
+
+
+def _prefilled(model, B, gen):
+    ids = torch.randint(0, model.config.vocab_size, (B, 5), generator=gen).to(model.device)
+    with torch.no_grad():
+        _, state = model(ids)
+    return state
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-odd", "tiny-mamba"])
+def test_fast_step_matches_model_step(preset, rng):
+    model = _model(preset)
+    state = _prefilled(model, 3, rng)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (3,), generator=rng)
+    logits = fast_step(model, tok, state.conv, state.ssm)
+    ref = model.step(tok, twin)
+    assert_close(logits, ref, 1e-4, 1e-4, "logits")
+    assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
+    assert_close(state.conv, twin.conv, 1e-6, 1e-6, "conv state")
+
+
+def test_decoder_binding_and_greedy_without_graphs(rng):
+    model = _model("tiny")
+    dec = GraphDecoder(model, use_graph=False)
+    a, b = _prefilled(model, 3, rng), _prefilled(model, 3, rng)
+    a_ref, b_ref = a.clone(), b.clone()
+    tok = torch.randint(0, model.config.vocab_size, (3,), generator=rng)
+    out_a = dec.greedy(tok, a, 2)  # a is bound to the 4-row bucket
+    slot = dec.slot(3)
+    assert a.ssm.data_ptr() == slot.ssm.data_ptr()
+    logits_b = dec.step(tok, b)  # b takes the bucket: a must get private memory back first
+    assert a.ssm.data_ptr() != slot.ssm.data_ptr() and b.ssm.data_ptr() == slot.ssm.data_ptr()
+    ref_tokens, t = [], tok
+    for _ in range(2):
+        t = model.step(t, a_ref).argmax(-1)
+        ref_tokens.append(t)
+    assert torch.equal(out_a, torch.stack(ref_tokens, 1))
+    assert_close(a.ssm, a_ref.ssm, 1e-5, 1e-5, "a's state after losing the bucket")
+    assert_close(logits_b, model.step(tok, b_ref), 1e-4, 1e-4, "b's logits")
+    assert a.tokens_seen == a_ref.tokens_seen and b.tokens_seen == b_ref.tokens_seen
+
+
+def test_hook_declines_on_cpu(rng):
+    model = _model("tiny")
+    state = _prefilled(model, 1, rng)
+    assert maybe_graphed_step(model, torch.tensor([1]), state) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3])
+def test_graph_decoder_matches_model_step_cuda(dtype, B, rng):
+    model = _model("tiny", dtype, "cuda")
+    dec = GraphDecoder(model)
+    assert dec.use_graph
+    state = _prefilled(model, B, rng)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng).cuda()
+    tol = (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 5e-2)
+    for _ in range(3):  # replays after the capture
+        logits = dec.step(tok, state)
+        ref = model.step(tok, twin)
+        assert_close(logits, ref, *tol, "logits")
+        tok = ref.argmax(-1)
+    assert_close(state.ssm, twin.ssm, *tol, "ssm state")
+    if dtype == torch.float32:
+        s2, t2 = _prefilled(model, B, rng), tok
+        s2_ref = s2.clone()
+        out = dec.greedy(t2, s2, 8)
+        ref_tokens = []
+        for _ in range(8):
+            t2 = model.step(t2, s2_ref).argmax(-1)
+            ref_tokens.append(t2)
+        assert torch.equal(out, torch.stack(ref_tokens, 1))
+        assert state.ssm.data_ptr() != s2.ssm.data_ptr()  # the first state was given its memory back
+
+
+@pytest.mark.cuda
+def test_generate_decode_step_uses_graphs_cuda(rng):
+    from falcon_mamba import generate
+
+    model = _model("tiny", torch.float32, "cuda")
+    state = _prefilled(model, 2, rng)
+    twin = state.clone()
+    tok = torch.tensor([3, 4], device="cuda")
+    logits = generate.decode_step(model, tok, state)
+    from falcon_mamba.decode_graph import decoder_for
+
+    assert state.ssm.data_ptr() == decoder_for(model).slot(2).ssm.data_ptr()
+    assert_close(logits, model.step(tok, twin), 1e-4, 1e-4, "logits via generate.decode_step")

@@ -1,0 +1,104 @@
+"""Triton decode-step kernels (ops/triton_decode.py) against their reference twins: conv step, the
+plain and fused SSM steps, add+RMSNorm, RMSNorm. Interpreter on CPU; cuda-marked grid on a GPU."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from falcon_mamba.ops import fused_reference, reference, triton_backend  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2), torch.float16: (3e-2, 5e-2)}
+
+
+def _r(gen, *s, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*s, generator=gen) * scale).to(DEV, dtype)
+
+
+def check_conv_step(B, D, K, dtype, gen):
+    st, x, w, b = _r(gen, B, K - 1, D, dtype=dtype), _r(gen, B, D, dtype=dtype), \
+        _r(gen, D, K, dtype=dtype), _r(gen, D, dtype=dtype)
+    st2 = st.clone()
+    y = triton_backend.conv_step(st, x, w, b)
+    yr = reference.conv_step(st2, x, w, b)
+    assert_close(y, yr, *TOL[dtype], "conv step y")
+    assert torch.equal(st, st2), "conv state shift"
+
+
+def check_ssm_steps(B, D, N, R, dtype, gen, norm=True):
+    rtol, atol = TOL[dtype]
+    h = _r(gen, B, D, N)
+    xz = _r(gen, B, 2 * D, dtype=dtype)  # z is a strided half, as in the model
+    xc = _r(gen, B, D, dtype=dtype)
+    xdbl = _r(gen, B, R + 2 * N, dtype=dtype)
+    Wdt = _r(gen, D, R, dtype=dtype, scale=R ** -0.5)
+    dtb, A_log, Dv = _r(gen, D, scale=0.5), _r(gen, D, N, scale=0.5), _r(gen, D)
+    h2 = h.clone()
+    eps = 1e-6 if norm else None
+    y = triton_backend.mixer_ssm_step(h, xc, xz[:, D:], xdbl, Wdt, dtb, A_log, Dv, eps)
+    yr = fused_reference.mixer_ssm_step(h2, xc, xz[:, D:], xdbl, Wdt, dtb, A_log, Dv, eps)
+    assert_close(y, yr, rtol, atol, f"fused ssm step y {dtype}")
+    assert_close(h, h2, rtol, atol, f"fused ssm step state {dtype}")
+    dt, Bm, Cm = _r(gen, B, D, dtype=dtype), _r(gen, B, N, dtype=dtype), _r(gen, B, N, dtype=dtype)
+    A = -torch.exp(A_log)
+    y = triton_backend.ssm_step(h, xc, dt, A, Bm, Cm, Dv, xz[:, D:], dtb)
+    yr = reference.ssm_step(h2, xc, dt, A, Bm, Cm, Dv, xz[:, D:], dtb)
+    assert_close(y, yr, rtol, atol, f"ssm step y {dtype}")
+    assert_close(h, h2, rtol, atol, f"ssm step state {dtype}")
+
+
+def check_norms(M, H, dtype, gen):
+    rtol, atol = TOL[dtype]
+    h, out, w = _r(gen, M, H), _r(gen, M, H, dtype=dtype), _r(gen, H, dtype=dtype)
+    ho, ho2 = torch.empty(M, H, device=DEV), torch.empty(M, H, device=DEV)
+    u = triton_backend.add_rms_norm(h, out, w, 1e-5, round_to=dtype, h_out=ho)
+    ur = fused_reference.add_rms_norm(h, out, w, 1e-5, round_to=dtype, h_out=ho2)
+    assert u.dtype == ur.dtype == dtype
+    assert_close(u, ur, rtol, atol, "block add+norm")
+    assert_close(ho, ho2, 1e-6, 1e-6, "residual sum")
+    u = triton_backend.add_rms_norm(h, out, w, 1e-5, round_to=None, out_dtype=dtype)
+    ur = fused_reference.add_rms_norm(h, out, w, 1e-5, round_to=None, out_dtype=dtype)
+    assert_close(u, ur, rtol, atol, "norm_f")
+    x = _r(gen, 3, M, H, dtype=dtype)
+    for weight in (w, None):
+        y, yr = triton_backend.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6)
+        assert y.dtype == yr.dtype
+        assert_close(y, yr, rtol, atol, "rms_norm")
+
+
+def test_conv_step_small(rng):
+    check_conv_step(3, 40, 4, torch.float32, rng)
+    check_conv_step(2, 20, 3, torch.bfloat16, rng)
+
+
+def test_ssm_steps_small_odd_sizes(rng):
+    check_ssm_steps(2, 40, 5, 7, torch.float32, rng, norm=True)
+    check_ssm_steps(1, 20, 4, 8, torch.bfloat16, rng, norm=False)
+
+
+def test_norms_small(rng):
+    check_norms(3, 24, torch.float32, rng)
+    check_norms(2, 48, torch.bfloat16, rng)
+
+
+def test_norm_with_grad_uses_autograd_formula(rng):
+    x = _r(rng, 2, 16).requires_grad_()
+    y = triton_backend.rms_norm(x, None, 1e-6)
+    y.sum().backward()  # the reference formula runs when a gradient is needed
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [1, 5, 64])
+def test_decode_kernels_cuda(dtype, B, rng):
+    check_conv_step(B, 8192, 4, dtype, rng)
+    check_ssm_steps(B, 8192, 16, 256, dtype, rng, norm=True)
+    check_ssm_steps(B, 1000, 16, 64, dtype, rng, norm=False)
+    check_norms(B, 4096, dtype, rng)

@@ -1,0 +1,178 @@
+"""Triton selective scan (ops/triton_scan.py) against the reference, forward and backward.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on small shapes; the
+cuda-marked tests cover dtypes, lengths 1, 17, 4096 and 65,600, widths, and a tensor past 2^31
+elements (32-bit offsets would overflow).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+pytest.importorskip("triton")
+
+from falcon_mamba.errors import UserError  # noqa: E402
+from falcon_mamba.ops import reference, triton_backend, triton_scan  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2), torch.float16: (3e-2, 5e-2)}
+
+
+def scan_inputs(B, L, D, N, dtype, device, gen, reset=False):
+    """Random scan inputs in a realistic range (dt around softplus(-1), A = -exp(...))."""
+    r = lambda *s, scale=1.0, shift=0.0: (torch.randn(*s, generator=gen) * scale + shift)  # noqa: E731
+    x = r(B, L, D).to(device, dtype)
+    dt = r(B, L, D, scale=0.5, shift=-1.0).to(device, dtype)
+    z = r(B, L, D).to(device, dtype)
+    A = -torch.exp(r(D, N, scale=0.5)).to(device)
+    Bm = r(B, L, N).to(device, dtype)
+    Cm = r(B, L, N).to(device, dtype)
+    Dv = r(D).to(device)
+    dtb = r(D, scale=0.5).to(device)
+    h0 = r(B, D, N).to(device)
+    rst = (torch.rand(B, L, generator=gen) < 0.15).to(device) if reset else None
+    return x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst
+
+
+def ref_scan(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst):
+    """The reference, with document resets emulated by restarting from a zero state at each
+    reset (so the test does not depend on the reference growing a reset_BL argument)."""
+    if rst is None:
+        return reference.selective_scan(x, dt, A, Bm, Cm, Dv, z, dtb, h0)
+    ys, hs = [], []
+    Bsz, L, _ = x.shape
+    for b in range(Bsz):
+        h = None if h0 is None else h0[b:b + 1]
+        starts = [0] + [t for t in range(1, L) if rst[b, t]] + [L]
+        yb = []
+        for s0, s1 in zip(starts[:-1], starts[1:]):
+            hin = torch.zeros_like(h0[b:b + 1]) if rst[b, s0] else h
+            sl = slice(s0, s1)
+            y, h = reference.selective_scan(x[b:b + 1, sl], dt[b:b + 1, sl], A, Bm[b:b + 1, sl],
+                                            Cm[b:b + 1, sl], Dv, z[b:b + 1, sl], dtb, hin)
+            yb.append(y)
+        ys.append(torch.cat(yb, 1))
+        hs.append(h)
+    return torch.cat(ys, 0), torch.cat(hs, 0)
+
+
+def check_forward(B, L, D, N, dtype, gen, reset=False, device=DEV):
+    inp = scan_inputs(B, L, D, N, dtype, device, gen, reset)
+    x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst = inp
+    y, h = triton_backend.selective_scan(x, dt, A, Bm, Cm, Dv, z, dtb, h0, reset_BL=rst)
+    f64 = [t.double() if t is not None and t.is_floating_point() else t for t in inp]
+    yr, hr = ref_scan(*[t.cpu() if t is not None else None for t in f64])
+    rtol, atol = TOL[dtype]
+    assert y.dtype == dtype and h.dtype == torch.float32
+    assert_close(y.cpu(), yr, rtol, atol, f"y {dtype} L={L}")
+    assert_close(h.cpu(), hr, 6e-4, 2e-3, f"final state {dtype} L={L}")
+
+
+def check_backward(B, L, D, N, dtype, gen, reset=False, device=DEV):
+    inp = scan_inputs(B, L, D, N, dtype, device, gen, reset)
+    rst = inp[-1]
+    leaves = [t.detach().clone().requires_grad_() for t in inp[:-1]]
+    y, h = triton_backend.selective_scan(*leaves, reset_BL=rst)
+    gy = torch.randn(y.shape, generator=gen).to(device)
+    gh = torch.randn(h.shape, generator=gen).to(device)
+    ((y.float() * gy).sum() + (h * gh).sum()).backward()
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in inp[:-1]]
+    yr, hr = ref_scan(*ref_leaves, None if rst is None else rst.cpu())
+    ((yr * gy.cpu().double()).sum() + (hr * gh.cpu().double()).sum()).backward()
+    rtol, atol = TOL[dtype]
+    for name, a, b in zip("x dt A B C D z dt_bias h0".split(), leaves, ref_leaves):
+        g, gr = a.grad.cpu().double(), b.grad
+        scale = gr.abs().max().clamp(min=1.0)  # sums over L (dA, dD, dB...) grow with L
+        assert_close(g / scale, gr / scale, rtol, atol, f"d{name} {dtype} L={L}")
+
+
+# ---- CPU (interpreter) / any device -----------------------------------------------------------
+
+def test_forward_small_all_options(rng):
+    check_forward(1, 17, 20, 5, torch.float32, rng, reset=True)
+
+
+def test_forward_minimal_options_bf16(rng):
+    x, dt, A, Bm, Cm, *_ = scan_inputs(1, 9, 16, 4, torch.bfloat16, DEV, rng)
+    y, h = triton_backend.selective_scan(x, dt, A, Bm, Cm)
+    yr, hr = reference.selective_scan(x, dt, A, Bm, Cm)
+    assert_close(y, yr, 3e-2, 5e-2, "y")
+    assert_close(h, hr, 6e-4, 2e-3, "state")
+
+
+def test_backward_small_with_resets(rng, monkeypatch):
+    monkeypatch.setattr(triton_scan, "CHK", 8)  # several saved-state chunks, one partial
+    check_backward(1, 13, 12, 3, torch.float32, rng, reset=True)
+
+
+def test_empty_length_returns_initial_state(rng):
+    x, dt, A, Bm, Cm, Dv, z, dtb, h0, _ = scan_inputs(2, 0, 8, 4, torch.float32, DEV, rng)
+    y, h = triton_backend.selective_scan(x, dt, A, Bm, Cm, Dv, z, dtb, h0)
+    assert y.shape == (2, 0, 8)
+    assert torch.equal(h, h0)
+
+
+def test_cpu_tensors_without_interpreter_are_refused(rng, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 2, 4)
+    with pytest.raises(UserError, match="needs CUDA"):
+        triton_backend.selective_scan(x, x, -torch.ones(4, 2), torch.randn(1, 2, 2),
+                                      torch.randn(1, 2, 2))
+
+
+# ---- GPU -----------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L", [1, 17, 4096])
+@pytest.mark.parametrize("D", [40, 512])
+def test_forward_cuda(dtype, L, D, rng):
+    check_forward(2, L, D, 16, dtype, rng, reset=(L == 4096))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_cuda_past_65k(dtype, rng):
+    check_forward(1, 65_600, 40, 16, dtype, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L", [1, 17, 4096])
+def test_backward_cuda(dtype, L, rng):
+    check_backward(2, L, 40, 16, dtype, rng, reset=(L == 4096))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_backward_cuda_past_65k(rng):
+    check_backward(1, 65_600, 8, 4, torch.float32, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_forward_cuda_past_int32_offsets(rng):
+    """(B, L, D) = (1, 66000, 32768): 2.16e9 elements per tensor, past 2^31. The reference runs on
+    the last 16 channels, whose offsets are the largest."""
+    B, L, D, N = 1, 66_000, 32_768, 16
+    dev = torch.device("cuda")
+    x = torch.randn(B, L, D, dtype=torch.bfloat16, device=dev)
+    dt = (torch.randn(B, L, D, dtype=torch.bfloat16, device=dev) * 0.5 - 1)
+    z = torch.randn(B, L, D, dtype=torch.bfloat16, device=dev)
+    A = -torch.exp(torch.randn(D, N, device=dev) * 0.5)
+    Bm = torch.randn(B, L, N, dtype=torch.bfloat16, device=dev)
+    Cm = torch.randn(B, L, N, dtype=torch.bfloat16, device=dev)
+    Dv, dtb = torch.randn(D, device=dev), torch.randn(D, device=dev) * 0.5
+    y, h = triton_backend.selective_scan(x, dt, A, Bm, Cm, Dv, z, dtb)
+    sel = slice(D - 16, D)
+    f64 = lambda t: t.cpu().double()  # noqa: E731
+    yr, hr = reference.selective_scan(f64(x[..., sel]), f64(dt[..., sel]), f64(A[sel]), f64(Bm),
+                                      f64(Cm), f64(Dv[sel]), f64(z[..., sel]), f64(dtb[sel]))
+    assert_close(y[..., sel].cpu(), yr, 3e-2, 5e-2, "y (last channels)")
+    assert_close(h[:, sel].cpu(), hr, 6e-4, 2e-3, "state (last channels)")
+    yc, _ = triton_backend.causal_conv1d(x, torch.randn(D, 4, device=dev, dtype=torch.bfloat16), None)
+    assert torch.isfinite(yc[0, -1]).all()
