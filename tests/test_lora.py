@@ -124,3 +124,24 @@ def test_finetune_with_lora_end_to_end(tmp_path, rng):
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] > 0 for r in rows if "loss" in r)
     assert (tmp_path / "ft" / "model" / "tokenizer.json").is_file()
+
+
+def test_full_finetune_from_a_model_folder(tmp_path):
+    from falcon_mamba.train import apply_overrides, get_recipe, train
+    from tests.test_data import make_data
+
+    data = make_data(tmp_path, lines=60)
+    cfg = fm.ModelConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=64, vocab_size=300,
+                         state_size=4, eos_token_id=0)
+    fm.save_model(fm.FalconMamba(cfg), tmp_path / "base", tokenizer_dir=data)
+    rc = apply_overrides(get_recipe("sft"), ["seq_len=32", "global_batch=4", "steps=2", "lr=1e-2",
+                                             "warmup_steps=1"]).replace(init_from=str(tmp_path / "base"))
+    res = train(rc, data, tmp_path / "ft", progress=False, log=lambda *a: None)
+    assert res.config.model == cfg  # the model's own config (vocab 300), not the recipe's
+    base = fm.load_model(tmp_path / "base").state_dict()
+    tuned = fm.load_model(res.model_dir).state_dict()
+    assert all(not torch.equal(base[k], tuned[k]) for k in base if not k.endswith(("A_log", ".D")))
+    small = fm.ModelConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=64, vocab_size=256)
+    fm.save_model(fm.FalconMamba(small), tmp_path / "small")
+    with pytest.raises(fm.UserError, match="vocabulary of 256"):
+        train(rc.replace(init_from=str(tmp_path / "small")), data, tmp_path / "x", progress=False)

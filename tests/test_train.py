@@ -303,3 +303,22 @@ def test_cli_train_and_plot_run(data_dir, tmp_path, capsys):
     assert "unknown model field" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a prepared data folder" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
+    quiet = {"progress": False, "export": False, "log": lambda *a: None}
+    big = train(tiny_cfg(steps=3, micro_batch=4), data_dir, tmp_path / "big", **quiet)
+    small = train(tiny_cfg(steps=3, micro_batch=1), data_dir, tmp_path / "small", **quiet)
+    assert big.train_loss == pytest.approx(small.train_loss, rel=1e-5)
+    wa, wb = load_checkpoint(tmp_path / "big")["model"], load_checkpoint(tmp_path / "small")["model"]
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(data_dir, tmp_path):
+    res = train(tiny_cfg(steps=2, precision="bf16"), data_dir, tmp_path / "r", progress=False, export=False,
+                log=lambda *a: None)
+    assert math.isfinite(res.train_loss)
+    payload = load_checkpoint(tmp_path / "r")
+    assert all(v.dtype == torch.float32 for v in payload["model"].values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in payload["optimizer"]["state"].values())
