@@ -1,0 +1,149 @@
+"""`falcon-mamba serve`: an OpenAI-compatible HTTP server (completions, chat, SSE streaming)."""
+
+from __future__ import annotations
+
+import os
+
+NAME = "serve"
+HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
+
+API_KEY_ENV = "FALCON_MAMBA_API_KEY"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="model folder or Hub id (default: the embedded default model, "
+                                   "when this install has one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
+                                                       "this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every "
+                                                   f"route but /health (or set {API_KEY_ENV})")
+    p.add_argument("--served-model-name", default=None, help="the model id clients pass "
+                                                             "(default: the folder's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--state-memory", default="auto",
+                   help="memory for the state slots, e.g. 4GiB (default: a quarter of free GPU "
+                        "memory after loading, 1GiB on CPU)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="most sequences served at once (state slots), if the budget allows")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; past that: 429 with Retry-After")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens read per engine step, between decode steps")
+    p.add_argument("--max-context", type=int, default=1 << 20,
+                   help="prompt + max_tokens limit per request (400 above it)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="max_tokens of a chat request that sets none (completions: 16, as OpenAI)")
+    p.add_argument("--max-body", default="16MiB", help="request body size limit (413 above it)")
+    p.add_argument("--prefix-cache-memory", default="1GiB",
+                   help="memory for cached conversation states (0 turns the cache off)")
+    p.add_argument("--prefix-cache-dir", default=None,
+                   help="spill evicted cache states to this folder (emptied at start and exit)")
+    p.add_argument("--prefix-cache-disk", default="10GiB", help="disk budget of --prefix-cache-dir")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds running requests get to finish on Ctrl-C/SIGTERM before cancellation")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _size(text: str, what: str) -> int:
+    from falcon_mamba.checkpoint import _parse_size
+    from falcon_mamba.errors import UserError
+
+    try:
+        n = _parse_size(text)
+    except ValueError:
+        raise UserError(f"{what}: cannot read {text!r} as a size; write e.g. 512MiB or 4GiB") from None
+    if n < 0:
+        raise UserError(f"{what} must not be negative")
+    return n
+
+
+def _default_model() -> str:
+    from falcon_mamba.errors import UserError
+
+    try:
+        from falcon_mamba import default_model
+
+        return str(default_model.path())
+    except (ImportError, AttributeError, FileNotFoundError, OSError):
+        raise UserError("--model is required: pass a model folder (config.json, model.safetensors, "
+                        "tokenizer.json) or a Hub id such as tiiuae/falcon-mamba-7b-instruct") from None
+
+
+def _check(args) -> dict:
+    """Validate the numbers before loading anything; returns the parsed sizes."""
+    from falcon_mamba.errors import UserError
+
+    for name, v, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                         ("--max-queue", args.max_queue, 0), ("--prefill-chunk", args.prefill_chunk, 1),
+                         ("--max-context", args.max_context, 2),
+                         ("--default-max-tokens", args.default_max_tokens, 1)):
+        if v < low:
+            raise UserError(f"{name} must be at least {low}, got {v}")
+    if args.port > 65535:
+        raise UserError(f"--port must be at most 65535, got {args.port}")
+    return {
+        "state": None if args.state_memory == "auto" else _size(args.state_memory, "--state-memory"),
+        "body": _size(args.max_body, "--max-body"),
+        "cache": _size(args.prefix_cache_memory, "--prefix-cache-memory"),
+        "disk": _size(args.prefix_cache_disk, "--prefix-cache-disk"),
+    }
+
+
+def run(args) -> int:
+    import logging
+    from pathlib import Path
+
+    import torch
+
+    from falcon_mamba.checkpoint import load_model
+    from falcon_mamba.dtypes import parse_dtype
+    from falcon_mamba.engine.engine import Engine, EngineConfig
+    from falcon_mamba.engine.state_pool import slot_bytes, slots_for_budget
+    from falcon_mamba.errors import UserError
+    from falcon_mamba.tokenizer import check_fits, load_tokenizer
+
+    try:
+        from falcon_mamba.server import ServerSettings
+        from falcon_mamba.server import run as run_server
+    except ImportError as e:
+        raise UserError(f"serving needs the 'serve' extra ({e.name} is missing): "
+                        "pip install 'falcon-mamba[serve]'") from None
+    sizes = _check(args)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("falcon_mamba.serve")
+    ref = args.model or _default_model()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_model(ref, dtype=dtype, device=device)
+    tok = load_tokenizer(ref)
+    check_fits(tok, model.config.vocab_size)
+    budget = sizes["state"]
+    if budget is None:  # auto
+        budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 1 << 30
+    slots = slots_for_budget(model.config, dtype, budget, args.max_batch)
+    engine = Engine(model, tok, EngineConfig(
+        num_slots=slots, max_waiting=args.max_queue, prefill_chunk=args.prefill_chunk,
+        max_context=args.max_context, cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir,
+        cache_disk_bytes=sizes["disk"]))
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    model_id = args.served_model_name or Path(str(getattr(model, "source", ref))).name or "falcon-mamba"
+    settings = ServerSettings(model_id, api_key=api_key, max_body_bytes=sizes["body"],
+                              default_max_tokens=args.default_max_tokens)
+    engine.start()
+    log.info("serving %s on http://%s:%d/v1 (%s, %s; %d state slots of %.3g MiB%s)", model_id,
+             args.host, args.port, device, str(dtype).removeprefix("torch."), slots,
+             slot_bytes(model.config, dtype) / 2**20, "; API key required" if api_key else "")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use it",
+                    args.host)
+    try:
+        run_server(engine, tok, settings, args.host, args.port, args.shutdown_grace,
+                   log_level="warning" if args.log_level == "info" else args.log_level)
+    finally:
+        if engine.is_alive:
+            engine.shutdown(0)
+    log.info("stopped")
+    return 0

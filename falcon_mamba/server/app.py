@@ -1,0 +1,344 @@
+"""The HTTP layer: OpenAI-compatible routes over an Engine. No model logic here.
+
+    GET  /health                 200 {"status": "ok"} (503 while shutting down); never needs a key
+    GET  /metrics                Prometheus text
+    GET  /v1/models[/{id}]
+    POST /v1/completions         prompt: string | [string] | [int] | [[int]]
+    POST /v1/chat/completions    messages rendered with the tokenizer's chat template
+
+Streaming answers are Server-Sent Events in OpenAI's chunk format, ending with ``data: [DONE]``.
+A client that disconnects cancels its request, which frees its state slots at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from falcon_mamba.engine.engine import Delta, Engine, QueueFull, ShuttingDown
+from falcon_mamba.errors import UserError
+from falcon_mamba.server import protocol as P
+
+log = logging.getLogger("falcon_mamba.server")
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+class ServerSettings:
+    def __init__(self, model_id: str, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+                 default_max_tokens: int = 1024):
+        self.model_id = model_id
+        self.api_key = api_key or None
+        self.max_body_bytes = max_body_bytes
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+
+
+def _json_error(status: int, body: dict, headers: dict | None = None):
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class AuthMiddleware:
+    """Every route but /health needs ``Authorization: Bearer <key>`` when a key is set."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.key or scope.get("path") == "/health":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if given and hmac.compare_digest(given.encode(), self.key.encode()):
+            return await self.app(scope, receive, send)
+        resp = _json_error(401, P.error_body("Missing or incorrect API key: send 'Authorization: "
+                                             "Bearer <key>'", code="invalid_api_key"))
+        await resp(scope, receive, send)
+
+
+async def _read_json(request, limit: int):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise P.APIError(413, f"request body is over this server's limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise P.APIError(413, f"request body is over this server's limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P.APIError(400, f"the request body is not valid JSON ({e})") from None
+
+
+class _Stream:
+    """The deltas of one or more engine requests (one per prompt), as an asyncio queue."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.reqs = []
+
+    def sink(self, base: int):
+        def put(deltas: list[Delta]) -> None:  # called from the engine thread
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (base, deltas))
+        return put
+
+    def submit(self, prompts: list[list[int]], job: P.Job) -> None:
+        try:
+            for i, ids in enumerate(prompts):
+                self.reqs.append(self.engine.submit(ids, job.params, n=job.n, top_logprobs=job.top_logprobs,
+                                                    sink=self.sink(i * job.n)))
+        except QueueFull as e:
+            self.cancel()
+            raise P.APIError(429, f"server busy: {e}; retry later", type="rate_limit_error",
+                             code="rate_limit_exceeded",
+                             headers={"Retry-After": str(self.engine.retry_after())}) from None
+        except ShuttingDown as e:
+            self.cancel()
+            raise P.APIError(503, str(e), type="server_error") from None
+        except UserError as e:
+            self.cancel()
+            raise P.APIError(400, str(e)) from None
+
+    def cancel(self) -> None:
+        for r in self.reqs:
+            self.engine.cancel(r)
+
+    @property
+    def done(self) -> bool:
+        return all(r.finished for r in self.reqs)
+
+    async def events(self):
+        """Yield (choice index, Delta) until every sequence has finished."""
+        open_ = sum(r.n for r in self.reqs)
+        while open_:
+            base, deltas = await self.queue.get()
+            for d in deltas:
+                if d.finish_reason is not None:
+                    open_ -= 1
+                yield base + d.index, d
+
+    def usage(self) -> dict:
+        prompt = sum(r.prompt_len for r in self.reqs)
+        gen = sum(len(s.output_ids) for r in self.reqs for s in r.seqs)
+        cached = sum(r.num_cached for r in self.reqs)
+        return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def _until_disconnect(request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(engine: Engine, tokenizer, settings: ServerSettings):
+    """The FastAPI app; the engine must be started (and is shut down by the caller)."""
+    app = FastAPI(title="falcon-mamba", docs_url=None, redoc_url=None, openapi_url=None)
+    token_text = P.TokenText(tokenizer)
+    m = engine.metrics
+    m_http = m.counter("requests_total", "HTTP requests by route and status code.")
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(request, e: P.APIError):
+        m_http.inc(route=request.url.path, code=e.status)
+        return _json_error(e.status, e.body(), e.headers)
+
+    @app.exception_handler(404)
+    async def _not_found(request, e):
+        return _json_error(404, P.error_body(f"no route {request.method} {request.url.path}",
+                                             code="not_found"))
+
+    @app.exception_handler(405)
+    async def _bad_method(request, e):
+        return _json_error(405, P.error_body(f"{request.method} is not allowed on {request.url.path}"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        log.exception("internal error")
+        return _json_error(500, P.error_body("internal server error", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        if engine._closing or not engine.is_alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(m.render(), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        return {"id": settings.model_id, "object": "model", "created": settings.created,
+                "owned_by": "falcon-mamba"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        _check_model(model_id)
+        return model_card()
+
+    def _check_model(name: str) -> None:
+        if name != settings.model_id:
+            raise P.APIError(404, f"model {name!r} does not exist; this server serves "
+                                  f"{settings.model_id!r}", param="model", code="model_not_found")
+
+    async def _tokenize(job: P.Job) -> list[list[int]]:
+        vocab = engine.model.config.vocab_size
+        if job.chat:
+            try:
+                text = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True)
+            except UserError as e:
+                raise P.APIError(400, str(e), param="messages") from None
+            prompts = [text]
+        else:
+            prompts = job.prompts
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = await asyncio.to_thread(tokenizer.encode, p) if len(p) > 20000 else tokenizer.encode(p)
+            else:
+                if any(not 0 <= t < vocab for t in p):
+                    raise P.APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+                ids = p
+            if not ids:
+                raise P.APIError(400, "the prompt is empty after tokenization", param="prompt")
+            out.append(ids)
+        return out
+
+    async def _handle(request: Request, chat: bool):
+        body = await _read_json(request, settings.max_body_bytes)
+        job = (P.parse_chat(body, settings.default_max_tokens) if chat
+               else P.parse_completion(body, min(16, settings.default_max_tokens)))
+        _check_model(job.model)
+        prompts = await _tokenize(job)
+        stream = _Stream(engine)
+        stream.submit(prompts, job)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        route = request.url.path
+        if job.stream:
+            m_http.inc(route=route, code=200)
+            return StreamingResponse(_sse(stream, job, rid, created, chat),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        result = await _collect(request, stream, job, rid, created, chat)
+        m_http.inc(route=route, code=200)
+        return result
+
+    async def _collect(request, stream: _Stream, job: P.Job, rid, created, chat):
+        choices: dict[int, dict] = {}
+        watcher = asyncio.ensure_future(_until_disconnect(request))
+
+        async def gather():
+            async for idx, d in stream.events():
+                c = choices.setdefault(idx, {"text": "", "samples": [], "finish": None})
+                c["text"] += d.text
+                c["samples"] += d.logprobs
+                if d.finish_reason is not None:
+                    c["finish"] = d.finish_reason
+
+        task = asyncio.ensure_future(gather())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # the client went away (or the server is stopping the handler)
+                task.cancel()
+                stream.cancel()
+            watcher.cancel()
+        if not task.done() or task.cancelled():
+            return JSONResponse(P.error_body("client disconnected"), status_code=499)
+        task.result()
+        bad = [c["finish"] for c in choices.values() if c["finish"] not in ("stop", "length")]
+        if "cancelled" in bad:
+            raise P.APIError(503, "the request was cancelled: the server is shutting down",
+                             type="server_error")
+        if bad:
+            raise P.APIError(500, "the request failed: internal error", type="server_error")
+        out = []
+        for idx in sorted(choices):
+            c = choices[idx]
+            lp = None
+            if job.params.logprobs:
+                lp = (P.chat_logprobs(c["samples"], token_text) if chat
+                      else P.completion_logprobs(c["samples"], token_text, 0))
+            if chat:
+                out.append({"index": idx, "message": {"role": "assistant", "content": c["text"]},
+                            "logprobs": lp, "finish_reason": c["finish"]})
+            else:
+                out.append({"index": idx, "text": c["text"], "logprobs": lp, "finish_reason": c["finish"]})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": settings.model_id, "choices": out, "usage": stream.usage(),
+                "system_fingerprint": None}
+
+    async def _sse(stream: _Stream, job: P.Job, rid, created, chat):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, usage=None):
+            d = {"id": rid, "object": obj, "created": created, "model": settings.model_id,
+                 "choices": choices}
+            if job.include_usage:
+                d["usage"] = usage
+            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+
+        offsets: dict[int, int] = {}
+        try:
+            if chat:  # OpenAI opens each choice with its role
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}
+                             for i in range(len(stream.reqs) * job.n)])
+            async for idx, d in stream.events():
+                if d.finish_reason in ("cancelled", "error"):
+                    msg = ("the request was cancelled: the server is shutting down"
+                           if d.finish_reason == "cancelled" else "internal error")
+                    yield f"data: {json.dumps(P.error_body(msg, type='server_error'))}\n\n"
+                    stream.cancel()
+                    break
+                if not d.text and not d.finish_reason and not (job.params.logprobs and d.logprobs):
+                    continue
+                if chat:
+                    choice = {"index": idx, "delta": {"content": d.text} if d.text else {},
+                              "logprobs": P.chat_logprobs(d.logprobs, token_text)
+                              if job.params.logprobs else None,
+                              "finish_reason": d.finish_reason}
+                else:
+                    off = offsets.get(idx, 0)
+                    choice = {"index": idx, "text": d.text,
+                              "logprobs": P.completion_logprobs(d.logprobs, token_text, off)
+                              if job.params.logprobs else None,
+                              "finish_reason": d.finish_reason}
+                    offsets[idx] = off + len(d.text)
+                yield chunk([choice])
+            else:
+                if job.include_usage:
+                    yield chunk([], stream.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            # Normal end: nothing to cancel. Client gone (the task is cancelled): free the slots.
+            if not stream.done:
+                stream.cancel()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _handle(request, chat=True)
+
+    return AuthMiddleware(app, settings.api_key)
