@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,14 +82,26 @@ class State:
         meta = {"format": _FORMAT, "config": json.dumps(self.config.to_hf_dict(), sort_keys=True),
                 "tokens_seen": str(self.tokens_seen), "sha256": _digest(tensors)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             save_file(tensors, tmp, metadata=meta)
+            os.chmod(tmp, _file_mode())  # safetensors writes 0600; a saved state is an ordinary file
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask, read without os.umask's set-and-restore (not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

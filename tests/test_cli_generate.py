@@ -255,3 +255,15 @@ def test_cuda_cli_stats_report_cuda_memory(capsys, model_dir):
                        "--seed", 1, "--stats")
     assert rc == 0 and out
     assert "peak CUDA memory allocated" in err and "tok/s" in err
+
+
+def test_stop_flag_cuts_the_text(capsys, model_dir, loaded):
+    from falcon_mamba.cli.generate import unescape
+
+    assert unescape(r"\n\nUser:") == "\n\nUser:" and unescape(r"a\\n\t") == "a\\n\t"
+    model, tok = loaded
+    full = generate(model, tok, "Hello world", max_new_tokens=16, temperature=0.0)
+    stop = full[6:9]
+    rc, out, _ = cli(capsys, "--model", model_dir, "Hello world", "--max-new-tokens", 16,
+                     "--temperature", 0, "--stop", stop, "--stop", "never seen")
+    assert rc == 0 and out == full[:full.find(stop)] and len(out) < len(full)

@@ -1,6 +1,8 @@
 """The State object: size, clone, row selection, cat, and its file format (round trip, wrong model,
 damaged files, atomic writes)."""
 
+import os
+
 import pytest
 import torch
 
@@ -67,6 +69,9 @@ def test_save_load_round_trip_is_exact(rng, tmp_path, dtype):
     assert torch.equal(t.ssm, s.ssm) and torch.equal(t.conv, s.conv)
     assert t.conv.dtype == dtype and t.ssm.dtype == torch.float32 and t.tokens_seen == 17
     assert [p.name for p in path.parent.iterdir()] == ["a.state"]  # no temp file left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not 0600
 
 
 def test_load_state_follows_the_model_dtype(rng, tmp_path):

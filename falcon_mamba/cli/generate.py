@@ -36,7 +36,8 @@ def add_sampling_arguments(p, max_new_tokens: int = 256) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     g.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); it is not printed")
+                   help="stop when this text appears (repeatable; \\n and \\t mean newline and "
+                        "tab); it is not printed")
     g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
                    help="stop at this token id (repeatable); the tokenizer's EOS always stops")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
@@ -113,13 +114,26 @@ def load_model_and_tokenizer(args):
     return model, tok
 
 
+def unescape(text: str) -> str:
+    """A shell cannot easily pass a newline: read \\n, \\t and \\\\ in --stop values."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def sampling_params(args, **extra):
     from falcon_mamba.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id),
+                          stop=tuple(unescape(x) for x in args.stop), stop_token_ids=tuple(args.stop_token_id),
                           ignore_eos=args.ignore_eos, **extra)
 
 
@@ -186,7 +200,7 @@ def run(args) -> int:
         mem, what = peak_memory(model.device)
         rate = lambda n, s: f"{n / s:,.1f} tok/s" if s > 0 else "n/a"  # noqa: E731
         print(f"prompt: {res.prompt_tokens} tokens in {res.prefill_seconds:.3f} s "
-              f"({rate(res.prompt_tokens, res.prefill_seconds)}, prefill {args.prefill})", file=sys.stderr)
+              f"({rate(res.prompt_tokens, res.prefill_seconds)}, prefill {'chunked' if chunked else 'parallel'})", file=sys.stderr)
         print(f"generation: {n_gen} tokens in {res.decode_seconds:.3f} s "
               f"({rate(n_gen, res.decode_seconds)}), finish: {res.finish_reason}", file=sys.stderr)
         print(f"peak memory: {format_bytes(mem)} ({what}); state: {format_bytes(res.state.nbytes)}; "
