@@ -133,7 +133,8 @@ def sampling_params(args, **extra):
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=tuple(unescape(x) for x in args.stop), stop_token_ids=tuple(args.stop_token_id),
+                          stop=tuple(unescape(x) for x in args.stop),
+                          stop_token_ids=tuple(args.stop_token_id),
                           ignore_eos=args.ignore_eos, **extra)
 
 
@@ -199,8 +200,9 @@ def run(args) -> int:
         n_gen = len(res.token_ids)
         mem, what = peak_memory(model.device)
         rate = lambda n, s: f"{n / s:,.1f} tok/s" if s > 0 else "n/a"  # noqa: E731
+        mode = "chunked" if chunked else "parallel"
         print(f"prompt: {res.prompt_tokens} tokens in {res.prefill_seconds:.3f} s "
-              f"({rate(res.prompt_tokens, res.prefill_seconds)}, prefill {'chunked' if chunked else 'parallel'})", file=sys.stderr)
+              f"({rate(res.prompt_tokens, res.prefill_seconds)}, prefill {mode})", file=sys.stderr)
         print(f"generation: {n_gen} tokens in {res.decode_seconds:.3f} s "
               f"({rate(n_gen, res.decode_seconds)}), finish: {res.finish_reason}", file=sys.stderr)
         print(f"peak memory: {format_bytes(mem)} ({what}); state: {format_bytes(res.state.nbytes)}; "
