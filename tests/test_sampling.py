@@ -15,6 +15,14 @@ from falcon_mamba.sampling import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; avoids waiting on descheduled workers
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"temperature": -0.5}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
