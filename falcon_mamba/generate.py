@@ -185,9 +185,10 @@ def stop_token_ids(tokenizer, model, params: SamplingParams) -> set[int]:
 def decode(model, tokenizer, logits_BV: torch.Tensor, state: State,
            params: SamplingParams | Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
            seeds: Sequence[int], results: list[GenerationResult], want_state: bool = False,
-           ) -> Iterator[tuple[int, str]]:
+           tokens_seen: Sequence[int] | None = None) -> Iterator[tuple[int, str]]:
     """Decode a prefilled batch until every row stops. Yields (row, text piece); fills ``results``
-    (one per row, in order) as rows finish. ``state`` is consumed (updated in place)."""
+    (one per row, in order) as rows finish. ``state`` is consumed (updated in place).
+    tokens_seen: per row, the tokens its state has read (default: state.tokens_seen for all)."""
     B = logits_BV.shape[0]
     rows_params = [params] * B if isinstance(params, SamplingParams) else list(params)
     rows = [_Row(tokenizer, p, ids, s, stop_token_ids(tokenizer, model, p))
@@ -200,13 +201,13 @@ def decode(model, tokenizer, logits_BV: torch.Tensor, state: State,
         for b, ids in enumerate(prompt_ids):
             seen_BV[b, torch.as_tensor(list(ids), dtype=torch.long, device=seen_BV.device)] = True
     start = time.perf_counter()
-    base_seen = state.tokens_seen
+    base_seen = list(tokens_seen) if tokens_seen is not None else [state.tokens_seen] * B
     active = []
     for b, row in enumerate(rows):
         if row.params.max_new_tokens == 0:
             row.result.finish_reason = "length"
             if want_state:
-                row.result.state = _row_state(state, b, base_seen)
+                row.result.state = _row_state(state, b, base_seen[b])
         else:
             active.append(b)
     if len(active) < B:
@@ -237,7 +238,7 @@ def decode(model, tokenizer, logits_BV: torch.Tensor, state: State,
                 logits_BV = decode_step(model, tokens_B, state)
                 for j in done:
                     b = active[j]
-                    rows[b].result.state = _row_state(state, j, base_seen + len(rows[b].result.token_ids))
+                    rows[b].result.state = _row_state(state, j, base_seen[b] + len(rows[b].result.token_ids))
                 if keep:
                     state, logits_BV = state.select(keep), logits_BV[keep]
             elif keep:
@@ -340,7 +341,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str] | Sequence[int] | Seq
     prefill_s = time.perf_counter() - t0
     results: list[GenerationResult] = []
     events = decode(model, tokenizer, torch.cat(logits), batch_state, params, rows_ids, seeds,
-                    results, want_state=details or stream)
+                    results, want_state=details or stream, tokens_seen=[s.tokens_seen for s in states])
 
     def finish():
         for r in results:

@@ -112,6 +112,21 @@ def test_batch_rows_equal_running_each_alone(lm, tok):
     assert fm.generate(lm, tok, PROMPTS[1], max_new_tokens=12, temperature=0.0) == texts[1]
 
 
+def test_rows_that_stop_early_leave_the_batch_with_their_own_state(lm, tok):
+    alone = [generate(lm, tok, p, max_new_tokens=12, temperature=0.0, details=True) for p in PROMPTS]
+    stop_id = alone[1].token_ids[2]  # row 1 stops at its 3rd token; check the others do not
+    kw = dict(max_new_tokens=12, temperature=0.0, stop_token_ids=[stop_id], details=True)
+    alone = [generate(lm, tok, p, **kw) for p in PROMPTS]
+    assert len(alone[1].token_ids) == 3 and alone[1].finish_reason == "stop"
+    assert len(alone[0].token_ids) > 3 or len(alone[2].token_ids) > 3
+    batch = generate(lm, tok, PROMPTS, **kw)
+    for a, b in zip(alone, batch):
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+        assert b.state.batch_size == 1 and b.state.tokens_seen == a.state.tokens_seen
+        assert b.state.tokens_seen == a.prompt_tokens + len(a.token_ids)
+        assert_close(b.state.ssm, a.state.ssm, RTOL, ATOL, "row state")
+
+
 def test_same_seed_same_output(lm, tok):
     a = generate(lm, tok, "Once upon a time", max_new_tokens=16, seed=11, temperature=0.9, top_k=50)
     b = generate(lm, tok, "Once upon a time", max_new_tokens=16, seed=11, temperature=0.9, top_k=50)
