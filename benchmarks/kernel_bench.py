@@ -40,9 +40,8 @@ def scan_variants(rows, L=16384, D=8192, N=16):
     yr, _ = reference.selective_scan(f64(x), f64(dt), A[sel].cpu().double(), Bm.cpu().double(),
                                      Cm.cpu().double(), Dv[sel].cpu().double(), f64(z),
                                      dtb[sel].cpu().double())
-    for bd, unroll, warps, defer in [(32, 8, 1, True), (32, 16, 1, True), (32, 4, 1, True),
-                                     (32, 8, 1, False), (64, 8, 2, True), (16, 8, 1, True),
-                                     (128, 8, 4, True)]:
+    for bd, unroll, warps, defer in [(32, 16, 1, True), (32, 8, 1, True), (16, 16, 1, True),
+                                     (64, 16, 2, True)]:
         def fn(bd=bd, unroll=unroll, warps=warps, defer=defer):
             return triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, block_d=bd, unroll=unroll,
                                         num_warps=warps, defer=defer)
@@ -108,15 +107,79 @@ def decode_pieces(rows, B, H=4096, D=8192, N=16, R=256, V=65024):
     rows.append({"kernel": "add+rmsnorm", "shape": f"B={B}", "us": t * 1e6})
 
 
+def gemv_variants(rows):
+    """The batch-1 projections: cuBLAS against the Triton GEMV at a few tile shapes."""
+    from falcon_mamba.ops import triton_decode
+
+    dev, bf = "cuda", torch.bfloat16
+    for name, (N, K) in (("in_proj", (16384, 4096)), ("out_proj", (4096, 8192)),
+                         ("lm_head", (65024, 4096))):
+        x = torch.randn(1, K, device=dev, dtype=bf)
+        W = torch.randn(N, K, device=dev, dtype=bf)
+        ref = torch.nn.functional.linear(x, W).float()
+        t = bench(lambda: torch.nn.functional.linear(x, W))  # noqa: B023
+        rows.append({"kernel": f"{name} cuBLAS", "us": t * 1e6, "GB/s": W.numel() * 2 / t / 1e9})
+        for bn, bk, w, st in [(8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 512, 8, 3),
+                              (2, 2048, 4, 3), (16, 512, 8, 3)]:
+            def fn(bn=bn, bk=bk, w=w, st=st, x=x, W=W):
+                return triton_decode.gemv(x, W, bn=bn, bk=bk, num_warps=w, num_stages=st)
+            err = ((fn().float() - ref).norm() / ref.norm()).item()
+            t = bench(fn)
+            rows.append({"kernel": f"{name} triton gemv bn={bn} bk={bk} w={w} s={st}", "us": t * 1e6,
+                         "GB/s": W.numel() * 2 / t / 1e9, "rel_err": err})
+
+
+def graph_profile(rows):
+    """Per-kernel GPU time inside one graphed decode step of the 7B model (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from falcon_mamba.cli._bench_util import build_ours
+    from falcon_mamba.config import get_preset
+    from falcon_mamba.decode_graph import GraphDecoder
+
+    model = build_ours(get_preset("falcon-mamba-7b"), torch.bfloat16, torch.device("cuda"))
+    dec = GraphDecoder(model)
+    for B in (1, 64):
+        state = model.new_state(B)
+        tok = torch.randint(0, 65024, (B,), device="cuda")
+        dec.greedy(tok, state, 3)
+        slot = dec.slot(B)
+        reps = 5
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                slot.replay()
+            torch.cuda.synchronize()
+        agg = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                k = e.name[:60]
+                c = agg.setdefault(k, [0.0, 0])
+                c[0] += e.device_time / reps
+                c[1] += 1
+        total = sum(v[0] for v in agg.values())
+        rows.append({"kernel": f"graph step B={B} total kernel time", "us": total,
+                     "autotune_ms": slot.timings, "triton_gemv": slot.gemv})
+        for k, (us, cnt) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:10]:
+            rows.append({"kernel": f"  B={B} {k}", "us": us, "launches_per_step": cnt / reps})
+        del state
+        dec._slots.clear()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = []
     props = torch.cuda.get_device_properties(0)
-    scan_variants(rows)
-    for B in (1, 64):
-        decode_pieces(rows, B)
+    for part in (scan_variants, lambda r: [decode_pieces(r, B) for B in (1, 64)], gemv_variants,
+                 graph_profile):
+        try:
+            part(rows)
+        except Exception as e:  # noqa: BLE001 - report and go on: one device call, many parts
+            import traceback
+
+            traceback.print_exc()
+            rows.append({"kernel": "ERROR", "error": f"{type(e).__name__}: {e}"[:300]})
     for r in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     rec = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}

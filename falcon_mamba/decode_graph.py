@@ -39,12 +39,23 @@ def _dense(mod) -> bool:
                                                                     torch.float16)
 
 
+def _proj(mod, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """mod(x), or the Triton GEMV for one row through a dense bias-free Linear when asked."""
+    if gemv and x.shape[0] == 1 and _dense(mod) and mod.bias is None:
+        from falcon_mamba.ops import triton_decode
+
+        return triton_decode.gemv(x, mod.weight)
+    return mod(x)
+
+
 @torch.no_grad()
-def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
+              gemv: bool = False) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
     The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
-    SSM kernel when it is a dense Linear."""
+    SSM kernel when it is a dense Linear. gemv: batch-1 in_proj, out_proj and lm_head by the
+    Triton GEMV instead of cuBLAS (the decoder times both and keeps the faster)."""
     ops = _ops()
     c = model.config
     D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
@@ -57,7 +68,7 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
                              h_out=hbuf)
         h = hbuf
-        xz = m.in_proj(u)
+        xz = _proj(m.in_proj, u, gemv)
         xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
         xdbl = m.x_proj(xc)
         if _dense(m.dt_proj):
@@ -69,10 +80,10 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
                 dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
             y = ops.ssm_step(ssm[i], xc, m.dt_proj(dt_r), -torch.exp(m.A_log.float()), Bm, Cm,
                              m.D.float(), xz[:, D:], m.dt_proj.bias.float())
-        out = m.out_proj(y)
+        out = _proj(m.out_proj, y, gemv)
     norm_f = model.backbone.norm_f
     hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
-    return model.lm_head(hn).float()
+    return _proj(model.lm_head, hn, gemv).float()
 
 
 class _Slot:
@@ -91,23 +102,49 @@ class _Slot:
         self.logits: torch.Tensor | None = None
         self.owner = None  # weakref to the State bound to these buffers
         self.graph = None
+        self.gemv = False
+        self.timings: dict[str, float] = {}
         if use_graph:
-            self._capture(pool)
+            if rows == 1 and os.environ.get("FALCON_MAMBA_GEMV", "auto") == "auto":
+                self._autotune(pool)
+            else:
+                self.gemv = rows == 1 and os.environ.get("FALCON_MAMBA_GEMV") == "triton"
+                self.graph = self._capture(pool)
 
     def _body(self) -> None:
-        self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm)
+        self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm, self.gemv)
         self.tokens.copy_(self.logits.argmax(-1))
 
-    def _capture(self, pool) -> None:
+    def _capture(self, pool):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # compile the kernels, create the cuBLAS handles
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
             self._body()
+        return graph
+
+    def _autotune(self, pool) -> None:
+        """Batch 1: time the step captured with cuBLAS and with the Triton GEMV projections, then
+        capture the faster one for good (self.logits then points at that graph's output)."""
+        for gemv in (False, True):
+            self.gemv = gemv
+            graph = self._capture(pool)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for _ in range(3):
+                graph.replay()
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            self.timings["triton_gemv" if gemv else "cublas"] = start.elapsed_time(end) / 10
+            del graph
+        self.gemv = self.timings["triton_gemv"] < self.timings["cublas"]
+        self.graph = self._capture(pool)
 
     def replay(self) -> None:
         if self.graph is not None:

@@ -80,6 +80,7 @@ def test_conv_step_small(rng):
 def test_ssm_steps_small_odd_sizes(rng):
     check_ssm_steps(2, 40, 5, 7, torch.float32, rng, norm=True)
     check_ssm_steps(1, 20, 4, 8, torch.bfloat16, rng, norm=False)
+    check_ssm_steps(6, 24, 4, 8, torch.float32, rng, norm=True)  # dt by one GEMM above 4 rows
 
 
 def test_norms_small(rng):

@@ -61,8 +61,10 @@ def decode_ours(model, batch: int, n_tokens: int, device: torch.device, graphs: 
         sync(device)
         dt = time.perf_counter() - t0
         assert out.shape == (batch, n_tokens)
+        slot = dec.slot(batch)
         return {"batch": batch, "tokens": n_tokens, "seconds": dt, "tok_per_s": batch * n_tokens / dt,
-                "setup_s": setup, "peak_gib": peak_bytes(device) / 2 ** 30, "graphs": graphs}
+                "setup_s": setup, "peak_gib": peak_bytes(device) / 2 ** 30, "graphs": graphs,
+                "triton_gemv": slot.gemv, "autotune_ms_per_step": slot.timings}
     with torch.no_grad():
         model.step(tok, state)
         t0 = time.perf_counter()

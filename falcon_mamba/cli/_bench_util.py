@@ -106,11 +106,12 @@ def memory_cap(device: torch.device, cap_bytes: int | None):
         return
     total = torch.cuda.get_device_properties(device).total_memory
     free_memory(device)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), idx)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, idx)
         free_memory(device)
 
 

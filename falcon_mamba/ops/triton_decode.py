@@ -19,6 +19,10 @@ import triton.language as tl
 from falcon_mamba.ops.triton_scan import _softplus
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SSM_BLOCK_D = 64
+SSM_WARPS = 4
+RMS_WARPS = 8  # for rows of 2048+; fewer for short rows
+DT_PROJ_MAX_BATCH = 4
 
 
 @triton.jit
@@ -60,12 +64,13 @@ def _ssm_step_kernel(
     state_ptr, x_ptr, z_ptr, dtr_ptr, b_ptr, c_ptr, wdt_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
     D, R, eps,
     sx_b, sz_b, sdtr_b, sb_b, sc_b, swd, sy_b,
-    N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BD: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
     DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr,
 ):
     # One program: BD channels of one batch row. dtr_ptr holds dt (B, D) when not DT_PROJ, else the
-    # rank-R dt input (B, R) that is normed (NORM) and projected by W_dt (D, R) here.
+    # rank-R dt input (B, R), normed here when NORM and projected by W_dt (D, R) in RB-wide slices
+    # (a whole (BD, R) tile would not fit the registers). NORM also norms B and C.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
@@ -73,14 +78,23 @@ def _ssm_step_kernel(
     n = tl.arange(0, NP)
     mn = n < N
     if DT_PROJ:
-        r = tl.arange(0, RP)
-        mr = r < R
-        dtr = tl.load(dtr_ptr + b * sdtr_b + r, mask=mr, other=0.0).to(tl.float32)
+        rinv = 1.0
         if NORM:
-            dtr = _round(dtr * tl.rsqrt(tl.sum(dtr * dtr, axis=0) / R + eps), RMODE)
-        W = tl.load(wdt_ptr + d[:, None] * swd + r[None, :], mask=md[:, None] & mr[None, :],
-                    other=0.0).to(tl.float32)
-        v = _round(tl.sum(W * dtr[None, :], axis=1), RMODE)
+            ss = 0.0
+            for r0 in tl.static_range(0, RP, RB):
+                r = r0 + tl.arange(0, RB)
+                q = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
+                ss += tl.sum(q * q, axis=0)
+            rinv = tl.rsqrt(ss / R + eps)
+        v = tl.zeros((BD,), tl.float32)
+        for r0 in range(0, RP, RB):  # a loop, not unrolled: one W slice in registers at a time
+            r = r0 + tl.arange(0, RB)
+            mr = r < R
+            q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=mr, other=0.0).to(tl.float32) * rinv, RMODE)
+            W = tl.load(wdt_ptr + d[:, None] * swd + r[None, :], mask=md[:, None] & mr[None, :],
+                        other=0.0).to(tl.float32)
+            v += tl.sum(W * q[None, :], axis=1)
+        v = _round(v, RMODE)
     else:
         v = tl.load(dtr_ptr + b * sdtr_b + d, mask=md, other=0.0).to(tl.float32)
     Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
@@ -130,6 +144,24 @@ def _rms_kernel(x_ptr, res_ptr, w_ptr, xo_ptr, y_ptr, M, H, eps, sx, sres, sxo, 
     tl.store(y_ptr + rows[:, None] * sy + cols[None, :], yv.to(y_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, sw_n, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # y[n] = sum_k w[n, k] x[k] for one row x (batch-1 decode): W streamed once, fp32 accumulation
+    # in a (BN, BK) tile reduced at the end, output rounded to y's dtype (as cuBLAS does). K is a
+    # constexpr (a layer's width): the loop is software-pipelined over it.
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mn = n < N
+    acc = tl.zeros((BN, BK), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < K
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * sw_n + k[None, :], mask=mn[:, None] & mk[None, :],
+                    other=0.0)
+        xv = tl.load(x_ptr + k, mask=mk, other=0.0)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+    tl.store(y_ptr + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mn)
+
+
 # ---- launchers --------------------------------------------------------------------------------
 
 def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True) -> torch.Tensor:
@@ -152,28 +184,36 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
     rank-R dt input (B, R), projected here by W_dt (D, R); with norm_eps set, dt_r, B and C first go
-    through the weightless RMSNorm (Falcon Mamba). a_is_log: A_DN holds A_log (A = -exp(A_log)).
+    through the weightless RMSNorm (Falcon Mamba). Above DT_PROJ_MAX_BATCH rows the projection is
+    one cuBLAS GEMM instead (in-kernel, every row would re-read W_dt). a_is_log: A_DN holds A_log.
     """
     Bsz, D = x_BD.shape
     N = A_DN.shape[1]
     assert state_BDN.dtype == torch.float32 and state_BDN.stride(2) == 1 and state_BDN.stride(1) == N
     assert state_BDN.stride(0) == D * N or Bsz == 1, "state rows must be (D, N) contiguous"
-    y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
     fused = W_dt is not None
-    R = W_dt.shape[1] if fused else 1
-    BD = 64 if fused else 128
-    rdt = W_dt.dtype if fused else dt_or_dtr.dtype
-    _ssm_step_kernel[(triton.cdiv(D, BD), Bsz)](
+    if fused and Bsz > DT_PROJ_MAX_BATCH:
+        dt_r = dt_or_dtr
+        if norm_eps is not None:
+            dt_r = rms_rows(dt_r, None, norm_eps, round_y=dt_r.dtype)
+        dt_or_dtr = torch.nn.functional.linear(dt_r, W_dt)
+        W_dt = None
+    y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
+    proj = W_dt is not None
+    R = W_dt.shape[1] if proj else 1
+    RP = triton.next_power_of_2(R)
+    rdt = W_dt.dtype if proj else dt_or_dtr.dtype
+    _ssm_step_kernel[(triton.cdiv(D, SSM_BLOCK_D), Bsz)](
         state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
-        W_dt if fused else A_DN, dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
+        W_dt if proj else A_DN, dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
         D_D if D_D is not None else A_DN, y,
         D, R, float(norm_eps or 0.0),
         x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0, dt_or_dtr.stride(0),
-        B_BN.stride(0), C_BN.stride(0), W_dt.stride(0) if fused else 0, y.stride(0),
-        N=N, NP=triton.next_power_of_2(N), RP=triton.next_power_of_2(R), BD=BD,
+        B_BN.stride(0), C_BN.stride(0), W_dt.stride(0) if proj else 0, y.stride(0),
+        N=N, NP=triton.next_power_of_2(N), RP=RP, RB=min(RP, 64), BD=SSM_BLOCK_D,
         HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
-        NORM=norm_eps is not None, DT_PROJ=fused, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
-        num_warps=4,
+        NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
+        num_warps=SSM_WARPS,
     )
     return y
 
@@ -199,6 +239,24 @@ def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_
         x2.stride(0), r2.stride(0) if r2 is not None else 0, xo.stride(0) if xo is not None else 0,
         y.stride(0), BR=BR, BH=BH, HAS_RES=r2 is not None, HAS_W=weight is not None,
         WRITE_X=xo is not None, ROUND_IN=_ROUND[round_in] if round_in is not None else 0,
-        ROUND_Y=_ROUND[round_y] if round_y is not None else 0, num_warps=4 if BH * BR >= 1024 else 1,
+        ROUND_Y=_ROUND[round_y] if round_y is not None else 0,
+        num_warps=RMS_WARPS if BH * BR >= 2048 else (4 if BH * BR >= 512 else 1),
     )
     return y.reshape(*x.shape[:-1], H)
+
+
+GEMV_BN, GEMV_BK, GEMV_WARPS, GEMV_STAGES = 8, 512, 4, 4
+
+
+def gemv(x_1K: torch.Tensor, w_NK: torch.Tensor, bn=None, bk=None, num_warps=None,
+         num_stages=None) -> torch.Tensor:
+    """x (1, K) @ w (N, K)^T -> (1, N) in x's dtype: the batch-1 decode projection."""
+    assert x_1K.shape[0] == 1 and w_NK.stride(1) == 1
+    N, K = w_NK.shape
+    x = x_1K if x_1K.stride(-1) == 1 else x_1K.contiguous()
+    y = torch.empty(1, N, dtype=x_1K.dtype, device=x_1K.device)
+    bn = bn or GEMV_BN
+    _gemv_kernel[(triton.cdiv(N, bn),)](x, w_NK, y, N, w_NK.stride(0), K=K, BN=bn, BK=bk or GEMV_BK,
+                                        num_warps=num_warps or GEMV_WARPS,
+                                        num_stages=num_stages or GEMV_STAGES)
+    return y

@@ -21,6 +21,8 @@ tests) cannot run `range()` over a runtime scalar with numpy >= 2.4.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,7 @@ LOG2E = 1.4426950408889634
 
 # Launch defaults (tuned on the H100; see benchmarks/NOTES.md).
 FWD_BLOCK_D = 32
-FWD_UNROLL = 8
+FWD_UNROLL = 16
 FWD_WARPS = 1
 FWD_DEFER = True
 BWD_BLOCK_D = 32
@@ -48,7 +50,15 @@ def _softplus(v):
     return tl.where(v > 20.0, v, lp)
 
 
-@triton.jit
+_INTS_FWD = ["L", "D", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l", "sb_b", "sb_l", "sc_b", "sc_l",
+             "sy_b", "sy_l", "sr_b", "sr_l"]
+_INTS_BWD = ["L", "D", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l", "sb_b", "sb_l", "sc_b", "sc_l",
+             "sr_b", "sr_l", "sdy_b", "sdy_l"]
+
+
+# Lengths and strides are not specialised on (divisibility by 16, == 1): one compiled kernel
+# serves every shape; the per-lane 1-element loads gain nothing from known alignment.
+@triton.jit(do_not_specialize=_INTS_FWD)
 def _scan_fwd_kernel(
     x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, h0_ptr, rst_ptr,
     y_ptr, hT_ptr, chk_ptr,
@@ -58,29 +68,34 @@ def _scan_fwd_kernel(
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_RST: tl.constexpr, SAVE_CHK: tl.constexpr, DEFER: tl.constexpr,
 ):
+    # Layout: every (NP, BD) tensor here is built from 1-D per-channel loads (one lane per
+    # channel) and per-state scalars, so Triton gives it its default layout: one register per
+    # state n in each lane. Loading A or the state as (NP, BD) tiles instead makes Triton pick a
+    # layout with n across lanes, and the loop then pays shared-memory layout conversions (and
+    # barriers) at every step: 20x slower on the H100 (benchmarks/NOTES.md).
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
     md = d < D
-    mn = n < N
-    mnd = mn[:, None] & md[None, :]
-    dn_off = d[None, :].to(tl.int64) * N + n[:, None]  # (NP, BD) offsets into a (D, N) tensor
-    A2 = tl.load(a_ptr + dn_off, mask=mnd, other=0.0).to(tl.float32) * 1.4426950408889634
+    d64 = d.to(tl.int64)
+    nn = tl.arange(0, NP)[:, None] + tl.zeros((NP, BD), tl.int32)  # the state index of each element
+    A2 = tl.zeros((NP, BD), tl.float32)
+    h = tl.zeros((NP, BD), tl.float32)
+    for k in tl.static_range(N):
+        a_k = tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)
+        A2 = tl.where(nn == k, a_k[None, :] * 1.4426950408889634, A2)
+        if HAS_H0:
+            h_k = tl.load(h0_ptr + b * D * N + d64 * N + k, mask=md, other=0.0).to(tl.float32)
+            h = tl.where(nn == k, h_k[None, :], h)
     if HAS_D:
         Dv = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    st_off = b * D * N + dn_off
-    if HAS_H0:
-        h = tl.load(h0_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((NP, BD), tl.float32)
     x_p = x_ptr + b * sx_b + d
     dt_p = dt_ptr + b * sdt_b + d
     z_p = z_ptr + b * sz_b + d
-    bb_p = b_ptr + b * sb_b + n
-    cc_p = c_ptr + b * sc_b + n
+    bb_p = b_ptr + b * sb_b  # scalar pointers: B and C are shared by all channels
+    cc_p = c_ptr + b * sc_b
     y_p = y_ptr + b * sy_b + d
     r_p = rst_ptr + b * sr_b
     rows = tl.arange(0, T)
@@ -89,7 +104,9 @@ def _scan_fwd_kernel(
     while t0 < L:
         if SAVE_CHK:
             if t0 % CHKS == 0:
-                tl.store(chk_ptr + (b * nchk + t0 // CHKS) * D * N + dn_off, h, mask=mnd)
+                base = chk_ptr + (b * nchk + t0 // CHKS) * D * N + d64 * N
+                for k in tl.static_range(N):
+                    tl.store(base + k, tl.sum(tl.where(nn == k, h, 0.0), axis=0), mask=md)
         if DEFER:
             Y = tl.zeros((T, BD), tl.float32)
         for i in tl.static_range(T):
@@ -105,13 +122,16 @@ def _scan_fwd_kernel(
             lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
             sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
             sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
-            Bv = tl.load(bb_p, mask=mn & ok, other=0.0).to(tl.float32)
-            Cv = tl.load(cc_p, mask=mn & ok, other=0.0).to(tl.float32)
+            Bv = tl.zeros((NP, BD), tl.float32)
+            Cv = tl.zeros((NP, BD), tl.float32)
+            for k in tl.static_range(N):
+                Bv = tl.where(nn == k, tl.load(bb_p + k, mask=ok, other=0.0).to(tl.float32), Bv)
+                Cv = tl.where(nn == k, tl.load(cc_p + k, mask=ok, other=0.0).to(tl.float32), Cv)
             if HAS_RST:
                 r = tl.load(r_p, mask=ok, other=0)
                 h = tl.where(r != 0, 0.0, h)
-            h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv[:, None]
-            yv = tl.sum(h * Cv[:, None], axis=0)
+            h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv
+            yv = tl.sum(h * Cv, axis=0)
             if HAS_D:
                 yv += Dv * xv
             if HAS_Z:
@@ -133,10 +153,11 @@ def _scan_fwd_kernel(
             ptrs = y_ptr + b * sy_b + tt[:, None].to(tl.int64) * sy_l + d[None, :]
             tl.store(ptrs, Y.to(y_ptr.dtype.element_ty), mask=(tt < L)[:, None] & md[None, :])
         t0 += T
-    tl.store(hT_ptr + st_off, h, mask=mnd)
+    for k in tl.static_range(N):
+        tl.store(hT_ptr + b * D * N + d64 * N + k, tl.sum(tl.where(nn == k, h, 0.0), axis=0), mask=md)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INTS_BWD)
 def _scan_bwd_kernel(
     x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, rst_ptr, chk_ptr, dy_ptr,
     dhT_ptr, scr_ptr,
@@ -148,37 +169,42 @@ def _scan_bwd_kernel(
     HAS_DHT: tl.constexpr,
 ):
     # Gradient outputs dx, ddt, dz are (B, L, D) contiguous; db, dc (B, L, N) fp32, zeroed;
-    # dA (B, D, N), dD and ddtb (B, D): per-row partials summed by the caller.
+    # dA (B, D, N), dD and ddtb (B, D): per-row partials summed by the caller. Same layout rule
+    # as the forward: (NP, BD) tensors are built from per-channel vectors and per-state scalars.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     nprog_d = tl.num_programs(0)
     d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
     md = d < D
+    d64 = d.to(tl.int64)
+    n = tl.arange(0, NP)
     mn = n < N
-    mnd = mn[:, None] & md[None, :]
-    dn_off = d[None, :].to(tl.int64) * N + n[:, None]
-    A = tl.load(a_ptr + dn_off, mask=mnd, other=0.0).to(tl.float32)
+    nn = n[:, None] + tl.zeros((NP, BD), tl.int32)
+    A = tl.zeros((NP, BD), tl.float32)
+    g = tl.zeros((NP, BD), tl.float32)
+    for k in tl.static_range(N):
+        A = tl.where(nn == k, tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)[None, :], A)
+        if HAS_DHT:
+            g = tl.where(nn == k, tl.load(dhT_ptr + b * D * N + d64 * N + k, mask=md, other=0.0)[None, :], g)
     A2 = A * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    st_off = b * D * N + dn_off
-    if HAS_DHT:
-        g = tl.load(dhT_ptr + st_off, mask=mnd, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros((NP, BD), tl.float32)
     dA_acc = tl.zeros((NP, BD), tl.float32)
     dD_acc = tl.zeros((BD,), tl.float32)
     ddtb_acc = tl.zeros((BD,), tl.float32)
-    scr_off = n[:, None] * BD + tl.arange(0, BD)[None, :]
-    scr_base = scr_ptr + (b * nprog_d + pid_d) * (CHKS * NP * BD)
+    # per-program scratch of CHKS states, (CHKS, N, BD), read and written one state row at a time
+    # (1-D, per channel) for the layout rule above
+    scr_base = scr_ptr + (b * nprog_d + pid_d) * (CHKS * N * BD) + tl.arange(0, BD)
     nchk = (L + CHKS - 1) // CHKS
     c = nchk - 1
     while c >= 0:
         tstart = c * CHKS
-        h_start = tl.load(chk_ptr + (b * nchk + c) * D * N + dn_off, mask=mnd, other=0.0)
+        h_start = tl.zeros((NP, BD), tl.float32)
+        cbase = chk_ptr + (b * nchk + c) * D * N + d64 * N
+        for k in tl.static_range(N):
+            h_start = tl.where(nn == k, tl.load(cbase + k, mask=md, other=0.0)[None, :], h_start)
         # 1) recompute this chunk's states into the scratch buffer
         h = h_start
         i = 0
@@ -195,12 +221,16 @@ def _scan_bwd_kernel(
             lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
             sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
             sp = tl.where(m, sp, 0.0)
-            Bv = tl.load(b_ptr + b * sb_b + t * sb_l + n, mask=mn & ok, other=0.0).to(tl.float32)
+            Bv = tl.zeros((NP, BD), tl.float32)
+            for k in tl.static_range(N):
+                Bv = tl.where(nn == k, tl.load(b_ptr + b * sb_b + t * sb_l + k, mask=ok,
+                                               other=0.0).to(tl.float32), Bv)
             if HAS_RST:
                 r = tl.load(rst_ptr + b * sr_b + t * sr_l, mask=ok, other=0)
                 h = tl.where(r != 0, 0.0, h)
-            h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv[:, None]
-            tl.store(scr_base + i * (NP * BD) + scr_off, h)
+            h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv
+            for k in tl.static_range(N):
+                tl.store(scr_base + (i * N + k) * BD, tl.sum(tl.where(nn == k, h, 0.0), axis=0))
             i += 1
         tl.debug_barrier()
         # 2) the reverse recurrence through the chunk
@@ -219,16 +249,24 @@ def _scan_bwd_kernel(
             lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
             sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
             sp = tl.where(m, sp, 0.0)
-            Bv = tl.load(b_ptr + b * sb_b + t * sb_l + n, mask=mn & ok, other=0.0).to(tl.float32)
-            Cv = tl.load(c_ptr + b * sc_b + t * sc_l + n, mask=mn & ok, other=0.0).to(tl.float32)
+            Bv = tl.zeros((NP, BD), tl.float32)
+            Cv = tl.zeros((NP, BD), tl.float32)
+            for k in tl.static_range(N):
+                Bv = tl.where(nn == k, tl.load(b_ptr + b * sb_b + t * sb_l + k, mask=ok,
+                                               other=0.0).to(tl.float32), Bv)
+                Cv = tl.where(nn == k, tl.load(c_ptr + b * sc_b + t * sc_l + k, mask=ok,
+                                               other=0.0).to(tl.float32), Cv)
             dout = tl.load(dy_ptr + b * sdy_b + t * sdy_l + d, mask=m, other=0.0).to(tl.float32)
-            h_t = tl.load(scr_base + i * (NP * BD) + scr_off)
-            h_prev = tl.load(scr_base + (i - 1) * (NP * BD) + scr_off, mask=(i > 0) & mnd, other=0.0)
-            h_prev = tl.where(i > 0, h_prev, h_start)
+            h_t = tl.zeros((NP, BD), tl.float32)
+            h_prev = h_start
+            for k in tl.static_range(N):
+                h_t = tl.where(nn == k, tl.load(scr_base + (i * N + k) * BD)[None, :], h_t)
+                hp_k = tl.load(scr_base + ((i - 1) * N + k) * BD, mask=i > 0, other=0.0)
+                h_prev = tl.where((nn == k) & (i > 0), hp_k[None, :], h_prev)
             if HAS_RST:
                 r = tl.load(rst_ptr + b * sr_b + t * sr_l, mask=ok, other=0)
                 h_prev = tl.where(r != 0, 0.0, h_prev)
-            y_raw = tl.sum(h_t * Cv[:, None], axis=0)
+            y_raw = tl.sum(h_t * Cv, axis=0)
             if HAS_D:
                 y_pre = y_raw + Dv * xv
             else:
@@ -245,10 +283,10 @@ def _scan_bwd_kernel(
             if HAS_D:
                 dD_acc += dyv * xv
                 dxv = dyv * Dv
-            g = g + Cv[:, None] * dyv[None, :]  # dL/dh_t
+            g = g + Cv * dyv[None, :]  # dL/dh_t
             dC = tl.sum(h_t * dyv[None, :], axis=1)
             a = tl.exp2(sp[None, :] * A2)
-            gB = tl.sum(g * Bv[:, None], axis=0)
+            gB = tl.sum(g * Bv, axis=0)
             dxv += sp * gB
             gha = g * h_prev * a
             dsp = xv * gB + tl.sum(gha * A, axis=0)
@@ -266,8 +304,10 @@ def _scan_bwd_kernel(
             j += 1
         tl.debug_barrier()  # the next chunk's recompute overwrites the scratch
         c -= 1
-    tl.store(dh0_ptr + st_off, g, mask=mnd)
-    tl.store(dA_ptr + st_off, dA_acc, mask=mnd)
+    for k in tl.static_range(N):
+        sel = nn == k
+        tl.store(dh0_ptr + b * D * N + d64 * N + k, tl.sum(tl.where(sel, g, 0.0), axis=0), mask=md)
+        tl.store(dA_ptr + b * D * N + d64 * N + k, tl.sum(tl.where(sel, dA_acc, 0.0), axis=0), mask=md)
     tl.store(dD_ptr + b * D + d, dD_acc, mask=md)
     tl.store(ddtb_ptr + b * D + d, ddtb_acc, mask=md)
 
@@ -293,6 +333,8 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     A = A.contiguous()
     block_d = block_d or FWD_BLOCK_D
     unroll = unroll or FWD_UNROLL
+    if save_chk:  # states are saved at chunk starts: CHK must be a multiple of the unroll
+        unroll = math.gcd(unroll, CHK)
     y = torch.empty(Bsz, L, D, dtype=x.dtype, device=x.device)
     hT = torch.empty(Bsz, D, N, dtype=torch.float32, device=x.device)
     nchk = triton.cdiv(L, CHK)
@@ -336,7 +378,7 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT):
     ddtb = torch.empty(Bsz, D, dtype=torch.float32, device=dev)
     dh0 = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
     nprog = triton.cdiv(D, BWD_BLOCK_D)
-    scratch = torch.empty(Bsz * nprog * CHK * NP * BWD_BLOCK_D, dtype=torch.float32, device=dev)
+    scratch = torch.empty(Bsz * nprog * CHK * N * BWD_BLOCK_D, dtype=torch.float32, device=dev)
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     zz = z if z is not None else x
     if dhT is not None:
