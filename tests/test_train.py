@@ -280,6 +280,15 @@ def test_activation_checkpointing_gives_the_same_step(data_dir, tmp_path):
     assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
 
 
+def test_time_budget_only_ever_lowers_the_steps():
+    from falcon_mamba.train.loop import steps_for_budget
+
+    cfg = get_recipe("tiny").replace(steps=100, global_batch=8)
+    assert steps_for_budget(cfg, 10, seconds_per_row=0.01, seconds_left=1e6) == 100
+    assert steps_for_budget(cfg, 10, seconds_per_row=0.01, seconds_left=4.0) == 10 + int(0.9 * 400 / 8)
+    assert steps_for_budget(cfg, 10, seconds_per_row=1.0, seconds_left=0.0) == 11
+
+
 def test_time_budget_fixes_the_step_count(data_dir, tmp_path):
     cfg = tiny_cfg(steps=10_000, time_budget_s=6.0, log_every=50)
     res = train(cfg, data_dir, tmp_path / "r", progress=False, export=False, log=lambda *a: None)

@@ -58,7 +58,7 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     eval_tokens: int = 0  # validation targets per source per eval; 0 = the whole split
     save_every: int = 200  # 0: only at the end
-    time_budget_s: float = 0.0  # > 0: after warm-up, fix `steps` so the run fits this many seconds
+    time_budget_s: float = 0.0  # > 0: after warm-up, lower `steps` (if needed) to fit this many seconds
     peak_tflops: float = 0.0  # for MFU; 0 = known GPUs' bf16 peak, none on CPU
 
     def __post_init__(self) -> None:

@@ -86,11 +86,12 @@ def _gather(obj, env: Env) -> list:
     return out
 
 
-def _steps_for_budget(cfg: TrainConfig, step: int, seconds_per_row: float, seconds_left: float) -> int:
-    """The total steps whose remaining rows fit ``seconds_left`` (10% kept for evals and saves)."""
+def steps_for_budget(cfg: TrainConfig, step: int, seconds_per_row: float, seconds_left: float) -> int:
+    """The total steps whose remaining rows fit ``seconds_left`` (10% kept for evals and saves),
+    never more than cfg.steps and at least one more than ``step``."""
     rows_left = 0.9 * seconds_left / seconds_per_row
     s = step
-    while rows_left >= batch_at(cfg, s):
+    while s < cfg.steps and rows_left >= batch_at(cfg, s):
         rows_left -= batch_at(cfg, s)
         s += 1
     return max(s, step + 1)
@@ -248,7 +249,7 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
                 if step == start + 23 or step == cfg.steps:
                     spr = (time.perf_counter() - budget_t0) / max(1, budget_rows)
                     left = cfg.time_budget_s - (time.perf_counter() - run_t0)
-                    new = torch.tensor(float(_steps_for_budget(cfg, step, spr, left)), device=env.device)
+                    new = torch.tensor(float(steps_for_budget(cfg, step, spr, left)), device=env.device)
                     if env.distributed:  # every process must agree: take rank 0's figure
                         import torch.distributed as dist
 
