@@ -28,7 +28,7 @@ from tests.conftest import SHARED  # noqa: E402
 
 TOKENIZER_DIR = os.path.join(SHARED, "tokenizers", "falcon")
 TINY = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=65024)
-MAX_CONTEXT = 4096
+MAX_CONTEXT = 1024
 MAX_BODY = 64 * 1024
 
 
@@ -273,6 +273,10 @@ def test_other_errors(srv):
     assert r.status_code == 400 and str(MAX_CONTEXT) in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         srv.client().completions.create(model="tiny", prompt=[5] * MAX_CONTEXT, max_tokens=1)
+    # Without max_tokens the default is trimmed to the room left, not refused.
+    r = post("/v1/chat/completions", json={"model": "tiny", "temperature": 0, "messages": [
+        {"role": "user", "content": "hi " * (MAX_CONTEXT - 60)}]})
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= MAX_CONTEXT
     # body size limit, announced or not
     big = json.dumps({"model": "tiny", "prompt": "x" * MAX_BODY}).encode()
     r = post("/v1/completions", content=big)
@@ -294,7 +298,7 @@ def _cancelled(engine):
 def test_disconnect_cancels_and_frees_slots(srv):
     wait_idle(srv.engine)
     before = _cancelled(srv.engine)
-    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 3000, "temperature": 0,
+    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 1000, "temperature": 0,
             "stream": True, "ignore_eos": True}
     with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()

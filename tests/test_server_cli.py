@@ -36,9 +36,11 @@ def test_user_errors_are_one_line(model_dir, capsys, tmp_path):
 def test_serve_subprocess_api_key_env_and_clean_shutdown(model_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "FALCON_MAMBA_API_KEY": "k3y", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    # The reference ops: this test is about the process, and they start fastest.
+    env = {**os.environ, "FALCON_MAMBA_API_KEY": "k3y", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+           "FALCON_MAMBA_BACKEND": "reference"}
     proc = subprocess.Popen([sys.executable, "-m", "falcon_mamba", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--shutdown-grace", "2"],
+                             "--port", str(port), "--shutdown-grace", "3"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -76,9 +78,17 @@ def test_serve_subprocess_api_key_env_and_clean_shutdown(model_dir):
             short["r"] = httpx.post(url + "/v1/completions", headers=auth, timeout=60, json={
                 "model": "tiny", "prompt": "Hi", "max_tokens": 10, "ignore_eos": True})
 
+        def prompt_tokens():
+            text = httpx.get(url + "/metrics", headers=auth, timeout=5).text
+            return float(text.split("\nfalcon_mamba_prompt_tokens_total ")[1].split()[0])
+
+        first_prompt = prompt_tokens()
         s = threading.Thread(target=short_request)
         s.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while prompt_tokens() == first_prompt:  # until the short request has reached the engine
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         t.join(30)
         s.join(30)

@@ -22,6 +22,7 @@ def add_arguments(p) -> None:
                                                              "(default: the folder's name)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--state-memory", default="auto",
                    help="memory for the state slots, e.g. 4GiB (default: a quarter of free GPU "
                         "memory after loading, 1GiB on CPU)")
@@ -97,6 +98,7 @@ def run(args) -> int:
 
     import torch
 
+    from falcon_mamba import ops
     from falcon_mamba.checkpoint import load_model
     from falcon_mamba.dtypes import parse_dtype
     from falcon_mamba.engine.engine import Engine, EngineConfig
@@ -111,6 +113,10 @@ def run(args) -> int:
         raise UserError(f"serving needs the 'serve' extra ({e.name} is missing): "
                         "pip install 'falcon-mamba[serve]'") from None
     sizes = _check(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("falcon_mamba.serve")
@@ -133,9 +139,9 @@ def run(args) -> int:
     settings = ServerSettings(model_id, api_key=api_key, max_body_bytes=sizes["body"],
                               default_max_tokens=args.default_max_tokens)
     engine.start()
-    log.info("serving %s on http://%s:%d/v1 (%s, %s; %d state slots of %.3g MiB%s)", model_id,
-             args.host, args.port, device, str(dtype).removeprefix("torch."), slots,
-             slot_bytes(model.config, dtype) / 2**20, "; API key required" if api_key else "")
+    log.info("serving %s on http://%s:%d/v1 (%s, %s, %s ops; %d state slots of %.3g MiB%s)", model_id,
+             args.host, args.port, device, str(dtype).removeprefix("torch."), ops.backend_name(device),
+             slots, slot_bytes(model.config, dtype) / 2**20, "; API key required" if api_key else "")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use it",
                     args.host)

@@ -152,6 +152,11 @@ class Engine:
         self.cache.close()
 
     @property
+    def closing(self) -> bool:
+        """True once shutdown has begun (new requests are refused)."""
+        return self._closing
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

@@ -13,6 +13,7 @@ A client that disconnects cancels its request, which frees its state slots at th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -97,7 +98,12 @@ class _Stream:
     def submit(self, prompts: list[list[int]], job: P.Job) -> None:
         try:
             for i, ids in enumerate(prompts):
-                self.reqs.append(self.engine.submit(ids, job.params, n=job.n, top_logprobs=job.top_logprobs,
+                params = job.params
+                room = self.engine.config.max_context - len(ids)
+                if not job.max_tokens_given and 1 <= room < params.max_new_tokens:
+                    # No max_tokens asked for: the default, but never past the context limit.
+                    params = dataclasses.replace(params, max_new_tokens=room)
+                self.reqs.append(self.engine.submit(ids, params, n=job.n, top_logprobs=job.top_logprobs,
                                                     sink=self.sink(i * job.n)))
         except QueueFull as e:
             self.cancel()
@@ -151,9 +157,14 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings):
     m = engine.metrics
     m_http = m.counter("requests_total", "HTTP requests by route and status code.")
 
+    def route_of(request) -> str:
+        # The route's template, not the raw path: a label per distinct URL would grow unbounded.
+        r = request.scope.get("route")
+        return getattr(r, "path", "other")
+
     @app.exception_handler(P.APIError)
     async def _api_error(request, e: P.APIError):
-        m_http.inc(route=request.url.path, code=e.status)
+        m_http.inc(route=route_of(request), code=e.status)
         return _json_error(e.status, e.body(), e.headers)
 
     @app.exception_handler(404)
@@ -172,7 +183,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings):
 
     @app.get("/health")
     async def health():
-        if engine._closing or not engine.is_alive:
+        if engine.closing or not engine.is_alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
 
@@ -231,7 +242,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings):
         stream.submit(prompts, job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        route = request.url.path
+        route = route_of(request)
         if job.stream:
             m_http.inc(route=route, code=200)
             return StreamingResponse(_sse(stream, job, rid, created, chat),

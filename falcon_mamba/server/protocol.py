@@ -11,7 +11,7 @@ APIError that the app turns into an OpenAI-style error body:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from falcon_mamba.errors import UserError
 from falcon_mamba.sampling import SamplingParams
@@ -124,7 +124,7 @@ class Job:
     top_logprobs: int = 0
     messages: list[dict] | None = None  # chat only
     chat: bool = False
-    extra: dict = field(default_factory=dict)
+    max_tokens_given: bool = True  # False: the default applies, trimmed to the context limit
 
 
 def _common(body: dict, default_max_tokens: int, chat: bool) -> tuple[dict, int]:
@@ -161,7 +161,9 @@ def _common(body: dict, default_max_tokens: int, chat: bool) -> tuple[dict, int]
         seed=None if seed is None else seed % (1 << 63),
         stop=_stop(body),
     )
-    return {"model": model, "n": n, "stream": stream, "include_usage": include_usage}, kw
+    given = body.get("max_tokens") is not None or (chat and body.get("max_completion_tokens") is not None)
+    return {"model": model, "n": n, "stream": stream, "include_usage": include_usage,
+            "max_tokens_given": given}, kw
 
 
 def parse_completion(body: dict, default_max_tokens: int = 16) -> Job:

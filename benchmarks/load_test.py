@@ -1,0 +1,250 @@
+"""Load test for an OpenAI-compatible server: many concurrent streaming clients; reports
+throughput and latency percentiles (time to first token, inter-token latency, end to end).
+Prints a table, then one JSON line.
+
+    # against a running server
+    PYTHONPATH=. python3 benchmarks/load_test.py --url http://127.0.0.1:8000 --clients 64 --requests 256
+    # or start `falcon-mamba serve` on a model folder, or on a random model of the given shape
+    PYTHONPATH=. python3 benchmarks/load_test.py --model DIR ...
+    PYTHONPATH=. python3 benchmarks/load_test.py --random tiny --out benchmarks/results/serve-load-....json
+
+Every request streams (stream_options.include_usage) and is sent with ignore_eos, so every
+answer has exactly --max-tokens tokens. The clients are asyncio tasks on one httpx pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+# Random-model shapes (vocab 65024 and the real Falcon tokenizer).
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128),
+    "small": dict(hidden_size=256, num_hidden_layers=8, intermediate_size=512),
+}
+WORDS = ("state model token stream answer river mountain question engine memory window light "
+         "garden number window letter paper music signal").split()
+
+
+def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict:
+    if not xs:
+        return {f"p{p}": None for p in ps}
+    s = sorted(xs)
+    return {f"p{p}": s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] for p in ps}
+
+
+def env_info() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    try:
+        info["load_average_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info
+
+
+def random_model_dir(shape: str, folder: str) -> str:
+    """A random-weight model (fp32) with the Falcon tokenizer, saved as an HF folder."""
+    import torch
+
+    from falcon_mamba.checkpoint import save_model
+    from falcon_mamba.config import ModelConfig
+    from falcon_mamba.model import FalconMamba
+
+    shared = os.environ.get("FALCON_MAMBA_SHARED") or os.path.join(ROOT, "..", "shared")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=65024, **SHAPES[shape])
+    out = os.path.join(folder, shape)
+    save_model(FalconMamba(cfg).eval(), out, tokenizer_dir=os.path.join(shared, "tokenizers", "falcon"))
+    return out
+
+
+class ServerProcess:
+    """`falcon-mamba serve` on 127.0.0.1 as a subprocess (so the load generator and the server do
+    not share an interpreter lock)."""
+
+    def __init__(self, model_dir: str, extra: list[str] = (), timeout: float = 300):
+        import socket
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.cmd = [sys.executable, "-m", "falcon_mamba", "serve", "--model", model_dir,
+                    "--port", str(port), *extra]
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                raise RuntimeError(f"server did not start:\n{self.log.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        self.log.seek(0)
+        self.banner = self.log.read().strip().splitlines()[-1]  # "serving ... (device, dtype, ops; slots)"
+
+    def stop(self):
+        self.proc.send_signal(2)  # Ctrl-C: a clean shutdown
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client, url, model, prompt, max_tokens, temperature, headers) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    t0 = time.perf_counter()
+    times, usage, status = [], None, None
+    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        status = r.status_code
+        if status != 200:
+            await r.aread()
+            return {"status": status}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            d = json.loads(line[6:])
+            if d.get("usage"):
+                usage = d["usage"]
+            if any(c.get("text") for c in d.get("choices", [])):
+                times.append(time.perf_counter())
+    end = time.perf_counter()
+    return {"status": status, "ttft": times[0] - t0 if times else None, "e2e": end - t0,
+            "itl": [b - a for a, b in zip(times, times[1:])],
+            "tokens": (usage or {}).get("completion_tokens", 0),
+            "prompt_tokens": (usage or {}).get("prompt_tokens", 0)}
+
+
+async def run_load(url, model, clients, requests, prompt_words, max_tokens, api_key, temperature=0.7,
+                   seed=0) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) + f" #{i}" for i in range(requests)]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    results = []
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker():
+            while not queue.empty():
+                p = queue.get_nowait()
+                results.append(await one_request(client, url, model, p, max_tokens, temperature, headers))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    gen = sum(r["tokens"] for r in ok)
+    summary = {
+        "clients": clients, "requests": requests, "ok": len(ok),
+        "errors": {str(s): sum(1 for r in results if r["status"] == s)
+                   for s in {r["status"] for r in results} if s != 200},
+        "prompt_tokens_mean": sum(r["prompt_tokens"] for r in ok) / max(1, len(ok)),
+        "max_tokens": max_tokens, "temperature": temperature, "wall_s": wall,
+        "throughput_output_tok_s": gen / wall, "throughput_req_s": len(ok) / wall,
+        "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "itl_s": percentiles([x for r in ok for x in r["itl"]]),
+        "e2e_s": percentiles([r["e2e"] for r in ok]),
+    }
+    return summary
+
+
+def print_table(s: dict) -> None:
+    print(f"{s['ok']}/{s['requests']} requests ok from {s['clients']} clients in {s['wall_s']:.1f} s; "
+          f"errors {s['errors'] or 'none'}")
+    print(f"throughput: {s['throughput_output_tok_s']:.1f} output tok/s, {s['throughput_req_s']:.2f} req/s")
+    print(f"{'latency (ms)':<22}{'p50':>10}{'p90':>10}{'p99':>10}")
+    for name, key in (("time to first token", "ttft_s"), ("inter-token", "itl_s"), ("end to end", "e2e_s")):
+        row = s[key]
+        print(f"{name:<22}" + "".join(f"{(row[p] or 0) * 1e3:>10.1f}" for p in ("p50", "p90", "p99")))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    src.add_argument("--model", help="start falcon-mamba's server on this model folder, in process")
+    src.add_argument("--random", choices=sorted(SHAPES), help="start it on a random model of this shape")
+    ap.add_argument("--model-id", help="model id to send (default: the server's first model)")
+    ap.add_argument("--api-key", default=os.environ.get("FALCON_MAMBA_API_KEY"))
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--prompt-words", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=64, help="state slots of a started server")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of a started server")
+    ap.add_argument("--out", help="also write the JSON record to this file")
+    ap.add_argument("--note", default="", help="free text stored with the result")
+    args = ap.parse_args(argv)
+    import httpx
+
+    server, record = None, {"benchmark": "serve-load", "note": args.note}
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            folder = args.model or random_model_dir(args.random, tmp.name)
+            extra = ["--max-batch", str(args.slots), "--max-queue", str(args.requests)]
+            if args.threads:
+                extra += ["--threads", str(args.threads)]
+            server = ServerProcess(folder, extra)
+            url = server.url
+            record["server"] = {"model": args.model or f"random {args.random}",
+                                "config": SHAPES.get(args.random), "command": " ".join(server.cmd[1:]),
+                                "banner": server.banner}
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model = args.model_id or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        # Warm-up: the first forward pass pays one-time costs (imports, allocator).
+        asyncio.run(run_load(url, model, 2, 2, args.prompt_words, 4, args.api_key, seed=1))
+        s = asyncio.run(run_load(url, model, args.clients, args.requests, args.prompt_words,
+                                 args.max_tokens, args.api_key, args.temperature))
+    finally:
+        if server is not None:
+            server.stop()
+        tmp.cleanup()
+    record.update(s)
+    record["env"] = env_info()
+    print_table(s)
+    line = json.dumps(record)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
