@@ -23,7 +23,12 @@ def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("cli") / "tiny")
 
 
-def test_user_errors_are_one_line(model_dir, capsys, tmp_path):
+def test_user_errors_are_one_line(model_dir, capsys, tmp_path, monkeypatch):
+    from falcon_mamba import default_model
+
+    monkeypatch.setattr(default_model, "available", lambda: False)
+    assert main(["serve"]) == 2
+    assert "--model" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert main(["serve", "--model", str(model_dir), "--max-batch", "0"]) == 2

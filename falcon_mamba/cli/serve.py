@@ -11,8 +11,8 @@ API_KEY_ENV = "FALCON_MAMBA_API_KEY"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="model folder or Hub id (default: the embedded default model, "
-                                   "when this install has one)")
+    p.add_argument("--model", help="model folder or Hub id (default: the small model embedded in "
+                                   "the package, when this install has it)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
                                                        "this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -61,15 +61,9 @@ def _size(text: str, what: str) -> int:
 
 
 def _default_model() -> str:
-    from falcon_mamba.errors import UserError
+    from falcon_mamba import default_model
 
-    try:
-        from falcon_mamba import default_model
-
-        return str(default_model.path())
-    except (ImportError, AttributeError, FileNotFoundError, OSError):
-        raise UserError("--model is required: pass a model folder (config.json, model.safetensors, "
-                        "tokenizer.json) or a Hub id such as tiiuae/falcon-mamba-7b-instruct") from None
+    return str(default_model.path())  # a UserError naming --model when this install has none
 
 
 def _check(args) -> dict:
