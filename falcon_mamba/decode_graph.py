@@ -115,7 +115,7 @@ class _Slot:
         self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm, self.gemv)
         self.tokens.copy_(self.logits.argmax(-1))
 
-    def _capture(self, pool):
+    def _capture(self, pool=None):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -132,7 +132,7 @@ class _Slot:
         capture the faster one for good (self.logits then points at that graph's output)."""
         for gemv in (False, True):
             self.gemv = gemv
-            graph = self._capture(pool)
+            graph = self._capture()  # a private pool: freed with the trial graph
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             for _ in range(3):
                 graph.replay()

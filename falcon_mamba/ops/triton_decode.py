@@ -200,20 +200,22 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         W_dt = None
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
     proj = W_dt is not None
+    # without the in-kernel projection a program is a cheap elementwise tile: wide blocks, few waves
+    BD, warps = (SSM_BLOCK_D, SSM_WARPS) if proj else (512, 8)
     R = W_dt.shape[1] if proj else 1
     RP = triton.next_power_of_2(R)
     rdt = W_dt.dtype if proj else dt_or_dtr.dtype
-    _ssm_step_kernel[(triton.cdiv(D, SSM_BLOCK_D), Bsz)](
+    _ssm_step_kernel[(triton.cdiv(D, BD), Bsz)](
         state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
         W_dt if proj else A_DN, dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
         D_D if D_D is not None else A_DN, y,
         D, R, float(norm_eps or 0.0),
         x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0, dt_or_dtr.stride(0),
         B_BN.stride(0), C_BN.stride(0), W_dt.stride(0) if proj else 0, y.stride(0),
-        N=N, NP=triton.next_power_of_2(N), RP=RP, RB=min(RP, 64), BD=SSM_BLOCK_D,
+        N=N, NP=triton.next_power_of_2(N), RP=RP, RB=min(RP, 64), BD=BD,
         HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
         NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
-        num_warps=SSM_WARPS,
+        num_warps=warps,
     )
     return y
 
