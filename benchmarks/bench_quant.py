@@ -1,0 +1,237 @@
+"""Batch-1 decode of the Falcon Mamba 7B shapes: bf16 vs int8 vs int4 weight-only quantization (GPU).
+
+    PYTHONPATH=. python3 benchmarks/bench_quant.py [--layers 64] [--groups 128,64,32] [--json OUT.json]
+
+Random weights, built directly on the GPU. For each variant it measures, all inside CUDA graphs
+(launch overhead removed, as a graphed decoder sees it):
+  linears   the weight-reading part of one token: in_proj, x_proj, dt_proj, out_proj of every layer
+            and lm_head, each with its own weights (no L2 reuse across layers), batch 1;
+            time per token, effective GB/s of weight bytes, and the speed-up over bf16
+  step      model.step (the plain per-op decode step) captured in one CUDA graph: tokens/s
+  fused     decode_graph.GraphDecoder (the fused decode kernels), when present: tokens/s
+  error     relative error of one decode step's logits against the bf16 model
+The bf16 ceiling from ENGINEERING.md (3.01 TB/s copy bandwidth) is printed beside the linear times.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from falcon_mamba.config import PRESETS  # noqa: E402
+from falcon_mamba.model import FalconMamba  # noqa: E402
+from falcon_mamba.quant import quantize_model  # noqa: E402
+from falcon_mamba.quant.qlinear import QuantLinear  # noqa: E402
+
+BANDWIDTH = 3.01e12  # bytes/s, H100 copy bandwidth measured in ENGINEERING.md
+KINDS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def env() -> dict:
+    rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "python": platform.python_version()}
+    try:
+        import triton
+
+        rec["triton"] = triton.__version__
+    except ImportError:
+        rec["triton"] = None
+    try:
+        import subprocess
+
+        rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+    except Exception:
+        rec["commit"] = None
+    return rec
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of fn, captured once in a CUDA graph and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def module_bytes(mod) -> int:
+    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers())
+               if t is not None)
+
+
+def _dense_gemv():
+    try:
+        from falcon_mamba.ops.triton_decode import gemv
+    except ImportError:
+        return None
+    return gemv
+
+
+@torch.no_grad()
+def time_linears(model) -> dict:
+    """Per-token seconds of each kind of linear over all layers (inputs fixed, weights distinct)."""
+    c = model.config
+    dev, dt = model.device, model.dtype
+    gen = torch.Generator(device=dev).manual_seed(0)
+    inputs = {"in_proj": c.hidden_size, "x_proj": c.intermediate_size, "dt_proj": c.time_step_rank,
+              "out_proj": c.intermediate_size}
+    gemv = _dense_gemv()
+
+    def best_time(mods, x):
+        """Seconds per pass over mods; a dense layer also tries the project's Triton GEMV (the
+        fused decoder picks the faster of the two, so the bf16 baseline does too)."""
+        times = {"module": graph_time(lambda: [m(x) for m in mods])}
+        if gemv is not None and all(isinstance(m, torch.nn.Linear) for m in mods):
+            times["triton_gemv"] = graph_time(lambda: [gemv(x, m.weight) for m in mods])
+        how = min(times, key=times.get)
+        return times[how], how
+
+    out = {}
+    for kind in KINDS:
+        x = torch.randn(1, inputs[kind], device=dev, dtype=dt, generator=gen)
+        mods = [getattr(layer.mixer, kind) for layer in model.backbone.layers]
+        t, how = best_time(mods, x)
+        out[kind] = {"seconds": t, "bytes": sum(module_bytes(m) for m in mods), "path": how}
+    x = torch.randn(1, c.hidden_size, device=dev, dtype=dt, generator=gen)
+    t, how = best_time([model.lm_head], x)
+    out["lm_head"] = {"seconds": t, "bytes": module_bytes(model.lm_head), "path": how}
+    total_t = sum(v["seconds"] for v in out.values())
+    total_b = sum(v["bytes"] for v in out.values())
+    out["total"] = {"seconds": total_t, "bytes": total_b, "path": "sum"}
+    for v in out.values():
+        v["GB/s"] = v["bytes"] / v["seconds"] / 1e9
+    return out
+
+
+@torch.no_grad()
+def time_step(model) -> float:
+    state = model.new_state(1)
+    tok = torch.zeros(1, dtype=torch.long, device=model.device)
+    return 1.0 / graph_time(lambda: model.step(tok, state))
+
+
+@torch.no_grad()
+def time_fused(model) -> float | None:
+    """tok/s of decode_graph.GraphDecoder (fused kernels, one CUDA graph per step; its fast_step
+    calls the projections as modules, so quantized layers run their own kernels)."""
+    try:
+        from falcon_mamba.decode_graph import GraphDecoder
+    except ImportError:
+        return None
+    return _time_fused(model, GraphDecoder)
+
+
+def _time_fused(model, GraphDecoder) -> float:
+    state = model.new_state(1)
+    dec = GraphDecoder(model)
+    tok = torch.zeros(1, dtype=torch.long, device=model.device)
+    dec.greedy(tok, state, 3)
+    torch.cuda.synchronize()
+    n = 50
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dec.greedy(tok, state, n)
+    end.record()
+    end.synchronize()
+    return n / (start.elapsed_time(end) / 1e3)
+
+
+@torch.no_grad()
+def step_logits(model, tokens: list[int]) -> torch.Tensor:
+    state = model.new_state(1)
+    logits = None
+    for t in tokens:
+        logits = model.step(torch.tensor([t], device=model.device), state)
+    return logits.float()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=64, help="layers of the 7B shape to build (64 = full)")
+    ap.add_argument("--groups", default="128,64,32", help="int4 group sizes to measure")
+    ap.add_argument("--no-fused", action="store_true", help="skip the GraphDecoder measurement")
+    ap.add_argument("--json", help="also write the JSON record to this file")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_quant needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    cfg = PRESETS["falcon-mamba-7b"].replace(num_hidden_layers=args.layers)
+    with torch.device("cuda"):
+        base = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (8,)).tolist()
+    ref_logits = step_logits(base, tokens)
+    variants = [("bf16", None, None), ("int8", 8, None)] + [
+        (f"int4-g{g}", 4, int(g)) for g in args.groups.split(",") if g]
+    rows = []
+    for name, bits, group in variants:
+        model = base if bits is None else quantize_model(copy.deepcopy(base), bits, group)
+        torch.cuda.synchronize()
+        rec = {"variant": name, "linears": time_linears(model), "step_tok_s": time_step(model)}
+        rec["fused_tok_s"] = None if args.no_fused else time_fused(model)
+        lg = step_logits(model, tokens)
+        rec["logits_rel_err"] = ((lg - ref_logits).norm() / ref_logits.norm()).item()
+        rec["argmax_agrees"] = bool(lg.argmax() == ref_logits.argmax())
+        rec["weight_bytes"] = sum(module_bytes(m) for m in model.modules()
+                                  if isinstance(m, (QuantLinear, torch.nn.Linear)))
+        rows.append(rec)
+        if model is not base:
+            del model
+            torch.cuda.empty_cache()
+    bf = rows[0]
+    print(f"Falcon Mamba 7B shapes, {args.layers} layers, batch 1, {torch.cuda.get_device_name(0)}")
+    print(f"{'variant':<10} {'linears ms':>10} {'GB/s':>7} {'x bf16':>7} {'floor ms':>9} "
+          f"{'step tok/s':>11} {'x bf16':>7} {'fused tok/s':>12} {'x bf16':>7} {'logit err':>10}")
+    for r in rows:
+        lt = r["linears"]["total"]
+        floor = lt["bytes"] / BANDWIDTH  # time to read every weight byte once
+        sp = bf["linears"]["total"]["seconds"] / lt["seconds"]
+        st = r["step_tok_s"] / bf["step_tok_s"]
+        fused = r["fused_tok_s"]
+        fx = fused / bf["fused_tok_s"] if fused and bf["fused_tok_s"] else None
+        r["linears_speedup"], r["step_speedup"], r["fused_speedup"] = sp, st, fx
+        print(f"{r['variant']:<10} {lt['seconds'] * 1e3:>10.3f} {lt['GB/s']:>7.0f} {sp:>7.2f} "
+              f"{floor * 1e3:>9.3f} {r['step_tok_s']:>11.1f} {st:>7.2f} "
+              f"{(f'{fused:.1f}' if fused else '-'):>12} {(f'{fx:.2f}' if fx else '-'):>7} "
+              f"{r['logits_rel_err']:>10.2e}")
+    print("per kind (ms per token):")
+    for r in rows:
+        print(f"  {r['variant']:<10} " + "  ".join(
+            f"{k} {r['linears'][k]['seconds'] * 1e3:.3f}" for k in KINDS + ("lm_head",)))
+    record = {"bench": "quant_decode_batch1", "layers": args.layers, "env": env(), "rows": rows}
+    line = json.dumps(record)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

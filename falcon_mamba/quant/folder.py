@@ -1,0 +1,230 @@
+"""Quantizing a model in memory, and the quantized folder format (write, strict load).
+
+A quantized folder is an HF-style folder plus ``quantization.json``:
+
+    config.json            the model config, unchanged
+    quantization.json      {"format": "falcon-mamba-quant/1", "bits", "group_size", "modules", "dtype"}
+    model.safetensors      quantized linears as <module>.qweight / .scales / .zeros (int4) / .bias;
+                           everything else (embeddings, norms, conv, A_log, D, dt bias) in high precision
+    tokenizer files        copied from the source folder
+
+``fm.load_model`` sees quantization.json and calls ``load_quantized`` (checkpoint.py), so every command
+that takes --model takes a quantized folder too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from falcon_mamba.config import ModelConfig
+from falcon_mamba.errors import UserError
+from falcon_mamba.model import FP32_PARAM_SUFFIXES, DtProj, FalconMamba
+from falcon_mamba.quant import formats
+from falcon_mamba.quant.qlinear import QuantLinear
+
+FORMAT = "falcon-mamba-quant/1"
+CONFIG_NAME = "quantization.json"
+_LINEAR_NAMES = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def check_bits(bits: int, group_size: int | None) -> int | None:
+    """Validate a (bits, group size) request; returns the group size to use (None for int8)."""
+    if bits not in formats.BITS:
+        raise UserError(f"--bits must be 8 or 4, got {bits}")
+    if bits == 8:
+        if group_size is not None:
+            raise UserError("int8 is per output channel; --group-size applies to --bits 4 only")
+        return None
+    group_size = 128 if group_size is None else group_size
+    if group_size not in formats.GROUP_SIZES:
+        raise UserError(f"--group-size must be one of {', '.join(map(str, formats.GROUP_SIZES))}, "
+                        f"got {group_size}")
+    return group_size
+
+
+def quantizable_modules(model: FalconMamba, include_dt_proj: bool = True) -> list[str]:
+    """The linear layers quantization may replace: every mixer projection, and lm_head unless it is
+    tied to the embeddings (whose table stays high precision)."""
+    kinds = _LINEAR_NAMES if include_dt_proj else tuple(n for n in _LINEAR_NAMES if n != "dt_proj")
+    names = [f"backbone.layers.{i}.mixer.{n}" for i in range(model.config.num_hidden_layers)
+             for n in kinds]
+    if not model.config.tie_word_embeddings:
+        names.append("lm_head")
+    return names
+
+
+def default_modules(model: FalconMamba) -> list[str]:
+    """What quantize_model replaces by default: in_proj, x_proj, out_proj and lm_head. dt_proj stays
+    high precision: it is 2% of a layer's weights (8192 x 256 in the 7B), and the fused decode step
+    folds it into its SSM kernel, which reads a dense weight."""
+    return quantizable_modules(model, include_dt_proj=False)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def quantize_model(model: FalconMamba, bits: int, group_size: int | None = None,
+                   modules: list[str] | None = None, progress: bool = False) -> FalconMamba:
+    """Replace linear layers by QuantLinear, in place (see formats.py for the number formats):
+    ``modules`` (default: ``default_modules``), a subset of ``quantizable_modules``. The rounding
+    is done in fp32 from the model's current weights. Returns the model."""
+    group_size = check_bits(bits, group_size)
+    if is_quantized(model):
+        raise UserError("this model is already quantized; quantize the original high-precision model")
+    names = default_modules(model) if modules is None else list(modules)
+    bad = sorted(set(names) - set(quantizable_modules(model)))
+    if bad or not names:
+        raise UserError(f"not quantizable linear layers of this model: {', '.join(bad) or '(none given)'}")
+    it = names
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(names, desc=f"int{bits} quantize", unit="layer")
+    for name in it:
+        lin = model.get_submodule(name)
+        q = QuantLinear.from_linear(lin, bits, group_size, bias_in_forward=not isinstance(lin, DtProj))
+        q.act_dtype = model.dtype
+        _set_module(model, name, q)
+    model.quantization = {"format": FORMAT, "bits": bits, "group_size": group_size, "modules": names,
+                          "dtype": str(model.dtype).removeprefix("torch.")}
+    return model
+
+
+def save_quantized(model: FalconMamba, out: str | os.PathLike,
+                   tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write a quantized model as a folder that ``fm.load_model`` loads back. The folder is built
+    next to ``out`` and renamed into place, so a crash never leaves a half-written one."""
+    from falcon_mamba.checkpoint import save_model
+
+    meta = getattr(model, "quantization", None)
+    if meta is None or not is_quantized(model):
+        raise UserError("save_quantized needs a model quantized with quantize_model")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; --out must be a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp"))
+    try:
+        stage = save_model(model, tmp / "stage", tokenizer_dir=tokenizer_dir)
+        (stage / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_quantization_json(folder: Path, config: ModelConfig) -> dict:
+    path = folder / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path}: not a falcon-mamba quantization file (expected format {FORMAT!r})")
+    bits, group = meta.get("bits"), meta.get("group_size")
+    try:
+        check_bits(bits, group)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    modules = meta.get("modules")
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
+        raise UserError(f"{path}: 'modules' must be a non-empty list of module names")
+    with torch.device("meta"):
+        allowed = set(quantizable_modules(FalconMamba(config)))
+    bad = sorted(set(modules) - allowed)
+    if bad:
+        raise UserError(f"{path}: these are not quantizable linear layers of this model: "
+                        f"{', '.join(bad[:5])}")
+    return meta
+
+
+def load_quantized(folder: str | os.PathLike, config: ModelConfig, dtype: torch.dtype,
+                   device: torch.device | str) -> FalconMamba:
+    """Load a folder written by save_quantized. ``dtype`` applies to the high-precision tensors and
+    the activations; quantized tensors keep their stored types. Missing, unexpected, mis-shaped or
+    mis-typed tensors raise one UserError naming them."""
+    from falcon_mamba.checkpoint import _open, _weight_files
+
+    folder = Path(folder)
+    meta = read_quantization_json(folder, config)
+    bits, group = meta["bits"], meta["group_size"]
+    with torch.device("meta"):
+        model = FalconMamba(config)
+        for name in meta["modules"]:
+            lin = model.get_submodule(name)
+            _set_module(model, name, QuantLinear(
+                lin.in_features, lin.out_features, bits=bits, group_size=group, bias=lin.bias is not None,
+                bias_in_forward=not isinstance(lin, DtProj)))
+    want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        want.pop("lm_head.weight", None)
+    quant_keys = {f"{m}.{b}" for m in meta["modules"] for b in ("qweight", "scales", "zeros")}
+    files = _weight_files(folder)
+    names = set(files)
+    if config.tie_word_embeddings:
+        names.discard("lm_head.weight")
+    problems = []
+    missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
+    if missing:
+        problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for name in want:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        with _open(path) as f:
+            for name in keys:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise UserError(f"{path}: tensor {name} cannot be read ({e})") from None
+                shape, want_dtype = want[name]
+                if tuple(t.shape) != shape:
+                    problems.append(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+                    continue
+                if name in quant_keys:
+                    if t.dtype != want_dtype:
+                        problems.append(f"{name} is {t.dtype}, expected {want_dtype}")
+                        continue
+                    target = want_dtype
+                else:
+                    target = torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype
+                tensors[name] = t.to(device=device, dtype=target)
+    if problems:
+        raise UserError(f"{folder}: quantized checkpoint does not fit its config: {'; '.join(problems)}")
+    if config.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.act_dtype = dtype
+    model.eval()
+    model.source = str(folder)
+    model.quantization = meta
+    return model
