@@ -32,9 +32,12 @@ def plot_all(res: dict, out_dir: Path) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         if isinstance(dec, dict) and "rows" in dec:
             rows = dec["rows"]
-            labels = [f"{r['system']}\nB={r['batch']}" for r in rows]
-            axes[0].bar(labels, [r["tok_per_s"] for r in rows], color=["C0" if r["system"] == "ours"
-                                                                         else "C1" for r in rows])
+            short = {"ours": "ours", "ours (no graphs)": "ours,\nno graph",
+                     "transformers FalconMamba": "transformers"}
+            labels = [f"{short.get(r['system'], r['system'])}\nB={r['batch']}" for r in rows]
+            axes[0].bar(labels, [r["tok_per_s"] for r in rows],
+                        color=["C0" if r["system"].startswith("ours") else "C1" for r in rows])
+            axes[0].tick_params(axis="x", labelsize=8)
             for i, r in enumerate(rows):
                 if r.get("ceiling_tok_per_s"):
                     axes[0].plot([i - 0.4, i + 0.4], [r["ceiling_tok_per_s"]] * 2, "k--", lw=1)
