@@ -39,6 +39,7 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         (37, 100, 8, None, 1, (8, 128, 4, 2)),       # split-K, K not a multiple of the block
         (40, 300, 4, 32, 1, (16, 128, 4, 2)),        # int4: padded K, 4 groups per block
         (40, 300, 4, 128, 1, (32, 256, 4, 1)),
+        (40, 300, 4, 64, 1, (2, 1024, 4, 1)),        # the narrow-output shape of the tuner
         (37, 100, 8, None, 5, (16, 32, 64, 4)),      # tl.dot kernel, M not a multiple of 16
         (40, 300, 4, 64, 17, (16, 32, 64, 4)),
     ]:

@@ -118,6 +118,17 @@ def _qmm_dot(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _sum_splits(part_ptr, out_ptr, N, S: tl.constexpr, BLOCK: tl.constexpr):
+    """out (N,) = sum of the S split-K partial rows (S, N) fp32, cast to out's dtype: one kernel."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(S):
+        acc += tl.load(part_ptr + s * N + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- launch ------------------------------------------------------------------------------------
 
 def _num_sms(device: torch.device) -> int:
@@ -142,16 +153,18 @@ def _gemv_launch(x, qweight, scales, zeros, bits, group, K, cfg):
     KP = qweight.shape[1] * (2 if bits == 4 else 1)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_split)
-    if split == 1:
-        out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    else:  # partial sums per K slice, reduced below (deterministic, unlike atomics)
-        out = torch.empty(split, N, dtype=torch.float32, device=x.device)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    # With split-K, fp32 partial sums per K slice, then one reduction kernel (deterministic,
+    # unlike atomics).
+    out = y if split == 1 else torch.empty(split, N, dtype=torch.float32, device=x.device)
     zp = zeros if zeros is not None else scales
     stride_sn = scales.stride(0) if bits == 4 else 0
     _qgemv[(triton.cdiv(N, block_n), split)](
         x, qweight, scales, zp, out, N, K, KP, k_per_split, qweight.stride(0), stride_sn, out.stride(0),
         BITS=bits, GROUP=group or 1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return out if split == 1 else out.sum(0, keepdim=True).to(x.dtype)
+    if split > 1:
+        _sum_splits[(triton.cdiv(N, 1024),)](out, y, N, S=split, BLOCK=1024, num_warps=4)
+    return y
 
 
 def _dot_launch(x, qweight, scales, zeros, bits, group, K, cfg):
@@ -169,17 +182,22 @@ def _dot_launch(x, qweight, scales, zeros, bits, group, K, cfg):
     return out
 
 
+# (BLOCK_N, BLOCK_K, warps) tried by the tuner: few rows x long K slices for narrow outputs (x_proj's
+# 288 rows fill the GPU without split-K at BLOCK_N 2), more rows for wide ones; at most 64 fp32
+# accumulators per thread. Each is compiled once per (bits, group, dtype) and cached by Triton.
+_GEMV_SHAPES = ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (8, 512, 8),
+                (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8))
+
+
 def _gemv_candidates(N, K, bits, group, device):
     out = []
-    for block_n in (8, 16, 32):
-        for block_k in (128, 256, 512):
-            if bits == 4 and block_k < group:
-                continue
-            for warps in (4, 8):
-                split = _gemv_split(N, K, block_n, block_k, device)
-                out.append((block_n, block_k, warps, split))
-                if split > 1:
-                    out.append((block_n, block_k, warps, max(1, split // 2)))
+    for block_n, block_k, warps in _GEMV_SHAPES:
+        if bits == 4 and block_k < group:
+            continue
+        split = _gemv_split(N, K, block_n, block_k, device)
+        out.append((block_n, block_k, warps, 1))
+        if split > 1:
+            out.append((block_n, block_k, warps, split))
     return out
 
 
