@@ -83,16 +83,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return getattr(impl, "rms_norm", _load("reference").rms_norm)(x, weight, eps)
 
 
-def causal_conv1d(x_BLD, weight_DK, bias_D, conv_state_BKD=None, silu=True):
-    """See reference.causal_conv1d."""
-    return _impl(x_BLD).causal_conv1d(x_BLD, weight_DK, bias_D, conv_state_BKD, silu)
+def causal_conv1d(x_BLD, weight_DK, bias_D, conv_state_BKD=None, silu=True, *, reset_BL=None):
+    """See reference.causal_conv1d. ``reset_BL`` (B, L) bool marks document starts (None: none)."""
+    # reset_BL is passed only when given, so a backend without resets still serves inference.
+    kw = {} if reset_BL is None else {"reset_BL": reset_BL}
+    return _impl(x_BLD).causal_conv1d(x_BLD, weight_DK, bias_D, conv_state_BKD, silu, **kw)
 
 
 def selective_scan(x_BLD, dt_BLD, A_DN, B_BLN, C_BLN, D_D=None, z_BLD=None, dt_bias_D=None,
-                   state_BDN=None):
-    """See reference.selective_scan."""
+                   state_BDN=None, *, reset_BL=None):
+    """See reference.selective_scan. ``reset_BL`` (B, L) bool marks document starts (None: none)."""
+    kw = {} if reset_BL is None else {"reset_BL": reset_BL}
     return _impl(x_BLD).selective_scan(x_BLD, dt_BLD, A_DN, B_BLN, C_BLN, D_D, z_BLD, dt_bias_D,
-                                       state_BDN)
+                                       state_BDN, **kw)
 
 
 def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True):

@@ -35,13 +35,18 @@ def causal_conv1d(
     bias_D: torch.Tensor | None,
     conv_state_BKD: torch.Tensor | None = None,
     silu: bool = True,
+    reset_BL: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv1d over the length, optionally followed by silu.
 
     y[b, t, d] = sum_k weight[d, k] * x[b, t - (K-1) + k, d] + bias[d]; weight[:, K-1] multiplies
     the current token. Positions before the start come from ``conv_state_BKD`` (B, K-1, D), the last
     K-1 pre-conv inputs of the previous chunk (zeros when None).
-    Returns (y_BLD in x's dtype, new conv state (B, K-1, D) = the last K-1 inputs, x's dtype).
+    ``reset_BL`` (B, L) bool, True at the first token of a new document (packed training rows): the
+    conv sees zeros for every position before the latest reset at or before t, the conv state
+    included, so nothing crosses a document boundary. None means no resets.
+    Returns (y_BLD in x's dtype, new conv state (B, K-1, D) = the last K-1 inputs, x's dtype; with
+    resets, the entries before the last document start are zero).
     """
     Bsz, L, D = x_BLD.shape
     K = weight_DK.shape[1]
@@ -49,14 +54,25 @@ def causal_conv1d(
         conv_state_BKD = x_BLD.new_zeros(Bsz, K - 1, D)
     xx = torch.cat([conv_state_BKD.to(x_BLD.dtype), x_BLD], dim=1).float()  # (B, K-1+L, D)
     w = weight_DK.float()
+    t_L = torch.arange(L, device=x_BLD.device)
+    if reset_BL is not None:
+        # start[b, t]: position of the latest reset at or before t; -(K-1) (the whole state) if none.
+        start_BL = torch.where(reset_BL, t_L, -(K - 1)).cummax(dim=1).values
     y = torch.zeros(Bsz, L, D, dtype=torch.float32, device=x_BLD.device)
     for k in range(K):
-        y = y + xx[:, k:k + L, :] * w[:, k]
+        tap = xx[:, k:k + L, :] * w[:, k]
+        if reset_BL is not None:  # tap k reads position t - (K-1) + k
+            tap = tap * (t_L - (K - 1) + k >= start_BL).float()[:, :, None]
+        y = y + tap
     if bias_D is not None:
         y = y + bias_D.float()
     if silu:
         y = F.silu(y)
-    return y.to(x_BLD.dtype), xx[:, L:, :].to(x_BLD.dtype).clone()
+    new_state = xx[:, L:, :].to(x_BLD.dtype).clone()
+    if reset_BL is not None and L > 0:
+        pos_K = torch.arange(L - (K - 1), L, device=x_BLD.device)  # positions the state holds
+        new_state = new_state * (pos_K >= start_BL[:, -1:]).to(new_state.dtype)[:, :, None]
+    return y.to(x_BLD.dtype), new_state
 
 
 def selective_scan(
@@ -69,6 +85,7 @@ def selective_scan(
     z_BLD: torch.Tensor | None = None,
     dt_bias_D: torch.Tensor | None = None,
     state_BDN: torch.Tensor | None = None,
+    reset_BL: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-1 selective scan with an initial state in and the final state out.
 
@@ -77,6 +94,9 @@ def selective_scan(
         y_t = h @ C_t + D * x_t;  y_t *= silu(z_t) when z is given
     A is the (negative) continuous-time matrix, i.e. -exp(A_log). All math is in fp32; y is
     rounded once to x's dtype. state_BDN (fp32, zeros when None) is not modified.
+    ``reset_BL`` (B, L) bool, True at the first token of a new document: the state before that token
+    is dropped (h = 0 before the update; the initial state too when the reset is at t = 0), so no
+    information crosses a document boundary in packed training rows. None means no resets.
     Returns (y_BLD, final state (B, D, N) fp32).
     """
     Bsz, L, D = x_BLD.shape
@@ -92,6 +112,8 @@ def selective_scan(
     h = (x.new_zeros(Bsz, D, N) if state_BDN is None else state_BDN.float().clone())
     ys = []
     for t in range(L):
+        if reset_BL is not None:
+            h = torch.where(reset_BL[:, t, None, None], 0.0, h)
         dA = torch.exp(dt[:, t, :, None] * A)  # (B, D, N)
         dBx = (dt[:, t] * x[:, t])[:, :, None] * Bm[:, t, None, :]
         h = dA * h + dBx
