@@ -208,7 +208,7 @@ def main() -> int:
                "conv_kernel", "time_step_rank", "tie_word_embeddings")},
                "parameters": CONFIG.num_parameters},
            "batch": [BATCH, LENGTH], "dtype": "float32",
-           "ours": {"op_backend": "torch", "chunk": chunked.CHUNK, "tile_d": chunked.TILE_D,
+           "ours": {"op_backend": "torch", "chunk": chunked.CHUNK, "tile_d": chunked.TILE_D.get("cpu"),
                     "tile_elems": chunked.TILE_ELEMS.get("cpu")}}
     ops.set_backend("torch")
     ours, hf = build_models()

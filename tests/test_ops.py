@@ -212,7 +212,7 @@ def test_chunked_scan_matches_reference(rng, dtype, L, D, N, opts):
 def test_chunked_scan_tiles_and_blocks_match_reference(rng, monkeypatch, chunk):
     """Force several channel tiles, several length blocks and ragged last chunks and blocks."""
     monkeypatch.setattr(chunked, "CHUNK", chunk)
-    monkeypatch.setattr(chunked, "TILE_D", 8)
+    monkeypatch.setattr(chunked, "TILE_D", {"cpu": 8})
     monkeypatch.setattr(chunked, "TILE_ELEMS", {"cpu": 2 * 3 * 8 * 3 * chunk})  # 3 chunks a block
     L, D, N = 61, 21, 3
     inp = _scan_inputs(rng, 2, L, D, N, torch.float32)
@@ -223,6 +223,22 @@ def test_chunked_scan_tiles_and_blocks_match_reference(rng, monkeypatch, chunk):
     y_c, h_c, gc = _run_scan(chunked, inp, g_y, g_h)
     assert_close(y_c, y_r, 6e-4, 2e-3, "y")
     assert_close(h_c, h_r, 6e-4, 2e-3, "final state")
+    for k in gr:
+        assert_close(gc[k], gr[k], 6e-4, 2e-3, f"grad {k}")
+
+
+def test_chunked_scan_one_tile_as_on_other_devices(rng, monkeypatch):
+    """Devices other than the CPU get the default tiling: one tile here."""
+    monkeypatch.setattr(chunked, "TILE_D", {})
+    monkeypatch.setattr(chunked, "TILE_ELEMS", {})
+    L, D, N = 45, 19, 4
+    d_ranges, l_ranges = chunked._tiles(2, L, D, N, torch.device("cpu"))
+    assert d_ranges == [(0, D)] and l_ranges == [(0, L)]
+    inp = _scan_inputs(rng, 2, L, D, N, torch.float32)
+    g_y, g_h = torch.randn(2, L, D, generator=rng), torch.randn(2, D, N, generator=rng)
+    y_r, h_r, gr = _run_scan(reference, inp, g_y, g_h)
+    y_c, h_c, gc = _run_scan(chunked, inp, g_y, g_h)
+    assert_close(y_c, y_r, 6e-4, 2e-3, "y")
     for k in gr:
         assert_close(gc[k], gr[k], 6e-4, 2e-3, f"grad {k}")
 

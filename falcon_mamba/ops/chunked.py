@@ -27,7 +27,7 @@ levels; the states are recomputed rather than stored. The work is cut into tiles
 TILE_D channels and whole chunks of about TILE_ELEMS state elements (the state carried between
 length blocks), laid out (B, L, N, D) in reused workspace buffers: on a CPU that keeps them in
 cache and avoids fresh large allocations, whose first-touch page faults would otherwise cost more
-than the arithmetic. Other devices run one tile.
+than the arithmetic. Other devices get few, large tiles.
 
 Document resets (``reset_BL``) set a_t = 0 at a reset (so P_t = 0 from it to the chunk's end) and
 no state crosses the boundary; the conv masks the taps that reach before the document's start.
@@ -47,8 +47,10 @@ from falcon_mamba.ops.reference import rms_norm, softplus
 __all__ = ["rms_norm", "causal_conv1d", "selective_scan", "conv_step", "ssm_step"]
 
 CHUNK = 8  # T: tokens per chunk (about sqrt(tile length / 2) minimises the Python steps)
-TILE_D = 256  # channels per tile
-TILE_ELEMS = {"cpu": 1 << 19}  # state elements per tile (B * L * N * D); other devices: one tile
+# Tiles, per device type: channels per tile (default all) and state elements (B * L * N * D) per
+# tile (default 2**27: on a GPU, few large tiles).
+TILE_D = {"cpu": 256}
+TILE_ELEMS = {"cpu": 1 << 19}
 
 
 # ---- causal conv ----------------------------------------------------------------------------
@@ -242,10 +244,8 @@ class _Block:
 def _tiles(Bsz: int, L: int, D: int, N: int, device: torch.device):
     """Channel ranges and length ranges of the tiles: at most TILE_D channels (a long contiguous
     inner axis for the elementwise ops) and as many whole chunks as fit in TILE_ELEMS."""
-    budget = TILE_ELEMS.get(device.type)
-    if budget is None:
-        return [(0, D)], [(0, L)]
-    Dt = min(D, TILE_D)
+    Dt = min(D, TILE_D.get(device.type, D))
+    budget = TILE_ELEMS.get(device.type, 1 << 27)
     Lb = max(CHUNK, budget // (Bsz * N * Dt) // CHUNK * CHUNK)
     d_ranges = [(d, min(D, d + Dt)) for d in range(0, D, Dt)]
     l_ranges = [(s, min(L, s + Lb)) for s in range(0, L, Lb)]
