@@ -48,13 +48,41 @@ def parse_lengths(spec: str) -> list[int]:
 
 
 def build_prompt(tokenizer, length: int, key: int, depth: float) -> list[int]:
-    """Token ids of a passkey prompt of about ``length`` tokens with the key at ``depth``."""
-    fixed = len(tokenizer.encode(INTRO + NEEDLE.format(key=key) + QUESTION))
+    """Token ids of a passkey prompt of at most ``length`` tokens (short of it by less than one
+    filler word) with the key at ``depth``."""
+    needle = NEEDLE.format(key=key)
     per_filler = len(tokenizer.encode(FILLER * 8)) / 8
-    n_fill = max(0, int((length - fixed) / per_filler))
-    before = round(n_fill * depth)
-    text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (n_fill - before) + QUESTION
-    return tokenizer.encode(text)
+    words = FILLER.split(" ")
+
+    def text(n_fill: int, n_words: int = 0) -> str:
+        before = round(n_fill * depth)
+        return (INTRO + FILLER * before + needle + FILLER * (n_fill - before)
+                + " ".join(words[:n_words]) + QUESTION)
+
+    # Fillers: estimate, then correct by the measured length (tokens merge across sentence joins,
+    # so the count is not exactly linear); then the largest count that fits.
+    n_fill = max(0, int((length - len(tokenizer.encode(INTRO + needle + QUESTION))) / per_filler))
+    for _ in range(4):
+        step = int((length - len(tokenizer.encode(text(n_fill)))) / per_filler)
+        if step == 0:
+            break
+        n_fill = max(0, n_fill + step)
+    while n_fill > 0 and len(tokenizer.encode(text(n_fill))) > length:
+        n_fill -= 1
+
+    def encode(n_words: int) -> list[int]:
+        return tokenizer.encode(text(n_fill, n_words))
+
+    # Top up with the most words of one more filler that still fit (binary search: encodes are the
+    # cost, a handful even at 64k tokens).
+    lo, hi = 0, len(words) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encode(mid)) <= length:
+            lo = mid
+        else:
+            hi = mid - 1
+    return encode(lo)
 
 
 @dataclass
