@@ -40,6 +40,7 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         (40, 300, 4, 32, 1, (16, 128, 4, 2)),        # int4: padded K, 4 groups per block
         (40, 300, 4, 128, 1, (32, 256, 4, 1)),
         (40, 300, 4, 64, 1, (2, 1024, 4, 1)),        # the narrow-output shape of the tuner
+        (40, 300, 4, 32, 1, (64, 32, 4, 3)),         # one group per K step, uneven split-K
         (37, 100, 8, None, 5, (16, 32, 64, 4)),      # tl.dot kernel, M not a multiple of 16
         (40, 300, 4, 64, 17, (16, 32, 64, 4)),
     ]:

@@ -183,10 +183,12 @@ def _dot_launch(x, qweight, scales, zeros, bits, group, K, cfg):
 
 
 # (BLOCK_N, BLOCK_K, warps) tried by the tuner: few rows x long K slices for narrow outputs (x_proj's
-# 288 rows fill the GPU without split-K at BLOCK_N 2), more rows for wide ones; at most 64 fp32
-# accumulators per thread. Each is compiled once per (bits, group, dtype) and cached by Triton.
+# 288 rows fill the GPU without split-K at BLOCK_N 2), more rows for wide ones, and K slices of
+# exactly one int4 group (BLOCK_K = group: no per-group reshape); at most 64 fp32 accumulators per
+# thread. Each is compiled once per (bits, group, dtype) and cached by Triton.
 _GEMV_SHAPES = ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (8, 512, 8),
-                (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8))
+                (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8), (64, 64, 4), (64, 128, 8),
+                (128, 32, 4))
 
 
 def _gemv_candidates(N, K, bits, group, device):
