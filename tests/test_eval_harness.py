@@ -85,6 +85,9 @@ def test_generate_until_matches_generate(lm):
         want = generate(lm.model, lm.tokenizer, p, max_new_tokens=6, temperature=0.0, stop=("\n", "."))
         assert g == want
         assert "\n" not in g and "." not in g
+    chat = lm.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    assert chat == lm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    assert "Hi there" in chat
 
 
 def _write_tasks(root):

@@ -185,6 +185,10 @@ class FalconMambaLM(TemplateLM):
         bar.close()
         return out
 
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """For --apply_chat_template: the tokenizer's template (or the documented fallback)."""
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
     def get_model_info(self) -> dict:
         info = {"model_source": self.pretrained, "model_dtype": str(self.model.dtype)}
         if getattr(self.model, "quantization", None):
