@@ -27,6 +27,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 
 import falcon_mamba as fm  # noqa: E402
 from falcon_mamba.gguf import export_gguf  # noqa: E402
+from tests.conftest import FALCON_TOKENIZER  # noqa: E402
 from tests.test_gguf import save_tiny  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over 12345 lazy dogs, then 3.14159 more! Ça va? "
@@ -121,3 +122,28 @@ def test_llama_cpp_matches(setup):
                    "2 layers, d_inner 128, vocab 65024 (Falcon tokenizer)"}
         with open(out, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
+
+
+def test_llama_cpp_matches_original_mamba(tmp_path):
+    """The original Mamba-1 (no B/C/dt norms, head tied to the embeddings) with the GPT-NeoX
+    tokenizer ("gpt-2" pre-tokenizer): no eps difference here, so fp32 round-off only."""
+    neox = os.path.join(os.path.dirname(FALCON_TOKENIZER), "..", "gpt-neox")
+    torch.manual_seed(11)
+    cfg = fm.ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=50432,
+                         bcdt_rms=False, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0)
+    model = fm.FalconMamba(cfg).eval()
+    fm.save_model(model, tmp_path / "m", tokenizer_dir=neox)
+    path = export_gguf(tmp_path / "m", tmp_path / "m.gguf", outtype="f32")
+    tok = fm.load_tokenizer(tmp_path / "m")
+    ids = tok.encode(TEXT)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].numpy()
+    llm = _llama(path)
+    try:
+        assert llm.tokenize(TEXT.encode("utf-8"), add_bos=False, special=False) == ids
+        llm.eval(ids)
+        theirs = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    assert float(np.abs(theirs - ours).max()) <= 1e-4
