@@ -290,7 +290,7 @@ def test_time_budget_only_ever_lowers_the_steps():
 
 
 def test_time_budget_fixes_the_step_count(data_dir, tmp_path):
-    cfg = tiny_cfg(steps=10_000, time_budget_s=6.0, log_every=50)
+    cfg = tiny_cfg(steps=10_000, time_budget_s=3.0, log_every=50)
     res = train(cfg, data_dir, tmp_path / "r", progress=False, export=False, log=lambda *a: None)
     assert 24 <= res.steps < 10_000
     saved = json.loads((tmp_path / "r" / "train_config.json").read_text())

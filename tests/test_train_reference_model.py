@@ -1,6 +1,8 @@
 """The benchmark's Transformer reference: same parameter count as the Mamba it is compared with,
 documents isolated in packed sequences as in the Mamba, and trainable by the same loop."""
 
+import json
+
 import pytest
 import torch
 
@@ -51,3 +53,28 @@ def test_trains_in_the_same_loop(tmp_path):
     res = train(cfg, data, tmp_path / "t", model_fn=lambda mc: TransformerLM(tc), progress=False,
                 log=lambda *a: None)
     assert res.model_dir is None and res.val_bpb is not None and res.steps == 3
+
+
+def test_compare_script_writes_the_table_plot_and_model(tmp_path, capsys):
+    from benchmarks.small_model import compare
+    from tests.test_data import make_data
+
+    data = make_data(tmp_path, lines=60)
+    sets = ["seq_len=24", "steps=2", "model.hidden_size=32", "model.num_hidden_layers=2",
+            "model.intermediate_size=64", "eval_tokens=64", "global_batch=4", "micro_batch=4"]
+    assert compare.main(["--data", str(data), "--out", str(tmp_path / "runs"), "--preset", "tiny",
+                         "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 0
+    res = tmp_path / "runs" / "results"
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["model"] for r in record["rows"]] == ["Falcon Mamba", "Transformer"]
+    assert record["steps"] == 2 and all(r["val_bpb"] > 0 for r in record["rows"])
+    n_mamba, n_trans = (r["parameters"] for r in record["rows"])
+    assert abs(n_mamba - n_trans) < 0.01 * n_mamba
+    assert (res / "loss_curves.png").stat().st_size > 5000
+    assert "| Falcon Mamba |" in (res / "results.md").read_text()
+    from safetensors.torch import load_file
+
+    weights = load_file(res / "mamba_model" / "model.safetensors")  # exported in bf16, A_log/D/dt bias fp32
+    assert weights["backbone.embeddings.weight"].dtype == torch.bfloat16
+    assert weights["backbone.layers.0.mixer.A_log"].dtype == torch.float32
+    fm.load_model(res / "mamba_model")

@@ -39,6 +39,10 @@ def _mean_tok_s(run_dir: Path) -> float:
     return sum(r["tok_s"] for r in rows) / max(1, len(rows))
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default="default-model")
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds for the Mamba run (0: preset steps)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds for the Mamba run (0: the preset's steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--results", default=None, help="folder for the files worth keeping")
     p.add_argument("--no-progress", action="store_true")
@@ -89,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
          "tok_s": _mean_tok_s(out / "transformer"), "wall_s": t_trans},
     ]
     c = mamba.config
-    meta = {"steps": mamba.steps, "tokens": mamba.tokens, "seq_len": c.seq_len, "global_batch": c.global_batch,
-            "lr": c.lr, "schedule": c.schedule, "vocab_size": mc.vocab_size, "preset": args.preset,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-            "torch": torch.__version__, "commit": _commit(), "date": time.strftime("%Y-%m-%d")}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    meta = {"steps": mamba.steps, "tokens": mamba.tokens, "seq_len": c.seq_len,
+            "global_batch": c.global_batch, "lr": c.lr, "schedule": c.schedule,
+            "vocab_size": mc.vocab_size, "preset": args.preset, "device": device, "torch": torch.__version__,
+            "commit": _commit(), "date": time.strftime("%Y-%m-%d")}
 
     results.mkdir(parents=True, exist_ok=True)
     plot_runs([("Falcon Mamba", out / "mamba"), ("Transformer", out / "transformer")],
               results / "loss_curves.png",
-              title=f"{mc.num_parameters / 1e6:.1f}M parameters, {mamba.tokens / 1e6:.0f}M tokens, same batches")
+              title=f"{mc.num_parameters / 1e6:.1f}M parameters, {_count(mamba.tokens)} tokens, same batches")
     for name in ("mamba", "transformer"):
         shutil.copyfile(out / name / "metrics.jsonl", results / f"{name}_metrics.jsonl")
     if mamba.model_dir is not None:

@@ -108,9 +108,9 @@ class TransformerLM(nn.Module):
         self.norm_f = RMSNorm(c.hidden_size, c.norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         for name, p in self.named_parameters():
-            if p.ndim == 2:
-                std = 0.02 / math.sqrt(2 * c.num_layers) if name.endswith(("o.weight", "down.weight")) else 0.02
-                nn.init.normal_(p, std=std)
+            if p.ndim == 2:  # GPT-2 init: residual-branch outputs scaled by 1/sqrt(2 n_layers)
+                residual_out = name.endswith(("o.weight", "down.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.num_layers) if residual_out else 0.02)
 
     def shard_units(self) -> list[nn.Module]:
         return list(self.layers)

@@ -198,6 +198,12 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
             bar.write(f"step {step}: val loss {res['val_loss']:.4f}, {res['val_bpb']:.4f} bits/byte")
         return res
 
+    def eval_seconds(seconds_per_row: float) -> float:
+        """Time the evaluations will take (a forward pass costs ~1/3 of a training step's)."""
+        n_val = sum(min(len(s) - 1, cfg.eval_tokens or len(s)) for s in data.split("val").values())
+        n_evals = 1 + (cfg.steps // cfg.eval_every if cfg.eval_every else 0)
+        return n_evals * n_val / cfg.seq_len * seconds_per_row / 3
+
     per_step_loss = None
     val = None
     t_log = time.perf_counter()
@@ -248,7 +254,7 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
                 budget_rows += B
                 if step == start + 23 or step == cfg.steps:
                     spr = (time.perf_counter() - budget_t0) / max(1, budget_rows)
-                    left = cfg.time_budget_s - (time.perf_counter() - run_t0)
+                    left = cfg.time_budget_s - (time.perf_counter() - run_t0) - eval_seconds(spr)
                     new = torch.tensor(float(steps_for_budget(cfg, step, spr, left)), device=env.device)
                     if env.distributed:  # every process must agree: take rank 0's figure
                         import torch.distributed as dist
