@@ -3,7 +3,9 @@
     python3 -m benchmarks.small_model.install_default RESULTS_DIR
 
 RESULTS_DIR is the --results folder of compare.py: its mamba_model/ (HF format, bf16) is copied into
-falcon_mamba/default_model/, with TRAINING.md (the table, and how it was made) beside it.
+falcon_mamba/default_model/, with TRAINING.md (the table, and how it was made) beside it; the table,
+the loss curves and both metrics files go to benchmarks/results/small_model/. Prints the README
+snippet (table and plot).
 """
 
 from __future__ import annotations
@@ -40,7 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         "to the training split: `bash benchmarks/small_model/train_default.sh` (recipe `default-model`).\n"
         "Beside it, a Transformer of the same parameter count trained on the same batches:\n\n"
         + table, encoding="utf-8")
-    print(f"installed {src} -> {dst} ({size / 2**20:.1f} MiB of weights)")
+    keep = ROOT / "benchmarks" / "results" / "small_model"
+    keep.mkdir(parents=True, exist_ok=True)
+    for f in ("results.md", "results.json", "loss_curves.png", "mamba_metrics.jsonl",
+              "transformer_metrics.jsonl"):
+        if (results / f).is_file():
+            shutil.copyfile(results / f, keep / f)
+    print(f"installed {src} -> {dst} ({size / 2**20:.1f} MiB of weights); results in {keep}")
+    print("README snippet:\n")
+    print(table.strip())
+    print("\n![loss curves](benchmarks/results/small_model/loss_curves.png)")
     return 0
 
 
