@@ -14,6 +14,7 @@ and the exported bf16 Mamba (mamba_model/). Prints the table, then one JSON line
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import platform
 import shutil
@@ -44,6 +45,8 @@ def _count(n: int) -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("GIT_COMMIT"):  # the device machine's copy of the tree has no .git
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"

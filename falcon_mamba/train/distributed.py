@@ -44,8 +44,8 @@ def setup(device: str = "auto") -> Env:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("device cuda was asked for but no CUDA GPU is available; use --set device=cpu")
-        if world > 1:
-            dev = torch.device("cuda", local)
+        # set_device needs an index; a plain "cuda" means this process's local GPU.
+        dev = torch.device("cuda", local if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
