@@ -126,7 +126,6 @@ def _bad_inputs(tmp_path, model_dir):
     broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     m = ["--model", model_dir]
     return [
-        (["hi"], "--model is required"),
         ([*m], "no prompt"),
         ([*m, ""], "empty prompt"),
         ([*m, "--prompt-file", tmp_path / "missing.txt"], "cannot read the prompt file"),
@@ -267,3 +266,16 @@ def test_stop_flag_cuts_the_text(capsys, model_dir, loaded):
     rc, out, _ = cli(capsys, "--model", model_dir, "Hello world", "--max-new-tokens", 16,
                      "--temperature", 0, "--stop", stop, "--stop", "never seen")
     assert rc == 0 and out == full[:full.find(stop)] and len(out) < len(full)
+
+
+def test_embedded_default_model_without_model_flag(capsys):
+    """With no --model, generate uses the model shipped inside the package and writes English."""
+    from falcon_mamba import default_model
+
+    assert default_model.available(), "the embedded default model is missing from the package"
+    rc, out, err = cli(capsys, "In the beginning", "--max-new-tokens", "24", "--temperature", "0")
+    assert rc == 0, err
+    words = out.split()
+    assert len(words) >= 10
+    common = {"the", "and", "of", "to", "a", "in", "is", "that", "unto", "he", "his", "it", "for"}
+    assert sum(w.lower().strip(",.;:") in common for w in words) >= 3, out

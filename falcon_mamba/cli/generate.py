@@ -1,5 +1,6 @@
 """`falcon-mamba generate`: continue a prompt, streaming the new text to stdout.
 
+    falcon-mamba generate "Once upon a time" --max-new-tokens 64 --temperature 0.7   # embedded model
     falcon-mamba generate --model DIR "Once upon a time" --max-new-tokens 64 --temperature 0.7
     falcon-mamba generate --model DIR --prompt-file book.txt --max-new-tokens 0 --state-out book.state
     falcon-mamba generate --model DIR --state-in book.state "Q: who is the narrator? A:" --stats
@@ -17,7 +18,8 @@ PROGRESS_MIN_CHUNKS = 4  # the progress bar appears for prompts longer than this
 
 def add_model_arguments(p) -> None:
     """--model, --device, --dtype (shared with `chat`)."""
-    p.add_argument("--model", help="model folder or Hugging Face Hub id (required for now)")
+    p.add_argument("--model", help="model folder or Hugging Face Hub id (default: the small model "
+                                   "embedded in the package)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None,
                    help="weights dtype: bfloat16, float16 or float32 (default: bfloat16 on cuda, "
@@ -101,11 +103,11 @@ def load_model_and_tokenizer(args):
 
     import falcon_mamba as fm
     from falcon_mamba.dtypes import parse_dtype
-    from falcon_mamba.errors import UserError
+    from falcon_mamba import default_model
     from falcon_mamba.tokenizer import check_fits
 
     if not args.model:
-        raise UserError("--model is required for now: pass a model folder or a Hub id (org/name)")
+        args.model = str(default_model.path())  # a UserError naming --model when none is installed
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     model = fm.load_model(args.model, parse_dtype(args.dtype, default), device)
