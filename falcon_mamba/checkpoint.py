@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from falcon_mamba.atomic import replace_dir, temp_dir_beside
 from falcon_mamba.config import ModelConfig
 from falcon_mamba.dtypes import check_device_dtype, parse_dtype
 from falcon_mamba.errors import UserError
@@ -172,8 +172,7 @@ def save_model(model: FalconMamba, out: str | os.PathLike,
             size = 0
         shards[-1][name] = t
         size += nbytes
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp"))
+    tmp = temp_dir_beside(out)
     try:
         model.config.write_json(tmp / "config.json")
         meta = {"format": "pt"}
@@ -194,15 +193,7 @@ def save_model(model: FalconMamba, out: str | os.PathLike,
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copyfile(src, tmp / fname)
-        if out.exists():
-            # Keep the old folder until the new one is in place.
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # ../shared beside the checkout (as in CI); FALCON_MAMBA_SHARED overrides it.
-SHARED = os.environ.get("FALCON_MAMBA_SHARED") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+SHARED = os.environ.get("FALCON_MAMBA_SHARED") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared")
 FALCON_TOKENIZER = os.path.join(SHARED, "tokenizers", "falcon", "tokenizer.json")
 
 

@@ -14,8 +14,8 @@ and the exported bf16 Mamba (mamba_model/). Prints the table, then one JSON line
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import platform
 import shutil
 import subprocess

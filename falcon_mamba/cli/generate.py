@@ -102,8 +102,8 @@ def load_model_and_tokenizer(args):
     import torch
 
     import falcon_mamba as fm
-    from falcon_mamba.dtypes import parse_dtype
     from falcon_mamba import default_model
+    from falcon_mamba.dtypes import parse_dtype
     from falcon_mamba.tokenizer import check_fits
 
     if not args.model:

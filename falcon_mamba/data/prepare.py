@@ -15,13 +15,12 @@ The folder is built next to its destination and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from falcon_mamba.atomic import replace_dir, temp_dir_beside
 from falcon_mamba.data.shards import FORMAT, ShardWriter, dtype_for_vocab
 from falcon_mamba.errors import UserError
 
@@ -170,11 +169,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str, *, val_fraction:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite or another --out")
     sources = read_sources(inputs, val_fraction, text_field, chat, doc_separator)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    tmp = temp_dir_beside(out)
     try:
         if tokenizer.startswith("bpe:"):
             from falcon_mamba.data.bpe import fit_bpe
@@ -210,14 +205,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str, *, val_fraction:
             log(f"{s.name}: train {entry['train']['tokens']:,} tokens / {entry['train']['docs']} docs, "
                 f"val {entry['val']['tokens']:,} tokens / {entry['val']['docs']} docs")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from falcon_mamba.atomic import replace_dir, temp_dir_beside
 from falcon_mamba.config import ModelConfig
 from falcon_mamba.errors import UserError
 from falcon_mamba.model import FP32_PARAM_SUFFIXES, DtProj, FalconMamba
@@ -116,19 +116,11 @@ def save_quantized(model: FalconMamba, out: str | os.PathLike,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; --out must be a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp"))
+    tmp = temp_dir_beside(out)
     try:
         stage = save_model(model, tmp / "stage", tokenizer_dir=tokenizer_dir)
         (stage / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
+        replace_dir(stage, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
