@@ -10,8 +10,17 @@ parameter's gradient agree before it reports times (so both do the same work). T
 of the repeats, after a warm-up on a short batch.
 
 --variants adds a scan-only table (the same B, L, D, N; forward + backward through autograd):
-the chunked backend at several chunk lengths and tile sizes, and a masked segment-sum chunked
-scan (the Mamba-2 style formulation, defined here) at several chunk lengths.
+the chunked backend at several chunk lengths and tile sizes, a masked segment-sum chunked scan
+(the Mamba-2 style formulation, defined here) at several chunk lengths, and the reference.
+
+transformers' backward is dominated by memory traffic: each step of its time loop slices a
+(B, D, L, N) tensor, whose gradient is a fresh zero-filled (B, D, L, N) tensor, so a step
+touches ~150 GB and, with glibc's default malloc, takes ~38 million page faults. Its time
+therefore depends a lot on the allocator; the record keeps the page-fault counts and any MALLOC_*
+settings. To see transformers at its fastest, keep freed memory in the process:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 PYTHONPATH=. \
+        python3 benchmarks/bench_cpu_scan.py --out benchmarks/results/cpu_scan-DATE-malloc-retain.json
 
 Prints a table, writes benchmarks/results/cpu_scan-<date>.json (machine, versions, commit, load),
 and prints the same record as one JSON line last.
@@ -24,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import falcon_mamba as fm  # noqa: E402
 from falcon_mamba import ops  # noqa: E402
-from falcon_mamba.ops import chunked  # noqa: E402
+from falcon_mamba.ops import chunked, reference  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = fm.ModelConfig(hidden_size=384, num_hidden_layers=6, intermediate_size=768, vocab_size=16384,
@@ -63,10 +73,11 @@ def machine() -> dict:
     except ImportError:
         rec["transformers"] = None
     try:
+        root = os.path.dirname(HERE)
         rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=HERE, timeout=10).stdout.strip()
+                                       cwd=root, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "falcon_mamba/ops"],
-                               capture_output=True, text=True, cwd=HERE, timeout=10).stdout.strip()
+                               capture_output=True, text=True, cwd=root, timeout=10).stdout.strip()
         rec["ops_tree_dirty"] = bool(dirty)
     except Exception:  # noqa: BLE001 - the record says so
         rec["commit"] = None
@@ -102,6 +113,10 @@ def ours_logits(model, ids):
     return model(ids)[0]
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def train_step(logits_fn, model, ids):
     """(forward + loss seconds, backward seconds); gradients accumulate in model."""
     t0 = time.perf_counter()
@@ -116,17 +131,20 @@ def train_step(logits_fn, model, ids):
 def time_model(name, logits_fn, model, ids, repeats, log):
     model.zero_grad(set_to_none=True)
     train_step(logits_fn, model, ids[:, :17])  # warm-up on a short batch
-    fwd, bwd = [], []
+    fwd, bwd, faults = [], [], []
     for r in range(repeats):
         model.zero_grad(set_to_none=True)
+        f0 = minor_faults()
         f, b = train_step(logits_fn, model, ids)
+        faults.append(minor_faults() - f0)
         fwd.append(f)
         bwd.append(b)
-        log(f"  {name} repeat {r + 1}/{repeats}: forward+loss {f:.3f} s, backward {b:.3f} s "
-            f"(load {load_average()[0]})")
+        log(f"  {name} repeat {r + 1}/{repeats}: forward+loss {f:.3f} s, backward {b:.3f} s, "
+            f"{faults[-1]} page faults (load {load_average()[0]})")
     tot = [f + b for f, b in zip(fwd, bwd)]
     return {"forward_s": statistics.median(fwd), "backward_s": statistics.median(bwd),
-            "total_s": statistics.median(tot), "totals_s": [round(t, 4) for t in tot]}
+            "total_s": statistics.median(tot), "totals_s": [round(t, 4) for t in tot],
+            "minor_page_faults": statistics.median(faults)}
 
 
 # ---- scan-only variants -------------------------------------------------------------------------
@@ -175,20 +193,23 @@ def scan_variants(log, repeats=3):
         return statistics.median(ts[1:])
 
     rows = []
+
+    def add(name, fn):
+        rows.append({"variant": name, "s": timed(fn)})
+        log(f"  {name:36s} {rows[-1]['s'] * 1e3:9.1f} ms")
+
     saved = (chunked.CHUNK, dict(chunked.TILE_ELEMS))
     try:
         for T in (4, 8, 16):
-            for tile in (1 << 18, 1 << 19, 1 << 20):
+            for tile in (1 << 20, 1 << 21, 1 << 22):
                 chunked.CHUNK, chunked.TILE_ELEMS["cpu"] = T, tile
-                s = timed(lambda x, dt, A, B, C: chunked.selective_scan(x, dt, A, B, C))
-                rows.append({"variant": f"two-level T={T} tile={tile}", "s": s})
-                log(f"  {rows[-1]['variant']:32s} {s * 1e3:9.1f} ms")
+                add(f"two-level T={T} tile=2^{tile.bit_length() - 1}",
+                    lambda x, dt, A, B, C: chunked.selective_scan(x, dt, A, B, C))
     finally:
         chunked.CHUNK, chunked.TILE_ELEMS = saved[0], saved[1]
     for T in (4, 8, 16):
-        s = timed(lambda x, dt, A, B, C, T=T: segsum_scan(x, F.softplus(dt), A, B, C, T))
-        rows.append({"variant": f"segment-sum T={T}", "s": s})
-        log(f"  {rows[-1]['variant']:32s} {s * 1e3:9.1f} ms")
+        add(f"segment-sum T={T}", lambda x, dt, A, B, C, T=T: segsum_scan(x, F.softplus(dt), A, B, C, T))
+    add("reference (one step at a time)", lambda x, dt, A, B, C: reference.selective_scan(x, dt, A, B, C))
     return rows
 
 
@@ -203,6 +224,8 @@ def main() -> int:
 
     rec = {"bench": "cpu_scan", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": machine(), "load_before": load_average(),
+           # glibc malloc settings change how often freed memory is page-faulted back in
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
            "model": {**{k: v for k, v in CONFIG.to_hf_dict().items() if k in (
                "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "state_size",
                "conv_kernel", "time_step_rank", "tie_word_embeddings")},
@@ -221,10 +244,6 @@ def main() -> int:
     rec["check_logits_max_abs_diff"] = (lo - lh).abs().max().item()
     assert rec["check_logits_max_abs_diff"] < 1e-3 * max(1.0, lh.abs().max().item()), rec
 
-    if args.variants:
-        log("scan-only variants (forward + backward, median):")
-        rec["scan_variants"] = scan_variants(log)
-
     rec["ours"].update(time_model("ours", ours_logits, ours, ids, args.repeats, log))
     rec["transformers"] = time_model("transformers", hf_logits, hf, ids, args.hf_repeats, log)
     # Same work: the last step's gradients agree.
@@ -233,6 +252,9 @@ def main() -> int:
     rec["check_grad_A_log_rel_diff"] = ((g_o - g_h).norm() / g_h.norm()).item()
     assert rec["check_grad_A_log_rel_diff"] < 1e-3, rec
     rec["load_after"] = load_average()
+    if args.variants:  # after the model timings: its large allocations change the heap they see
+        log("scan-only variants (forward + backward, median):")
+        rec["scan_variants"] = scan_variants(log)
     rec["speedup_total"] = rec["transformers"]["total_s"] / rec["ours"]["total_s"]
     rec["speedup_backward"] = rec["transformers"]["backward_s"] / rec["ours"]["backward_s"]
 

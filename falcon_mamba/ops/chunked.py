@@ -9,28 +9,28 @@ Mamba-1's decay a_t = exp(dt_t * A) differs per channel d *and* per state n, so 
 there is no matmul form: any scan does O(B*L*D*N) work. The length is cut into chunks of T tokens
 (nc = ceil(L / T) chunks) and the scan runs in two levels:
 
-1. in every chunk at once, from a zero state: h_t = a_t * h_{t-1} + w_t (w_t = dt_t x_t B_t), a
-   loop of T steps over (B, nc, N, D) slices, and P_t, the decay from the chunk's start to t
-   (the running product of the a's, i.e. exp of the cumulative sum of dt*A in log space: always
-   <= 1, so nothing overflows; a decay below fp32's range is 0, as in the reference);
-2. across chunks: a loop over the nc chunks carries the state, h_in[c+1] = h_end[c] + P_end[c] *
-   h_in[c]; then every state is h_t += P_t * h_in[c], and y_t = sum_n C_t h_t.
+1. every chunk at once from a zero state, h <- a_t * h + dt_t x_t B_t for t = 0..T-1 on
+   (B, nc, N, D) slices, keeping only the running value: each chunk's local end state;
+2. a loop over the chunks carries the state into each one, start[c+1] = end[c] + P[c] * start[c],
+   where P[c] = exp(A * sum of dt over the chunk) is the chunk's total decay: a sum in log space,
+   always <= 1, so nothing overflows (a decay below fp32's range is 0, as in the reference);
+3. every chunk at once again, now from its true start state: all states h_t, y_t = sum_n C_t h_t.
 
-That is about T + nc Python iterations instead of L, each on a large slice. The masked
-segment-sum form of level 1 (Mamba-2's SSD: h_t = sum_{s<=t} exp(cum_t - cum_s) w_s) does T times
-the elementwise work here, because its (T, T) decay matrix is per (d, n); it was slower at every
-T (benchmarks/bench_cpu_scan.py --variants times both).
+That is 2T + nc Python steps instead of L, each on a large slice. The masked segment-sum form of
+level 1 (Mamba-2's SSD: h_t = sum_{s<=t} exp(cum_t - cum_s) w_s) does T times the elementwise
+work here, because its (T, T) decay matrix is per (d, n); benchmarks/bench_cpu_scan.py --variants
+times both.
 
 The scan is an autograd Function with a hand-written backward: the adjoint lam_t = dL/dh_t obeys
-the same recurrence run backwards (lam_t = dy_t C_t + a_{t+1} lam_{t+1}), computed by the same two
-levels; the states are recomputed rather than stored. The work is cut into tiles of at most
-TILE_D channels and whole chunks of about TILE_ELEMS state elements (the state carried between
-length blocks), laid out (B, L, N, D) in reused workspace buffers: on a CPU that keeps them in
-cache and avoids fresh large allocations, whose first-touch page faults would otherwise cost more
+the same recurrence run backwards (lam_t = dy_t C_t + a_{t+1} lam_{t+1}) and is computed by the
+same three steps; the states are recomputed rather than stored. The work is cut into tiles of at
+most TILE_D channels and whole chunks of about TILE_ELEMS state elements (the state carried
+between length blocks), laid out (B, L, N, D) in reused workspace buffers: on a CPU that keeps
+them in cache and avoids fresh large allocations, whose first-touch page faults can cost more
 than the arithmetic. Other devices get few, large tiles.
 
-Document resets (``reset_BL``) set a_t = 0 at a reset (so P_t = 0 from it to the chunk's end) and
-no state crosses the boundary; the conv masks the taps that reach before the document's start.
+Document resets (``reset_BL``) set a_t = 0 at a reset (and so P = 0 for the chunk holding it):
+no state crosses the boundary. The conv masks the taps that reach before the document's start.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ from falcon_mamba.ops.reference import rms_norm, softplus
 
 __all__ = ["rms_norm", "causal_conv1d", "selective_scan", "conv_step", "ssm_step"]
 
-CHUNK = 8  # T: tokens per chunk (about sqrt(tile length / 2) minimises the Python steps)
+CHUNK = 8  # T: tokens per chunk (4..16 measured within noise on the CPU; 8 balances 2T + nc)
 # Tiles, per device type: channels per tile (default all) and state elements (B * L * N * D) per
 # tile (default 2**27: on a GPU, few large tiles).
-TILE_D = {"cpu": 256}
-TILE_ELEMS = {"cpu": 1 << 19}
+TILE_D = {"cpu": 1024}
+TILE_ELEMS = {"cpu": 1 << 21}
 
 
 # ---- causal conv ----------------------------------------------------------------------------
@@ -115,7 +115,7 @@ _ws = _Workspace()
 
 
 class _Block:
-    """One tile of the scan: a channel range and a block of the length, chunked (T tokens).
+    """One tile of the scan: a channel range and a block of the length, in nc chunks of T tokens.
 
     Big tensors are (B, Lp, N, Dt) workspace buffers (Lp = nc*T, viewed (B, nc, T, N, Dt)), written
     in place: the reductions over N and Dt then run along a middle or the last axis, several times
@@ -130,9 +130,12 @@ class _Block:
         self.Bsz, self.L, self.D, self.N, self.nc, self.T, self.Lp = Bsz, L, D, N, nc, T, nc * T
         # Padding tokens have dt = 0 (decay 1, input 0: the state passes unchanged), C = dy = 0.
         self.dt, self.x = self._pad(dt_BLD), self._pad(x_BLD)
+        self.u = self.dt * self.x
         self.Bm, self.Cm = self._pad(B_BLN), self._pad(C_BLN)
         self.keep = None if keep_BL is None else F.pad(keep_BL, (0, self.Lp - L), value=1.0)
         self.A = A_ND
+        # exp(dt A) is computed as exp2(dt (A log2 e)), as the CUDA kernels do: exp2 is faster.
+        self.A2 = A_ND * math.log2(math.e)
         self.dev = dt_BLD.device
 
     def _buf(self, name):
@@ -145,44 +148,55 @@ class _Block:
         return F.pad(t_BL_, (0, 0) * (t_BL_.dim() - 2) + (0, self.Lp - self.L))
 
     def _steps(self, t):
-        """(B, Lp, N, D) -> T views (B, nc, N, D): one position of every chunk."""
-        return t.view(self.Bsz, self.nc, self.T, self.N, self.D).unbind(2)
+        """(B, Lp, ...) -> T views (B, nc, ...): one position of every chunk."""
+        return t.view(self.Bsz, self.nc, self.T, *t.shape[2:]).unbind(2)
 
     def decay(self):
-        """a_t = exp(dt_t * A) (0 at a reset): (B, Lp, N, D) in the workspace."""
+        """a_t = exp(dt_t A), 0 at a reset: (B, Lp, N, D) in the workspace."""
         a = self._buf("a")
-        # exp(dt A) as exp2(dt (A log2 e)), as the CUDA kernels do: exp2 is twice as fast on a CPU.
-        torch.mul(self.dt[:, :, None, :], self.A * math.log2(math.e), out=a)
+        torch.mul(self.dt[:, :, None, :], self.A2, out=a)
         torch.exp2(a, out=a)
         if self.keep is not None:
             a.mul_(self.keep[:, :, None, None])
         return a
 
-    def states(self, a, h_in_BND):
-        """All states h_t (B, Lp, N, D) from h_in (None: zeros), and the state after the block.
+    def chunk_decay(self, first: int):
+        """prod of a_t over t = first..T-1 of every chunk: exp2 of a sum in log space, (B, nc, N, D)."""
+        dt_sum = self.dt.view(self.Bsz, self.nc, self.T, self.D)[:, :, first:].sum(2)
+        decay = torch.exp2(dt_sum[:, :, None, :] * self.A2)
+        if self.keep is not None:
+            decay.mul_(self.keep.view(self.Bsz, self.nc, self.T)[:, :, first:].prod(2)[:, :, None, None])
+        return decay
 
-        Level 1 runs every chunk from a zero state at once (T steps) and builds P_t, the decay
-        since the chunk's start; level 2 carries the state over the chunks (nc steps); then
-        h_t += P_t * h_in(chunk)."""
-        h, P = self._buf("h"), self._buf("p")
-        torch.mul((self.dt * self.x)[:, :, None, :], self.Bm[:, :, :, None], out=h)
-        a_t, h_t, P_t = self._steps(a), self._steps(h), self._steps(P)
-        P_t[0].copy_(a_t[0])
-        for t in range(1, self.T):  # (torch.cumprod along this axis is 5x slower than this loop)
-            h_t[t].addcmul_(a_t[t], h_t[t - 1])
-            torch.mul(P_t[t - 1], a_t[t], out=P_t[t])
-        h_in = _ws.get("h_in", (self.Bsz, self.nc, self.N, self.D), self.dev)
-        h_in_c, h_end_c, P_end_c = h_in.unbind(1), h_t[-1].unbind(1), P_t[-1].unbind(1)
+    def chunk_starts(self, a, h_in_BND):
+        """The state entering every chunk (B, nc, N, D) and the state after the block.
+
+        Level 1: every chunk from a zero state at once, keeping only a running state (T steps);
+        level 2: carry the state over the chunks (nc steps) with the chunks' total decays."""
+        a_t, u_t, B_t = self._steps(a), self._steps(self.u), self._steps(self.Bm)
+        ends = torch.mul(u_t[0][:, :, None, :], B_t[0][:, :, :, None])
+        for t in range(1, self.T):
+            ends.mul_(a_t[t]).addcmul_(u_t[t][:, :, None, :], B_t[t][:, :, :, None])
+        P_c, end_c = self.chunk_decay(0).unbind(1), ends.unbind(1)
+        starts = _ws.get("starts", (self.Bsz, self.nc, self.N, self.D), self.dev)
+        start_c = starts.unbind(1)
         if h_in_BND is None:
-            h_in_c[0].zero_()
+            start_c[0].zero_()
         else:
-            h_in_c[0].copy_(h_in_BND)
+            start_c[0].copy_(h_in_BND)
         for c in range(1, self.nc):
-            torch.addcmul(h_end_c[c - 1], P_end_c[c - 1], h_in_c[c - 1], out=h_in_c[c])
-        h_out = torch.addcmul(h_end_c[-1], P_end_c[-1], h_in_c[-1])
-        h.view(self.Bsz, self.nc, self.T, self.N, self.D).addcmul_(
-            P.view(self.Bsz, self.nc, self.T, self.N, self.D), h_in[:, :, None])
-        return h, h_out
+            torch.addcmul(end_c[c - 1], P_c[c - 1], start_c[c - 1], out=start_c[c])
+        return starts, torch.addcmul(end_c[-1], P_c[-1], start_c[-1])
+
+    def states(self, a, starts):
+        """All states h_t (B, Lp, N, D): every chunk from its true start state, T steps."""
+        h = self._buf("h")
+        a_t, u_t, B_t, h_t = self._steps(a), self._steps(self.u), self._steps(self.Bm), self._steps(h)
+        prev = starts
+        for t in range(self.T):
+            torch.mul(a_t[t], prev, out=h_t[t]).addcmul_(u_t[t][:, :, None, :], B_t[t][:, :, :, None])
+            prev = h_t[t]
+        return h
 
     def output(self, h):
         """y_t = sum_n C_t h_t: (B, L, D)."""
@@ -190,55 +204,65 @@ class _Block:
         return y.view(self.Bsz, self.Lp, self.D)[:, :self.L]
 
     def _sum_of_product(self, big, small, dims):
-        """sum over dims of big * small, the product formed in a workspace buffer."""
+        """sum over dims of big * small, the product formed in a workspace buffer (on a CPU,
+        reductions along a middle or the last axis of a product beat bmm's matrix-vector form)."""
         tmp = self._buf("tmp")
         torch.mul(big, small, out=tmp)
         return tmp.sum(dims)
 
     def backward(self, dy_BLD, dh_out_BND, h_in_BND):
-        """Gradients of (dt, x, A, B, C, h_in) given those of y and of the final state."""
+        """Gradients of (dt, x, A, B, C, h_in) given those of y and of the final state.
+
+        The adjoint lam_t = dL/dh_t = dy_t C_t + a_{t+1} lam_{t+1} is the same two-level scan run
+        backwards: chunk-local from zero (a running value), a carry over the chunks, then exact."""
         a = self.decay()
-        h, _ = self.states(a, h_in_BND)
+        starts, _ = self.chunk_starts(a, h_in_BND)
+        h = self.states(a, starts)
         dy = self._pad(dy_BLD)
-        a_t = self._steps(a)
-        # lam_t = dL/dh_t = dy_t C_t + a_{t+1} lam_{t+1}: the same two-level scan, run backwards,
-        # with Q_t = prod_{t < r < T} a_r, the decay from t to the chunk's end.
-        lam, Q = self._buf("lam"), self._buf("p")
-        torch.mul(dy[:, :, None, :], self.Cm[:, :, :, None], out=lam)
-        lam_t, Q_t = self._steps(lam), self._steps(Q)
-        Q_t[-1].fill_(1.0)
-        for t in range(self.T - 2, -1, -1):
-            lam_t[t].addcmul_(a_t[t + 1], lam_t[t + 1])
-            torch.mul(Q_t[t + 1], a_t[t + 1], out=Q_t[t])
-        G = _ws.get("g_in", (self.Bsz, self.nc, self.N, self.D), self.dev)  # dL/dh at chunk ends
-        G_c, lam0_c, Q0_c, a0_c = G.unbind(1), lam_t[0].unbind(1), Q_t[0].unbind(1), a_t[0].unbind(1)
+        a_t, dy_t, C_t = self._steps(a), self._steps(dy), self._steps(self.Cm)
+        T, nc = self.T, self.nc
+        firsts = torch.mul(dy_t[-1][:, :, None, :], C_t[-1][:, :, :, None])
+        for t in range(T - 2, -1, -1):
+            firsts.mul_(a_t[t + 1]).addcmul_(dy_t[t][:, :, None, :], C_t[t][:, :, :, None])
+        # G_c = dL/d(state at the end of chunk c) from the chunks after it.
+        Q_c, first_c, a0_c = self.chunk_decay(1).unbind(1), firsts.unbind(1), a_t[0].unbind(1)
+        G = _ws.get("ends_adj", (self.Bsz, nc, self.N, self.D), self.dev)
+        G_c = G.unbind(1)
         if dh_out_BND is None:
             G_c[-1].zero_()
         else:
             G_c[-1].copy_(dh_out_BND)
-        for c in range(self.nc - 1, 0, -1):
-            torch.mul(a0_c[c], torch.addcmul(lam0_c[c], Q0_c[c], G_c[c]), out=G_c[c - 1])
-        dh_in = a0_c[0] * torch.addcmul(lam0_c[0], Q0_c[0], G_c[0])
-        lam.view(self.Bsz, self.nc, self.T, self.N, self.D).addcmul_(
-            Q.view(self.Bsz, self.nc, self.T, self.N, self.D), G[:, :, None])
-        # dC_t = sum_d h_t dy_t;  du_t = sum_n lam_t B_t, dB_t = sum_d lam_t u_t (u = dt x)
+        for c in range(nc - 1, 0, -1):
+            torch.mul(a0_c[c], torch.addcmul(first_c[c], Q_c[c], G_c[c]), out=G_c[c - 1])
+        dh_in = a0_c[0] * torch.addcmul(first_c[0], Q_c[0], G_c[0])
+        lam = self._buf("lam")
+        lam_t = self._steps(lam)
+        nxt = G
+        for t in range(T - 1, -1, -1):
+            if t == T - 1:
+                lam_t[t].copy_(nxt)
+            else:
+                torch.mul(a_t[t + 1], nxt, out=lam_t[t])
+            lam_t[t].addcmul_(dy_t[t][:, :, None, :], C_t[t][:, :, :, None])
+            nxt = lam_t[t]
         L = self.L
+        # dC_t = sum_d h_t dy_t;  du_t = sum_n lam_t B_t, dB_t = sum_d lam_t u_t (u = dt x)
         dC = self._sum_of_product(h, dy[:, :, None, :], 3)[:, :L]
         du = torch.bmm(self.Bm.reshape(-1, 1, self.N), lam.view(-1, self.N, self.D))
         du = du.view(self.Bsz, self.Lp, self.D)[:, :L]
-        dB = self._sum_of_product(lam, (self.dt * self.x)[:, :, None, :], 3)[:, :L]
-        # d(dt A)_t = lam_t h_{t-1} a_t (h_{-1} = h_in), formed in Q's buffer
-        g = Q
+        dB = self._sum_of_product(lam, self.u[:, :, None, :], 3)[:, :L]
+        # d(dt A)_t = g_t = lam_t h_{t-1} a_t (h_{-1} = h_in), in tmp's buffer; h's buffer is then
+        # free to hold the products summed for ddt and dA.
+        g = self._buf("tmp")
         torch.mul(lam[:, 1:], h[:, :-1], out=g[:, 1:])
         if h_in_BND is None:
             g[:, 0].zero_()
         else:
             torch.mul(lam[:, 0], h_in_BND, out=g[:, 0])
         g.mul_(a)
-        dt, x = self.dt[:, :L], self.x[:, :L]
-        ddt = torch.addcmul(self._sum_of_product(g, self.A, 2)[:, :L], du, x)
-        dA = self._sum_of_product(g, self.dt[:, :, None, :], (0, 1))
-        return ddt, du * dt, dA, dB, dC, dh_in
+        ddt = torch.addcmul(torch.mul(g, self.A, out=h).sum(2)[:, :L], du, self.x[:, :L])
+        dA = torch.mul(g, self.dt[:, :, None, :], out=h).sum((0, 1))
+        return ddt, du * self.dt[:, :L], dA, dB, dC, dh_in
 
 
 def _tiles(Bsz: int, L: int, D: int, N: int, device: torch.device):
@@ -254,8 +278,9 @@ def _tiles(Bsz: int, L: int, D: int, N: int, device: torch.device):
 
 class _ChunkedScan(torch.autograd.Function):
     """(dt, x, A, B, C, h0, keep) -> (sum_n C_t h_t (B, L, D), final state (B, N, D)), all fp32;
-    dt after softplus, A as (N, D), h0 as (B, N, D) or None, keep (B, L) 0/1 or None.
-    The backward pass recomputes each tile's states from the saved per-block input states."""
+    dt after softplus, A as (N, D) contiguous, h0 as (B, N, D) or None, keep (B, L) 0/1 or None.
+    The backward pass recomputes each tile's states from the saved per-block input states.
+    First-order gradients only (once_differentiable)."""
 
     @staticmethod
     def forward(ctx, dt, x, A, Bm, Cm, h0, keep):
@@ -274,8 +299,9 @@ class _ChunkedScan(torch.autograd.Function):
                     h_ins[j, :, :, d0:d1].copy_(h)
                 blk = _Block(dt[:, l0:l1, d0:d1], x[:, l0:l1, d0:d1], A[:, d0:d1], Bm[:, l0:l1],
                              Cm[:, l0:l1], None if keep is None else keep[:, l0:l1], CHUNK)
-                states, h = blk.states(blk.decay(), h)
-                y[:, l0:l1, d0:d1] = blk.output(states)
+                a = blk.decay()
+                starts, h = blk.chunk_starts(a, h)
+                y[:, l0:l1, d0:d1] = blk.output(blk.states(a, starts))
             h_fin[:, :, d0:d1] = h
         ctx.save_for_backward(dt, x, A, Bm, Cm, keep, h_ins)
         ctx.has_h0 = h0 is not None
@@ -341,7 +367,8 @@ def selective_scan(
         return x_BLD.new_zeros(Bsz, 0, D), h
     keep = None if reset_BL is None else (~reset_BL).float()
     h0 = None if state_BDN is None else state_BDN.float().transpose(1, 2)
-    y, h_ND = _ChunkedScan.apply(dt, x, A_DN.float().t(), B_BLN.float(), C_BLN.float(), h0, keep)
+    A_ND = A_DN.float().t().contiguous()  # contiguous: D is the inner axis of every big op
+    y, h_ND = _ChunkedScan.apply(dt, x, A_ND, B_BLN.float(), C_BLN.float(), h0, keep)
     if D_D is not None:
         y = torch.addcmul(y, x, D_D.float())
     if z_BLD is not None:
