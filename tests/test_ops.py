@@ -335,3 +335,20 @@ def test_model_logits_torch_backend_equal_reference(rng, restore_backend, preset
     assert_close(s_t.ssm, s_r.ssm, 6e-4, 2e-3, f"{preset} final ssm state")
     assert_close(s_t.conv, s_r.conv, 6e-4, 2e-3, f"{preset} final conv state")
     assert_close(g_t, g_r, 6e-4, 2e-3, f"{preset} A_log gradient")
+
+
+def test_chunked_workspace_works_across_inference_mode():
+    """Scratch buffers first made under inference_mode are reused by a later autograd call."""
+    from falcon_mamba.ops import chunked
+
+    chunked._ws.bufs.clear()
+    g = torch.Generator().manual_seed(5)
+    x, dt, A, Bm, Cm = (torch.randn(2, 40, 24, generator=g), torch.randn(2, 40, 24, generator=g),
+                        -torch.rand(24, 4, generator=g) - 0.1, torch.randn(2, 40, 4, generator=g),
+                        torch.randn(2, 40, 4, generator=g))
+    with torch.inference_mode():
+        y_inf, _ = chunked.selective_scan(x, dt, A, Bm, Cm)
+    x.requires_grad_(True)
+    y, _ = chunked.selective_scan(x, dt, A, Bm, Cm)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf) and x.grad is not None and torch.isfinite(x.grad).all()

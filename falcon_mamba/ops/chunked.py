@@ -106,7 +106,10 @@ class _Workspace(threading.local):
         key = (name, device)
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=torch.float32, device=device)
+            # A buffer made under inference_mode could not be written outside it later: make a
+            # normal tensor, which works in both modes.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=torch.float32, device=device)
             self.bufs[key] = buf
         return buf[:numel].view(shape)
 
