@@ -97,8 +97,23 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.f
     with torch.device("meta"):
         model = FalconMamba(config)
     want = expected_shapes(model)
+    tensors = read_tensors(
+        folder, files, want, device, config.tie_word_embeddings,
+        lambda name, t: torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
+    assign_tensors(model, tensors)
+    model.eval()
+    model.source = str(folder)
+    return model
+
+
+def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int, ...]],
+                 device: torch.device, tied: bool, target_dtype) -> dict[str, torch.Tensor]:
+    """Read the tensors named in ``want`` (name -> shape) from their files, each cast to
+    ``target_dtype(name, tensor)`` on device, one at a time through mmap. target_dtype may return a
+    string instead of a dtype: a problem with that tensor. Every missing, unexpected, mis-shaped or
+    refused tensor is collected and reported in one UserError."""
     names = set(files)
-    if config.tie_word_embeddings:
+    if tied:
         names.discard("lm_head.weight")  # some writers store the tied head too
     missing = sorted(set(want) - names)
     unexpected = sorted(names - set(want))
@@ -107,11 +122,11 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.f
         problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if unexpected:
         problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    tensors: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in want:
         if name in files:
             by_file.setdefault(files[name], []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
         with _open(path) as f:
             for name in keys:
@@ -122,18 +137,24 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.f
                 if tuple(t.shape) != want[name]:
                     problems.append(f"{name} has shape {tuple(t.shape)}, expected {want[name]}")
                     continue
-                target = torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype
+                target = target_dtype(name, t)
+                if isinstance(target, str):
+                    problems.append(target)
+                    continue
                 tensors[name] = t.to(device=device, dtype=target)
     if problems:
         raise UserError(f"{folder}: checkpoint does not fit the config: {'; '.join(problems)}")
-    if config.tie_word_embeddings:
+    return tensors
+
+
+def assign_tensors(model: FalconMamba, tensors: dict[str, torch.Tensor]) -> None:
+    """Put loaded tensors into a meta-built model (strict), re-tying the head when tied."""
+    tied = model.config.tie_word_embeddings
+    if tied:
         tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.backbone.embeddings.weight
-    model.eval()
-    model.source = str(folder)
-    return model
 
 
 def _parse_size(size: int | str) -> int:

@@ -156,7 +156,7 @@ def load_quantized(folder: str | os.PathLike, config: ModelConfig, dtype: torch.
     """Load a folder written by save_quantized. ``dtype`` applies to the high-precision tensors and
     the activations; quantized tensors keep their stored types. Missing, unexpected, mis-shaped or
     mis-typed tensors raise one UserError naming them."""
-    from falcon_mamba.checkpoint import _open, _weight_files
+    from falcon_mamba.checkpoint import _weight_files, assign_tensors, read_tensors
 
     folder = Path(folder)
     meta = read_quantization_json(folder, config)
@@ -172,47 +172,16 @@ def load_quantized(folder: str | os.PathLike, config: ModelConfig, dtype: torch.
     if config.tie_word_embeddings:
         want.pop("lm_head.weight", None)
     quant_keys = {f"{m}.{b}" for m in meta["modules"] for b in ("qweight", "scales", "zeros")}
-    files = _weight_files(folder)
-    names = set(files)
-    if config.tie_word_embeddings:
-        names.discard("lm_head.weight")
-    problems = []
-    missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
-    if missing:
-        problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    by_file: dict[Path, list[str]] = {}
-    for name in want:
-        if name in files:
-            by_file.setdefault(files[name], []).append(name)
-    tensors: dict[str, torch.Tensor] = {}
-    for path, keys in by_file.items():
-        with _open(path) as f:
-            for name in keys:
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:
-                    raise UserError(f"{path}: tensor {name} cannot be read ({e})") from None
-                shape, want_dtype = want[name]
-                if tuple(t.shape) != shape:
-                    problems.append(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-                    continue
-                if name in quant_keys:
-                    if t.dtype != want_dtype:
-                        problems.append(f"{name} is {t.dtype}, expected {want_dtype}")
-                        continue
-                    target = want_dtype
-                else:
-                    target = torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype
-                tensors[name] = t.to(device=device, dtype=target)
-    if problems:
-        raise UserError(f"{folder}: quantized checkpoint does not fit its config: {'; '.join(problems)}")
-    if config.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
+    def target_dtype(name, t):
+        if name not in quant_keys:
+            return torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype
+        if t.dtype != want[name][1]:
+            return f"{name} is {t.dtype}, expected {want[name][1]}"
+        return t.dtype
+
+    tensors = read_tensors(folder, _weight_files(folder), {k: v[0] for k, v in want.items()}, device,
+                           config.tie_word_embeddings, target_dtype)
+    assign_tensors(model, tensors)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.act_dtype = dtype
