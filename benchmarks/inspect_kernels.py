@@ -57,12 +57,18 @@ def main():
     args = ap.parse_args()
     bf, f32 = "*bf16", "*fp32"
     scan_ptrs = dict(x_ptr=bf, dt_ptr=bf, z_ptr=bf, b_ptr=bf, c_ptr=bf, a_ptr=f32, dskip_ptr=f32,
-                     dtb_ptr=f32, h0_ptr=f32, rst_ptr="*u8", y_ptr=bf, hT_ptr=f32, chk_ptr=f32)
-    for bd, t, w in [(32, 8, 1), (32, 16, 1), (64, 8, 2)]:
+                     dtb_ptr=f32, h0_ptr=f32, rst_ptr="*u8", y_ptr=bf, hT_ptr=f32, chk_ptr=f32,
+                     sum_ptr=f32)
+    for bd, t, w, only in [(32, 8, 1, False), (32, 8, 1, True), (32, 16, 1, False), (64, 8, 2, False)]:
         k = compile_one(triton_scan._scan_fwd_kernel, scan_ptrs,
                         dict(N=16, NP=16, BD=bd, T=t, CHKS=128, HAS_Z=True, HAS_D=True, HAS_DTB=True,
-                             HAS_H0=True, HAS_RST=False, SAVE_CHK=False, DEFER=True), w)
-        report(f"scan_fwd bd={bd} T={t} w={w}", k, args.dump)
+                             HAS_H0=True, HAS_RST=False, SAVE_CHK=False, DEFER=True, STATE_ONLY=only,
+                             STORE_HT=True), w)
+        report(f"scan_fwd{'_state' if only else ''} bd={bd} T={t} w={w}", k, args.dump)
+    k = compile_one(triton_scan._scan_carry_kernel, dict(hloc_ptr=f32, sum_ptr=f32, a_ptr=f32, h0_ptr=f32,
+                                                         hT_ptr=f32),
+                    dict(N=16, NP=16, BD=32, HAS_H0=True), 1)
+    report("scan_carry bd=32", k, args.dump)
     bwd_ptrs = dict(scan_ptrs, chk_ptr=f32, dy_ptr=bf, dhT_ptr=f32, scr_ptr=f32, dx_ptr=bf, ddt_ptr=bf,
                     dz_ptr=bf, db_ptr=f32, dc_ptr=f32, dA_ptr=f32, dD_ptr=f32, ddtb_ptr=f32, dh0_ptr=f32)
     k = compile_one(triton_scan._scan_bwd_kernel, bwd_ptrs,

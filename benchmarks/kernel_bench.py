@@ -40,22 +40,25 @@ def scan_variants(rows, L=16384, D=8192, N=16):
     yr, _ = reference.selective_scan(f64(x), f64(dt), A[sel].cpu().double(), Bm.cpu().double(),
                                      Cm.cpu().double(), Dv[sel].cpu().double(), f64(z),
                                      dtb[sel].cpu().double())
-    for bd, unroll, warps, defer in [(32, 16, 1, True), (32, 8, 1, True), (16, 16, 1, True),
-                                     (64, 16, 2, True)]:
-        def fn(bd=bd, unroll=unroll, warps=warps, defer=defer):
+    # (block_d, unroll, warps, length chunk): L = one sequential pass (the old kernel)
+    for bd, unroll, warps, chunk in [(32, 8, 1, L), (32, 8, 1, 256), (32, 8, 1, 128), (32, 8, 1, 512),
+                                     (32, 8, 1, 1024), (16, 8, 1, 256), (64, 8, 2, 256),
+                                     (32, 4, 1, 256), (32, 16, 1, 256), (16, 4, 1, 128)]:
+        name = f"scan_fwd bd={bd} T={unroll} w={warps} chunk={chunk}"
+
+        def fn(bd=bd, unroll=unroll, warps=warps, chunk=chunk):
             return triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, block_d=bd, unroll=unroll,
-                                        num_warps=warps, defer=defer)
+                                        num_warps=warps, chunk=chunk)
         try:
             y, _, _ = fn()
             err = ((y[..., sel].cpu().double() - yr).norm() / yr.norm()).item()
-            t = bench(fn)
+            t = bench(fn, reps=20)
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported
-            rows.append({"kernel": f"scan_fwd bd={bd} T={unroll} w={warps} defer={defer}",
-                         "error": str(e)[:200]})
+            rows.append({"kernel": name, "error": str(e)[:200]})
             continue
-        rows.append({"kernel": f"scan_fwd bd={bd} T={unroll} w={warps} defer={defer}",
-                     "shape": f"B=1 L={L} D={D}", "ms": t * 1e3, "GB/s": nbytes / t / 1e9,
-                     "rel_err_vs_ref": err})
+        rows.append({"kernel": name, "shape": f"B=1 L={L} D={D}", "ms": t * 1e3,
+                     "GB/s": nbytes / t / 1e9, "rel_err_vs_ref": err})
+        print(rows[-1], flush=True)
     w = r(D, 4).bfloat16()
     t = bench(lambda: triton_conv.conv_fwd(x, w, Dv.bfloat16(), None, True))
     rows.append({"kernel": "conv_fwd (strided x)", "shape": f"B=1 L={L} D={D}", "ms": t * 1e3,
@@ -113,18 +116,23 @@ def gemv_variants(rows):
 
     dev, bf = "cuda", torch.bfloat16
     for name, (N, K) in (("in_proj", (16384, 4096)), ("out_proj", (4096, 8192)),
-                         ("lm_head", (65024, 4096))):
+                         ("x_proj", (288, 8192)), ("lm_head", (65024, 4096))):
         x = torch.randn(1, K, device=dev, dtype=bf)
         W = torch.randn(N, K, device=dev, dtype=bf)
         ref = torch.nn.functional.linear(x, W).float()
         t = bench(lambda: torch.nn.functional.linear(x, W))  # noqa: B023
         rows.append({"kernel": f"{name} cuBLAS", "us": t * 1e6, "GB/s": W.numel() * 2 / t / 1e9})
-        for bn, bk, w, st in [(8, 512, 4, 4), (4, 1024, 4, 4), (16, 256, 4, 4), (8, 512, 8, 3),
-                              (2, 2048, 4, 3), (16, 512, 8, 3)]:
+        for bn, bk, w, st in [(8, 512, 4, 4), (4, 1024, 4, 4), (8, 512, 8, 3), (2, 2048, 4, 3),
+                              (16, 512, 8, 3), (4, 512, 4, 6), (8, 256, 4, 8), (2, 1024, 2, 4),
+                              (1, 2048, 4, 4), (4, 2048, 8, 3), (32, 256, 8, 3), (16, 1024, 8, 2)]:
             def fn(bn=bn, bk=bk, w=w, st=st, x=x, W=W):
                 return triton_decode.gemv(x, W, bn=bn, bk=bk, num_warps=w, num_stages=st)
-            err = ((fn().float() - ref).norm() / ref.norm()).item()
-            t = bench(fn)
+            try:
+                err = ((fn().float() - ref).norm() / ref.norm()).item()
+                t = bench(fn)
+            except Exception as e:  # noqa: BLE001 - one failing config does not end the sweep
+                rows.append({"kernel": f"{name} gemv bn={bn} bk={bk} w={w} s={st}", "error": str(e)[:100]})
+                continue
             rows.append({"kernel": f"{name} triton gemv bn={bn} bk={bk} w={w} s={st}", "us": t * 1e6,
                          "GB/s": W.numel() * 2 / t / 1e9, "rel_err": err})
 
@@ -165,14 +173,51 @@ def graph_profile(rows):
         dec._slots.clear()
 
 
+def prefill_profile(rows, L=16384):
+    """Per-kernel GPU time of one 16k-token parallel prefill of the 7B shapes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from falcon_mamba.cli._bench_util import build_ours
+    from falcon_mamba.config import get_preset
+
+    model = build_ours(get_preset("falcon-mamba-7b"), torch.bfloat16, torch.device("cuda"))
+    ids = torch.randint(0, 65024, (1, L), device="cuda")
+    for _ in range(2):
+        model(ids, last_only=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(ids, last_only=True)
+        torch.cuda.synchronize()
+    agg = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            c = agg.setdefault(e.name[:70], [0.0, 0])
+            c[0] += e.device_time
+            c[1] += 1
+    total = sum(v[0] for v in agg.values())
+    t0 = torch.cuda.Event(enable_timing=True)
+    t1 = torch.cuda.Event(enable_timing=True)
+    t0.record()
+    model(ids, last_only=True)
+    t1.record()
+    t1.synchronize()
+    rows.append({"kernel": f"prefill L={L} total kernel time", "ms": total / 1e3,
+                 "wall_ms": t0.elapsed_time(t1)})
+    for k, (us, cnt) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:14]:
+        rows.append({"kernel": f"  prefill {k}", "ms": us / 1e3, "launches": cnt})
+    del model
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
+    p.add_argument("--parts", default="scan,decode,gemv,graph,prefill")
     args = p.parse_args()
     rows = []
     props = torch.cuda.get_device_properties(0)
-    for part in (scan_variants, lambda r: [decode_pieces(r, B) for B in (1, 64)], gemv_variants,
-                 graph_profile):
+    table = {"scan": scan_variants, "decode": lambda r: [decode_pieces(r, B) for B in (1, 64)],
+             "gemv": gemv_variants, "graph": graph_profile, "prefill": prefill_profile}
+    for part in [table[k] for k in args.parts.split(",")]:
         try:
             part(rows)
         except Exception as e:  # noqa: BLE001 - report and go on: one device call, many parts

@@ -109,6 +109,37 @@ def test_backward_small_with_resets(rng, monkeypatch):
     check_backward(1, 13, 12, 3, torch.float32, rng, reset=True)
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_forward_length_chunked_matches_reference(rng, monkeypatch, reset):
+    """The three-pass forward (chunks from a zero state, carry, chunks again): chunk lengths that
+    do and do not divide L, with an initial state and document resets (one at a chunk start)."""
+    monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK", 4)
+    inp = scan_inputs(2, 19, 20, 5, torch.float32, DEV, rng, reset)
+    x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst = inp
+    if reset:
+        rst[0, 8] = True
+    yr, hr = ref_scan(*[t.double() if t is not None and t.is_floating_point() else t for t in inp])
+    for chunk in (4, 5, 19):
+        y, h, _ = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, chunk=chunk)
+        assert_close(y, yr, 6e-4, 2e-3, f"y chunk={chunk}")
+        assert_close(h, hr, 6e-4, 2e-3, f"state chunk={chunk}")
+
+
+def test_length_chunk_choice(monkeypatch):
+    # batch 1 at the 7B width: 256 programs -> 64 chunks; many rows already fill the GPU
+    assert triton_scan.length_chunk(1, 16384, 8192, 32) == 256
+    assert triton_scan.length_chunk(1, 1 << 20, 8192, 32) == (1 << 20) // 64
+    assert triton_scan.length_chunk(64, 16384, 8192, 32) == 16384
+    assert triton_scan.length_chunk(1, 300, 8192, 32) == 300  # too short to split
+
+
+def test_backward_small_length_chunked(rng, monkeypatch):
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK", 4)
+    monkeypatch.setattr(triton_scan, "FWD_UNROLL", 4)
+    check_backward(1, 21, 12, 3, torch.float32, rng, reset=True)
+
+
 def test_empty_length_returns_initial_state(rng):
     x, dt, A, Bm, Cm, Dv, z, dtb, h0, _ = scan_inputs(2, 0, 8, 4, torch.float32, DEV, rng)
     y, h = triton_backend.selective_scan(x, dt, A, Bm, Cm, Dv, z, dtb, h0)
@@ -132,6 +163,17 @@ def test_cpu_tensors_without_interpreter_are_refused(rng, monkeypatch):
 @pytest.mark.parametrize("D", [40, 512])
 def test_forward_cuda(dtype, L, D, rng):
     check_forward(2, L, D, 16, dtype, rng, reset=(L == 4096))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_cuda_chunked_equals_sequential(dtype, rng):
+    """Length-chunked and single-pass forwards agree (resets, initial state, 7B-like width)."""
+    x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst = scan_inputs(1, 4096, 1024, 16, dtype, DEV, rng, reset=True)
+    y1, h1, _ = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, chunk=4096)
+    y2, h2, _ = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, chunk=256)
+    assert_close(y2.float(), y1.float(), *TOL[dtype], "y chunked vs sequential")
+    assert_close(h2, h1, 6e-4, 2e-3, "state chunked vs sequential")
 
 
 @pytest.mark.cuda

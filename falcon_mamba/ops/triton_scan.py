@@ -37,6 +37,12 @@ FWD_DEFER = True
 BWD_BLOCK_D = 32
 BWD_WARPS = 1
 CHK = 128  # steps between saved states for the backward; a multiple of FWD_UNROLL
+# Length chunking of the forward (length_chunk): aim for this many programs in all, at most this
+# many chunks per row (the carry pass walks them in sequence), chunks at least this long.
+FWD_CHUNK_PROGRAMS = 16384
+FWD_MAX_CHUNKS = 64
+FWD_MIN_CHUNK = 256
+CARRY_BLOCK_D = 32
 
 
 @triton.jit
@@ -61,12 +67,13 @@ _INTS_BWD = ["L", "D", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l", "sb_b",
 @triton.jit(do_not_specialize=_INTS_FWD)
 def _scan_fwd_kernel(
     x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, h0_ptr, rst_ptr,
-    y_ptr, hT_ptr, chk_ptr,
-    L, D,
+    y_ptr, hT_ptr, chk_ptr, sum_ptr,
+    L, D, CL, sh0_b, sh0_c,
     sx_b, sx_l, sdt_b, sdt_l, sz_b, sz_l, sb_b, sb_l, sc_b, sc_l, sy_b, sy_l, sr_b, sr_l,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, CHKS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_RST: tl.constexpr, SAVE_CHK: tl.constexpr, DEFER: tl.constexpr,
+    HAS_RST: tl.constexpr, SAVE_CHK: tl.constexpr, DEFER: tl.constexpr, STATE_ONLY: tl.constexpr,
+    STORE_HT: tl.constexpr,
 ):
     # Layout: every (NP, BD) tensor here is built from 1-D per-channel loads (one lane per
     # channel) and per-state scalars, so Triton gives it its default layout: one register per
@@ -75,6 +82,7 @@ def _scan_fwd_kernel(
     # barriers) at every step: 20x slower on the H100 (benchmarks/NOTES.md).
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2).to(tl.int64)  # length chunk [t_beg, t_end) of CL steps
     d = pid_d * BD + tl.arange(0, BD)
     md = d < D
     d64 = d.to(tl.int64)
@@ -85,32 +93,38 @@ def _scan_fwd_kernel(
         a_k = tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)
         A2 = tl.where(nn == k, a_k[None, :] * 1.4426950408889634, A2)
         if HAS_H0:
-            h_k = tl.load(h0_ptr + b * D * N + d64 * N + k, mask=md, other=0.0).to(tl.float32)
+            h_k = tl.load(h0_ptr + b * sh0_b + pid_c * sh0_c + d64 * N + k, mask=md,
+                          other=0.0).to(tl.float32)
             h = tl.where(nn == k, h_k[None, :], h)
     if HAS_D:
         Dv = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    x_p = x_ptr + b * sx_b + d
-    dt_p = dt_ptr + b * sdt_b + d
-    z_p = z_ptr + b * sz_b + d
-    bb_p = b_ptr + b * sb_b  # scalar pointers: B and C are shared by all channels
-    cc_p = c_ptr + b * sc_b
-    y_p = y_ptr + b * sy_b + d
-    r_p = rst_ptr + b * sr_b
+    t_beg = pid_c * CL
+    t_end = tl.minimum(t_beg + CL, L)
+    x_p = x_ptr + b * sx_b + t_beg * sx_l + d
+    dt_p = dt_ptr + b * sdt_b + t_beg * sdt_l + d
+    z_p = z_ptr + b * sz_b + t_beg * sz_l + d
+    bb_p = b_ptr + b * sb_b + t_beg * sb_l  # scalar pointers: B and C are shared by all channels
+    cc_p = c_ptr + b * sc_b + t_beg * sc_l
+    y_p = y_ptr + b * sy_b + t_beg * sy_l + d
+    r_p = rst_ptr + b * sr_b + t_beg * sr_l
     rows = tl.arange(0, T)
     nchk = (L + CHKS - 1) // CHKS
-    t0 = 0
-    while t0 < L:
+    if STATE_ONLY:
+        spsum = tl.zeros((BD,), tl.float32)  # the chunk's total decay is exp2(A2 * spsum) ...
+        seen_rst = tl.zeros((BD,), tl.int32)  # ... or 0 after a document reset inside it
+    t0 = t_beg
+    while t0 < t_end:
         if SAVE_CHK:
             if t0 % CHKS == 0:
                 base = chk_ptr + (b * nchk + t0 // CHKS) * D * N + d64 * N
                 for k in tl.static_range(N):
                     tl.store(base + k, tl.sum(tl.where(nn == k, h, 0.0), axis=0), mask=md)
-        if DEFER:
+        if DEFER and not STATE_ONLY:
             Y = tl.zeros((T, BD), tl.float32)
         for i in tl.static_range(T):
-            ok = (t0 + i) < L
+            ok = (t0 + i) < t_end
             m = md & ok
             xv = tl.load(x_p, mask=m, other=0.0).to(tl.float32)
             v = tl.load(dt_p, mask=m, other=0.0).to(tl.float32)
@@ -126,33 +140,82 @@ def _scan_fwd_kernel(
             Cv = tl.zeros((NP, BD), tl.float32)
             for k in tl.static_range(N):
                 Bv = tl.where(nn == k, tl.load(bb_p + k, mask=ok, other=0.0).to(tl.float32), Bv)
-                Cv = tl.where(nn == k, tl.load(cc_p + k, mask=ok, other=0.0).to(tl.float32), Cv)
+                if not STATE_ONLY:
+                    Cv = tl.where(nn == k, tl.load(cc_p + k, mask=ok, other=0.0).to(tl.float32), Cv)
             if HAS_RST:
                 r = tl.load(r_p, mask=ok, other=0)
                 h = tl.where(r != 0, 0.0, h)
+                if STATE_ONLY:
+                    seen_rst = tl.where(r != 0, 1, seen_rst)
+                    spsum = tl.where(r != 0, 0.0, spsum)
             h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv
-            yv = tl.sum(h * Cv, axis=0)
-            if HAS_D:
-                yv += Dv * xv
-            if HAS_Z:
-                zv = tl.load(z_p, mask=m, other=0.0).to(tl.float32)
-                yv = yv * zv * tl.sigmoid(zv)
-            if DEFER:
-                Y = tl.where(rows[:, None] == i, yv[None, :], Y)
+            if STATE_ONLY:
+                spsum += sp
             else:
-                tl.store(y_p, yv.to(y_ptr.dtype.element_ty), mask=m)
-                y_p += sy_l
+                yv = tl.sum(h * Cv, axis=0)
+                if HAS_D:
+                    yv += Dv * xv
+                if HAS_Z:
+                    zv = tl.load(z_p, mask=m, other=0.0).to(tl.float32)
+                    yv = yv * zv * tl.sigmoid(zv)
+                if DEFER:
+                    Y = tl.where(rows[:, None] == i, yv[None, :], Y)
+                else:
+                    tl.store(y_p, yv.to(y_ptr.dtype.element_ty), mask=m)
+                    y_p += sy_l
             x_p += sx_l
             dt_p += sdt_l
             z_p += sz_l
             bb_p += sb_l
             cc_p += sc_l
             r_p += sr_l
-        if DEFER:
+        if DEFER and not STATE_ONLY:
             tt = t0 + rows
             ptrs = y_ptr + b * sy_b + tt[:, None].to(tl.int64) * sy_l + d[None, :]
-            tl.store(ptrs, Y.to(y_ptr.dtype.element_ty), mask=(tt < L)[:, None] & md[None, :])
+            tl.store(ptrs, Y.to(y_ptr.dtype.element_ty), mask=(tt < t_end)[:, None] & md[None, :])
         t0 += T
+    if STORE_HT:  # the final state (of this chunk when STATE_ONLY: hT is then (B, nchunks, D, N))
+        nck = tl.num_programs(2)
+        for k in tl.static_range(N):
+            tl.store(hT_ptr + (b * nck + pid_c) * D * N + d64 * N + k,
+                     tl.sum(tl.where(nn == k, h, 0.0), axis=0), mask=md)
+    if STATE_ONLY:  # decay exponent of the whole chunk, -1 where a reset cuts it off
+        tl.store(sum_ptr + (b * tl.num_programs(2) + pid_c) * D + d,
+                 tl.where(seen_rst != 0, -1.0, spsum), mask=md)
+
+
+@triton.jit(do_not_specialize=["D", "NC"])
+def _scan_carry_kernel(hloc_ptr, sum_ptr, a_ptr, h0_ptr, hT_ptr, D, NC,
+                       N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr):
+    # Carries the state across the length chunks of one row: h_in(c) = h; h = P_c h + hloc_c, with
+    # P_c = exp2(A2 * sum of the chunk's dt) (0 after a reset in it). hloc (B, NC, D, N) holds each
+    # chunk's final state from a zero start and is overwritten with the chunk's true initial state.
+    # Same layout rule as the forward kernel: (NP, BD) tensors built from per-channel vectors.
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    md = d < D
+    d64 = d.to(tl.int64)
+    nn = tl.arange(0, NP)[:, None] + tl.zeros((NP, BD), tl.int32)
+    A2 = tl.zeros((NP, BD), tl.float32)
+    h = tl.zeros((NP, BD), tl.float32)
+    for k in tl.static_range(N):
+        a_k = tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)
+        A2 = tl.where(nn == k, a_k[None, :] * 1.4426950408889634, A2)
+        if HAS_H0:
+            h_k = tl.load(h0_ptr + b * D * N + d64 * N + k, mask=md, other=0.0).to(tl.float32)
+            h = tl.where(nn == k, h_k[None, :], h)
+    c = 0
+    while c < NC:
+        base = hloc_ptr + (b * NC + c) * D * N + d64 * N
+        s = tl.load(sum_ptr + (b * NC + c) * D + d, mask=md, other=0.0)
+        decay = tl.where(s[None, :] < 0.0, 0.0, tl.exp2(A2 * tl.maximum(s, 0.0)[None, :]))
+        hl = tl.zeros((NP, BD), tl.float32)
+        for k in tl.static_range(N):
+            hl = tl.where(nn == k, tl.load(base + k, mask=md, other=0.0)[None, :], hl)
+            tl.store(base + k, tl.sum(tl.where(nn == k, h, 0.0), axis=0), mask=md)
+        h = decay * h + hl
+        c += 1
     for k in tl.static_range(N):
         tl.store(hT_ptr + b * D * N + d64 * N + k, tl.sum(tl.where(nn == k, h, 0.0), axis=0), mask=md)
 
@@ -320,10 +383,26 @@ def _check_last_stride(name: str, t: torch.Tensor) -> None:
     assert t.stride(-1) == 1, f"{name} must have a contiguous last dim (stride {t.stride()})"
 
 
+def length_chunk(Bsz: int, L: int, D: int, block_d: int) -> int:
+    """The chunk length CL the forward splits the length into (L itself: one sequential pass).
+
+    Batch 1 gives only D / block_d programs (256 for the 7B): each walks the whole length and waits
+    on its loads at every step (latency-bound, ~0.7 us per step). Splitting the length into chunks
+    scanned in parallel from a zero state, then carrying the states across chunks and re-running
+    each chunk from its true initial state, costs a second pass but multiplies the warps in flight
+    by the number of chunks. CL is a multiple of CHK so saved states stay aligned."""
+    progs = triton.cdiv(D, block_d) * Bsz
+    nc = min(FWD_MAX_CHUNKS, FWD_CHUNK_PROGRAMS // max(progs, 1))
+    if nc < 2 or L < 2 * FWD_MIN_CHUNK:
+        return L
+    return max(FWD_MIN_CHUNK, triton.cdiv(triton.cdiv(L, nc), CHK) * CHK)
+
+
 def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=None,
-             save_chk=False, block_d=None, unroll=None, num_warps=None, defer=None):
-    """Launch the forward kernel. Shapes: x, dt, z (B, L, D) any row strides, last dim contiguous;
+             save_chk=False, block_d=None, unroll=None, num_warps=None, defer=None, chunk=None):
+    """Launch the forward kernel(s). Shapes: x, dt, z (B, L, D) any row strides, last dim contiguous;
     Bm, Cm (B, L, N); A (D, N) fp32; Dv, dt_bias (D,); h0 (B, D, N) fp32; reset (B, L) bool.
+    chunk: the length chunk (default length_chunk(); L or more: one sequential pass).
     Returns (y (B, L, D) in x's dtype, final state (B, D, N) fp32, saved states (B, nchk, D, N) or None).
     """
     Bsz, L, D = x.shape
@@ -335,6 +414,11 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     unroll = unroll or FWD_UNROLL
     if save_chk:  # states are saved at chunk starts: CHK must be a multiple of the unroll
         unroll = math.gcd(unroll, CHK)
+    CL = chunk or length_chunk(Bsz, L, D, block_d)
+    if CL < L and save_chk:  # saved states sit at multiples of CHK: chunks must start on them
+        CL = triton.cdiv(CL, CHK) * CHK
+    CL = max(1, min(CL, L))
+    NC = triton.cdiv(L, CL) if L else 1
     y = torch.empty(Bsz, L, D, dtype=x.dtype, device=x.device)
     hT = torch.empty(Bsz, D, N, dtype=torch.float32, device=x.device)
     nchk = triton.cdiv(L, CHK)
@@ -343,21 +427,36 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
         h0 = h0.contiguous()
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     zz = z if z is not None else x
-    grid = (triton.cdiv(D, block_d), Bsz)
+    NP = _np2(N)
+    common = dict(N=N, NP=NP, BD=block_d, T=unroll, CHKS=CHK, HAS_Z=z is not None, HAS_D=Dv is not None,
+                  HAS_DTB=dt_bias is not None, HAS_RST=rst is not None,
+                  DEFER=FWD_DEFER if defer is None else defer, num_warps=num_warps or FWD_WARPS)
+    strides = (x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+               Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), y.stride(0), y.stride(1),
+               rst.stride(0) if rst is not None else 0, rst.stride(1) if rst is not None else 0)
+    ins = (x, dt, zz, Bm, Cm, A, Dv if Dv is not None else A, dt_bias if dt_bias is not None else A)
+    rr = rst if rst is not None else x
+    if NC == 1:
+        _scan_fwd_kernel[(triton.cdiv(D, block_d), Bsz, 1)](
+            *ins, h0 if h0 is not None else hT, rr, y, hT, chk, hT,
+            L, D, max(L, 1), D * N, 0, *strides,
+            HAS_H0=h0 is not None, SAVE_CHK=save_chk, STATE_ONLY=False, STORE_HT=True, **common)
+        return y, hT, (chk if save_chk else None)
+    grid = (triton.cdiv(D, block_d), Bsz, NC)
+    # 1) each chunk from a zero state: its final state and its total decay exponent
+    hloc = torch.empty(Bsz, NC, D, N, dtype=torch.float32, device=x.device)
+    dsum = torch.empty(Bsz, NC, D, dtype=torch.float32, device=x.device)
     _scan_fwd_kernel[grid](
-        x, dt, zz, Bm, Cm, A, Dv if Dv is not None else A, dt_bias if dt_bias is not None else A,
-        h0 if h0 is not None else hT, rst if rst is not None else x,
-        y, hT, chk,
-        L, D,
-        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
-        Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), y.stride(0), y.stride(1),
-        rst.stride(0) if rst is not None else 0, rst.stride(1) if rst is not None else 0,
-        N=N, NP=_np2(N), BD=block_d, T=unroll, CHKS=CHK,
-        HAS_Z=z is not None, HAS_D=Dv is not None, HAS_DTB=dt_bias is not None,
-        HAS_H0=h0 is not None, HAS_RST=rst is not None, SAVE_CHK=save_chk,
-        DEFER=FWD_DEFER if defer is None else defer,
-        num_warps=num_warps or FWD_WARPS,
-    )
+        *ins, hT, rr, y, hloc, chk, dsum, L, D, CL, 0, 0, *strides,
+        HAS_H0=False, SAVE_CHK=False, STATE_ONLY=True, STORE_HT=True, **common)
+    # 2) carry the states across chunks (hloc becomes each chunk's initial state; hT the final one)
+    _scan_carry_kernel[(triton.cdiv(D, CARRY_BLOCK_D), Bsz)](
+        hloc, dsum, A, h0 if h0 is not None else hT, hT, D, NC,
+        N=N, NP=NP, BD=CARRY_BLOCK_D, HAS_H0=h0 is not None, num_warps=1)
+    # 3) every chunk again from its initial state: the outputs (and the saved states)
+    _scan_fwd_kernel[grid](
+        *ins, hloc, rr, y, hT, chk, dsum, L, D, CL, NC * D * N, D * N, *strides,
+        HAS_H0=True, SAVE_CHK=save_chk, STATE_ONLY=False, STORE_HT=False, **common)
     return y, hT, (chk if save_chk else None)
 
 
