@@ -6,6 +6,10 @@ Legend: B batch (Bb: its bucket), nL layers, K conv taps, D inner width, N state
 add+RMSNorm kernel, in_proj, one conv-step kernel, x_proj, one fused SSM kernel (norms, dt_proj,
 softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head.
 
+At batch 1 ``fast_step(..., fused=True)`` uses the GEMV kernels of ops/triton_gemv.py instead: per
+layer one launch for add+RMSNorm + in_proj + conv step (norm prologue, conv epilogue), x_proj, the
+fused SSM kernel and out_proj; then norm_f + lm_head in one launch (dense or QuantLinear weights).
+
 ``GraphDecoder`` captures fast_step once per bucket (1, 2, 4, ... 256 rows) over static buffers: the
 token ids, the conv state (nL, Bb, K-1, D), the SSM state (nL, Bb, D, N) and the logits. A State
 handed to ``step`` is *bound* to its bucket: its rows are copied in once and its tensors become
@@ -48,14 +52,69 @@ def _proj(mod, x: torch.Tensor, gemv: bool) -> torch.Tensor:
     return mod(x)
 
 
+def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int) -> torch.Tensor:
+    """x_proj output -> gated y (B, D): one fused kernel when dt_proj is dense, else split + norms +
+    dt_proj module + the plain SSM step."""
+    if _dense(m.dt_proj):
+        return ops.mixer_ssm_step(ssm_i, xc, z, xdbl, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D,
+                                  norm_eps)
+    dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
+    if norm_eps is not None:
+        dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
+    return ops.ssm_step(ssm_i, xc, m.dt_proj(dt_r), -torch.exp(m.A_log.float()), Bm, Cm, m.D.float(), z,
+                        m.dt_proj.bias.float())
+
+
+def fused_supported(model) -> bool:
+    """True where the fused GEMV step applies: every in_proj/x_proj/out_proj and the lm_head is a
+    bias-free dense Linear or a QuantLinear."""
+    from falcon_mamba.ops.triton_gemv import GemvWeight
+
+    mods = [model.lm_head] + [getattr(b.mixer, n) for b in model.backbone.layers
+                              for n in ("in_proj", "x_proj", "out_proj")]
+    return all(GemvWeight.from_module(mod) is not None for mod in mods)
+
+
+def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+    """fast_step at batch 1 with the fused GEMVs (4 launches per layer). The fp32 residual stream
+    ping-pongs between two rows: the in_proj kernel reads one while its program 0 writes the other."""
+    from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
+
+    ops = _ops()
+    c = model.config
+    D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
+    dt = model.dtype
+    h = model.backbone.embeddings(tokens_B)
+    hbufs = torch.empty(2, c.hidden_size, dtype=torch.float32, device=h.device)
+    out = None
+    norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
+    for i, blk in enumerate(model.backbone.layers):
+        m = blk.mixer
+        xz, xc = fused_gemv(GemvWeight.from_module(m.in_proj), h, residual=out, norm_weight=blk.norm.weight,
+                            eps=blk.norm.eps, h_out=hbufs[i % 2], round_in=blk.norm.weight.dtype,
+                            round_y=blk.norm.weight.dtype, out_dtype=dt,
+                            conv=(conv[i, 0], m.conv1d.weight[:, 0], m.conv1d.bias))
+        h = hbufs[i % 2]
+        xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xc)
+        y = _ssm_tail(ops, m, ssm[i], xc[None], xz[None, D:], xdbl[None], norm_eps, R, N)
+        out = fused_gemv(GemvWeight.from_module(m.out_proj), y)
+    norm_f = model.backbone.norm_f
+    logits = fused_gemv(GemvWeight.from_module(model.lm_head), h, residual=out, norm_weight=norm_f.weight,
+                        eps=norm_f.eps, out_dtype=torch.float32, round_to=dt)
+    return logits[None]
+
+
 @torch.no_grad()
 def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-              gemv: bool = False) -> torch.Tensor:
+              gemv: bool = False, fused: bool = False) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
     The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
     SSM kernel when it is a dense Linear. gemv: batch-1 in_proj, out_proj and lm_head by the
-    Triton GEMV instead of cuBLAS (the decoder times both and keeps the faster)."""
+    Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step (the decoder times the three
+    and keeps the fastest)."""
+    if fused and tokens_B.shape[0] == 1:
+        return _fused_step(model, tokens_B, conv, ssm)
     ops = _ops()
     c = model.config
     D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
@@ -71,15 +130,7 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         xz = _proj(m.in_proj, u, gemv)
         xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
         xdbl = m.x_proj(xc)
-        if _dense(m.dt_proj):
-            y = ops.mixer_ssm_step(ssm[i], xc, xz[:, D:], xdbl, m.dt_proj.weight, m.dt_proj.bias,
-                                   m.A_log, m.D, norm_eps)
-        else:
-            dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
-            if norm_eps is not None:
-                dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
-            y = ops.ssm_step(ssm[i], xc, m.dt_proj(dt_r), -torch.exp(m.A_log.float()), Bm, Cm,
-                             m.D.float(), xz[:, D:], m.dt_proj.bias.float())
+        y = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N)
         out = _proj(m.out_proj, y, gemv)
     norm_f = model.backbone.norm_f
     hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
@@ -102,17 +153,34 @@ class _Slot:
         self.logits: torch.Tensor | None = None
         self.owner = None  # weakref to the State bound to these buffers
         self.graph = None
-        self.gemv = False
+        # batch-1 projections: "cublas" (modules), "triton_gemv" or "fused" (FALCON_MAMBA_GEMV=
+        # cublas|triton|fused; auto: timed on CUDA, cublas without graphs)
+        self.mode = "cublas"
         self.timings: dict[str, float] = {}
+        choice = os.environ.get("FALCON_MAMBA_GEMV", "auto")
+        if rows == 1 and choice == "fused":
+            if not fused_supported(model):
+                from falcon_mamba.errors import UserError
+
+                raise UserError("FALCON_MAMBA_GEMV=fused needs bias-free Linear or QuantLinear "
+                                "projections; unset it to let the decoder choose")
+            self.mode = "fused"
+        elif rows == 1 and choice == "triton":
+            self.mode = "triton_gemv"
         if use_graph:
-            if rows == 1 and os.environ.get("FALCON_MAMBA_GEMV", "auto") == "auto":
+            if rows == 1 and choice == "auto":
                 self._autotune(pool)
             else:
-                self.gemv = rows == 1 and os.environ.get("FALCON_MAMBA_GEMV") == "triton"
                 self.graph = self._capture(pool)
 
+    @property
+    def gemv(self) -> bool:
+        """The Triton GEMV (unfused) mode was chosen (read by the benchmarks)."""
+        return self.mode == "triton_gemv"
+
     def _body(self) -> None:
-        self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm, self.gemv)
+        self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm, self.mode == "triton_gemv",
+                                self.mode == "fused")
         self.tokens.copy_(self.logits.argmax(-1))
 
     def _capture(self, pool=None):
@@ -128,10 +196,12 @@ class _Slot:
         return graph
 
     def _autotune(self, pool) -> None:
-        """Batch 1: time the step captured with cuBLAS and with the Triton GEMV projections, then
-        capture the faster one for good (self.logits then points at that graph's output)."""
-        for gemv in (False, True):
-            self.gemv = gemv
+        """Batch 1: time the step captured with cuBLAS, with the Triton GEMV projections and with
+        the fused GEMVs (where supported), then capture the fastest for good (self.logits then
+        points at that graph's output)."""
+        modes = ("cublas", "triton_gemv") + (("fused",) if fused_supported(self.model) else ())
+        for mode in modes:
+            self.mode = mode
             graph = self._capture()  # a private pool: freed with the trial graph
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             for _ in range(3):
@@ -141,9 +211,9 @@ class _Slot:
                 graph.replay()
             end.record()
             end.synchronize()
-            self.timings["triton_gemv" if gemv else "cublas"] = start.elapsed_time(end) / 10
+            self.timings[mode] = start.elapsed_time(end) / 10
             del graph
-        self.gemv = self.timings["triton_gemv"] < self.timings["cublas"]
+        self.mode = min(self.timings, key=self.timings.get)
         self.graph = self._capture(pool)
 
     def replay(self) -> None:

@@ -75,6 +75,18 @@ def test_decoder_binding_and_greedy_without_graphs(rng):
     assert a.tokens_seen == a_ref.tokens_seen and b.tokens_seen == b_ref.tokens_seen
 
 
+def test_decoder_fused_mode_without_graphs(rng, monkeypatch):
+    """FALCON_MAMBA_GEMV=fused: the batch-1 slot runs the fused GEMV step (the batch-3 slot does not)."""
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", "fused")
+    model = _model("tiny-odd")
+    dec = GraphDecoder(model, use_graph=False)
+    state = _prefilled(model, 1, rng)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng)
+    assert_close(dec.step(tok, state), model.step(tok, twin), 1e-4, 1e-4, "fused decoder logits")
+    assert dec.slot(1).mode == "fused" and not dec.slot(1).gemv and dec.slot(3).mode == "cublas"
+
+
 def test_hook_declines_on_cpu(rng):
     model = _model("tiny")
     state = _prefilled(model, 1, rng)
@@ -108,6 +120,35 @@ def test_graph_decoder_matches_model_step_cuda(dtype, B, rng):
             ref_tokens.append(t2)
         assert torch.equal(out, torch.stack(ref_tokens, 1))
         assert state.ssm.data_ptr() != s2.ssm.data_ptr()  # the first state was given its memory back
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", [None, (8, None), (4, 32)])
+def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
+    """Batch 1 on CUDA: the slot times cublas, triton_gemv and fused, keeps the fastest; whichever
+    it keeps, graph replays match model.step (each mode is also forced once)."""
+    from falcon_mamba.quant import quantize_model
+
+    model = _model("tiny", torch.float32, "cuda")
+    if quant is not None:
+        quantize_model(model, bits=quant[0], group_size=quant[1])
+    for choice in ("auto", "fused"):
+        monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
+        dec = GraphDecoder(model)
+        slot = dec.slot(1)
+        if choice == "auto":
+            assert set(slot.timings) == {"cublas", "triton_gemv", "fused"}
+            assert slot.mode == min(slot.timings, key=slot.timings.get)
+        else:
+            assert slot.mode == "fused"
+        state = _prefilled(model, 1, rng)
+        twin = state.clone()
+        tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng).cuda()
+        for _ in range(3):
+            logits = dec.step(tok, state)
+            ref = model.step(tok, twin)
+            assert_close(logits, ref, 1e-4, 1e-4, f"logits ({choice} -> {slot.mode})")
+            tok = ref.argmax(-1)
 
 
 @pytest.mark.cuda

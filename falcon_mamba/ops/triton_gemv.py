@@ -1,0 +1,391 @@
+"""Batch-1 decode GEMV kernels: y (N,) = W (N, K) @ x (K,), W dense or quantized, with fusions.
+
+Legend: N output rows, K input width (H for in_proj/lm_head, D for out_proj/x_proj), Kp padded K
+(int4), G int4 group size, D inner width, CK conv taps, S split-K slices.
+
+One kernel family (``_gemv_kernel``) streams the weight once with fp32 accumulation. Weight formats:
+dense fp32/bf16/fp16, int8 per-row scale, int4 group-wise with zero points (quant/formats.py layout;
+the int4 group scale is applied after each per-group dot product, as triton_qmm does). Two optional
+fusions (constexpr flags) save whole launches in the decode step:
+
+- PROLOGUE add+RMSNorm: the input is u = rmsnorm(h + res) * w_norm, rounded exactly where
+  triton_decode.rms_rows rounds (round_in on the sum, round_y on the normed value, the product in
+  u's dtype). Every program first sums the squares over the whole row (pass 1) and then rebuilds
+  u block by block in the GEMV loop (pass 2), reading h/res/w_norm from L2. Program (0, 0) writes
+  h + res (fp32) to h_out, which must be a different buffer from h (the other programs still read
+  h): the decode step ping-pongs two fp32 residual buffers across layers.
+- EPILOGUE conv step: rows n < D are in_proj's x half; their GEMV value (rounded to y's dtype, as
+  the unfused path stores it) goes through the causal-conv single-token update (state shift,
+  taps, bias, SiLU), writing xc (D,) and the conv state (CK-1, D) in place. All rows are stored to
+  y (so z = y[D:]). Each channel belongs to one program, so the in-place state update is safe.
+
+Split-K (S > 1, for narrow outputs such as x_proj's 288 rows): each program writes an fp32 partial
+(S, N); then either the last program of each row block to arrive (an atomic ticket per block, reset
+to zero by that program so CUDA-graph replays start clean) sums the S partials in order and runs
+the epilogue ("last": one launch), or a second small kernel does ("kernel": two launches). Both are
+deterministic.
+
+Row offsets into the weight are 64-bit (lm_head int4: 65024 x 2048 bytes; fp32 65024 x 4096 > 2^31).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from falcon_mamba.ops.triton_decode import _ROUND, _round
+
+
+@triton.jit
+def _vload(ptrs, mk, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=mk, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _wload(ptrs, mn, mk, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    # A (BN, BK) weight tile; masks only where the shape needs them (unmasked loads vectorise best).
+    if EVEN_N and EVEN_K:
+        return tl.load(ptrs)
+    elif EVEN_K:
+        return tl.load(ptrs, mask=mn[:, None], other=0)
+    elif EVEN_N:
+        return tl.load(ptrs, mask=mk[None, :], other=0)
+    else:
+        return tl.load(ptrs, mask=mn[:, None] & mk[None, :], other=0)
+
+
+@triton.jit
+def _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, MASKED: tl.constexpr, PRO: tl.constexpr,
+           HAS_RES: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, ROUND_U: tl.constexpr):
+    # The GEMV input at indices k (fp32): x itself, or the normed residual sum (PRO).
+    v = _vload(x_ptr + k, mk, MASKED).to(tl.float32)
+    if PRO:
+        if HAS_RES:
+            v += _vload(res_ptr + k, mk, MASKED).to(tl.float32)
+        v = _round(_round(v, ROUND_IN) * rstd, ROUND_Y)
+        v = _round(v * _vload(wn_ptr + k, mk, MASKED).to(tl.float32), ROUND_U)
+    return v
+
+
+@triton.jit
+def _finish(acc, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
+            ROUND_OUT: tl.constexpr, CONV: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr):
+    # Store y (rounded to the model dtype even when y is fp32), then the conv step on rows < D.
+    yv = _round(acc, ROUND_OUT)
+    tl.store(y_ptr + n, yv.to(y_ptr.dtype.element_ty), mask=mn)
+    if CONV:
+        mx = mn & (n < D)
+        c = tl.load(cw_ptr + n * s_cw + (CK - 1), mask=mx, other=0.0).to(tl.float32) * yv
+        for k in tl.static_range(CK - 1):
+            sk = tl.load(cst_ptr + k * s_ck + n, mask=mx, other=0.0)
+            c += tl.load(cw_ptr + n * s_cw + k, mask=mx, other=0.0).to(tl.float32) * sk.to(tl.float32)
+            if k > 0:
+                tl.store(cst_ptr + (k - 1) * s_ck + n, sk, mask=mx)  # shift left by one
+        tl.store(cst_ptr + (CK - 2) * s_ck + n, yv.to(cst_ptr.dtype.element_ty), mask=mx)
+        if HAS_CB:
+            c += tl.load(cb_ptr + n, mask=mx, other=0.0).to(tl.float32)
+        c = c * tl.sigmoid(c)
+        tl.store(xc_ptr + n, c.to(xc_ptr.dtype.element_ty), mask=mx)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, res_ptr, wn_ptr, hout_ptr, eps,
+    w_ptr, s_ptr, z_ptr, s_wn, s_sn,
+    y_ptr, part_ptr, cnt_ptr,
+    cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
+    N, K: tl.constexpr, KL: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MASK_X: tl.constexpr,
+    PRO: tl.constexpr, HAS_RES: tl.constexpr, WRITE_H: tl.constexpr, NORM_BK: tl.constexpr,
+    ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, ROUND_U: tl.constexpr,
+    CONV: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr,
+    SPLIT: tl.constexpr, LAST: tl.constexpr, ROUND_OUT: tl.constexpr,
+):
+    # FMT 0 dense, 8 int8, 4 int4. KL: the K extent of the weight loop (Kp for int4, else K). The
+    # widths are constexpr: one compile per projection shape, loops with known trip counts.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    mn = n < N
+    row = n.to(tl.int64) * s_wn
+    rstd = 1.0
+    if PRO:  # pass 1: the full row's sum of squares (every program needs it)
+        ssq = tl.zeros((NORM_BK,), tl.float32)
+        first = (pid_n == 0) & (pid_s == 0)
+        for k0 in range(0, K, NORM_BK):
+            k = k0 + tl.arange(0, NORM_BK)
+            mk = k < K
+            v = tl.load(x_ptr + k, mask=mk, other=0.0).to(tl.float32)
+            if HAS_RES:
+                v += tl.load(res_ptr + k, mask=mk, other=0.0).to(tl.float32)
+            if WRITE_H:
+                tl.store(hout_ptr + k, v, mask=mk & first)
+            v = _round(v, ROUND_IN)
+            ssq += v * v
+        rstd = tl.rsqrt(tl.sum(ssq, axis=0) / K + eps)
+    k_start = pid_s * K_PER_SPLIT
+    if FMT == 4:
+        HALF: tl.constexpr = BK // 2
+        GW: tl.constexpr = BK if BK < GROUP else GROUP  # K elements per scale within one block
+        NG: tl.constexpr = BK // GW
+        acc_g = tl.zeros((BN, NG), tl.float32)
+        for kk in range(0, K_PER_SPLIT, BK):
+            k0 = k_start + kk
+            b = k0 // 2 + tl.arange(0, HALF)  # byte b holds k = 2b (low nibble) and 2b+1 (high)
+            p = _wload(w_ptr + row[:, None] + b[None, :], mn, b < KL // 2, EVEN_N, EVEN_K)
+            ke = 2 * b
+            xe = _input(x_ptr, res_ptr, wn_ptr, ke, ke < K, rstd, MASK_X, PRO, HAS_RES, ROUND_IN,
+                        ROUND_Y, ROUND_U)
+            xo = _input(x_ptr, res_ptr, wn_ptr, ke + 1, ke + 1 < K, rstd, MASK_X, PRO, HAS_RES,
+                        ROUND_IN, ROUND_Y, ROUND_U)
+            prod = (p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :]
+            if NG == 1:
+                dot = tl.sum(prod, axis=1, keep_dims=True)  # (BN, 1)
+                xsum = tl.sum(xe + xo, axis=0, keep_dims=True)  # (1,)
+            else:
+                dot = tl.sum(tl.reshape(prod, (BN, NG, GW // 2)), axis=2)  # (BN, NG)
+                xsum = tl.sum(tl.reshape(xe + xo, (NG, GW // 2)), axis=1)  # (NG,)
+            g = k0 // GROUP + tl.arange(0, NG)
+            sg = n.to(tl.int64)[:, None] * s_sn + g[None, :]
+            mg = mn[:, None] & (g < KL // GROUP)[None, :]
+            sc = tl.load(s_ptr + sg, mask=mg, other=0.0).to(tl.float32)
+            zp = tl.load(z_ptr + sg, mask=mg, other=0).to(tl.float32)
+            acc_g += sc * (dot - zp * xsum[None, :])
+        acc = tl.sum(acc_g, axis=1)
+    else:
+        acc2 = tl.zeros((BN, BK), tl.float32)
+        for kk in range(0, K_PER_SPLIT, BK):
+            k = k_start + kk + tl.arange(0, BK)
+            mk = k < K
+            xv = _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, MASK_X, PRO, HAS_RES, ROUND_IN, ROUND_Y,
+                        ROUND_U)
+            w = _wload(w_ptr + row[:, None] + k[None, :], mn, mk, EVEN_N, EVEN_K)
+            acc2 += w.to(tl.float32) * xv[None, :]
+        acc = tl.sum(acc2, axis=1)
+        if FMT == 8:
+            acc = acc * tl.load(s_ptr + n, mask=mn, other=0.0).to(tl.float32)
+    if SPLIT == 1:
+        _finish(acc, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT, CONV, CK,
+                HAS_CB)
+    else:
+        tl.store(part_ptr + pid_s * N + n, acc, mask=mn)
+        if LAST:
+            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+            ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT - 1:
+                tot = tl.zeros((BN,), tl.float32)
+                for s in tl.static_range(SPLIT):  # in split order: deterministic
+                    tot += tl.load(part_ptr + s * N + n, mask=mn, other=0.0, cache_modifier=".cg")
+                _finish(tot, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
+                        CONV, CK, HAS_CB)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch (graph replays)
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, N, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
+                   SPLIT: tl.constexpr, BLOCK: tl.constexpr, ROUND_OUT: tl.constexpr, CONV: tl.constexpr,
+                   CK: tl.constexpr, HAS_CB: tl.constexpr):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mn = n < N
+    tot = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLIT):
+        tot += tl.load(part_ptr + s * N + n, mask=mn, other=0.0)
+    _finish(tot, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT, CONV, CK, HAS_CB)
+
+
+# ---- weights and configs -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GemvWeight:
+    """A projection's weight as the kernel reads it. bits 0: dense ``w`` (N, K); 8: int8 ``w`` (N, K)
+    + fp32 ``scales`` (N,); 4: packed ``w`` (N, Kp/2) uint8 + ``scales``/``zeros`` (N, Kp/G)."""
+
+    w: torch.Tensor
+    bits: int = 0
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    group: int = 0
+    K: int = 0  # in_features (the unpadded width)
+
+    @property
+    def N(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def fmt(self) -> str:
+        return {0: "dense", 8: "int8", 4: f"int4g{self.group}"}[self.bits]
+
+    @classmethod
+    def dense(cls, w_NK: torch.Tensor) -> GemvWeight:
+        assert w_NK.stride(1) == 1
+        return cls(w=w_NK, K=w_NK.shape[1])
+
+    @classmethod
+    def from_module(cls, mod) -> GemvWeight | None:
+        """A bias-free nn.Linear or QuantLinear (bias outside its forward is fine: dt_proj), else None."""
+        from falcon_mamba.quant.qlinear import QuantLinear
+
+        if isinstance(mod, QuantLinear):
+            if mod.bias is not None and mod.bias_in_forward:
+                return None
+            return cls(w=mod.qweight, bits=mod.bits, scales=mod.scales, zeros=mod.zeros,
+                       group=mod.group_size or 0, K=mod.in_features)
+        if (isinstance(mod, torch.nn.Linear) and mod.bias is None
+                and mod.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and mod.weight.stride(1) == 1):
+            return cls.dense(mod.weight)
+        return None
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters. bn rows x bk columns per tile; split: K slices (1 = none); reduce: how the
+    split partials are summed ("last" program of a row block, or a separate "kernel");
+    norm_bk: block of the prologue's sum-of-squares pass."""
+
+    bn: int = 8
+    bk: int = 512
+    warps: int = 4
+    stages: int = 4
+    split: int = 1
+    reduce: str = "last"
+    norm_bk: int = 1024
+
+
+# (format, N, K) -> config, filled from the H100 sweep (benchmarks/sweep_decode.py); shapes not
+# listed get default_config's heuristic.
+TUNED: dict[tuple[str, int, int], GemvConfig] = {}
+NUM_SMS_FALLBACK = 132  # interpreter runs: any value works
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return NUM_SMS_FALLBACK
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(weight: GemvWeight, device: torch.device) -> GemvConfig:
+    """~32 bytes of weight per row per iteration x 8-16 rows; split K until ~2 programs per SM."""
+    N, K = weight.N, weight.K
+    hit = TUNED.get((weight.fmt, N, K))
+    if hit is not None:
+        return hit
+    if weight.bits == 0:
+        cfg = GemvConfig(bn=8, bk=256 if weight.w.element_size() == 4 else 512)
+    elif weight.bits == 8:
+        cfg = GemvConfig(bn=16, bk=512)
+    else:
+        cfg = GemvConfig(bn=16, bk=max(256, weight.group))
+    split = 1
+    want = 2 * _num_sms(device)
+    while triton.cdiv(N, cfg.bn) * split < want and split * 2 * cfg.bk <= K:
+        split *= 2
+    return replace(cfg, split=split)
+
+
+_tickets: dict[torch.device, torch.Tensor] = {}
+
+
+def _ticket_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets shared by every "last" split launch on the device: each launch leaves them
+    at zero. Allocated outside graph capture (a buffer from a freed trial graph's pool would dangle)."""
+    buf = _tickets.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("run the split GEMV once before CUDA-graph capture (ticket buffer)")
+        buf = _tickets[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _check_cfg(cfg: GemvConfig, weight: GemvWeight) -> None:
+    for v in (cfg.bn, cfg.bk, cfg.norm_bk):
+        assert v & (v - 1) == 0, f"block sizes must be powers of two: {cfg}"
+    if weight.bits == 4:
+        assert cfg.bk >= 2 and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0), cfg
+    assert cfg.reduce in ("last", "kernel"), cfg.reduce
+
+
+# ---- launcher ----------------------------------------------------------------------------------
+
+def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | None = None,
+               norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+               h_out: torch.Tensor | None = None, round_in=None, round_y=None,
+               conv: tuple | None = None, out_dtype: torch.dtype | None = None, round_to=None,
+               config: GemvConfig | None = None):
+    """y (N,) = W @ input, input (K,) = x, or with norm_weight set (the prologue)
+    rms_rows(x, norm_weight, eps, residual=residual, x_out=h_out, round_in, round_y) computed in the
+    kernel, rounded to norm_weight's dtype. x, residual: one row (K,) or (1, K); h_out (fp32, K
+    elements, not x's memory) receives x + residual.
+
+    conv = (state (CK-1, D) updated in place, weight (D, CK), bias (D,) or None): the epilogue conv
+    step on rows < D; then returns (y, xc (D,)), else y. out_dtype: y's dtype (default x's, or the
+    norm weight's with the prologue); round_to: round the fp32 sum to this dtype before storing
+    (e.g. fp32 logits that equal bf16 ones). The input width must equal weight.K.
+    """
+    x = x.reshape(-1)
+    K, N = weight.K, weight.N
+    assert x.numel() == K and x.stride(0) == 1, (x.shape, K)
+    dev = x.device
+    cfg = config or default_config(weight, dev)
+    _check_cfg(cfg, weight)
+    pro = norm_weight is not None
+    if pro:
+        assert h_out is None or h_out.data_ptr() != x.data_ptr(), "h_out must not alias x"
+        u_dtype = norm_weight.dtype
+    else:
+        u_dtype = x.dtype
+    out_dtype = out_dtype or u_dtype
+    res = residual.reshape(-1) if residual is not None else None
+    y = torch.empty(N, dtype=out_dtype, device=dev)
+    ho = h_out.reshape(-1) if h_out is not None else None
+    if conv is not None:
+        cst, cw, cb = conv
+        D = cw.shape[0]
+        assert cst.stride(-1) == 1 and cw.stride(1) == 1 and cst.shape[-1] == D and N >= D
+        xc = torch.empty(D, dtype=u_dtype, device=dev)
+        cargs = (cst, cw, cb if cb is not None else cw, xc, D, cst.stride(0), cw.stride(0))
+        CK = cw.shape[1]
+    else:
+        xc = None
+        cargs = (y, y, y, y, 0, 0, 0)
+        CK = 2
+    bits = weight.bits
+    KL = weight.w.shape[1] * 2 if bits == 4 else K
+    k_per_split = triton.cdiv(triton.cdiv(KL, cfg.split), cfg.bk) * cfg.bk
+    split = triton.cdiv(KL, k_per_split)
+    grid_n = triton.cdiv(N, cfg.bn)
+    even_k = k_per_split * split == KL  # every block of every slice lies inside the weight
+    last = split > 1 and cfg.reduce == "last"
+    part = torch.empty(split, N, dtype=torch.float32, device=dev) if split > 1 else y
+    cnt = _ticket_buffer(dev, grid_n) if last else y
+    sc = weight.scales if weight.scales is not None else weight.w
+    zp = weight.zeros if weight.zeros is not None else sc
+    round_out = _ROUND.get(round_to, 0) if round_to is not None else 0
+    _gemv_kernel[(grid_n, split)](
+        x, res if res is not None else x, norm_weight if pro else x, ho if ho is not None else x, float(eps),
+        weight.w, sc, zp, weight.w.stride(0), sc.stride(0) if bits == 4 else 0,
+        y, part, cnt, *cargs,
+        N, K, KL, k_per_split,
+        FMT=bits, GROUP=weight.group or 1, BN=cfg.bn, BK=cfg.bk,
+        EVEN_N=N % cfg.bn == 0, EVEN_K=even_k, MASK_X=not (even_k and KL == K),
+        PRO=pro, HAS_RES=res is not None, WRITE_H=ho is not None, NORM_BK=cfg.norm_bk,
+        ROUND_IN=_ROUND[round_in] if round_in is not None else 0,
+        ROUND_Y=_ROUND[round_y] if round_y is not None else 0,
+        ROUND_U=_ROUND.get(u_dtype, 0) if pro else 0,
+        CONV=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
+        SPLIT=split, LAST=last, ROUND_OUT=round_out,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    if split > 1 and not last:
+        RB = 1024
+        _reduce_kernel[(triton.cdiv(N, RB),)](part, N, y, *cargs, SPLIT=split, BLOCK=RB, ROUND_OUT=round_out,
+                                              CONV=conv is not None, CK=CK,
+                                              HAS_CB=conv is not None and conv[2] is not None, num_warps=4)
+    return (y, xc) if conv is not None else y

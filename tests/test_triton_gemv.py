@@ -1,0 +1,186 @@
+"""The batch-1 GEMV kernels (ops/triton_gemv.py) against torch math, and the fused decode step
+(decode_graph.fast_step(fused=True)) against model.step. Interpreter on CPU; cuda-marked 7B shapes."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from falcon_mamba import FalconMamba, get_preset  # noqa: E402
+from falcon_mamba.decode_graph import fast_step, fused_supported  # noqa: E402
+from falcon_mamba.ops import fused_reference, reference  # noqa: E402
+from falcon_mamba.ops.triton_gemv import GemvConfig, GemvWeight, fused_gemv  # noqa: E402
+from falcon_mamba.quant import formats, quantize_model  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2), torch.float16: (3e-2, 5e-2)}
+
+
+def _r(gen, *s, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*s, generator=gen) * scale).to(DEV, dtype)
+
+
+def _weight(W_NK, fmt):
+    """(GemvWeight, the dense fp32 weight it stands for)."""
+    if fmt in ("fp32", "bf16", "fp16"):
+        w = W_NK.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt])
+        return GemvWeight.dense(w), w.float()
+    bits, group = (8, None) if fmt == "int8" else (4, int(fmt.removeprefix("int4g")))
+    t = formats.quantize_weight(W_NK, bits, group)
+    deq = formats.dequantize(t["qweight"], t["scales"], t.get("zeros"), bits, group, W_NK.shape[1],
+                             torch.float32)
+    return GemvWeight(w=t["qweight"], bits=bits, scales=t["scales"], zeros=t.get("zeros"),
+                      group=group or 0, K=W_NK.shape[1]), deq
+
+
+def check_plain(N, K, fmt, act, cfg, gen):
+    gw, Wf = _weight(_r(gen, N, K, scale=K ** -0.5), fmt)
+    x = _r(gen, K, dtype=act)
+    y = fused_gemv(gw, x, config=cfg)
+    assert y.dtype == act and y.shape == (N,)
+    assert_close(y, Wf @ x.float(), *TOL[act], f"gemv {fmt} {N}x{K} {cfg}")
+    logits = fused_gemv(gw, x, config=cfg, out_dtype=torch.float32, round_to=act)
+    assert logits.dtype == torch.float32 and torch.equal(logits, y.float()), "fp32 output rounded to act"
+
+
+def check_fused(D, H, fmt, act, cfg, gen, with_res=True, CK=4):
+    """add+RMSNorm prologue + in_proj (N = 2D) + conv epilogue vs the unfused reference ops."""
+    gw, Wf = _weight(_r(gen, 2 * D, H, scale=H ** -0.5), fmt)
+    h = _r(gen, H) if with_res else _r(gen, H, dtype=act)  # layer 0 reads the embedding row
+    res = _r(gen, H, dtype=act) if with_res else None
+    wn = _r(gen, H, dtype=act)
+    st = _r(gen, CK - 1, D, dtype=act)
+    cw, cb = _r(gen, D, CK, dtype=act), _r(gen, D, dtype=act)
+    st_ref = st.clone()
+    ho, ho_ref = torch.full((H,), float("nan"), device=DEV), torch.empty(1, H, device=DEV)
+    xz, xc = fused_gemv(gw, h, residual=res, norm_weight=wn, eps=1e-5, h_out=ho, round_in=act,
+                        round_y=act, conv=(st, cw, cb), config=cfg)
+    u = fused_reference.add_rms_norm(h[None], None if res is None else res[None], wn, 1e-5, round_to=act,
+                                     h_out=ho_ref)
+    xz_ref = (Wf @ u[0].float()).to(act)
+    xc_ref = reference.conv_step(st_ref[None], xz_ref[None, :D], cw, cb)[0]
+    rtol, atol = TOL[act]
+    assert_close(ho, ho_ref[0], 1e-6, 1e-6, "residual sum written by program 0")
+    assert_close(xz, xz_ref, rtol, atol, f"fused in_proj {fmt} {cfg}")
+    assert_close(xc, xc_ref, rtol, atol, f"fused conv {fmt} {cfg}")
+    assert_close(st, st_ref, rtol, atol, "conv state")
+    assert torch.equal(st[:-1], st_ref[:-1]), "conv state shift"
+    # norm_f + lm_head form: no residual write, fp32 norm input, fp32 logits of act-rounded values
+    logits = fused_gemv(gw, h, residual=res, norm_weight=wn, eps=1e-5, out_dtype=torch.float32,
+                        round_to=act, config=cfg)
+    un = fused_reference.add_rms_norm(h[None], None if res is None else res[None], wn, 1e-5, round_to=None)
+    assert_close(logits, (Wf @ un[0].float()).to(act).float(), rtol, atol, "norm_f + lm_head")
+
+
+C = GemvConfig
+PLAIN_CASES = [  # (N, K, fmt, act, config): N and K not multiples of the blocks, split-K both ways
+    (37, 100, "fp32", torch.float32, C(bn=8, bk=32)),
+    (37, 100, "fp32", torch.float32, C(bn=16, bk=32, split=3)),
+    (37, 100, "bf16", torch.bfloat16, C(bn=8, bk=64, split=2, reduce="kernel")),
+    (40, 128, "bf16", torch.bfloat16, C(bn=8, bk=64)),  # no masks at all
+    (33, 90, "int8", torch.float32, C(bn=8, bk=32, split=2)),
+    (33, 90, "int8", torch.bfloat16, C(bn=4, bk=128)),
+    (29, 100, "int4g32", torch.float32, C(bn=8, bk=64, split=2)),  # padded K, 2 groups per block
+    (29, 100, "int4g32", torch.bfloat16, C(bn=8, bk=16, split=3, reduce="kernel")),  # half groups
+    (24, 256, "int4g128", torch.float32, C(bn=8, bk=128)),
+]
+
+
+def test_plain_gemv_formats(rng):
+    for N, K, fmt, act, cfg in PLAIN_CASES:
+        check_plain(N, K, fmt, act, cfg, rng)
+
+
+def test_fused_norm_gemv_conv(rng):
+    check_fused(20, 48, "fp32", torch.float32, C(bn=8, bk=32), rng)
+    check_fused(20, 48, "bf16", torch.bfloat16, C(bn=16, bk=32, split=2, norm_bk=16), rng, with_res=False)
+    check_fused(21, 40, "int8", torch.float32, C(bn=8, bk=16, split=2, reduce="kernel"), rng, CK=3)
+    check_fused(20, 48, "int4g32", torch.float32, C(bn=8, bk=32, norm_bk=32), rng)
+
+
+def test_h_out_must_not_alias_input(rng):
+    gw, _ = _weight(_r(rng, 8, 16), "fp32")
+    h = _r(rng, 16)
+    with pytest.raises(AssertionError, match="alias"):
+        fused_gemv(gw, h, norm_weight=_r(rng, 16), h_out=h)
+
+
+def _model(preset, seed=0):
+    torch.manual_seed(seed)
+    with torch.device(DEV):
+        return FalconMamba(get_preset(preset)).eval()
+
+
+@pytest.mark.parametrize("preset,quant", [("tiny-odd", None), ("tiny-mamba", None), ("tiny-odd", (8, None)),
+                                          ("tiny-mamba", (4, 32))])
+def test_fused_fast_step_matches_model_step(preset, quant, rng):
+    model = _model(preset)
+    if quant is not None:
+        quantize_model(model, bits=quant[0], group_size=quant[1])
+    assert fused_supported(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=rng).to(DEV)
+    with torch.no_grad():
+        _, state = model(ids)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng).to(DEV)
+    for _ in range(2):  # the second step reads the state the first one wrote
+        logits = fast_step(model, tok, state.conv, state.ssm, fused=True)
+        ref = model.step(tok, twin)
+        assert_close(logits, ref, 1e-4, 1e-4, f"fused step logits {preset} {quant}")
+        tok = ref.argmax(-1)
+    assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
+    assert_close(state.conv, twin.conv, 1e-5, 1e-5, "conv state")
+
+
+def test_fused_mode_env_rejects_unsupported(monkeypatch):
+    from falcon_mamba.decode_graph import GraphDecoder
+    from falcon_mamba.errors import UserError
+
+    model = _model("tiny")
+    model.backbone.layers[0].mixer.out_proj.bias = torch.nn.Parameter(torch.zeros(64, device=DEV))
+    assert not fused_supported(model)
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", "fused")
+    with pytest.raises(UserError, match="fused"):
+        GraphDecoder(model, use_graph=False).slot(1)
+
+
+# ---- GPU: 7B shapes -------------------------------------------------------------------------------
+SHAPES_7B = {"in_proj": (16384, 4096), "out_proj": (4096, 8192), "x_proj": (288, 8192)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4g128", "fp32"])
+@pytest.mark.parametrize("name", list(SHAPES_7B))
+def test_gemv_7b_shapes_cuda(name, fmt, rng):
+    N, K = SHAPES_7B[name]
+    act = torch.float32 if fmt == "fp32" else torch.bfloat16
+    for cfg in (None, C(bn=8, bk=512, split=4), C(bn=8, bk=512, split=4, reduce="kernel")):
+        check_plain(N, K, fmt, act, cfg, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4g128"])
+def test_fused_in_proj_7b_cuda(fmt, rng):
+    for cfg in (None, C(bn=16, bk=256), C(bn=32, bk=256, warps=8)):
+        check_fused(8192, 4096, fmt, torch.bfloat16, cfg, rng)
+
+
+@pytest.mark.cuda
+def test_fused_split_replays_in_a_graph_cuda(rng):
+    """The "last" split reduction leaves its tickets at zero: graph replays stay exact."""
+    gw, Wf = _weight(_r(rng, 288, 8192, scale=8192 ** -0.5), "bf16")
+    x = _r(rng, 8192, dtype=torch.bfloat16)
+    cfg = C(bn=4, bk=512, split=8)
+    fused_gemv(gw, x, config=cfg)  # compile and allocate the tickets outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fused_gemv(gw, x, config=cfg)
+    for _ in range(5):
+        x.copy_(_r(rng, 8192, dtype=torch.bfloat16))
+        g.replay()
+        assert_close(y, (Wf @ x.float()).to(torch.bfloat16), 3e-2, 5e-2, "graph replay")
