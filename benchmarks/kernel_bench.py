@@ -41,9 +41,10 @@ def scan_variants(rows, L=16384, D=8192, N=16):
                                      Cm.cpu().double(), Dv[sel].cpu().double(), f64(z),
                                      dtb[sel].cpu().double())
     # (block_d, unroll, warps, length chunk): L = one sequential pass (the old kernel)
-    for bd, unroll, warps, chunk in [(32, 8, 1, L), (32, 8, 1, 256), (32, 8, 1, 128), (32, 8, 1, 512),
-                                     (32, 8, 1, 1024), (16, 8, 1, 256), (64, 8, 2, 256),
-                                     (32, 4, 1, 256), (32, 16, 1, 256), (16, 4, 1, 128)]:
+    # run 1 (commit 06441cd): sequential 12.5 ms; chunk 256: T=8 3.75, T=4 3.10, T=16 4.81 ms;
+    # chunk 128/512/1024 at T=8: 3.73/3.89/4.21; bd=16: 5.2; bd=64 w=2: 3.75
+    for bd, unroll, warps, chunk in [(32, 4, 1, 256), (32, 2, 1, 256), (32, 4, 1, 128), (32, 2, 1, 128),
+                                     (32, 4, 1, 512), (64, 4, 2, 256), (32, 1, 1, 256)]:
         name = f"scan_fwd bd={bd} T={unroll} w={warps} chunk={chunk}"
 
         def fn(bd=bd, unroll=unroll, warps=warps, chunk=chunk):

@@ -79,7 +79,8 @@ def final_state(x_BLD, conv_state_BKD, reset_BL, K: int) -> torch.Tensor:
     Bsz, L, D = x_BLD.shape
     prev = (conv_state_BKD.to(x_BLD.dtype) if conv_state_BKD is not None
             else x_BLD.new_zeros(Bsz, K - 1, D))
-    new = torch.cat([prev, x_BLD], dim=1)[:, L:].clone()
+    # only the last K-1 inputs can survive: concatenating the whole x copied (B, L, D) per call
+    new = torch.cat([prev, x_BLD[:, max(L - (K - 1), 0):]], dim=1)[:, -(K - 1):].clone()
     if reset_BL is not None and L > 0:
         for j in range(K - 1):  # entry j is position p = L-(K-1)+j; dropped if a reset lies in (p, L-1]
             p = L - (K - 1) + j
