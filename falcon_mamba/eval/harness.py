@@ -1,15 +1,22 @@
 """lm-evaluation-harness model "falcon-mamba": loglikelihood, loglikelihood_rolling, generate_until.
 
-Importing this module registers the model in the harness's registry. lm-eval (0.4.13 checked)
-finds models only through its own ``lm_eval.models`` table, with no plugin entry points, so a bare
-``lm_eval --model falcon-mamba`` cannot see it; run the harness's own CLI through this module:
+After ``pip install "falcon-mamba[eval]"`` (or ``pip install -e ".[dev]"``) lm-eval's own command finds
+the model by name, with no extra step:
 
-    falcon-mamba eval harness --model falcon-mamba --model_args pretrained=FOLDER,dtype=bfloat16 \\
+    lm_eval --model falcon-mamba --model_args pretrained=FOLDER,dtype=bfloat16 \\
         --tasks hellaswag --batch_size 16
-    python -m falcon_mamba.eval.harness --model falcon-mamba ...      (the same)
+    falcon-mamba eval harness --model falcon-mamba ...            (the same CLI, also without the hook)
+    python -m falcon_mamba.eval.harness --model falcon-mamba ...  (the same)
 
-or from Python: ``import falcon_mamba.eval.harness`` then ``lm_eval.simple_evaluate(model=
-"falcon-mamba", model_args={"pretrained": FOLDER}, tasks=[...])``.
+lm-eval (0.4.13 checked) reads no plugin entry points: it knows only the models in its own table and
+those registered by code already imported. The install therefore ships a startup hook
+(``falcon_mamba_lm_eval.pth`` -> ``_falcon_mamba_lm_eval.py``) that adds "falcon-mamba" to the registry
+as a lazy ``"falcon_mamba.eval.harness:FalconMambaLM"`` entry right after ``lm_eval.models`` is
+imported; importing this module (``register_model`` below) replaces that entry with the class. The
+``lm_eval.models`` entry point in pyproject.toml is for lm-eval versions that read entry points.
+
+From Python: ``lm_eval.simple_evaluate(model="falcon-mamba", model_args={"pretrained": FOLDER},
+tasks=[...])`` (with the hook installed; else ``import falcon_mamba.eval.harness`` first).
 
 Model args: pretrained (folder or Hub id; default: the embedded model), device, dtype, batch_size,
 max_gen_toks (256), chunk_size (tokens per forward chunk, 2048).
@@ -35,13 +42,13 @@ import lm_eval.models  # noqa: F401  (fills the registry first: get_model only d
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry, register_model
 from tqdm import tqdm
 
 LOGITS_BUDGET = 1 << 27  # fp32 logits elements held at once (512 MB) when scoring a batch
+ALIASES = ("falcon-mamba", "falcon_mamba")  # the names lm-eval's --model accepts (also in the hook)
 
 
-@register_model("falcon-mamba", "falcon_mamba")
 class FalconMambaLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = None,
                  batch_size: int | str = 8, max_gen_toks: int = 256, chunk_size: int = 2048,
@@ -195,6 +202,17 @@ class FalconMambaLM(TemplateLM):
             q = self.model.quantization
             info["quantization"] = f"int{q['bits']}" + (f"-g{q['group_size']}" if q["group_size"] else "")
         return info
+
+
+if __name__ == "__main__":
+    # Run as `python -m falcon_mamba.eval.harness`, this file's class is a copy that cannot be imported
+    # by name (__main__.FalconMambaLM); register the importable one lazily, as the startup hook does.
+    for _alias in ALIASES:
+        if _alias not in model_registry:
+            model_registry.register(_alias, target="falcon_mamba.eval.harness:FalconMambaLM")
+else:
+    # Upgrades the hook's lazy "falcon_mamba.eval.harness:FalconMambaLM" entries to the class itself.
+    register_model(*ALIASES)(FalconMambaLM)
 
 
 def main(argv: list[str] | None = None) -> None:
