@@ -209,6 +209,53 @@ def prefill_profile(rows, L=16384):
     del model
 
 
+def ssm_step_variants(rows, D=8192, N=16, R=256, H=4096):
+    """Batch-1 decode kernels other than the projections, timed inside CUDA graphs (do_bench
+    without graphs measures the ~20 us host launch instead): the fused SSM step at several tile
+    shapes, the conv step and add+RMSNorm."""
+    from triton.testing import do_bench_cudagraph
+
+    from falcon_mamba.ops import triton_decode
+
+    dev, bf = "cuda", torch.bfloat16
+    st = torch.randn(1, D, N, device=dev)
+    xz = torch.randn(1, 2 * D, device=dev, dtype=bf)
+    xdbl = torch.randn(1, R + 2 * N, device=dev, dtype=bf)
+    W_dt = torch.randn(D, R, device=dev, dtype=bf) * 0.06
+    A_log, Dv, dtb = torch.randn(D, N, device=dev), torch.randn(D, device=dev), torch.randn(D, device=dev)
+    x, z = xz[:, :D], xz[:, D:]
+    ref = None
+    for bd, rb, w in [(64, 64, 4), (32, 256, 4), (16, 256, 4), (16, 256, 2), (32, 128, 4), (8, 256, 2),
+                      (16, 128, 2), (32, 256, 8), (64, 256, 8)]:
+        def fn(bd=bd, rb=rb, w=w):
+            return triton_decode.ssm_step(st, x, xdbl[:, :R], A_log, xdbl[:, R:R + N],
+                                          xdbl[:, R + N:], Dv, z, dtb, W_dt=W_dt, norm_eps=1e-6,
+                                          a_is_log=True, block_d=bd, rb=rb, num_warps=w)
+        try:
+            s0 = st.clone()
+            y = fn()
+            st.copy_(s0)
+            if ref is None:
+                ref = y.float()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            t = do_bench_cudagraph(fn, rep=50) * 1e-3
+        except Exception as e:  # noqa: BLE001
+            rows.append({"kernel": f"ssm_step bd={bd} rb={rb} w={w}", "error": str(e)[:160]})
+            continue
+        rows.append({"kernel": f"ssm_step bd={bd} rb={rb} w={w} (graph)", "us": t * 1e6, "rel_err": err})
+        print(rows[-1], flush=True)
+    conv = torch.randn(1, 3, D, device=dev, dtype=bf)
+    cw, cb = torch.randn(D, 4, device=dev, dtype=bf), torch.randn(D, device=dev, dtype=bf)
+    t = do_bench_cudagraph(lambda: triton_decode.conv_step(conv, x, cw, cb), rep=50) * 1e-3
+    rows.append({"kernel": "conv_step (graph)", "us": t * 1e6})
+    h = torch.randn(1, H, device=dev)
+    o = torch.randn(1, H, device=dev, dtype=bf)
+    wn = torch.randn(H, device=dev, dtype=bf)
+    t = do_bench_cudagraph(lambda: triton_backend.add_rms_norm(h, o, wn, 1e-5, round_to=bf, h_out=h),
+                           rep=50) * 1e-3
+    rows.append({"kernel": "add+rmsnorm (graph)", "us": t * 1e6})
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -217,7 +264,8 @@ def main():
     rows = []
     props = torch.cuda.get_device_properties(0)
     table = {"scan": scan_variants, "decode": lambda r: [decode_pieces(r, B) for B in (1, 64)],
-             "gemv": gemv_variants, "graph": graph_profile, "prefill": prefill_profile}
+             "gemv": gemv_variants, "graph": graph_profile, "prefill": prefill_profile,
+             "ssm": ssm_step_variants}
     for part in [table[k] for k in args.parts.split(",")]:
         try:
             part(rows)

@@ -44,11 +44,14 @@ def _dense(mod) -> bool:
 
 
 def _proj(mod, x: torch.Tensor, gemv: bool) -> torch.Tensor:
-    """mod(x), or the Triton GEMV for one row through a dense bias-free Linear when asked."""
-    if gemv and x.shape[0] == 1 and _dense(mod) and mod.bias is None:
-        from falcon_mamba.ops import triton_decode
+    """mod(x), or for one row the Triton GEMV (ops/triton_gemv.py, tuned per shape and format)
+    through a bias-free dense or quantized Linear when asked."""
+    if gemv and x.shape[0] == 1:
+        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
 
-        return triton_decode.gemv(x, mod.weight)
+        w = GemvWeight.from_module(mod)
+        if w is not None:
+            return fused_gemv(w, x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1))[None]
     return mod(x)
 
 
@@ -129,7 +132,7 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         h = hbuf
         xz = _proj(m.in_proj, u, gemv)
         xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
-        xdbl = m.x_proj(xc)
+        xdbl = _proj(m.x_proj, xc, gemv)
         y = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N)
         out = _proj(m.out_proj, y, gemv)
     norm_f = model.backbone.norm_f

@@ -21,6 +21,7 @@ from falcon_mamba.ops.triton_scan import _softplus
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SSM_BLOCK_D = 64
 SSM_WARPS = 4
+SSM_RB = 64  # dt_proj columns per slice in the fused step
 RMS_WARPS = 8  # for rows of 2048+; fewer for short rows
 DT_PROJ_MAX_BATCH = 4
 
@@ -179,7 +180,8 @@ def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True) -> torch.Tenso
 
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
-             W_dt=None, norm_eps=None, a_is_log=False) -> torch.Tensor:
+             W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
+             num_warps=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) fp32 in place; returns y (B, D).
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
@@ -202,8 +204,10 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     proj = W_dt is not None
     # without the in-kernel projection a program is a cheap elementwise tile: wide blocks, few waves
     BD, warps = (SSM_BLOCK_D, SSM_WARPS) if proj else (512, 8)
+    BD, warps = block_d or BD, num_warps or warps
     R = W_dt.shape[1] if proj else 1
     RP = triton.next_power_of_2(R)
+    RB = min(RP, rb or SSM_RB)
     rdt = W_dt.dtype if proj else dt_or_dtr.dtype
     _ssm_step_kernel[(triton.cdiv(D, BD), Bsz)](
         state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
@@ -212,7 +216,7 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         D, R, float(norm_eps or 0.0),
         x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0, dt_or_dtr.stride(0),
         B_BN.stride(0), C_BN.stride(0), W_dt.stride(0) if proj else 0, y.stride(0),
-        N=N, NP=triton.next_power_of_2(N), RP=RP, RB=min(RP, 64), BD=BD,
+        N=N, NP=triton.next_power_of_2(N), RP=RP, RB=RB, BD=BD,
         HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
         NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
         num_warps=warps,
