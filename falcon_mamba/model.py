@@ -184,6 +184,20 @@ class FalconMamba(nn.Module):
         # self.dtype, not lm_head.weight.dtype: a quantized lm_head has no dense weight.
         return self.lm_head(h.to(self.dtype)).float()
 
+    def _fused_add_norm(self):
+        """The Triton backend module when the residual add + block norm can be one kernel (CUDA,
+        triton backend, no autograd through it), else None."""
+        if self.device.type != "cuda" or (torch.is_grad_enabled() and any(
+                p.requires_grad for p in self.parameters())):
+            return None
+        from falcon_mamba import ops
+
+        if ops.backend_name(self.device) != "triton":
+            return None
+        from falcon_mamba.ops import triton_backend
+
+        return triton_backend
+
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 last_only: bool = False, reset_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """input_ids (B, L) int64 -> logits (B, L, V) fp32 (or (B, 1, V) with last_only) and the
@@ -194,13 +208,25 @@ class FalconMamba(nn.Module):
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         h = self.backbone.embeddings(input_ids)
         convs, ssms = [], []
+        fused = self._fused_add_norm()
+        hbuf = out = None
         for i, blk in enumerate(self.backbone.layers):
-            u = blk.norm(h.to(blk.norm.weight.dtype))
+            if fused:  # one kernel for the residual add, the cast and the norm (same rounding)
+                if hbuf is None:
+                    hbuf = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+                u = fused.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps,
+                                       round_to=blk.norm.weight.dtype, h_out=hbuf)
+                h = hbuf
+            else:
+                u = blk.norm(h.to(blk.norm.weight.dtype))
             out, conv, ssm = blk.mixer(u, None if state is None else state.conv[i],
                                        None if state is None else state.ssm[i], reset_BL)
-            h = h.float() + out
+            if not fused:
+                h = h.float() + out
             convs.append(conv)
             ssms.append(ssm)
+        if fused and out is not None:
+            h = h + out  # the last layer's residual add
         if last_only:
             h = h[:, -1:]
         seen = (0 if state is None else state.tokens_seen) + input_ids.shape[1]

@@ -103,3 +103,26 @@ def test_decode_kernels_cuda(dtype, B, rng):
     check_ssm_steps(B, 8192, 16, 256, dtype, rng, norm=True)
     check_ssm_steps(B, 1000, 16, 64, dtype, rng, norm=False)
     check_norms(B, 4096, dtype, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_forward_fused_add_norm_cuda(dtype, monkeypatch, rng):
+    """model.forward on CUDA fuses residual add + block norm into one kernel (inference only);
+    logits and states equal the layer-by-layer path to rounding."""
+    from falcon_mamba.config import get_preset
+    from falcon_mamba.model import FalconMamba
+
+    torch.manual_seed(0)
+    model = FalconMamba(get_preset("tiny-odd")).to(DEV, dtype).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), generator=rng).to(DEV)
+    assert model._fused_add_norm() is None  # parameters require grad, grad enabled: unfused
+    with torch.no_grad():
+        assert model._fused_add_norm() is not None
+        lf, sf = model(ids)
+        monkeypatch.setattr(FalconMamba, "_fused_add_norm", lambda self: None)
+        lr, sr = model(ids)
+    rtol, atol = TOL[dtype]
+    assert_close(lf, lr, rtol, atol, "logits fused add+norm")
+    assert_close(sf.ssm, sr.ssm, rtol, atol, "ssm state")
+    assert_close(sf.conv.float(), sr.conv.float(), rtol, atol, "conv state")
