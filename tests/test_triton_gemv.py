@@ -84,7 +84,9 @@ PLAIN_CASES = [  # (N, K, fmt, act, config): N and K not multiples of the blocks
     (37, 100, "bf16", torch.bfloat16, C(bn=8, bk=64, split=2, reduce="kernel")),
     (40, 128, "bf16", torch.bfloat16, C(bn=8, bk=64)),  # no masks at all
     (33, 90, "int8", torch.float32, C(bn=8, bk=32, split=2)),
-    (33, 90, "int8", torch.bfloat16, C(bn=4, bk=128)),
+    (33, 90, "int8", torch.bfloat16, C(bn=4, bk=128)),  # K % 4 != 0: the byte-load path
+    (33, 96, "int8", torch.bfloat16, C(bn=8, bk=32, split=2)),  # int32 words, masked last block
+    (32, 128, "int8", torch.float32, C(bn=8, bk=64)),  # int32 words, no masks
     (29, 100, "int4g32", torch.float32, C(bn=8, bk=64, split=2)),  # padded K, 2 groups per block
     (29, 100, "int4g32", torch.bfloat16, C(bn=8, bk=16, split=3, reduce="kernel")),  # half groups
     (24, 256, "int4g128", torch.float32, C(bn=8, bk=128)),
@@ -94,6 +96,45 @@ PLAIN_CASES = [  # (N, K, fmt, act, config): N and K not multiples of the blocks
 def test_plain_gemv_formats(rng):
     for N, K, fmt, act, cfg in PLAIN_CASES:
         check_plain(N, K, fmt, act, cfg, rng)
+
+
+def _one_code_per_row(codes, background, K):
+    """(N, K) with N = len(codes) * K: row r * K + k holds codes[r] at column k, background[r] elsewhere
+    (so every extreme code sits at every byte / nibble position of a 32-bit word)."""
+    rows = []
+    for c, b in zip(codes, background):
+        block = torch.full((K, K), b, dtype=torch.int32)
+        block.fill_diagonal_(c)
+        rows.append(block)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("cfg", [C(bn=8, bk=16), C(bn=16, bk=32, split=2)])
+def test_int8_extreme_codes_decode_exactly(cfg, rng):
+    """-128 (outside formats' [-127, 127], still a valid int8), -127, 127 and 1 among zero codes, scale 1:
+    each output is one code * x product, so it must equal torch's product bit for bit."""
+    K = 32
+    codes = _one_code_per_row([-128, -127, 127, 1], [0, 0, 0, 0], K)
+    gw = GemvWeight(w=codes.to(DEV, torch.int8), bits=8, scales=torch.ones(codes.shape[0], device=DEV), K=K)
+    x = _r(rng, K)
+    y = fused_gemv(gw, x, config=cfg)
+    assert torch.equal(y, (codes.to(DEV).float() * x).sum(1))
+
+
+@pytest.mark.parametrize("cfg", [C(bn=8, bk=32), C(bn=8, bk=64), C(bn=16, bk=16, split=2)])
+def test_int4_extreme_codes_decode_exactly(cfg, rng):
+    """Codes 0 and 15 against zero points 0, 8 and 15 (scale 1); the other codes equal the zero point
+    (they decode to 0). Each output is (code - zero) * x exactly."""
+    K, G = 64, 32
+    pairs = [(15, 0), (0, 15), (0, 8), (15, 8)]  # (code, zero point)
+    codes = _one_code_per_row([c for c, _ in pairs], [z for _, z in pairs], K)
+    zeros = torch.tensor([z for _, z in pairs]).repeat_interleave(K)[:, None].expand(-1, K // G)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    gw = GemvWeight(w=packed.to(DEV), bits=4, scales=torch.ones(zeros.shape, dtype=torch.float16, device=DEV),
+                    zeros=zeros.to(DEV, torch.uint8).contiguous(), group=G, K=K)
+    x = _r(rng, K)
+    y = fused_gemv(gw, x, config=cfg)
+    assert torch.equal(y, ((codes - zeros.repeat_interleave(G, 1)).to(DEV).float() * x).sum(1))
 
 
 def test_fused_norm_gemv_conv(rng):

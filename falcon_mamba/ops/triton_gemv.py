@@ -25,6 +25,11 @@ to zero by that program so CUDA-graph replays start clean) sums the S partials i
 the epilogue ("last": one launch), or a second small kernel does ("kernel": two launches). Both are
 deterministic.
 
+Quantized weights are read as int32 words (4 int8 / 8 int4 codes) and decoded without int->float
+conversions (I2F is quarter rate on Hopper and bound the int kernels): each code is masked in place
+and OR-ed into the exponent of 2^23 (one LOP3), read as fp32 and offset by one FADD (``_magic``);
+x at the matching strided k is pre-scaled by the code's power-of-two position.
+
 Row offsets into the weight are 64-bit (lm_head int4: 65024 x 2048 bytes; fp32 65024 x 4096 > 2^31).
 """
 
@@ -49,15 +54,24 @@ def _vload(ptrs, mk, MASKED: tl.constexpr):
 
 @triton.jit
 def _wload(ptrs, mn, mk, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    # A (BN, BK) weight tile; masks only where the shape needs them (unmasked loads vectorise best).
+    # A weight tile; mn (rows) and mk (columns) come shaped to broadcast against ptrs. Masks only
+    # where the shape needs them (unmasked loads vectorise best).
     if EVEN_N and EVEN_K:
         return tl.load(ptrs)
     elif EVEN_K:
-        return tl.load(ptrs, mask=mn[:, None], other=0)
+        return tl.load(ptrs, mask=mn, other=0)
     elif EVEN_N:
-        return tl.load(ptrs, mask=mk[None, :], other=0)
+        return tl.load(ptrs, mask=mk, other=0)
     else:
-        return tl.load(ptrs, mask=mn[:, None] & mk[None, :], other=0)
+        return tl.load(ptrs, mask=mn & mk, other=0)
+
+
+@triton.jit
+def _magic(bits_i32, off):
+    # float(v) - off for the integer v held in the low 23 bits (v | 2^23's exponent, read as fp32, is
+    # 2^23 + v exactly): an integer OR (fused with the mask into one LOP3) and one FADD, instead of
+    # an int->float conversion (I2F runs at a quarter of the FADD rate on Hopper).
+    return (bits_i32 | 0x4B000000).to(tl.float32, bitcast=True) - off
 
 
 @triton.jit
@@ -101,7 +115,7 @@ def _gemv_kernel(
     y_ptr, part_ptr, cnt_ptr,
     cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
     N, K: tl.constexpr, KL: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-    FMT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    FMT: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MASK_X: tl.constexpr,
     PRO: tl.constexpr, HAS_RES: tl.constexpr, WRITE_H: tl.constexpr, NORM_BK: tl.constexpr,
     ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, ROUND_U: tl.constexpr,
@@ -110,6 +124,8 @@ def _gemv_kernel(
 ):
     # FMT 0 dense, 8 int8, 4 int4. KL: the K extent of the weight loop (Kp for int4, else K). The
     # widths are constexpr: one compile per projection shape, loops with known trip counts.
+    # WORDS: w_ptr is the quantized weight viewed as int32 words (s_wn in words); always for int4,
+    # for int8 when K is a multiple of 4 (else bytes, tiny test models only).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n = pid_n * BN + tl.arange(0, BN)
@@ -132,33 +148,61 @@ def _gemv_kernel(
         rstd = tl.rsqrt(tl.sum(ssq, axis=0) / K + eps)
     k_start = pid_s * K_PER_SPLIT
     if FMT == 4:
-        HALF: tl.constexpr = BK // 2
+        # Words of 8 nibbles: nibble j of word i is k = 8i + j. The tile is (BN, NG, WPG) words: NG
+        # groups of WPG words, so each group's scale and zero point broadcast over its own words.
         GW: tl.constexpr = BK if BK < GROUP else GROUP  # K elements per scale within one block
         NG: tl.constexpr = BK // GW
-        acc_g = tl.zeros((BN, NG), tl.float32)
+        WPG: tl.constexpr = GW // 8
+        gi = tl.arange(0, NG)[:, None] * WPG + tl.arange(0, WPG)[None, :]  # (NG, WPG) word in tile
+        acc3 = tl.zeros((BN, NG, WPG), tl.float32)
         for kk in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kk
-            b = k0 // 2 + tl.arange(0, HALF)  # byte b holds k = 2b (low nibble) and 2b+1 (high)
-            p = _wload(w_ptr + row[:, None] + b[None, :], mn, b < KL // 2, EVEN_N, EVEN_K)
-            ke = 2 * b
-            xe = _input(x_ptr, res_ptr, wn_ptr, ke, ke < K, rstd, MASK_X, PRO, HAS_RES, ROUND_IN,
-                        ROUND_Y, ROUND_U)
-            xo = _input(x_ptr, res_ptr, wn_ptr, ke + 1, ke + 1 < K, rstd, MASK_X, PRO, HAS_RES,
-                        ROUND_IN, ROUND_Y, ROUND_U)
-            prod = (p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :]
-            if NG == 1:
-                dot = tl.sum(prod, axis=1, keep_dims=True)  # (BN, 1)
-                xsum = tl.sum(xe + xo, axis=0, keep_dims=True)  # (1,)
-            else:
-                dot = tl.sum(tl.reshape(prod, (BN, NG, GW // 2)), axis=2)  # (BN, NG)
-                xsum = tl.sum(tl.reshape(xe + xo, (NG, GW // 2)), axis=1)  # (NG,)
+            wi = k0 // 8 + gi
+            wd = _wload(w_ptr + row[:, None, None] + wi[None, :, :], mn[:, None, None],
+                        (wi < KL // 8)[None, :, :], EVEN_N, EVEN_K)
+            wd_hi = wd >> 16  # nibbles 4..7 moved to bits 0..15
             g = k0 // GROUP + tl.arange(0, NG)
             sg = n.to(tl.int64)[:, None] * s_sn + g[None, :]
             mg = mn[:, None] & (g < KL // GROUP)[None, :]
             sc = tl.load(s_ptr + sg, mask=mg, other=0.0).to(tl.float32)
             zp = tl.load(z_ptr + sg, mask=mg, other=0).to(tl.float32)
-            acc_g += sc * (dot - zp * xsum[None, :])
-        acc = tl.sum(acc_g, axis=1)
+            dw = tl.zeros((BN, NG, WPG), tl.float32)
+            for j in tl.static_range(8):
+                # Nibble j is decoded in place (bits 4(j%4).., no shift): the magic float is then
+                # 2^23 + code * 16^(j%4) (< 2^24, exact), so the zero point is scaled alike and x by
+                # 16^-(j%4) (a power of two: the products are the unscaled ones, exactly).
+                SH = 4 * (j % 4)
+                src = wd if j < 4 else wd_hi
+                kj = k0 + 8 * gi + j
+                xj = _input(x_ptr, res_ptr, wn_ptr, kj, kj < K, rstd, MASK_X, PRO, HAS_RES, ROUND_IN,
+                            ROUND_Y, ROUND_U)
+                if SH > 0:
+                    xj = xj * (1.0 / (1 << SH))
+                off = 8388608.0 + zp * (1 << SH)  # (BN, NG)
+                dw += _magic(src & (0xF << SH), off[:, :, None]) * xj[None, :, :]
+            acc3 += sc[:, :, None] * dw  # a group's scale after its dot product, as triton_qmm
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    elif FMT == 8 and WORDS:
+        # Words of 4 int8 codes: byte j of word i is k = 4i + j. XOR 0x80 per byte makes the codes
+        # unsigned (c + 128); bytes 0-1 (and 2-3 after one shift) decode in place like the int4 nibbles.
+        BW: tl.constexpr = BK // 4
+        acc2 = tl.zeros((BN, BW), tl.float32)
+        for kk in range(0, K_PER_SPLIT, BK):
+            k0 = k_start + kk
+            wi = k0 // 4 + tl.arange(0, BW)
+            wd = _wload(w_ptr + row[:, None] + wi[None, :], mn[:, None], (wi < KL // 4)[None, :], EVEN_N,
+                        EVEN_K) ^ -0x7F7F7F80  # 0x80808080 as an int32
+            wd_hi = wd >> 16
+            for j in tl.static_range(4):
+                SH = 8 * (j % 2)
+                src = wd if j < 2 else wd_hi
+                kj = 4 * wi + j
+                xj = _input(x_ptr, res_ptr, wn_ptr, kj, kj < K, rstd, MASK_X, PRO, HAS_RES, ROUND_IN,
+                            ROUND_Y, ROUND_U)
+                if SH > 0:
+                    xj = xj * (1.0 / (1 << SH))
+                acc2 += _magic(src & (0xFF << SH), 8388608.0 + 128.0 * (1 << SH)) * xj[None, :]
+        acc = tl.sum(acc2, axis=1) * tl.load(s_ptr + n, mask=mn, other=0.0).to(tl.float32)
     else:
         acc2 = tl.zeros((BN, BK), tl.float32)
         for kk in range(0, K_PER_SPLIT, BK):
@@ -166,8 +210,11 @@ def _gemv_kernel(
             mk = k < K
             xv = _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, MASK_X, PRO, HAS_RES, ROUND_IN, ROUND_Y,
                         ROUND_U)
-            w = _wload(w_ptr + row[:, None] + k[None, :], mn, mk, EVEN_N, EVEN_K)
-            acc2 += w.to(tl.float32) * xv[None, :]
+            w = _wload(w_ptr + row[:, None] + k[None, :], mn[:, None], mk[None, :], EVEN_N, EVEN_K)
+            if FMT == 8:  # int8 bytes (K not a multiple of 4): c + 2^23 + 128 is the magic float
+                acc2 += ((w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv[None, :]
+            else:
+                acc2 += w.to(tl.float32) * xv[None, :]
         acc = tl.sum(acc2, axis=1)
         if FMT == 8:
             acc = acc * tl.load(s_ptr + n, mask=mn, other=0.0).to(tl.float32)
@@ -307,9 +354,25 @@ def _ticket_buffer(device: torch.device, n: int) -> torch.Tensor:
 def _check_cfg(cfg: GemvConfig, weight: GemvWeight) -> None:
     for v in (cfg.bn, cfg.bk, cfg.norm_bk):
         assert v & (v - 1) == 0, f"block sizes must be powers of two: {cfg}"
-    if weight.bits == 4:
-        assert cfg.bk >= 2 and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0), cfg
+    if weight.bits == 4:  # at least one 8-nibble word per row per block
+        assert cfg.bk >= 8 and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0), cfg
+    if weight.bits == 8:
+        assert cfg.bk >= 4, cfg
     assert cfg.reduce in ("last", "kernel"), cfg.reduce
+
+
+def _weight_words(weight: GemvWeight) -> tuple[torch.Tensor, bool]:
+    """(the weight argument, whether it is int32 words). Quantized rows are read 4 bytes per load
+    and decoded with shifts and masks; int4 rows always hold whole words (Kp / 2 bytes, Kp a multiple
+    of G >= 32: formats.py), int8 rows only when K % 4 == 0 (7B widths are; tiny test models may not)."""
+    w = weight.w
+    if weight.bits == 0:
+        return w, False
+    ok = (w.shape[1] % 4 == 0 and w.stride(1) == 1 and w.stride(0) % 4 == 0
+          and w.storage_offset() % 4 == 0 and w.data_ptr() % 4 == 0)
+    if weight.bits == 4:
+        assert ok, f"int4 weight rows must be whole int32 words: {tuple(w.shape)}, stride {w.stride()}"
+    return (w.view(torch.int32), True) if ok else (w, False)
 
 
 # ---- launcher ----------------------------------------------------------------------------------
@@ -358,6 +421,7 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         CK = 2
     bits = weight.bits
     KL = weight.w.shape[1] * 2 if bits == 4 else K
+    w_arg, words = _weight_words(weight)
     k_per_split = triton.cdiv(triton.cdiv(KL, cfg.split), cfg.bk) * cfg.bk
     split = triton.cdiv(KL, k_per_split)
     grid_n = triton.cdiv(N, cfg.bn)
@@ -370,10 +434,10 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     round_out = _ROUND.get(round_to, 0) if round_to is not None else 0
     _gemv_kernel[(grid_n, split)](
         x, res if res is not None else x, norm_weight if pro else x, ho if ho is not None else x, float(eps),
-        weight.w, sc, zp, weight.w.stride(0), sc.stride(0) if bits == 4 else 0,
+        w_arg, sc, zp, w_arg.stride(0), sc.stride(0) if bits == 4 else 0,
         y, part, cnt, *cargs,
         N, K, KL, k_per_split,
-        FMT=bits, GROUP=weight.group or 1, BN=cfg.bn, BK=cfg.bk,
+        FMT=bits, WORDS=words, GROUP=weight.group or 1, BN=cfg.bn, BK=cfg.bk,
         EVEN_N=N % cfg.bn == 0, EVEN_K=even_k, MASK_X=not (even_k and KL == K),
         PRO=pro, HAS_RES=res is not None, WRITE_H=ho is not None, NORM_BK=cfg.norm_bk,
         ROUND_IN=_ROUND[round_in] if round_in is not None else 0,
