@@ -306,9 +306,35 @@ class GemvConfig:
     norm_bk: int = 1024
 
 
-# (format, N, K) -> config, filled from the H100 sweep (benchmarks/sweep_decode.py); shapes not
-# listed get default_config's heuristic.
-TUNED: dict[tuple[str, int, int], GemvConfig] = {}
+# (format, N, K, prologue) -> config: the fastest of benchmarks/sweep_decode.py on the H100
+# (CUDA-graph timing, weights from HBM; benchmarks/results/h100-sweep-decode-*.json); other shapes
+# get default_config's heuristic. The prologue (add+RMSNorm) changes the best tile: every program
+# re-reads the input row, so wide row blocks win there.
+_T = lambda bn, bk, warps=4, stages=4, split=1: GemvConfig(bn=bn, bk=bk, warps=warps,  # noqa: E731
+                                                           stages=stages, split=split)
+TUNED: dict[tuple[str, int, int, bool], GemvConfig] = {
+    # bf16 (dense): in_proj 45.0 us = 2.98 TB/s, fused 52.6; out_proj 24.4; x_proj 5.4; lm_head 174
+    ("dense", 16384, 4096, False): _T(4, 1024),
+    ("dense", 16384, 4096, True): _T(64, 128, 8, 3),
+    ("dense", 4096, 8192, False): _T(2, 1024),
+    ("dense", 288, 8192, False): _T(2, 1024, split=2),
+    ("dense", 65024, 4096, False): _T(4, 1024),
+    ("dense", 65024, 4096, True): _T(4, 1024),
+    # int8: in_proj 25.7 us, fused 32.0; out_proj 15.7; x_proj 5.4; lm_head 94.6
+    ("int8", 16384, 4096, False): _T(16, 512),
+    ("int8", 16384, 4096, True): _T(16, 512),
+    ("int8", 4096, 8192, False): _T(4, 2048),
+    ("int8", 288, 8192, False): _T(8, 1024, split=8),
+    ("int8", 65024, 4096, False): _T(16, 512),
+    ("int8", 65024, 4096, True): _T(16, 512),
+    # int4 group 128: in_proj 29.3 us, fused 38.7; out_proj 17.2; x_proj 5.7; lm_head 127
+    ("int4g128", 16384, 4096, False): _T(16, 1024),
+    ("int4g128", 16384, 4096, True): _T(16, 1024),
+    ("int4g128", 4096, 8192, False): _T(16, 2048, 8, 3),
+    ("int4g128", 288, 8192, False): _T(16, 1024, split=8),
+    ("int4g128", 65024, 4096, False): _T(16, 1024),
+    ("int4g128", 65024, 4096, True): _T(16, 1024),
+}
 NUM_SMS_FALLBACK = 132  # interpreter runs: any value works
 
 
@@ -318,10 +344,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(weight: GemvWeight, device: torch.device) -> GemvConfig:
-    """~32 bytes of weight per row per iteration x 8-16 rows; split K until ~2 programs per SM."""
+def default_config(weight: GemvWeight, device: torch.device, prologue: bool = False) -> GemvConfig:
+    """The tuned config of this shape, else ~32 bytes of weight per row per iteration x 8-16 rows,
+    split K until ~2 programs per SM."""
     N, K = weight.N, weight.K
-    hit = TUNED.get((weight.fmt, N, K))
+    hit = TUNED.get((weight.fmt, N, K, prologue)) if device.type == "cuda" else None
     if hit is not None:
         return hit
     if weight.bits == 0:
@@ -396,7 +423,7 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     K, N = weight.K, weight.N
     assert x.numel() == K and x.stride(0) == 1, (x.shape, K)
     dev = x.device
-    cfg = config or default_config(weight, dev)
+    cfg = config or default_config(weight, dev, norm_weight is not None)
     _check_cfg(cfg, weight)
     pro = norm_weight is not None
     if pro:
