@@ -267,7 +267,8 @@ def decode_modes(layers: int) -> dict:
                 ms = s.elapsed_time(e) / n
                 slot = dec.slot(1)
                 rec[mode] = {"ms_per_step": ms, "tok_s": 1e3 / ms, "logits_rel_err_vs_step": err,
-                             "chosen": slot.mode, "autotune_ms": dict(slot.timings)}
+                             "chosen": slot.mode + ("+pdl" if slot.pdl else ""),
+                             "autotune_ms": dict(slot.timings), "autotune_errors": dict(slot.errors)}
             except Exception as e:
                 rec[mode] = {"error": f"{type(e).__name__}: {e}"[:300],
                              "trace": traceback.format_exc()[-1500:]}

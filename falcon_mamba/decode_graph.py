@@ -159,7 +159,12 @@ class _Slot:
         # batch-1 projections: "cublas" (modules), "triton_gemv" or "fused" (FALCON_MAMBA_GEMV=
         # cublas|triton|fused; auto: timed on CUDA, cublas without graphs)
         self.mode = "cublas"
+        # programmatic dependent launch of the Triton kernels (ops/pdl.py): FALCON_MAMBA_PDL=1|0;
+        # auto: timed both ways on CUDA
+        pdl_choice = os.environ.get("FALCON_MAMBA_PDL", "auto")
+        self.pdl = pdl_choice == "1"
         self.timings: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
         choice = os.environ.get("FALCON_MAMBA_GEMV", "auto")
         if rows == 1 and choice == "fused":
             if not fused_supported(model):
@@ -171,8 +176,12 @@ class _Slot:
         elif rows == 1 and choice == "triton":
             self.mode = "triton_gemv"
         if use_graph:
+            modes = [self.mode]
             if rows == 1 and choice == "auto":
-                self._autotune(pool)
+                modes = ["cublas", "triton_gemv"] + (["fused"] if fused_supported(model) else [])
+            pdls = [False, True] if pdl_choice == "auto" else [self.pdl]
+            if len(modes) * len(pdls) > 1:
+                self._autotune(pool, [(m, p) for m in modes for p in pdls])
             else:
                 self.graph = self._capture(pool)
 
@@ -182,8 +191,11 @@ class _Slot:
         return self.mode == "triton_gemv"
 
     def _body(self) -> None:
-        self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm, self.mode == "triton_gemv",
-                                self.mode == "fused")
+        from falcon_mamba.ops import pdl
+
+        with pdl.enabled(self.pdl):
+            self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm,
+                                    self.mode == "triton_gemv", self.mode == "fused")
         self.tokens.copy_(self.logits.argmax(-1))
 
     def _capture(self, pool=None):
@@ -198,14 +210,20 @@ class _Slot:
             self._body()
         return graph
 
-    def _autotune(self, pool) -> None:
-        """Batch 1: time the step captured with cuBLAS, with the Triton GEMV projections and with
-        the fused GEMVs (where supported), then capture the fastest for good (self.logits then
-        points at that graph's output)."""
-        modes = ("cublas", "triton_gemv") + (("fused",) if fused_supported(self.model) else ())
-        for mode in modes:
-            self.mode = mode
-            graph = self._capture()  # a private pool: freed with the trial graph
+    def _autotune(self, pool, candidates) -> None:
+        """Time the step captured in each (projection mode, PDL) candidate: at batch 1 cuBLAS, the
+        Triton GEMV projections and the fused GEMVs (where supported), each with and without
+        programmatic dependent launch; then capture the fastest for good (self.logits then points
+        at that graph's output). A candidate that fails to capture is recorded and skipped."""
+        for mode, use_pdl in candidates:
+            self.mode, self.pdl = mode, use_pdl
+            key = mode + ("+pdl" if use_pdl else "")
+            try:
+                graph = self._capture()  # a private pool: freed with the trial graph
+            except Exception as e:  # noqa: BLE001 - e.g. a driver without PDL in graphs
+                self.errors[key] = f"{type(e).__name__}: {e}"[:200]
+                torch.cuda.synchronize()
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             for _ in range(3):
                 graph.replay()
@@ -214,9 +232,10 @@ class _Slot:
                 graph.replay()
             end.record()
             end.synchronize()
-            self.timings[mode] = start.elapsed_time(end) / 10
+            self.timings[key] = start.elapsed_time(end) / 10
             del graph
-        self.mode = min(self.timings, key=self.timings.get)
+        best = min(self.timings, key=self.timings.get)
+        self.mode, self.pdl = best.split("+")[0], best.endswith("+pdl")
         self.graph = self._capture(pool)
 
     def replay(self) -> None:

@@ -136,11 +136,11 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
         monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
         dec = GraphDecoder(model)
         slot = dec.slot(1)
-        if choice == "auto":
-            assert set(slot.timings) == {"cublas", "triton_gemv", "fused"}
-            assert slot.mode == min(slot.timings, key=slot.timings.get)
-        else:
-            assert slot.mode == "fused"
+        modes = {"cublas", "triton_gemv", "fused"} if choice == "auto" else {"fused"}
+        assert set(slot.timings) | set(slot.errors) == modes | {m + "+pdl" for m in modes}
+        assert not slot.errors, slot.errors
+        best = min(slot.timings, key=slot.timings.get)
+        assert slot.mode + ("+pdl" if slot.pdl else "") == best
         state = _prefilled(model, 1, rng)
         twin = state.clone()
         tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng).cuda()
@@ -164,3 +164,34 @@ def test_generate_decode_step_uses_graphs_cuda(rng):
 
     assert state.ssm.data_ptr() == decoder_for(model).slot(2).ssm.data_ptr()
     assert_close(logits, model.step(tok, twin), 1e-4, 1e-4, "logits via generate.decode_step")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemv", ["cublas", "triton", "fused"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
+    """Programmatic dependent launch forced on (FALCON_MAMBA_PDL=1): every kernel waits for the
+    previous grid before reading, so replays equal model.step (bf16, 7B-like widths so that the
+    grids are many waves and a missing wait would race)."""
+    from falcon_mamba.config import ModelConfig
+    from falcon_mamba.model import FalconMamba
+
+    if gemv == "fused" and B > 1:
+        pytest.skip("the fused GEMV mode is batch 1 only")
+    monkeypatch.setenv("FALCON_MAMBA_PDL", "1")
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", gemv)
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, vocab_size=4096)
+    with torch.device("cuda"):
+        model = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
+    dec = GraphDecoder(model)
+    state = _prefilled(model, B, rng)
+    twin = state.clone()
+    tok = torch.randint(0, cfg.vocab_size, (B,), generator=rng).cuda()
+    for _ in range(4):
+        logits = dec.step(tok, state)
+        ref = model.step(tok, twin)
+        assert_close(logits, ref, 3e-2, 5e-2, f"logits with PDL ({gemv}, B={B})")
+        tok = ref.argmax(-1)
+    assert dec.slot(B).pdl
+    assert_close(state.ssm, twin.ssm, 3e-2, 5e-2, "ssm state with PDL")

@@ -64,7 +64,8 @@ def decode_ours(model, batch: int, n_tokens: int, device: torch.device, graphs: 
         slot = dec.slot(batch)
         return {"batch": batch, "tokens": n_tokens, "seconds": dt, "tok_per_s": batch * n_tokens / dt,
                 "setup_s": setup, "peak_gib": peak_bytes(device) / 2 ** 30, "graphs": graphs,
-                "triton_gemv": slot.gemv, "autotune_ms_per_step": slot.timings}
+                "mode": slot.mode, "pdl": slot.pdl, "autotune_ms_per_step": slot.timings,
+                "autotune_errors": slot.errors}
     with torch.no_grad():
         model.step(tok, state)
         t0 = time.perf_counter()

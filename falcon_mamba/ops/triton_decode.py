@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_mamba.ops import pdl
+from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.triton_scan import _softplus
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -41,7 +43,9 @@ def _round(v, MODE: tl.constexpr):
 
 @triton.jit
 def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, sx_b, sy_b, sw_d,
-                      K: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+                      K: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                      PDL: tl.constexpr):
+    dep_sync(PDL)
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
@@ -69,11 +73,12 @@ def _ssm_step_kernel(
     sx_b, sz_b, sdtr_b, sb_b, sc_b, swd, sy_b,
     N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
-    DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr,
+    DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program: BD channels of one batch row. dtr_ptr holds dt (B, D) when not DT_PROJ, else the
     # rank-R dt input (B, R), normed here when NORM and projected by W_dt (D, R) in RB-wide slices
     # (a whole (BD, R) tile would not fit the registers). NORM also norms B and C.
+    dep_sync(PDL)
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
@@ -130,7 +135,8 @@ def _ssm_step_kernel(
 @triton.jit
 def _rms_kernel(x_ptr, res_ptr, w_ptr, xo_ptr, y_ptr, M, H, eps, sx, sres, sxo, sy,
                 BR: tl.constexpr, BH: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                WRITE_X: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr):
+                WRITE_X: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, PDL: tl.constexpr):
+    dep_sync(PDL)
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     cols = tl.arange(0, BH)
     m = (rows < M)[:, None] & (cols < H)[None, :]
@@ -177,7 +183,8 @@ def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True) -> torch.Tenso
     _conv_step_kernel[(triton.cdiv(D, BD), Bsz)](
         conv_state_BKD, x_BD, weight_DK, bias_D if bias_D is not None else weight_DK, y, D,
         conv_state_BKD.stride(0), conv_state_BKD.stride(1), x_BD.stride(0), y.stride(0),
-        weight_DK.stride(0), K=K, BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=2)
+        weight_DK.stride(0), K=K, BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=2,
+        **pdl.launch_kwargs(x_BD.device))
     return y
 
 
@@ -221,7 +228,7 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         N=N, NP=triton.next_power_of_2(N), RP=RP, RB=RB, BD=BD,
         HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
         NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
-        num_warps=warps,
+        num_warps=warps, **pdl.launch_kwargs(x_BD.device),
     )
     return y
 
@@ -249,6 +256,7 @@ def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_
         WRITE_X=xo is not None, ROUND_IN=_ROUND[round_in] if round_in is not None else 0,
         ROUND_Y=_ROUND[round_y] if round_y is not None else 0,
         num_warps=RMS_WARPS if BH * BR >= 2048 else (4 if BH * BR >= 512 else 1),
+        **pdl.launch_kwargs(x.device),
     )
     return y.reshape(*x.shape[:-1], H)
 

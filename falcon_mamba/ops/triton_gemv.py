@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_mamba.ops import pdl
+from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.triton_decode import _ROUND, _round
 
 
@@ -120,12 +122,13 @@ def _gemv_kernel(
     PRO: tl.constexpr, HAS_RES: tl.constexpr, WRITE_H: tl.constexpr, NORM_BK: tl.constexpr,
     ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, ROUND_U: tl.constexpr,
     CONV: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr,
-    SPLIT: tl.constexpr, LAST: tl.constexpr, ROUND_OUT: tl.constexpr,
+    SPLIT: tl.constexpr, LAST: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
     # FMT 0 dense, 8 int8, 4 int4. KL: the K extent of the weight loop (Kp for int4, else K). The
     # widths are constexpr: one compile per projection shape, loops with known trip counts.
     # WORDS: w_ptr is the quantized weight viewed as int32 words (s_wn in words); always for int4,
     # for int8 when K is a multiple of 4 (else bytes, tiny test models only).
+    dep_sync(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n = pid_n * BN + tl.arange(0, BN)
@@ -238,7 +241,8 @@ def _gemv_kernel(
 @triton.jit
 def _reduce_kernel(part_ptr, N, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
                    SPLIT: tl.constexpr, BLOCK: tl.constexpr, ROUND_OUT: tl.constexpr, CONV: tl.constexpr,
-                   CK: tl.constexpr, HAS_CB: tl.constexpr):
+                   CK: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr):
+    dep_sync(PDL)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mn = n < N
     tot = tl.zeros((BLOCK,), tl.float32)
@@ -472,11 +476,12 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         ROUND_U=_ROUND.get(u_dtype, 0) if pro else 0,
         CONV=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
         SPLIT=split, LAST=last, ROUND_OUT=round_out,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     if split > 1 and not last:
         RB = 1024
         _reduce_kernel[(triton.cdiv(N, RB),)](part, N, y, *cargs, SPLIT=split, BLOCK=RB, ROUND_OUT=round_out,
                                               CONV=conv is not None, CK=CK,
-                                              HAS_CB=conv is not None and conv[2] is not None, num_warps=4)
+                                              HAS_CB=conv is not None and conv[2] is not None, num_warps=4,
+                                              **pdl.launch_kwargs(dev))
     return (y, xc) if conv is not None else y
