@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Calls on the lent GPU (10 minutes each): the cuda tests and `falcon-mamba bench`, logs to $OUT.
-#   benchmarks/device_run.sh tests-speed   # every cuda test, then decode / prefill / 1M chunked prefill
-#   benchmarks/device_run.sh paper         # the paper's figures: memcap (24 GB) and generation to 130k
+#   benchmarks/device_run.sh tests-speed   # every cuda test, then the decode and prefill tables
+#   benchmarks/device_run.sh paper         # 1M chunked prefill and the paper's figures: memcap
+#                                          # (24 GB) and generation to 130k
 #   benchmarks/device_run.sh quant         # bf16 vs int8 vs int4 batch-1 decode, 64 layers
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
 set -u
@@ -16,14 +17,19 @@ mkdir -p "$OUT/results"
 case "$MODE" in
   tests-speed)
     cp "$OUT/env.txt" "$OUT/tests.txt"
+    # programmatic dependent launch first: if its correctness test fails, the benchmark runs without
+    if ! timeout 90 python3 -m pytest -q -x tests/test_decode_graph.py -k pdl >> "$OUT/tests.txt" 2>&1; then
+      echo "PDL test failed: benchmark with FALCON_MAMBA_PDL=0" >> "$OUT/tests.txt"
+      export FALCON_MAMBA_PDL=0
+    fi
     timeout 230 python3 -m pytest -q -rs -m cuda --durations=12 tests/ >> "$OUT/tests.txt" 2>&1
     echo "pytest exit $?" >> "$OUT/tests.txt"
-    timeout $((560 - SECONDS)) python3 -m falcon_mamba bench decode prefill chunked \
+    timeout $((560 - SECONDS)) python3 -m falcon_mamba bench decode prefill \
       --out "$OUT/results" > "$OUT/bench.log" 2>&1
-    tail -4 "$OUT/tests.txt" ;;
+    grep -E "passed|failed|PDL" "$OUT/tests.txt" | tail -5 ;;
   paper)
-    timeout 540 python3 -m falcon_mamba bench memcap generation --out "$OUT/results" --deadline 470 \
-      > "$OUT/bench.log" 2>&1 ;;
+    timeout 540 python3 -m falcon_mamba bench chunked memcap generation --out "$OUT/results" \
+      --deadline 440 > "$OUT/bench.log" 2>&1 ;;
   quant)
     timeout 540 python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1 ;;
