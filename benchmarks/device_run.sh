@@ -30,6 +30,20 @@ case "$MODE" in
   paper)
     timeout 540 python3 -m falcon_mamba bench chunked memcap generation --out "$OUT/results" \
       --deadline 440 > "$OUT/bench.log" 2>&1 ;;
+  final)
+    # every cuda test, file by file (a slow file cannot hide the others' results), then the paper part
+    cp "$OUT/env.txt" "$OUT/tests.txt"
+    for spec in test_triton_scan:75 test_triton_conv:15 test_triton_decode:20 test_triton_gemv:30 \
+                test_decode_graph:75 test_quant_triton:20 test_generate:20 test_cli_generate:20; do
+      f=${spec%%:*}; t=${spec##*:}
+      echo "== $f (limit ${t}s)" >> "$OUT/tests.txt"
+      timeout "$t" python3 -m pytest -q -rfEs --tb=short --durations=4 -m cuda "tests/$f.py" >> "$OUT/tests.txt" 2>&1
+      echo "exit $?" >> "$OUT/tests.txt"
+    done
+    left=$((585 - SECONDS))
+    timeout "$left" python3 -m falcon_mamba bench chunked memcap generation --out "$OUT/results" \
+      --deadline $((left - 75)) > "$OUT/bench.log" 2>&1
+    grep -E "^== |passed|failed|error|^exit" "$OUT/tests.txt" ;;
   quant)
     timeout 540 python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1 ;;
