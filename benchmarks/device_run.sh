@@ -33,8 +33,8 @@ case "$MODE" in
   final)
     # every cuda test, file by file (a slow file cannot hide the others' results), then the paper part
     cp "$OUT/env.txt" "$OUT/tests.txt"
-    for spec in test_triton_scan:75 test_triton_conv:15 test_triton_decode:20 test_triton_gemv:30 \
-                test_decode_graph:75 test_quant_triton:20 test_generate:20 test_cli_generate:20; do
+    for spec in test_triton_scan:90 test_triton_conv:15 test_triton_decode:20 test_triton_gemv:30 \
+                test_decode_graph:60 test_quant_triton:20 test_generate:15 test_cli_generate:15; do
       f=${spec%%:*}; t=${spec##*:}
       echo "== $f (limit ${t}s)" >> "$OUT/tests.txt"
       timeout "$t" python3 -m pytest -q -rfEs --tb=short --durations=4 -m cuda "tests/$f.py" >> "$OUT/tests.txt" 2>&1
