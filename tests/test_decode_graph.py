@@ -153,13 +153,13 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
 
 @pytest.mark.cuda
 def test_generate_decode_step_uses_graphs_cuda(rng):
-    from falcon_mamba import generate
+    from falcon_mamba.generate import decode_step  # the module: the package's `generate` is the function
 
     model = _model("tiny", torch.float32, "cuda")
     state = _prefilled(model, 2, rng)
     twin = state.clone()
     tok = torch.tensor([3, 4], device="cuda")
-    logits = generate.decode_step(model, tok, state)
+    logits = decode_step(model, tok, state)
     from falcon_mamba.decode_graph import decoder_for
 
     assert state.ssm.data_ptr() == decoder_for(model).slot(2).ssm.data_ptr()
