@@ -56,6 +56,22 @@ def _softplus(v):
     return tl.where(v > 20.0, v, lp)
 
 
+@triton.jit
+def _decay_and_state(a_ptr, h0_ptr, d64, md, nn, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
+                     HAS_H0: tl.constexpr):
+    # (NP, BD) A * log2(e) and the initial state (zeros without h0; h0_ptr points at this row's
+    # (D, N) state), built from per-channel loads: see the layout note in _scan_fwd_kernel.
+    A2 = tl.zeros((NP, BD), tl.float32)
+    h = tl.zeros((NP, BD), tl.float32)
+    for k in tl.static_range(N):
+        a_k = tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)
+        A2 = tl.where(nn == k, a_k[None, :] * 1.4426950408889634, A2)
+        if HAS_H0:
+            h_k = tl.load(h0_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)
+            h = tl.where(nn == k, h_k[None, :], h)
+    return A2, h
+
+
 _INTS_FWD = ["L", "D", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l", "sb_b", "sb_l", "sc_b", "sc_l",
              "sy_b", "sy_l", "sr_b", "sr_l"]
 _INTS_BWD = ["L", "D", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l", "sb_b", "sb_l", "sc_b", "sc_l",
@@ -87,15 +103,7 @@ def _scan_fwd_kernel(
     md = d < D
     d64 = d.to(tl.int64)
     nn = tl.arange(0, NP)[:, None] + tl.zeros((NP, BD), tl.int32)  # the state index of each element
-    A2 = tl.zeros((NP, BD), tl.float32)
-    h = tl.zeros((NP, BD), tl.float32)
-    for k in tl.static_range(N):
-        a_k = tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)
-        A2 = tl.where(nn == k, a_k[None, :] * 1.4426950408889634, A2)
-        if HAS_H0:
-            h_k = tl.load(h0_ptr + b * sh0_b + pid_c * sh0_c + d64 * N + k, mask=md,
-                          other=0.0).to(tl.float32)
-            h = tl.where(nn == k, h_k[None, :], h)
+    A2, h = _decay_and_state(a_ptr, h0_ptr + b * sh0_b + pid_c * sh0_c, d64, md, nn, N, NP, BD, HAS_H0)
     if HAS_D:
         Dv = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
@@ -197,14 +205,7 @@ def _scan_carry_kernel(hloc_ptr, sum_ptr, a_ptr, h0_ptr, hT_ptr, D, NC,
     md = d < D
     d64 = d.to(tl.int64)
     nn = tl.arange(0, NP)[:, None] + tl.zeros((NP, BD), tl.int32)
-    A2 = tl.zeros((NP, BD), tl.float32)
-    h = tl.zeros((NP, BD), tl.float32)
-    for k in tl.static_range(N):
-        a_k = tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)
-        A2 = tl.where(nn == k, a_k[None, :] * 1.4426950408889634, A2)
-        if HAS_H0:
-            h_k = tl.load(h0_ptr + b * D * N + d64 * N + k, mask=md, other=0.0).to(tl.float32)
-            h = tl.where(nn == k, h_k[None, :], h)
+    A2, h = _decay_and_state(a_ptr, h0_ptr + b * D * N, d64, md, nn, N, NP, BD, HAS_H0)
     c = 0
     while c < NC:
         base = hloc_ptr + (b * NC + c) * D * N + d64 * N
