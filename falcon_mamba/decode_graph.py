@@ -179,7 +179,9 @@ class _Slot:
             modes = [self.mode]
             if rows == 1 and choice == "auto":
                 modes = ["cublas", "triton_gemv"] + (["fused"] if fused_supported(model) else [])
-            pdls = [False, True] if pdl_choice == "auto" else [self.pdl]
+            from falcon_mamba.ops import pdl
+
+            pdls = [False, True] if pdl_choice == "auto" and pdl.supported(dev) else [self.pdl]
             if len(modes) * len(pdls) > 1:
                 self._autotune(pool, [(m, p) for m in modes for p in pdls])
             else:

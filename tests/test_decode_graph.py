@@ -137,7 +137,10 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
         dec = GraphDecoder(model)
         slot = dec.slot(1)
         modes = {"cublas", "triton_gemv", "fused"} if choice == "auto" else {"fused"}
-        assert set(slot.timings) | set(slot.errors) == modes | {m + "+pdl" for m in modes}
+        from falcon_mamba.ops import pdl
+
+        with_pdl = {m + "+pdl" for m in modes} if pdl.supported(model.device) else set()
+        assert set(slot.timings) | set(slot.errors) == modes | with_pdl
         assert not slot.errors, slot.errors
         best = min(slot.timings, key=slot.timings.get)
         assert slot.mode + ("+pdl" if slot.pdl else "") == best
@@ -176,8 +179,12 @@ def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
     from falcon_mamba.config import ModelConfig
     from falcon_mamba.model import FalconMamba
 
+    from falcon_mamba.ops import pdl
+
     if gemv == "fused" and B > 1:
         pytest.skip("the fused GEMV mode is batch 1 only")
+    if not pdl.supported("cuda"):
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
     monkeypatch.setenv("FALCON_MAMBA_PDL", "1")
     monkeypatch.setenv("FALCON_MAMBA_GEMV", gemv)
     torch.manual_seed(0)
@@ -195,3 +202,18 @@ def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
         tok = ref.argmax(-1)
     assert dec.slot(B).pdl
     assert_close(state.ssm, twin.ssm, 3e-2, 5e-2, "ssm state with PDL")
+
+
+def test_pdl_switch_is_scoped_and_off_where_unsupported():
+    """ops/pdl.py: the switch is per context and restored; the interpreter (and the CPU) never get
+    the PDL launch option (the inline PTX cannot run there)."""
+    from falcon_mamba.ops import pdl
+
+    assert pdl.launch_kwargs("cpu") == {"PDL": False}
+    with pdl.enabled(True):
+        assert getattr(pdl._state, "on") is True
+        assert not pdl.active("cpu") and pdl.launch_kwargs("cpu") == {"PDL": False}
+        with pdl.enabled(False):
+            assert pdl._state.on is False
+        assert pdl._state.on is True
+    assert pdl._state.on is False

@@ -39,13 +39,18 @@ def enabled(on: bool = True):
         _state.on = prev
 
 
-def active(device) -> bool:
-    if not getattr(_state, "on", False) or _interpreting():
+def supported(device) -> bool:
+    """Hopper or later, outside the interpreter."""
+    if _interpreting():
         return False
     import torch
 
     dev = torch.device(device)
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def active(device) -> bool:
+    return getattr(_state, "on", False) and supported(device)
 
 
 def launch_kwargs(device) -> dict:
