@@ -4,6 +4,8 @@
 #   benchmarks/device_run.sh paper         # 1M chunked prefill and the paper's figures: memcap
 #                                          # (24 GB) and generation to 130k
 #   benchmarks/device_run.sh quant         # bf16 vs int8 vs int4 batch-1 decode, 64 layers
+#   benchmarks/device_run.sh suite         # the whole cuda suite, 8 pytest processes
+#                                          # (carry: .whl with pytest-xdist + execnet, .data/shared)
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
 set -u
 MODE=${1:-tests-speed}
@@ -44,6 +46,17 @@ case "$MODE" in
     timeout "$left" python3 -m falcon_mamba bench chunked memcap generation --out "$OUT/results" \
       --deadline $((left - 75)) > "$OUT/bench.log" 2>&1
     grep -E "^== |passed|failed|error|^exit" "$OUT/tests.txt" ;;
+  suite)
+    # the whole cuda suite in one call: pytest-xdist (carried as wheels in .whl, see the device
+    # README) compiles the Triton variants in 8 processes; ../shared carried as .data/shared
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit 1
+    export FALCON_MAMBA_SHARED=$PWD/.data/shared
+    cp "$OUT/env.txt" "$OUT/tests.txt"
+    timeout 560 python3 -m pytest -q -n 8 -rfEs --tb=short --durations=15 -m cuda tests/ \
+      >> "$OUT/tests.txt" 2>&1
+    echo "exit $?" >> "$OUT/tests.txt"
+    tail -30 "$OUT/tests.txt" ;;
   quant)
     timeout 540 python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1 ;;
