@@ -217,3 +217,18 @@ def test_pdl_switch_is_scoped_and_off_where_unsupported():
             assert pdl._state.on is False
         assert pdl._state.on is True
     assert pdl._state.on is False
+
+
+@pytest.mark.cuda
+def test_autotune_rejects_a_candidate_with_wrong_logits_cuda(rng, monkeypatch):
+    """Speed alone never picks a mode: a fused step that returns wrong logits (here negated) is
+    recorded in slot.errors and never chosen, however fast it is."""
+    import falcon_mamba.decode_graph as dg
+
+    real = dg._fused_step
+    monkeypatch.setattr(dg, "_fused_step", lambda *a, **k: -real(*a, **k))
+    model = _model("tiny", torch.float32, "cuda")
+    slot = GraphDecoder(model).slot(1)
+    assert {"fused", "fused+pdl"} & set(slot.errors) and not {"fused", "fused+pdl"} & set(slot.timings)
+    assert slot.mode != "fused"
+    assert "cublas" in slot.timings and "triton_gemv" in slot.timings
