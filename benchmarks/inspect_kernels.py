@@ -84,7 +84,8 @@ def main():
                     dict(state_ptr=f32, x_ptr=bf, z_ptr=bf, dtr_ptr=bf, b_ptr=bf, c_ptr=bf, wdt_ptr=bf,
                          dtb_ptr=f32, a_ptr=f32, dskip_ptr=f32, y_ptr=bf, eps="fp32"),
                     dict(N=16, NP=16, RP=256, BD=triton_decode.SSM_BLOCK_D, HAS_Z=True, HAS_D=True,
-                         HAS_DTB=True, NORM=True, DT_PROJ=True, A_LOG=True, RMODE=1, RB=64),
+                         HAS_DTB=True, NORM=True, DT_PROJ=True, A_LOG=True, RMODE=1, RB=64,
+                         CONV_IN=False, CK=2, HAS_CB=False, ROUND_X=1),
                     triton_decode.SSM_WARPS)
     report("ssm_step fused", k, args.dump)
     k = compile_one(triton_decode._conv_step_kernel, dict(state_ptr=bf, x_ptr=bf, w_ptr=bf,

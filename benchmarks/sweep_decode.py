@@ -4,7 +4,8 @@ graphed decode step per projection mode (GPU; one device call, about 4 minutes w
     PYTHONPATH=. python3 benchmarks/sweep_decode.py --out sweep.json [--budget-s 110] [--layers 16]
 
 Part 1, kernels. Shapes: in_proj 16384x4096 (plain, and fused: add+RMSNorm prologue + conv
-epilogue, as the fused step runs it), out_proj 4096x8192, x_proj 288x8192 (split-K), lm_head
+epilogue, as the fused step runs it), out_proj 4096x8192, x_proj 288x8192 (split-K; plain, and
+x_proj_cx: the conv step computed as its input), lm_head
 65024x4096 (norm_f prologue, fp32 logits); formats bf16, int8, int4 g128. Each config is timed
 with triton.testing.do_bench_cudagraph over enough weight copies to exceed twice the L2 (each
 call reads its weights from HBM, as in the model). Reported: us per call and GB/s of weight
@@ -14,7 +15,7 @@ Configs are visited round-robin over (shape, format), so the time budget cuts th
 
 Part 2, the decode step of a 7B-shaped model with --layers layers (random weights; bf16, int8,
 int4 g128 via quantize_model): decode_graph.GraphDecoder with FALCON_MAMBA_GEMV = cublas, triton,
-fused (ms/step over 50 greedy replays) and auto (the mode it picks and its own timings); the
+triton_cx, fused (ms/step over 50 greedy replays) and auto (the mode it picks and its own timings); the
 fused logits against model.step's. triton_qmm's own tuner is off unless --qmm-tune (it compiles
 ~20 configs per shape). Prints tables, writes JSON to --out.
 """
@@ -42,6 +43,7 @@ SHAPES = {  # name: (N, K, kind)
     "in_proj": (16384, 4096, "plain"),
     "out_proj": (4096, 8192, "plain"),
     "x_proj": (288, 8192, "plain"),
+    "x_proj_cx": (288, 8192, "conv_in"),  # the conv step as its input (decode mode triton_gemv_cx)
     "lm_head": (65024, 4096, "norm_logits"),
 }
 FORMATS = ("bf16", "int8", "int4g128")
@@ -76,13 +78,13 @@ def configs_for(name: str, fmt: str):
     for bn, row_bytes, warps, stages in tiles:
         bk = int(row_bytes / ELEM_BYTES[fmt])
         cfg = GemvConfig(bn=bn, bk=bk, warps=warps, stages=stages)
-        if name == "x_proj":  # split K until about two programs per SM
+        if name.startswith("x_proj"):  # split K until about two programs per SM
             s = 1
             while math.ceil(N / bn) * s < 264 and s * 2 * bk <= K:
                 s *= 2
             cfg = GemvConfig(bn=bn, bk=bk, warps=warps, stages=stages, split=s)
         out.append(cfg)
-    if name == "x_proj":
+    if name.startswith("x_proj"):
         out.append(GemvConfig(**{**out[0].__dict__, "reduce": "kernel"}))
     if name == "out_proj":
         out += [GemvConfig(**{**c.__dict__, "split": 2}) for c in out[:2]]
@@ -133,6 +135,9 @@ class Case:
         self.conv = (torch.randn(3, D, device="cuda", generator=gen).to(bf),
                      torch.randn(D, 4, device="cuda", generator=gen).to(bf),
                      torch.randn(D, device="cuda", generator=gen).to(bf))
+        self.conv_in = (torch.randn(3, K, device="cuda", generator=gen).to(bf),
+                        torch.randn(K, 4, device="cuda", generator=gen).to(bf),
+                        torch.randn(K, device="cuda", generator=gen).to(bf))
 
     def next_w(self):
         self.i = (self.i + 1) % len(self.ws)
@@ -144,6 +149,8 @@ class Case:
         bf = torch.bfloat16
         if self.kind == "plain":
             return lambda: fused_gemv(self.next_w(), self.x, config=cfg)
+        if self.kind == "conv_in":
+            return lambda: fused_gemv(self.next_w(), self.x, conv_in=self.conv_in, config=cfg)
         if self.kind == "norm_conv":
             return lambda: fused_gemv(self.next_w(), self.h, residual=self.res, norm_weight=self.wn, eps=1e-5,
                                       h_out=self.h_out, round_in=bf, round_y=bf, conv=self.conv, config=cfg)
@@ -184,7 +191,7 @@ def sweep_kernels(budget_s: float, gen) -> dict:
             key = (name, fmt)
             cases[key] = Case(name, fmt, gen, l2)
             cfgs, default_config = configs_for(name, fmt)
-            dflt = default_config(cases[key].ws[0], torch.device("cuda"))
+            dflt = default_config(cases[key].ws[0], torch.device("cuda"), conv_in=SHAPES[name][2] == "conv_in")
             queues[key] = [("default", dflt)] + [("grid", c) for c in cfgs if c != dflt]
             if name in ("in_proj", "out_proj", "x_proj"):
                 queues[key] = [(b, None) for b in cases[key].baselines()] + queues[key]
@@ -247,7 +254,7 @@ def decode_modes(layers: int) -> dict:
         st_ref = model.new_state(1)
         for t in tokens:
             ref = model.step(torch.tensor([t], device="cuda"), st_ref)
-        for mode in ("cublas", "triton", "fused", "auto"):
+        for mode in ("cublas", "triton", "triton_cx", "fused", "auto"):
             os.environ["FALCON_MAMBA_GEMV"] = mode
             try:
                 dec = GraphDecoder(model)

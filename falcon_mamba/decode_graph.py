@@ -9,6 +9,9 @@ softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head.
 At batch 1 ``fast_step(..., fused=True)`` uses the GEMV kernels of ops/triton_gemv.py instead: per
 layer one launch for add+RMSNorm + in_proj + conv step (norm prologue, conv epilogue), x_proj, the
 fused SSM kernel and out_proj; then norm_f + lm_head in one launch (dense or QuantLinear weights).
+``conv_fold=True`` (with gemv, batch 1; the "triton_gemv_cx" mode) drops the conv-step launch: x_proj's
+GEMV computes the conv step as its input and the fused SSM kernel recomputes it for its channels and
+updates the conv state (where x_proj is a GEMV weight and dt_proj is dense: conv_fold_supported).
 
 ``GraphDecoder`` captures fast_step once per bucket (1, 2, 4, ... 256 rows) over static buffers: the
 token ids, the conv state (nL, Bb, K-1, D), the SSM state (nL, Bb, D, N) and the logits. A State
@@ -81,6 +84,29 @@ def fused_supported(model) -> bool:
     return all(GemvWeight.from_module(mod) is not None for mod in mods)
 
 
+def conv_fold_supported(model) -> bool:
+    """True where the conv-folded GEMV mode applies: every x_proj is a GEMV weight (bias-free dense
+    Linear or QuantLinear) and every dt_proj is dense (the SSM kernel with the conv option fuses it)."""
+    from falcon_mamba.ops.triton_gemv import GemvWeight
+
+    return all(GemvWeight.from_module(b.mixer.x_proj) is not None and _dense(b.mixer.dt_proj)
+               for b in model.backbone.layers)
+
+
+def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int) -> torch.Tensor:
+    """Batch 1: x_proj with the conv step as its GEMV input, then the fused SSM step that redoes the
+    conv for its channels and shifts conv_i (1, K-1, D) in place. xz (1, 2D) -> gated y (1, D)."""
+    from falcon_mamba.ops import triton_decode
+    from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
+
+    D = xz.shape[1] // 2
+    cw, cb = m.conv1d.weight[:, 0], m.conv1d.bias
+    xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xz[0, :D], conv_in=(conv_i[0], cw, cb))[None]
+    return triton_decode.ssm_step(ssm_i, xz[:, :D], xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:],
+                                  m.D, xz[:, D:], m.dt_proj.bias, W_dt=m.dt_proj.weight, norm_eps=norm_eps,
+                                  a_is_log=True, conv=(conv_i, cw, cb))
+
+
 def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
     """fast_step at batch 1 with the fused GEMVs (4 launches per layer). The fp32 residual stream
     ping-pongs between two rows: the in_proj kernel reads one while its program 0 writes the other."""
@@ -112,13 +138,14 @@ def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Te
 
 @torch.no_grad()
 def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-              gemv: bool = False, fused: bool = False) -> torch.Tensor:
+              gemv: bool = False, fused: bool = False, conv_fold: bool = False) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
     The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
     SSM kernel when it is a dense Linear. gemv: batch-1 in_proj, out_proj and lm_head by the
     Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step (the decoder times the three
-    and keeps the fastest)."""
+    and keeps the fastest). conv_fold: batch 1 with gemv, the conv step folded into x_proj and the
+    SSM kernel (_conv_folded; the caller checks conv_fold_supported)."""
     if fused and tokens_B.shape[0] == 1:
         return _fused_step(model, tokens_B, conv, ssm)
     ops = _ops()
@@ -128,15 +155,19 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     hbuf = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # the fp32 residual stream
     out = None
     norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
+    fold = conv_fold and gemv and tokens_B.shape[0] == 1
     for i, blk in enumerate(model.backbone.layers):
         m = blk.mixer
         u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
                              h_out=hbuf)
         h = hbuf
         xz = _proj(m.in_proj, u, gemv)
-        xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
-        xdbl = _proj(m.x_proj, xc, gemv)
-        y = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N)
+        if fold:
+            y = _conv_folded(m, ssm[i], conv[i], xz.contiguous(), norm_eps, R, N)
+        else:
+            xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
+            xdbl = _proj(m.x_proj, xc, gemv)
+            y = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N)
         out = _proj(m.out_proj, y, gemv)
     norm_f = model.backbone.norm_f
     hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
@@ -159,8 +190,9 @@ class _Slot:
         self.logits: torch.Tensor | None = None
         self.owner = None  # weakref to the State bound to these buffers
         self.graph = None
-        # batch-1 projections: "cublas" (modules), "triton_gemv" or "fused" (FALCON_MAMBA_GEMV=
-        # cublas|triton|fused; auto: timed on CUDA, cublas without graphs)
+        # batch-1 projections: "cublas" (modules), "triton_gemv", "triton_gemv_cx" (triton_gemv with
+        # the conv step folded into x_proj and the SSM kernel) or "fused" (FALCON_MAMBA_GEMV=
+        # cublas|triton|triton_cx|fused; auto: timed on CUDA, cublas without graphs)
         self.mode = "cublas"
         # programmatic dependent launch of the Triton kernels (ops/pdl.py): FALCON_MAMBA_PDL=1|0;
         # auto: timed both ways on CUDA
@@ -178,10 +210,18 @@ class _Slot:
             self.mode = "fused"
         elif rows == 1 and choice == "triton":
             self.mode = "triton_gemv"
+        elif rows == 1 and choice == "triton_cx":
+            if not conv_fold_supported(model):
+                from falcon_mamba.errors import UserError
+
+                raise UserError("FALCON_MAMBA_GEMV=triton_cx needs GEMV-able x_proj and dense dt_proj "
+                                "layers; unset it to let the decoder choose")
+            self.mode = "triton_gemv_cx"
         if use_graph:
             modes = [self.mode]
             if rows == 1 and choice == "auto":
-                modes = ["cublas", "triton_gemv"] + (["fused"] if fused_supported(model) else [])
+                modes = (["cublas", "triton_gemv"] + (["triton_gemv_cx"] if conv_fold_supported(model) else [])
+                         + (["fused"] if fused_supported(model) else []))
             from falcon_mamba.ops import pdl
 
             pdls = [False, True] if pdl_choice == "auto" and pdl.supported(dev) else [self.pdl]
@@ -200,7 +240,8 @@ class _Slot:
 
         with pdl.enabled(self.pdl):
             self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm,
-                                    self.mode == "triton_gemv", self.mode == "fused")
+                                    self.mode in ("triton_gemv", "triton_gemv_cx"), self.mode == "fused",
+                                    conv_fold=self.mode == "triton_gemv_cx")
         self.tokens.copy_(self.logits.argmax(-1))
 
     def _capture(self, pool=None):
@@ -229,7 +270,8 @@ class _Slot:
 
     def _autotune(self, pool, candidates) -> None:
         """Time the step captured in each (projection mode, PDL) candidate: at batch 1 cuBLAS, the
-        Triton GEMV projections and the fused GEMVs (where supported), each with and without
+        Triton GEMV projections, those with the conv step folded and the fused GEMVs (the last two
+        where supported), each with and without
         programmatic dependent launch; then capture the fastest for good (self.logits then points
         at that graph's output). Speed alone never decides: a candidate whose logits (two steps
         from a zero state) stray from the first candidate's by more than PROBE_TOL of their

@@ -87,6 +87,27 @@ def test_decoder_fused_mode_without_graphs(rng, monkeypatch):
     assert dec.slot(1).mode == "fused" and not dec.slot(1).gemv and dec.slot(3).mode == "cublas"
 
 
+def test_decoder_conv_folded_mode_without_graphs(rng, monkeypatch):
+    """FALCON_MAMBA_GEMV=triton_cx: the batch-1 slot runs the conv-folded GEMV step; a model whose
+    dt_proj is not dense is refused with a UserError."""
+    from falcon_mamba.errors import UserError
+    from falcon_mamba.quant import quantize_model
+
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", "triton_cx")
+    model = _model("tiny-odd")
+    dec = GraphDecoder(model, use_graph=False)
+    state = _prefilled(model, 1, rng)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng)
+    assert_close(dec.step(tok, state), model.step(tok, twin), 1e-4, 1e-4, "conv-folded decoder logits")
+    assert_close(state.conv, twin.conv, 1e-6, 1e-6, "conv state")
+    assert dec.slot(1).mode == "triton_gemv_cx"
+    quantize_model(model, bits=8, group_size=None,  # a quantized dt_proj: no dense weight for the SSM kernel
+                   modules=[f"backbone.layers.{i}.mixer.dt_proj" for i in range(model.config.num_hidden_layers)])
+    with pytest.raises(UserError, match="triton_cx"):
+        GraphDecoder(model, use_graph=False).slot(1)
+
+
 def test_hook_declines_on_cpu(rng):
     model = _model("tiny")
     state = _prefilled(model, 1, rng)
@@ -136,7 +157,7 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
         monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
         dec = GraphDecoder(model)
         slot = dec.slot(1)
-        modes = {"cublas", "triton_gemv", "fused"} if choice == "auto" else {"fused"}
+        modes = {"cublas", "triton_gemv", "triton_gemv_cx", "fused"} if choice == "auto" else {"fused"}
         from falcon_mamba.ops import pdl
 
         with_pdl = {m + "+pdl" for m in modes} if pdl.supported(model.device) else set()
@@ -170,7 +191,7 @@ def test_generate_decode_step_uses_graphs_cuda(rng):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("gemv", ["cublas", "triton", "fused"])
+@pytest.mark.parametrize("gemv", ["cublas", "triton", "triton_cx", "fused"])
 @pytest.mark.parametrize("B", [1, 3])
 def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
     """Programmatic dependent launch forced on (FALCON_MAMBA_PDL=1): every kernel waits for the
@@ -181,8 +202,8 @@ def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
 
     from falcon_mamba.ops import pdl
 
-    if gemv == "fused" and B > 1:
-        pytest.skip("the fused GEMV mode is batch 1 only")
+    if gemv in ("fused", "triton_cx") and B > 1:
+        pytest.skip("the fused and conv-folded GEMV modes are batch 1 only")
     if not pdl.supported("cuda"):
         pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
     monkeypatch.setenv("FALCON_MAMBA_PDL", "1")

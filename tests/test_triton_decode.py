@@ -83,6 +83,37 @@ def test_ssm_steps_small_odd_sizes(rng):
     check_ssm_steps(6, 24, 4, 8, torch.float32, rng, norm=True)  # dt by one GEMM above 4 rows
 
 
+def check_ssm_conv_in(B, D, N, R, CK, dtype, gen, bias=True):
+    """The fused SSM step's conv option (xz_x + conv state in, conv step inside) vs conv_step then the
+    fused SSM step on its xc: same xc bits, so the y and both states agree exactly."""
+    from falcon_mamba.ops import triton_decode
+
+    h = _r(gen, B, D, N)
+    xz = _r(gen, B, 2 * D, dtype=dtype)
+    cst = _r(gen, B, CK - 1, D, dtype=dtype)
+    cw, cb = _r(gen, D, CK, dtype=dtype, scale=0.5), (_r(gen, D, dtype=dtype) if bias else None)
+    xdbl = _r(gen, B, R + 2 * N, dtype=dtype)
+    Wdt = _r(gen, D, R, dtype=dtype, scale=R ** -0.5)
+    dtb, A_log, Dv = _r(gen, D, scale=0.5), _r(gen, D, N, scale=0.5), _r(gen, D)
+    h2, h0, cst2 = h.clone(), h.clone(), cst.clone()
+    args = (xdbl[:, :R], A_log, xdbl[:, R:R + N], xdbl[:, R + N:], Dv, xz[:, D:], dtb)
+    kw = dict(W_dt=Wdt, norm_eps=1e-6, a_is_log=True, block_d=16)
+    y = triton_decode.ssm_step(h, xz[:, :D], *args, conv=(cst, cw, cb), **kw)
+    xc = triton_decode.conv_step(cst2, xz[:, :D], cw, cb)
+    y2 = triton_decode.ssm_step(h2, xc, *args, **kw)
+    assert torch.equal(cst, cst2), "conv state shift + insert"
+    assert torch.equal(y, y2), f"y with the conv option {dtype}"
+    assert torch.equal(h, h2), f"ssm state with the conv option {dtype}"
+    yr = fused_reference.mixer_ssm_step(h0, xc, xz[:, D:], xdbl, Wdt, dtb, A_log, Dv, 1e-6)
+    assert_close(y, yr, *TOL[dtype], "y vs the reference")  # not a vacuous kernel-vs-itself check
+    assert_close(h, h0, *TOL[dtype], "state vs the reference")
+
+
+def test_ssm_step_conv_option(rng):
+    check_ssm_conv_in(1, 40, 5, 7, 4, torch.float32, rng)
+    check_ssm_conv_in(2, 20, 4, 8, 3, torch.bfloat16, rng, bias=False)
+
+
 def test_norms_small(rng):
     check_norms(3, 24, torch.float32, rng)
     check_norms(2, 48, torch.bfloat16, rng)

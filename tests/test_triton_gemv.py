@@ -144,6 +144,38 @@ def test_fused_norm_gemv_conv(rng):
     check_fused(20, 48, "int4g32", torch.float32, C(bn=8, bk=32, norm_bk=32), rng)
 
 
+def check_conv_in(D, N, fmt, act, cfg, gen, CK=4, bias=True):
+    """x_proj with the conv-step input (CIN) vs triton conv_step + the plain GEMV on its xc: equal up
+    to the GEMV's summation order (the same xc), and the conv state untouched."""
+    from falcon_mamba.ops import triton_decode
+
+    gw, Wf = _weight(_r(gen, N, D, scale=D ** -0.5), fmt)
+    x = _r(gen, D, dtype=act)
+    st = _r(gen, CK - 1, D, dtype=act)
+    cw, cb = _r(gen, D, CK, dtype=act, scale=0.5), (_r(gen, D, dtype=act) if bias else None)
+    st0 = st.clone()
+    y = fused_gemv(gw, x, conv_in=(st, cw, cb), config=cfg)
+    assert torch.equal(st, st0), "the CIN GEMV must not write the conv state"
+    xc = triton_decode.conv_step(st.clone()[None], x[None], cw, cb)[0]
+    y_ref = fused_gemv(gw, xc, config=cfg)
+    assert y.dtype == act and y.shape == (N,)
+    assert_close(y, y_ref, 1e-5 if act == torch.float32 else TOL[act][0], 1e-5 if act == torch.float32
+                 else TOL[act][1], f"conv-in gemv {fmt} {cfg}")
+    assert_close(y, (Wf @ xc.float()).to(act), *TOL[act], f"conv-in gemv vs torch {fmt} {cfg}")
+    if act == torch.float32 and cfg.split == 1:  # one summation order: the inputs are the same bits
+        assert torch.equal(y, y_ref), f"conv-in xc differs from conv_step's {fmt} {cfg}"
+
+
+def test_conv_in_gemv(rng):
+    check_conv_in(37, 19, "fp32", torch.float32, C(bn=8, bk=16), rng)
+    check_conv_in(37, 19, "bf16", torch.bfloat16, C(bn=4, bk=16, split=3), rng, bias=False)
+    check_conv_in(40, 16, "fp32", torch.float32, C(bn=8, bk=8, split=5, reduce="kernel"), rng, CK=3)
+    check_conv_in(33, 21, "int8", torch.float32, C(bn=8, bk=16), rng)  # byte loads
+    check_conv_in(36, 21, "int8", torch.bfloat16, C(bn=8, bk=16, split=2), rng)  # int32 words
+    check_conv_in(40, 13, "int4g32", torch.float32, C(bn=8, bk=32), rng)  # padded K
+    check_conv_in(40, 13, "int4g32", torch.bfloat16, C(bn=4, bk=16, split=2, reduce="kernel"), rng)
+
+
 def test_h_out_must_not_alias_input(rng):
     gw, _ = _weight(_r(rng, 8, 16), "fp32")
     h = _r(rng, 16)
@@ -176,6 +208,34 @@ def test_fused_fast_step_matches_model_step(preset, quant, rng):
         tok = ref.argmax(-1)
     assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
     assert_close(state.conv, twin.conv, 1e-5, 1e-5, "conv state")
+
+
+@pytest.mark.parametrize("preset,quant", [("tiny-odd", None), ("tiny-mamba", None), ("tiny-odd", (8, None)),
+                                          ("tiny-mamba", (8, None))])
+def test_conv_folded_fast_step_matches_model_step(preset, quant, rng, monkeypatch):
+    """The "triton_gemv_cx" mode (conv step inside x_proj's GEMV and the SSM kernel) vs model.step;
+    the conv_step op is never called."""
+    from falcon_mamba.decode_graph import conv_fold_supported
+    from falcon_mamba.ops import triton_backend
+
+    model = _model(preset)
+    if quant is not None:
+        quantize_model(model, bits=quant[0], group_size=quant[1])
+    assert conv_fold_supported(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=rng).to(DEV)
+    with torch.no_grad():
+        _, state = model(ids)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng).to(DEV)
+    for _ in range(2):  # the second step reads the conv state the folded kernels shifted
+        with monkeypatch.context() as mp:
+            mp.setattr(triton_backend, "conv_step", None)  # a conv_step launch would fail
+            logits = fast_step(model, tok, state.conv, state.ssm, gemv=True, conv_fold=True)
+        ref = model.step(tok, twin)
+        assert_close(logits, ref, 1e-4, 1e-4, f"conv-folded step logits {preset} {quant}")
+        assert_close(state.conv, twin.conv, 1e-5, 1e-5, "conv state")
+        tok = ref.argmax(-1)
+    assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
 
 
 def test_fused_mode_env_rejects_unsupported(monkeypatch):
@@ -225,3 +285,50 @@ def test_fused_split_replays_in_a_graph_cuda(rng):
         x.copy_(_r(rng, 8192, dtype=torch.bfloat16))
         g.replay()
         assert_close(y, (Wf @ x.float()).to(torch.bfloat16), 3e-2, 5e-2, "graph replay")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4g128"])
+def test_conv_in_x_proj_7b_cuda(fmt, rng):
+    for cfg in (None, C(bn=16, bk=512, split=8), C(bn=8, bk=1024, split=4, reduce="kernel")):
+        check_conv_in(8192, 288, fmt, torch.bfloat16, cfg or default_config_for(fmt), rng)
+
+
+def default_config_for(fmt):
+    """The launcher's own choice for the 7B x_proj with the conv input (check_conv_in needs a config)."""
+    from falcon_mamba.ops.triton_gemv import default_config
+
+    gw, _ = _weight(torch.randn(288, 8192) * 0.01, fmt)
+    return default_config(gw, torch.device(DEV), conv_in=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", [None, (8, None)])
+def test_conv_folded_step_7b_widths_cuda(quant, rng, monkeypatch):
+    """The conv-folded mode at the 7B's hidden/inner widths (2 layers, small vocab, bf16), graphed,
+    against model.step over several steps."""
+    from falcon_mamba.config import ModelConfig
+    from falcon_mamba.decode_graph import GraphDecoder
+
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", "triton_cx")
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=4096, intermediate_size=8192, num_hidden_layers=2, vocab_size=4096,
+                      time_step_rank=256)
+    with torch.device("cuda"):
+        model = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
+    if quant is not None:
+        quantize_model(model, bits=quant[0], group_size=quant[1])
+    dec = GraphDecoder(model)
+    ids = torch.randint(0, cfg.vocab_size, (1, 5), generator=rng).cuda()
+    with torch.no_grad():
+        _, state = model(ids)
+    twin = state.clone()
+    tok = torch.randint(0, cfg.vocab_size, (1,), generator=rng).cuda()
+    for _ in range(4):
+        logits = dec.step(tok, state)
+        ref = model.step(tok, twin)
+        assert_close(logits, ref, 3e-2, 5e-2, f"conv-folded logits {quant}")
+        tok = ref.argmax(-1)
+    assert dec.slot(1).mode == "triton_gemv_cx"
+    assert_close(state.conv, twin.conv, 3e-2, 5e-2, "conv state")
+    assert_close(state.ssm, twin.ssm, 3e-2, 5e-2, "ssm state")

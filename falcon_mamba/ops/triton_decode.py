@@ -42,6 +42,36 @@ def _round(v, MODE: tl.constexpr):
 
 
 @triton.jit
+def _ld(ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _conv_in(x_ptr, cst_ptr, cw_ptr, cb_ptr, k, mk, s_ck, s_cw, CK: tl.constexpr, HAS_CB: tl.constexpr,
+             MASKED: tl.constexpr, SHIFT: tl.constexpr, ROUND_X: tl.constexpr):
+    # The conv step's output xc at channels k (any index shape), fp32 holding a ROUND_X-rounded value:
+    # silu(w[k, CK-1] * x[k] + sum_j w[k, j] * state[j, k] + bias[k]), in _conv_step_kernel's order
+    # (the x_proj GEMV and the SSM step both call this, so their xc agree bit for bit). SHIFT: also
+    # shift the state (CK-1, D) left and insert x, in place (only where each channel has one owner).
+    xraw = _ld(x_ptr + k, mk, MASKED)
+    acc = _ld(cw_ptr + k * s_cw + (CK - 1), mk, MASKED).to(tl.float32) * xraw.to(tl.float32)
+    for j in tl.static_range(CK - 1):
+        sj = _ld(cst_ptr + j * s_ck + k, mk, MASKED)
+        acc += _ld(cw_ptr + k * s_cw + j, mk, MASKED).to(tl.float32) * sj.to(tl.float32)
+        if SHIFT and j > 0:
+            tl.store(cst_ptr + (j - 1) * s_ck + k, sj, mask=mk)
+    if SHIFT:
+        tl.store(cst_ptr + (CK - 2) * s_ck + k, xraw.to(cst_ptr.dtype.element_ty), mask=mk)
+    if HAS_CB:
+        acc += _ld(cb_ptr + k, mk, MASKED).to(tl.float32)
+    acc = acc * tl.sigmoid(acc)
+    return _round(acc, ROUND_X)
+
+
+@triton.jit
 def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, sx_b, sy_b, sw_d,
                       K: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                       PDL: tl.constexpr):
@@ -69,15 +99,20 @@ def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, s
 @triton.jit
 def _ssm_step_kernel(
     state_ptr, x_ptr, z_ptr, dtr_ptr, b_ptr, c_ptr, wdt_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
+    cst_ptr, cw_ptr, cb_ptr,
     D, R, eps,
-    sx_b, sz_b, sdtr_b, sb_b, sc_b, swd, sy_b,
+    sx_b, sz_b, sdtr_b, sb_b, sc_b, swd, sy_b, scs_b, s_ck, s_cw,
     N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
-    DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr,
+    DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr,
+    CONV_IN: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr, ROUND_X: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program: BD channels of one batch row. dtr_ptr holds dt (B, D) when not DT_PROJ, else the
     # rank-R dt input (B, R), normed here when NORM and projected by W_dt (D, R) in RB-wide slices
     # (a whole (BD, R) tile would not fit the registers). NORM also norms B and C.
+    # CONV_IN: x_ptr is the conv input (in_proj's x half); the conv step runs here for this program's
+    # channels (xc as the x_proj GEMV recomputed it) and shifts the conv state (B, CK-1, D) in place.
     dep_sync(PDL)
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -120,7 +155,11 @@ def _ssm_step_kernel(
         A = -tl.exp(A)
     st = state_ptr + b * D * N + dn
     h = tl.load(st, mask=mdn, other=0.0)
-    xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
+    if CONV_IN:
+        xv = _conv_in(x_ptr + b * sx_b, cst_ptr + b * scs_b, cw_ptr, cb_ptr, d, md, s_ck, s_cw, CK, HAS_CB,
+                      True, True, ROUND_X)
+    else:
+        xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
     h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
     tl.store(st, h, mask=mdn)
     yv = tl.sum(h * Cv[None, :], axis=1)
@@ -190,13 +229,16 @@ def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True) -> torch.Tenso
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None) -> torch.Tensor:
+             num_warps=None, conv=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) fp32 in place; returns y (B, D).
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
     rank-R dt input (B, R), projected here by W_dt (D, R); with norm_eps set, dt_r, B and C first go
     through the weightless RMSNorm (Falcon Mamba). Above DT_PROJ_MAX_BATCH rows the projection is
     one cuBLAS GEMM instead (in-kernel, every row would re-read W_dt). a_is_log: A_DN holds A_log.
+    conv = (conv state (B, K-1, D), weight (D, K), bias (D,) or None): x_BD is the conv input
+    (in_proj's x half) instead of xc; the kernel runs the conv step for its channels (as
+    _conv_step_kernel, xc rounded to x's dtype), updates the conv state in place and uses xc as x.
     """
     Bsz, D = x_BD.shape
     N = A_DN.shape[1]
@@ -218,16 +260,26 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     RP = triton.next_power_of_2(R)
     RB = min(RP, rb or SSM_RB)
     rdt = W_dt.dtype if proj else dt_or_dtr.dtype
+    if conv is not None:
+        cst, cw, cb = conv
+        assert x_BD.stride(-1) == 1 and cst.stride(-1) == 1 and cw.stride(1) == 1
+        assert cst.shape[0] == Bsz and cst.shape[-1] == D and cw.shape[0] == D and cst.shape[1] == cw.shape[1] - 1
+        cargs = (cst, cw, cb if cb is not None else cw, cst.stride(0), cst.stride(1), cw.stride(0))
+        CK = cw.shape[1]
+    else:
+        cargs, CK = (y, y, y, 0, 0, 0), 2
     _ssm_step_kernel[(triton.cdiv(D, BD), Bsz)](
         state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
         W_dt if proj else A_DN, dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
-        D_D if D_D is not None else A_DN, y,
+        D_D if D_D is not None else A_DN, y, *cargs[:3],
         D, R, float(norm_eps or 0.0),
         x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0, dt_or_dtr.stride(0),
-        B_BN.stride(0), C_BN.stride(0), W_dt.stride(0) if proj else 0, y.stride(0),
+        B_BN.stride(0), C_BN.stride(0), W_dt.stride(0) if proj else 0, y.stride(0), *cargs[3:],
         N=N, NP=triton.next_power_of_2(N), RP=RP, RB=RB, BD=BD,
         HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
         NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
+        CONV_IN=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
+        ROUND_X=_ROUND.get(x_BD.dtype, 0),
         num_warps=warps, **pdl.launch_kwargs(x_BD.device),
     )
     return y

@@ -18,6 +18,12 @@ fusions (constexpr flags) save whole launches in the decode step:
   the unfused path stores it) goes through the causal-conv single-token update (state shift,
   taps, bias, SiLU), writing xc (D,) and the conv state (CK-1, D) in place. All rows are stored to
   y (so z = y[D:]). Each channel belongs to one program, so the in-place state update is safe.
+- CIN conv-step input (x_proj in the "triton_gemv_cx" decode mode): the input at k is the conv
+  step's output xc[k] = silu(w[k, CK-1] x[k] + sum_j w[k, j] state[j, k] + bias[k]) rounded to x's
+  dtype, x being in_proj's x half (D = K): the conv_step kernel's math, recomputed by every program
+  for its K slice (~9 small loads per input element, from L2: wide row blocks amortise them). The
+  conv state is only read (other programs read it concurrently); the fused SSM step then recomputes
+  xc for its own channels with the same jit helper (bit-identical) and shifts the state.
 
 Split-K (S > 1, for narrow outputs such as x_proj's 288 rows): each program writes an fp32 partial
 (S, N); then either the last program of each row block to arrive (an atomic ticket per block, reset
@@ -43,7 +49,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_decode import _ROUND, _round
+from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _round
 
 
 @triton.jit
@@ -77,10 +83,16 @@ def _magic(bits_i32, off):
 
 
 @triton.jit
-def _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, MASKED: tl.constexpr, PRO: tl.constexpr,
-           HAS_RES: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, ROUND_U: tl.constexpr):
-    # The GEMV input at indices k (fp32): x itself, or the normed residual sum (PRO).
-    v = _vload(x_ptr + k, mk, MASKED).to(tl.float32)
+def _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, cst_ptr, cw_ptr, cb_ptr, s_ck, s_cw, MASKED: tl.constexpr,
+           PRO: tl.constexpr, HAS_RES: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr,
+           ROUND_U: tl.constexpr, CIN: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr):
+    # The GEMV input at indices k (fp32): x itself, the normed residual sum (PRO), or the conv step's
+    # output xc computed from x = in_proj's x half and the conv state, read only (CIN; ROUND_U: xc's
+    # dtype, x's).
+    if CIN:
+        v = _conv_in(x_ptr, cst_ptr, cw_ptr, cb_ptr, k, mk, s_ck, s_cw, CK, HAS_CB, MASKED, False, ROUND_U)
+    else:
+        v = _vload(x_ptr + k, mk, MASKED).to(tl.float32)
     if PRO:
         if HAS_RES:
             v += _vload(res_ptr + k, mk, MASKED).to(tl.float32)
@@ -121,7 +133,7 @@ def _gemv_kernel(
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MASK_X: tl.constexpr,
     PRO: tl.constexpr, HAS_RES: tl.constexpr, WRITE_H: tl.constexpr, NORM_BK: tl.constexpr,
     ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, ROUND_U: tl.constexpr,
-    CONV: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr,
+    CONV: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr, CIN: tl.constexpr,
     SPLIT: tl.constexpr, LAST: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
     # FMT 0 dense, 8 int8, 4 int4. KL: the K extent of the weight loop (Kp for int4, else K). The
@@ -177,8 +189,8 @@ def _gemv_kernel(
                 SH = 4 * (j % 4)
                 src = wd if j < 4 else wd_hi
                 kj = k0 + 8 * gi + j
-                xj = _input(x_ptr, res_ptr, wn_ptr, kj, kj < K, rstd, MASK_X, PRO, HAS_RES, ROUND_IN,
-                            ROUND_Y, ROUND_U)
+                xj = _input(x_ptr, res_ptr, wn_ptr, kj, kj < K, rstd, cst_ptr, cw_ptr, cb_ptr, s_ck, s_cw,
+                            MASK_X, PRO, HAS_RES, ROUND_IN, ROUND_Y, ROUND_U, CIN, CK, HAS_CB)
                 if SH > 0:
                     xj = xj * (1.0 / (1 << SH))
                 off = 8388608.0 + zp * (1 << SH)  # (BN, NG)
@@ -200,8 +212,8 @@ def _gemv_kernel(
                 SH = 8 * (j % 2)
                 src = wd if j < 2 else wd_hi
                 kj = 4 * wi + j
-                xj = _input(x_ptr, res_ptr, wn_ptr, kj, kj < K, rstd, MASK_X, PRO, HAS_RES, ROUND_IN,
-                            ROUND_Y, ROUND_U)
+                xj = _input(x_ptr, res_ptr, wn_ptr, kj, kj < K, rstd, cst_ptr, cw_ptr, cb_ptr, s_ck, s_cw,
+                            MASK_X, PRO, HAS_RES, ROUND_IN, ROUND_Y, ROUND_U, CIN, CK, HAS_CB)
                 if SH > 0:
                     xj = xj * (1.0 / (1 << SH))
                 acc2 += _magic(src & (0xFF << SH), 8388608.0 + 128.0 * (1 << SH)) * xj[None, :]
@@ -211,8 +223,8 @@ def _gemv_kernel(
         for kk in range(0, K_PER_SPLIT, BK):
             k = k_start + kk + tl.arange(0, BK)
             mk = k < K
-            xv = _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, MASK_X, PRO, HAS_RES, ROUND_IN, ROUND_Y,
-                        ROUND_U)
+            xv = _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, cst_ptr, cw_ptr, cb_ptr, s_ck, s_cw, MASK_X,
+                        PRO, HAS_RES, ROUND_IN, ROUND_Y, ROUND_U, CIN, CK, HAS_CB)
             w = _wload(w_ptr + row[:, None] + k[None, :], mn[:, None], mk[None, :], EVEN_N, EVEN_K)
             if FMT == 8:  # int8 bytes (K not a multiple of 4): c + 2^23 + 128 is the magic float
                 acc2 += ((w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv[None, :]
@@ -348,11 +360,21 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(weight: GemvWeight, device: torch.device, prologue: bool = False) -> GemvConfig:
+# (format, N, K) -> config of the conv-step-input (CIN) GEMV; empty until benchmarks/sweep_decode.py
+# has measured it (the heuristic below is an untimed guess).
+TUNED_CONV_IN: dict[tuple[str, int, int], GemvConfig] = {}
+CONV_IN_MIN_BN = 16  # every program recomputes xc for its K slice: amortise over at least 16 rows
+
+
+def default_config(weight: GemvWeight, device: torch.device, prologue: bool = False,
+                   conv_in: bool = False) -> GemvConfig:
     """The tuned config of this shape, else ~32 bytes of weight per row per iteration x 8-16 rows,
-    split K until ~2 programs per SM."""
+    split K until ~2 programs per SM. conv_in (the CIN input): at least CONV_IN_MIN_BN rows."""
     N, K = weight.N, weight.K
-    hit = TUNED.get((weight.fmt, N, K, prologue)) if device.type == "cuda" else None
+    if conv_in:
+        hit = TUNED_CONV_IN.get((weight.fmt, N, K)) if device.type == "cuda" else None
+    else:
+        hit = TUNED.get((weight.fmt, N, K, prologue)) if device.type == "cuda" else None
     if hit is not None:
         return hit
     if weight.bits == 0:
@@ -361,6 +383,8 @@ def default_config(weight: GemvWeight, device: torch.device, prologue: bool = Fa
         cfg = GemvConfig(bn=16, bk=512)
     else:
         cfg = GemvConfig(bn=16, bk=max(256, weight.group))
+    if conv_in:
+        cfg = replace(cfg, bn=max(cfg.bn, CONV_IN_MIN_BN))
     split = 1
     want = 2 * _num_sms(device)
     while triton.cdiv(N, cfg.bn) * split < want and split * 2 * cfg.bk <= K:
@@ -412,7 +436,7 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
                norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
                h_out: torch.Tensor | None = None, round_in=None, round_y=None,
                conv: tuple | None = None, out_dtype: torch.dtype | None = None, round_to=None,
-               config: GemvConfig | None = None):
+               conv_in: tuple | None = None, config: GemvConfig | None = None):
     """y (N,) = W @ input, input (K,) = x, or with norm_weight set (the prologue)
     rms_rows(x, norm_weight, eps, residual=residual, x_out=h_out, round_in, round_y) computed in the
     kernel, rounded to norm_weight's dtype. x, residual: one row (K,) or (1, K); h_out (fp32, K
@@ -422,12 +446,17 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     step on rows < D; then returns (y, xc (D,)), else y. out_dtype: y's dtype (default x's, or the
     norm weight's with the prologue); round_to: round the fp32 sum to this dtype before storing
     (e.g. fp32 logits that equal bf16 ones). The input width must equal weight.K.
+
+    conv_in = (state (CK-1, K), weight (K, CK), bias (K,) or None): the input is the conv step of
+    x (in_proj's x half, K = D): xc = silu(conv(state, x) + bias) rounded to x's dtype, as
+    triton_decode.conv_step returns it; the state is NOT updated (the SSM step's conv option does
+    that). Not combined with the prologue or the conv epilogue.
     """
     x = x.reshape(-1)
     K, N = weight.K, weight.N
     assert x.numel() == K and x.stride(0) == 1, (x.shape, K)
     dev = x.device
-    cfg = config or default_config(weight, dev, norm_weight is not None)
+    cfg = config or default_config(weight, dev, norm_weight is not None, conv_in is not None)
     _check_cfg(cfg, weight)
     pro = norm_weight is not None
     if pro:
@@ -439,7 +468,14 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     res = residual.reshape(-1) if residual is not None else None
     y = torch.empty(N, dtype=out_dtype, device=dev)
     ho = h_out.reshape(-1) if h_out is not None else None
-    if conv is not None:
+    if conv_in is not None:
+        assert conv is None and not pro, "conv_in excludes the prologue and the conv epilogue"
+        cst, cw, cb = conv_in
+        assert cst.stride(-1) == 1 and cw.stride(1) == 1 and cst.shape == (cw.shape[1] - 1, K)
+        assert cw.shape[0] == K
+        cargs = (cst, cw, cb if cb is not None else cw, y, 0, cst.stride(0), cw.stride(0))
+        CK = cw.shape[1]
+    elif conv is not None:
         cst, cw, cb = conv
         D = cw.shape[0]
         assert cst.stride(-1) == 1 and cw.stride(1) == 1 and cst.shape[-1] == D and N >= D
@@ -463,6 +499,8 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     sc = weight.scales if weight.scales is not None else weight.w
     zp = weight.zeros if weight.zeros is not None else sc
     round_out = _ROUND.get(round_to, 0) if round_to is not None else 0
+    cin = conv_in is not None
+    has_cb = (conv is not None and conv[2] is not None) or (cin and conv_in[2] is not None)
     _gemv_kernel[(grid_n, split)](
         x, res if res is not None else x, norm_weight if pro else x, ho if ho is not None else x, float(eps),
         w_arg, sc, zp, w_arg.stride(0), sc.stride(0) if bits == 4 else 0,
@@ -473,8 +511,8 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         PRO=pro, HAS_RES=res is not None, WRITE_H=ho is not None, NORM_BK=cfg.norm_bk,
         ROUND_IN=_ROUND[round_in] if round_in is not None else 0,
         ROUND_Y=_ROUND[round_y] if round_y is not None else 0,
-        ROUND_U=_ROUND.get(u_dtype, 0) if pro else 0,
-        CONV=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
+        ROUND_U=_ROUND.get(u_dtype, 0) if pro or cin else 0,
+        CONV=conv is not None, CK=CK, HAS_CB=has_cb, CIN=cin,
         SPLIT=split, LAST=last, ROUND_OUT=round_out,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
@@ -482,6 +520,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         RB = 1024
         _reduce_kernel[(triton.cdiv(N, RB),)](part, N, y, *cargs, SPLIT=split, BLOCK=RB, ROUND_OUT=round_out,
                                               CONV=conv is not None, CK=CK,
-                                              HAS_CB=conv is not None and conv[2] is not None, num_warps=4,
+                                              HAS_CB=conv is not None and has_cb, num_warps=4,
                                               **pdl.launch_kwargs(dev))
     return (y, xc) if conv is not None else y
