@@ -174,6 +174,14 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     return _proj(model.lm_head, hn, gemv).float()
 
 
+def _check_env(name: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        from falcon_mamba.errors import UserError
+
+        raise UserError(f"{name}={value!r} is not one of {', '.join(allowed)}; unset it to let the "
+                        f"decoder choose")
+
+
 class _Slot:
     """Static buffers (and, on CUDA, the captured graph) of one batch-size bucket."""
 
@@ -197,10 +205,12 @@ class _Slot:
         # programmatic dependent launch of the Triton kernels (ops/pdl.py): FALCON_MAMBA_PDL=1|0;
         # auto: timed both ways on CUDA
         pdl_choice = os.environ.get("FALCON_MAMBA_PDL", "auto")
+        choice = os.environ.get("FALCON_MAMBA_GEMV", "auto")
+        _check_env("FALCON_MAMBA_PDL", pdl_choice, ("auto", "1", "0"))
+        _check_env("FALCON_MAMBA_GEMV", choice, ("auto", "cublas", "triton", "triton_cx", "fused"))
         self.pdl = pdl_choice == "1"
         self.timings: dict[str, float] = {}
         self.errors: dict[str, str] = {}
-        choice = os.environ.get("FALCON_MAMBA_GEMV", "auto")
         if rows == 1 and choice == "fused":
             if not fused_supported(model):
                 from falcon_mamba.errors import UserError

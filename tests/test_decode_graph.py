@@ -253,3 +253,13 @@ def test_autotune_rejects_a_candidate_with_wrong_logits_cuda(rng, monkeypatch):
     assert {"fused", "fused+pdl"} & set(slot.errors) and not {"fused", "fused+pdl"} & set(slot.timings)
     assert slot.mode != "fused"
     assert "cublas" in slot.timings and "triton_gemv" in slot.timings
+
+
+@pytest.mark.parametrize("name,value", [("FALCON_MAMBA_GEMV", "cuBLAS"), ("FALCON_MAMBA_PDL", "yes")])
+def test_unknown_env_choice_is_a_user_error(name, value, monkeypatch, rng):
+    from falcon_mamba.errors import UserError
+
+    monkeypatch.setenv(name, value)
+    model = _model("tiny")
+    with pytest.raises(UserError, match=name):
+        GraphDecoder(model, use_graph=False).slot(1)
