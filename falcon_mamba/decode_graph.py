@@ -230,7 +230,11 @@ class _Slot:
         if use_graph:
             modes = [self.mode]
             if rows == 1 and choice == "auto":
-                modes = (["cublas", "triton_gemv"] + (["triton_gemv_cx"] if conv_fold_supported(model) else [])
+                # triton_gemv_cx joins the timed candidates once it has run on a GPU (its kernels
+                # are interpreter-tested only; FALCON_MAMBA_GEMV=triton_cx or
+                # FALCON_MAMBA_TRY_UNMEASURED=1 offers it now)
+                cx = conv_fold_supported(model) and os.environ.get("FALCON_MAMBA_TRY_UNMEASURED") == "1"
+                modes = (["cublas", "triton_gemv"] + (["triton_gemv_cx"] if cx else [])
                          + (["fused"] if fused_supported(model) else []))
             from falcon_mamba.ops import pdl
 

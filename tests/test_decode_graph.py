@@ -157,7 +157,7 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
         monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
         dec = GraphDecoder(model)
         slot = dec.slot(1)
-        modes = {"cublas", "triton_gemv", "triton_gemv_cx", "fused"} if choice == "auto" else {"fused"}
+        modes = {"cublas", "triton_gemv", "fused"} if choice == "auto" else {"fused"}
         from falcon_mamba.ops import pdl
 
         with_pdl = {m + "+pdl" for m in modes} if pdl.supported(model.device) else set()
