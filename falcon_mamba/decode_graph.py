@@ -1,25 +1,17 @@
-"""Fast decode on CUDA: the fused single-token step, replayed as CUDA graphs per batch-size bucket.
+"""Fast decode on CUDA: the fused single-token step (decode_step.py), replayed as CUDA graphs per
+batch-size bucket.
 
 Legend: B batch (Bb: its bucket), nL layers, K conv taps, D inner width, N state size, V vocab.
 
-``fast_step`` is FalconMamba.step with the fused kernels of ops/triton_decode.py: per layer one
-add+RMSNorm kernel, in_proj, one conv-step kernel, x_proj, one fused SSM kernel (norms, dt_proj,
-softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head.
-
-At batch 1 ``fast_step(..., fused=True)`` uses the GEMV kernels of ops/triton_gemv.py instead: per
-layer one launch for add+RMSNorm + in_proj + conv step (norm prologue, conv epilogue), x_proj, the
-fused SSM kernel and out_proj; then norm_f + lm_head in one launch (dense or QuantLinear weights).
-``conv_fold=True`` (with gemv, batch 1; the "triton_gemv_cx" mode) drops the conv-step launch: x_proj's
-GEMV computes the conv step as its input and the fused SSM kernel recomputes it for its channels and
-updates the conv state (where x_proj is a GEMV weight and dt_proj is dense: conv_fold_supported).
-
-``GraphDecoder`` captures fast_step once per bucket (1, 2, 4, ... 256 rows) over static buffers: the
-token ids, the conv state (nL, Bb, K-1, D), the SSM state (nL, Bb, D, N) and the logits. A State
-handed to ``step`` is *bound* to its bucket: its rows are copied in once and its tensors become
+``GraphDecoder`` captures decode_step.fast_step once per bucket (1, 2, 4, ... 256 rows) over static
+buffers: the token ids, the conv state (nL, Bb, K-1, D), the SSM state (nL, Bb, D, N) and the logits.
+A State handed to ``step`` is *bound* to its bucket: its rows are copied in once and its tensors become
 views of the static buffers, so later steps replay the graph with no copies and no host
 synchronisation. A State that loses its bucket to another one gets its tensors back as private
 copies first, so states never alias. The graph also writes the greedy next token into the token
-buffer, so ``greedy`` runs n steps as n replays with nothing read back until the end.
+buffer, so ``greedy`` runs n steps as n replays with nothing read back until the end. At batch 1
+the slot times the step's projection modes (and programmatic dependent launch on/off) and keeps the
+fastest whose logits agree with the cuBLAS path.
 """
 
 from __future__ import annotations
@@ -29,149 +21,13 @@ import weakref
 
 import torch
 
+from falcon_mamba.decode_step import conv_fold_supported, fast_step, fused_supported
 from falcon_mamba.state import State
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The autotune's agreement check: candidates' logits within this fraction of the largest logit of
 # the reference candidate (bf16 rounding differences measured up to 2.5e-2; a wrong kernel ~1).
 PROBE_TOL = 0.1
-
-
-def _ops():
-    from falcon_mamba.ops import triton_backend
-
-    return triton_backend
-
-
-def _dense(mod) -> bool:
-    """A plain nn.Linear (a quantized drop-in has no dense weight to hand to the fused kernel)."""
-    return isinstance(mod, torch.nn.Linear) and mod.weight.dtype in (torch.float32, torch.bfloat16,
-                                                                    torch.float16)
-
-
-def _proj(mod, x: torch.Tensor, gemv: bool) -> torch.Tensor:
-    """mod(x), or for one row the Triton GEMV (ops/triton_gemv.py, tuned per shape and format)
-    through a bias-free dense or quantized Linear when asked."""
-    if gemv and x.shape[0] == 1:
-        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
-
-        w = GemvWeight.from_module(mod)
-        if w is not None:
-            return fused_gemv(w, x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1))[None]
-    return mod(x)
-
-
-def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int) -> torch.Tensor:
-    """x_proj output -> gated y (B, D): one fused kernel when dt_proj is dense, else split + norms +
-    dt_proj module + the plain SSM step."""
-    if _dense(m.dt_proj):
-        return ops.mixer_ssm_step(ssm_i, xc, z, xdbl, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D,
-                                  norm_eps)
-    dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
-    if norm_eps is not None:
-        dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
-    return ops.ssm_step(ssm_i, xc, m.dt_proj(dt_r), -torch.exp(m.A_log.float()), Bm, Cm, m.D.float(), z,
-                        m.dt_proj.bias.float())
-
-
-def fused_supported(model) -> bool:
-    """True where the fused GEMV step applies: every in_proj/x_proj/out_proj and the lm_head is a
-    bias-free dense Linear or a QuantLinear."""
-    from falcon_mamba.ops.triton_gemv import GemvWeight
-
-    mods = [model.lm_head] + [getattr(b.mixer, n) for b in model.backbone.layers
-                              for n in ("in_proj", "x_proj", "out_proj")]
-    return all(GemvWeight.from_module(mod) is not None for mod in mods)
-
-
-def conv_fold_supported(model) -> bool:
-    """True where the conv-folded GEMV mode applies: every x_proj is a GEMV weight (bias-free dense
-    Linear or QuantLinear) and every dt_proj is dense (the SSM kernel with the conv option fuses it)."""
-    from falcon_mamba.ops.triton_gemv import GemvWeight
-
-    return all(GemvWeight.from_module(b.mixer.x_proj) is not None and _dense(b.mixer.dt_proj)
-               for b in model.backbone.layers)
-
-
-def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int) -> torch.Tensor:
-    """Batch 1: x_proj with the conv step as its GEMV input, then the fused SSM step that redoes the
-    conv for its channels and shifts conv_i (1, K-1, D) in place. xz (1, 2D) -> gated y (1, D)."""
-    from falcon_mamba.ops import triton_decode
-    from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
-
-    D = xz.shape[1] // 2
-    cw, cb = m.conv1d.weight[:, 0], m.conv1d.bias
-    xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xz[0, :D], conv_in=(conv_i[0], cw, cb))[None]
-    return triton_decode.ssm_step(ssm_i, xz[:, :D], xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:],
-                                  m.D, xz[:, D:], m.dt_proj.bias, W_dt=m.dt_proj.weight, norm_eps=norm_eps,
-                                  a_is_log=True, conv=(conv_i, cw, cb))
-
-
-def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
-    """fast_step at batch 1 with the fused GEMVs (4 launches per layer). The fp32 residual stream
-    ping-pongs between two rows: the in_proj kernel reads one while its program 0 writes the other."""
-    from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
-
-    ops = _ops()
-    c = model.config
-    D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
-    dt = model.dtype
-    h = model.backbone.embeddings(tokens_B)
-    hbufs = torch.empty(2, c.hidden_size, dtype=torch.float32, device=h.device)
-    out = None
-    norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
-    for i, blk in enumerate(model.backbone.layers):
-        m = blk.mixer
-        xz, xc = fused_gemv(GemvWeight.from_module(m.in_proj), h, residual=out, norm_weight=blk.norm.weight,
-                            eps=blk.norm.eps, h_out=hbufs[i % 2], round_in=blk.norm.weight.dtype,
-                            round_y=blk.norm.weight.dtype, out_dtype=dt,
-                            conv=(conv[i, 0], m.conv1d.weight[:, 0], m.conv1d.bias))
-        h = hbufs[i % 2]
-        xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xc)
-        y = _ssm_tail(ops, m, ssm[i], xc[None], xz[None, D:], xdbl[None], norm_eps, R, N)
-        out = fused_gemv(GemvWeight.from_module(m.out_proj), y)
-    norm_f = model.backbone.norm_f
-    logits = fused_gemv(GemvWeight.from_module(model.lm_head), h, residual=out, norm_weight=norm_f.weight,
-                        eps=norm_f.eps, out_dtype=torch.float32, round_to=dt)
-    return logits[None]
-
-
-@torch.no_grad()
-def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-              gemv: bool = False, fused: bool = False, conv_fold: bool = False) -> torch.Tensor:
-    """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
-    conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
-    The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
-    SSM kernel when it is a dense Linear. gemv: batch-1 in_proj, out_proj and lm_head by the
-    Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step (the decoder times the three
-    and keeps the fastest). conv_fold: batch 1 with gemv, the conv step folded into x_proj and the
-    SSM kernel (_conv_folded; the caller checks conv_fold_supported)."""
-    if fused and tokens_B.shape[0] == 1:
-        return _fused_step(model, tokens_B, conv, ssm)
-    ops = _ops()
-    c = model.config
-    D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
-    h = model.backbone.embeddings(tokens_B)
-    hbuf = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # the fp32 residual stream
-    out = None
-    norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
-    fold = conv_fold and gemv and tokens_B.shape[0] == 1
-    for i, blk in enumerate(model.backbone.layers):
-        m = blk.mixer
-        u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
-                             h_out=hbuf)
-        h = hbuf
-        xz = _proj(m.in_proj, u, gemv)
-        if fold:
-            y = _conv_folded(m, ssm[i], conv[i], xz.contiguous(), norm_eps, R, N)
-        else:
-            xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
-            xdbl = _proj(m.x_proj, xc, gemv)
-            y = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N)
-        out = _proj(m.out_proj, y, gemv)
-    norm_f = model.backbone.norm_f
-    hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
-    return _proj(model.lm_head, hn, gemv).float()
 
 
 def _check_env(name: str, value: str, allowed: tuple) -> None:

@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from falcon_mamba import FalconMamba, get_preset  # noqa: E402
-from falcon_mamba.decode_graph import GraphDecoder, fast_step, maybe_graphed_step  # noqa: E402
+from falcon_mamba.decode_graph import GraphDecoder, maybe_graphed_step  # noqa: E402
+from falcon_mamba.decode_step import fast_step  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 
@@ -244,10 +245,10 @@ def test_pdl_switch_is_scoped_and_off_where_unsupported():
 def test_autotune_rejects_a_candidate_with_wrong_logits_cuda(rng, monkeypatch):
     """Speed alone never picks a mode: a fused step that returns wrong logits (here negated) is
     recorded in slot.errors and never chosen, however fast it is."""
-    import falcon_mamba.decode_graph as dg
+    import falcon_mamba.decode_step as ds
 
-    real = dg._fused_step
-    monkeypatch.setattr(dg, "_fused_step", lambda *a, **k: -real(*a, **k))
+    real = ds._fused_step
+    monkeypatch.setattr(ds, "_fused_step", lambda *a, **k: -real(*a, **k))
     model = _model("tiny", torch.float32, "cuda")
     slot = GraphDecoder(model).slot(1)
     assert {"fused", "fused+pdl"} & set(slot.errors) and not {"fused", "fused+pdl"} & set(slot.timings)

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from falcon_mamba import FalconMamba, get_preset  # noqa: E402
-from falcon_mamba.decode_graph import fast_step, fused_supported  # noqa: E402
+from falcon_mamba.decode_step import fast_step, fused_supported  # noqa: E402
 from falcon_mamba.ops import fused_reference, reference  # noqa: E402
 from falcon_mamba.ops.triton_gemv import GemvConfig, GemvWeight, fused_gemv  # noqa: E402
 from falcon_mamba.quant import formats, quantize_model  # noqa: E402
@@ -215,7 +215,7 @@ def test_fused_fast_step_matches_model_step(preset, quant, rng):
 def test_conv_folded_fast_step_matches_model_step(preset, quant, rng, monkeypatch):
     """The "triton_gemv_cx" mode (conv step inside x_proj's GEMV and the SSM kernel) vs model.step;
     the conv_step op is never called."""
-    from falcon_mamba.decode_graph import conv_fold_supported
+    from falcon_mamba.decode_step import conv_fold_supported
     from falcon_mamba.ops import triton_backend
 
     model = _model(preset)
