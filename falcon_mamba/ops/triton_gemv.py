@@ -108,6 +108,8 @@ def _finish(acc, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
     yv = _round(acc, ROUND_OUT)
     tl.store(y_ptr + n, yv.to(y_ptr.dtype.element_ty), mask=mn)
     if CONV:
+        # the conv reads x as the layer-by-layer path stores it: rounded to y's dtype
+        yv = yv.to(y_ptr.dtype.element_ty).to(tl.float32)
         mx = mn & (n < D)
         c = tl.load(cw_ptr + n * s_cw + (CK - 1), mask=mx, other=0.0).to(tl.float32) * yv
         for k in tl.static_range(CK - 1):
