@@ -86,6 +86,59 @@ def test_filters_remove_what_they_should():
     assert keep(k=3, p=0.6) == [True, True, False, False, False]
 
 
+def _filter_by_full_sort(x, top_k, top_p, min_p):
+    """The filters' definition, written the direct way: sort the whole row, top-k, then top-p on
+    the renormalised top-k mass, then min-p."""
+    out = x.clone()
+    for r in range(x.shape[0]):
+        k, tp, mp = int(top_k[r]), float(top_p[r]), float(min_p[r])
+        vals, order = x[r].sort(descending=True)
+        keep = torch.ones_like(vals, dtype=torch.bool)
+        if k > 0:
+            keep[k:] = False
+        probs = torch.where(keep, vals, -math.inf).softmax(-1)
+        if tp < 1:
+            before = probs.cumsum(-1) - probs
+            keep &= before < tp
+        row = torch.full_like(vals, -math.inf)
+        row[order[keep]] = vals[keep]
+        if mp > 0:
+            row = row.masked_fill(row < row.max() + math.log(mp), -math.inf)
+        out[r] = row
+    return out
+
+
+def test_filters_match_a_full_sort_on_both_paths(rng, monkeypatch):
+    """filter_logits looks at the top CANDIDATES first and sorts a whole row only when the kept
+    set may reach past them: peaked and flat rows, top-k inside and beyond the candidates, top-p
+    closing inside them or not; every row equals the full-sort definition."""
+    import falcon_mamba.sampling as sampling
+
+    monkeypatch.setattr(sampling, "CANDIDATES", (16, 64))
+    V = 3000
+    rows, ks, ps, ms = [], [], [], []
+    for scale in (0.05, 1.0, 4.0):  # flat (nucleus past the candidates) to peaked
+        for k in (0, 5, 64, 200):
+            for tp in (1.0, 0.3, 0.9, 0.999):
+                if k == 0 and tp == 1.0:
+                    continue
+                rows.append(torch.randn(V, generator=rng) * scale)
+                ks.append(k)
+                ps.append(tp)
+                ms.append(0.0 if len(rows) % 3 else 0.05)
+    x = torch.stack(rows)
+    top_k, top_p, min_p = torch.tensor(ks), torch.tensor(ps), torch.tensor(ms)
+    got = filter_logits(x, top_k, top_p, min_p)
+    want = _filter_by_full_sort(x, top_k, top_p, min_p)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert torch.equal(got[torch.isfinite(got)], want[torch.isfinite(want)])
+    # both paths ran: some rows fit the candidates, some did not
+    lse = x.logsumexp(-1)
+    mass = (x.topk(64, dim=-1).values.logsumexp(-1) - lse).exp()
+    assert bool(((top_k == 0) & (top_p < 1) & (mass < top_p)).any())
+    assert bool(((top_k > 0) & (top_k <= 64)).any())
+
+
 def test_sampled_tokens_stay_inside_the_filter(rng):
     logits = torch.randn(1, 1000, generator=rng) * 3
     allowed = set(logits[0].topk(7).indices.tolist())
