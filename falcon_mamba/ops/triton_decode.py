@@ -50,21 +50,42 @@ def _ld(ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _conv_window(xv, cst_ptr, cw_ptr, k, mk, s_ck, s_cw, CK: tl.constexpr, MASKED: tl.constexpr,
+                 SHIFT: tl.constexpr):
+    # sum_j w[k, j] * window_j[k] (fp32) over the window = state rows 0..CK-2 at channels k (1-D),
+    # then xv (fp32, the new input as stored), in _conv_step_kernel's order. SHIFT: then shift the
+    # state (CK-1, D) left by one and insert xv, in place. A channel's value may be held by several
+    # threads of the program (Triton replicates small 1-D tensors across warps), so the old state is
+    # kept in registers and a CTA barrier separates every thread's reads from any thread's writes:
+    # reading and shifting slot by slot let a lagging warp read a slot another had already shifted.
+    tl.static_assert(CK - 1 <= 4, "the fused conv-step helpers take at most 5 taps")
+    acc = _ld(cw_ptr + k * s_cw + (CK - 1), mk, MASKED).to(tl.float32) * xv
+    if SHIFT:
+        jj = tl.arange(0, 4)[:, None] + tl.zeros((4, k.shape[0]), tl.int32)
+        S = tl.zeros((4, k.shape[0]), tl.float32)
+    for j in tl.static_range(CK - 1):
+        sj = _ld(cst_ptr + j * s_ck + k, mk, MASKED).to(tl.float32)
+        acc += _ld(cw_ptr + k * s_cw + j, mk, MASKED).to(tl.float32) * sj
+        if SHIFT:
+            S = tl.where(jj == j, sj[None, :], S)
+    if SHIFT:
+        tl.debug_barrier()  # every thread has read the old state
+        for j in tl.static_range(1, CK - 1):
+            old = tl.sum(tl.where(jj == j, S, 0.0), axis=0)  # row j (exact: the other rows add 0)
+            tl.store(cst_ptr + (j - 1) * s_ck + k, old.to(cst_ptr.dtype.element_ty), mask=mk)
+        tl.store(cst_ptr + (CK - 2) * s_ck + k, xv.to(cst_ptr.dtype.element_ty), mask=mk)
+    return acc
+
+
+@triton.jit
 def _conv_in(x_ptr, cst_ptr, cw_ptr, cb_ptr, k, mk, s_ck, s_cw, CK: tl.constexpr, HAS_CB: tl.constexpr,
              MASKED: tl.constexpr, SHIFT: tl.constexpr, ROUND_X: tl.constexpr):
-    # The conv step's output xc at channels k (any index shape), fp32 holding a ROUND_X-rounded value:
+    # The conv step's output xc at channels k (1-D), fp32 holding a ROUND_X-rounded value:
     # silu(w[k, CK-1] * x[k] + sum_j w[k, j] * state[j, k] + bias[k]), in _conv_step_kernel's order
     # (the x_proj GEMV and the SSM step both call this, so their xc agree bit for bit). SHIFT: also
-    # shift the state (CK-1, D) left and insert x, in place (only where each channel has one owner).
+    # shift the state (CK-1, D) left and insert x, in place (see _conv_window).
     xraw = _ld(x_ptr + k, mk, MASKED)
-    acc = _ld(cw_ptr + k * s_cw + (CK - 1), mk, MASKED).to(tl.float32) * xraw.to(tl.float32)
-    for j in tl.static_range(CK - 1):
-        sj = _ld(cst_ptr + j * s_ck + k, mk, MASKED)
-        acc += _ld(cw_ptr + k * s_cw + j, mk, MASKED).to(tl.float32) * sj.to(tl.float32)
-        if SHIFT and j > 0:
-            tl.store(cst_ptr + (j - 1) * s_ck + k, sj, mask=mk)
-    if SHIFT:
-        tl.store(cst_ptr + (CK - 2) * s_ck + k, xraw.to(cst_ptr.dtype.element_ty), mask=mk)
+    acc = _conv_window(xraw.to(tl.float32), cst_ptr, cw_ptr, k, mk, s_ck, s_cw, CK, MASKED, SHIFT)
     if HAS_CB:
         acc += _ld(cb_ptr + k, mk, MASKED).to(tl.float32)
     acc = acc * tl.sigmoid(acc)

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _round
+from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _conv_window, _round
 
 
 @triton.jit
@@ -111,13 +111,7 @@ def _finish(acc, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
         # the conv reads x as the layer-by-layer path stores it: rounded to y's dtype
         yv = yv.to(y_ptr.dtype.element_ty).to(tl.float32)
         mx = mn & (n < D)
-        c = tl.load(cw_ptr + n * s_cw + (CK - 1), mask=mx, other=0.0).to(tl.float32) * yv
-        for k in tl.static_range(CK - 1):
-            sk = tl.load(cst_ptr + k * s_ck + n, mask=mx, other=0.0)
-            c += tl.load(cw_ptr + n * s_cw + k, mask=mx, other=0.0).to(tl.float32) * sk.to(tl.float32)
-            if k > 0:
-                tl.store(cst_ptr + (k - 1) * s_ck + n, sk, mask=mx)  # shift left by one
-        tl.store(cst_ptr + (CK - 2) * s_ck + n, yv.to(cst_ptr.dtype.element_ty), mask=mx)
+        c = _conv_window(yv, cst_ptr, cw_ptr, n, mx, s_ck, s_cw, CK, True, True)
         if HAS_CB:
             c += tl.load(cb_ptr + n, mask=mx, other=0.0).to(tl.float32)
         c = c * tl.sigmoid(c)
