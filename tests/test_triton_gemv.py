@@ -189,25 +189,40 @@ def _model(preset, seed=0):
         return FalconMamba(get_preset(preset)).eval()
 
 
-@pytest.mark.parametrize("preset,quant", [("tiny-odd", None), ("tiny-mamba", None), ("tiny-odd", (8, None)),
-                                          ("tiny-mamba", (4, 32))])
-def test_fused_fast_step_matches_model_step(preset, quant, rng):
+def _check_step_mode(preset, quant, rng, conv_patch=None, **mode):
+    """fast_step in one batch-1 mode vs model.step over two steps (the second reads the states the
+    first wrote): logits, SSM and conv states. conv_patch: a monkeypatch context that makes any
+    conv_step launch fail (the conv-folded mode must not launch it)."""
+    from falcon_mamba.ops import triton_backend
+
     model = _model(preset)
     if quant is not None:
         quantize_model(model, bits=quant[0], group_size=quant[1])
-    assert fused_supported(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=rng).to(DEV)
     with torch.no_grad():
         _, state = model(ids)
     twin = state.clone()
     tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng).to(DEV)
-    for _ in range(2):  # the second step reads the state the first one wrote
-        logits = fast_step(model, tok, state.conv, state.ssm, fused=True)
+    for _ in range(2):
+        if conv_patch is not None:
+            with conv_patch.context() as mp:
+                mp.setattr(triton_backend, "conv_step", None)  # a conv_step launch would fail
+                logits = fast_step(model, tok, state.conv, state.ssm, **mode)
+        else:
+            logits = fast_step(model, tok, state.conv, state.ssm, **mode)
         ref = model.step(tok, twin)
-        assert_close(logits, ref, 1e-4, 1e-4, f"fused step logits {preset} {quant}")
+        assert_close(logits, ref, 1e-4, 1e-4, f"{mode} step logits {preset} {quant}")
+        assert_close(state.conv, twin.conv, 1e-5, 1e-5, "conv state")
         tok = ref.argmax(-1)
     assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
-    assert_close(state.conv, twin.conv, 1e-5, 1e-5, "conv state")
+    return model
+
+
+@pytest.mark.parametrize("preset,quant", [("tiny-odd", None), ("tiny-mamba", None), ("tiny-odd", (8, None)),
+                                          ("tiny-mamba", (4, 32))])
+def test_fused_fast_step_matches_model_step(preset, quant, rng):
+    model = _check_step_mode(preset, quant, rng, fused=True)
+    assert fused_supported(model)
 
 
 @pytest.mark.parametrize("preset,quant", [("tiny-odd", None), ("tiny-mamba", None), ("tiny-odd", (8, None)),
@@ -216,26 +231,9 @@ def test_conv_folded_fast_step_matches_model_step(preset, quant, rng, monkeypatc
     """The "triton_gemv_cx" mode (conv step inside x_proj's GEMV and the SSM kernel) vs model.step;
     the conv_step op is never called."""
     from falcon_mamba.decode_step import conv_fold_supported
-    from falcon_mamba.ops import triton_backend
 
-    model = _model(preset)
-    if quant is not None:
-        quantize_model(model, bits=quant[0], group_size=quant[1])
+    model = _check_step_mode(preset, quant, rng, conv_patch=monkeypatch, gemv=True, conv_fold=True)
     assert conv_fold_supported(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=rng).to(DEV)
-    with torch.no_grad():
-        _, state = model(ids)
-    twin = state.clone()
-    tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng).to(DEV)
-    for _ in range(2):  # the second step reads the conv state the folded kernels shifted
-        with monkeypatch.context() as mp:
-            mp.setattr(triton_backend, "conv_step", None)  # a conv_step launch would fail
-            logits = fast_step(model, tok, state.conv, state.ssm, gemv=True, conv_fold=True)
-        ref = model.step(tok, twin)
-        assert_close(logits, ref, 1e-4, 1e-4, f"conv-folded step logits {preset} {quant}")
-        assert_close(state.conv, twin.conv, 1e-5, 1e-5, "conv state")
-        tok = ref.argmax(-1)
-    assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
 
 
 def test_fused_mode_env_rejects_unsupported(monkeypatch):

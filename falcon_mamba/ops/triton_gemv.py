@@ -50,14 +50,7 @@ import triton.language as tl
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _conv_window, _round
-
-
-@triton.jit
-def _vload(ptrs, mk, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptrs, mask=mk, other=0.0)
-    else:
-        return tl.load(ptrs)
+from falcon_mamba.ops.triton_decode import _ld as _vload  # a masked-or-not vector load
 
 
 @triton.jit
