@@ -21,6 +21,7 @@ import weakref
 
 import torch
 
+from falcon_mamba.decode_chain import chain_step, chain_supported
 from falcon_mamba.decode_step import conv_fold_supported, fast_step, fused_supported
 from falcon_mamba.state import State
 
@@ -55,15 +56,16 @@ class _Slot:
         self.owner = None  # weakref to the State bound to these buffers
         self.graph = None
         # batch-1 projections: "cublas" (modules), "triton_gemv", "triton_gemv_cx" (triton_gemv with
-        # the conv step folded into x_proj and the SSM kernel) or "fused" (FALCON_MAMBA_GEMV=
-        # cublas|triton|triton_cx|fused; auto: timed on CUDA, cublas without graphs)
+        # the conv step folded into x_proj and the SSM kernel), "fused" or "chain" (decode_chain.py)
+        # (FALCON_MAMBA_GEMV=cublas|triton|triton_cx|fused|chain; auto: timed on CUDA, cublas
+        # without graphs)
         self.mode = "cublas"
         # programmatic dependent launch of the Triton kernels (ops/pdl.py): FALCON_MAMBA_PDL=1|0;
         # auto: timed both ways on CUDA
         pdl_choice = os.environ.get("FALCON_MAMBA_PDL", "auto")
         choice = os.environ.get("FALCON_MAMBA_GEMV", "auto")
         _check_env("FALCON_MAMBA_PDL", pdl_choice, ("auto", "1", "0"))
-        _check_env("FALCON_MAMBA_GEMV", choice, ("auto", "cublas", "triton", "triton_cx", "fused"))
+        _check_env("FALCON_MAMBA_GEMV", choice, ("auto", "cublas", "triton", "triton_cx", "fused", "chain"))
         self.pdl = pdl_choice == "1"
         self.timings: dict[str, float] = {}
         self.errors: dict[str, str] = {}
@@ -83,17 +85,23 @@ class _Slot:
                 raise UserError("FALCON_MAMBA_GEMV=triton_cx needs GEMV-able x_proj and dense dt_proj "
                                 "layers; unset it to let the decoder choose")
             self.mode = "triton_gemv_cx"
+        elif rows == 1 and choice == "chain":
+            if not chain_supported(model):
+                from falcon_mamba.errors import UserError
+
+                raise UserError("FALCON_MAMBA_GEMV=chain needs GEMV-able projections and a fusable dt_proj; "
+                                "unset it to let the decoder choose")
+            self.mode = "chain"
         if use_graph:
             modes = [self.mode]
             if rows == 1 and choice == "auto":
-                # The modes whose conv-state update changed after the last GPU run (a race between
-                # threads holding the same channel, fixed with a barrier; the fused bf16 in_proj test
-                # had failed on the H100) join the timed candidates once re-run on a GPU:
-                # FALCON_MAMBA_GEMV=triton_cx|fused or FALCON_MAMBA_TRY_UNMEASURED=1 offer them now.
+                # A mode not yet run on a GPU joins the timed candidates only on request
+                # (FALCON_MAMBA_TRY_UNMEASURED=1, or FALCON_MAMBA_GEMV naming it): "chain" for now.
                 unmeasured = os.environ.get("FALCON_MAMBA_TRY_UNMEASURED") == "1"
                 modes = (["cublas", "triton_gemv"]
-                         + (["triton_gemv_cx"] if unmeasured and conv_fold_supported(model) else [])
-                         + (["fused"] if unmeasured and fused_supported(model) else []))
+                         + (["triton_gemv_cx"] if conv_fold_supported(model) else [])
+                         + (["fused"] if fused_supported(model) else [])
+                         + (["chain"] if unmeasured and chain_supported(model) else []))
             from falcon_mamba.ops import pdl
 
             pdls = [False, True] if pdl_choice == "auto" and pdl.supported(dev) else [self.pdl]
@@ -111,9 +119,12 @@ class _Slot:
         from falcon_mamba.ops import pdl
 
         with pdl.enabled(self.pdl):
-            self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm,
-                                    self.mode in ("triton_gemv", "triton_gemv_cx"), self.mode == "fused",
-                                    conv_fold=self.mode == "triton_gemv_cx")
+            if self.mode == "chain":
+                self.logits = chain_step(self.model, self.tokens, self.conv, self.ssm)
+            else:
+                self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm,
+                                        self.mode in ("triton_gemv", "triton_gemv_cx"), self.mode == "fused",
+                                        conv_fold=self.mode == "triton_gemv_cx")
         self.tokens.copy_(self.logits.argmax(-1))
 
     def _capture(self, pool=None):
