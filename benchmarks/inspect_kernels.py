@@ -80,14 +80,18 @@ def main():
                     dict(K=4, BL=triton_conv.BLOCK_L, BD=triton_conv.BLOCK_D, HAS_BIAS=True,
                          HAS_STATE=True, HAS_RST=False, SILU=True), triton_conv.WARPS)
     report("conv_fwd", k, args.dump)
-    k = compile_one(triton_decode._ssm_step_kernel,
-                    dict(state_ptr=f32, x_ptr=bf, z_ptr=bf, dtr_ptr=bf, b_ptr=bf, c_ptr=bf, wdt_ptr=bf,
-                         dtb_ptr=f32, a_ptr=f32, dskip_ptr=f32, y_ptr=bf, eps="fp32"),
-                    dict(N=16, NP=16, RP=256, BD=triton_decode.SSM_BLOCK_D, HAS_Z=True, HAS_D=True,
-                         HAS_DTB=True, NORM=True, DT_PROJ=True, A_LOG=True, RMODE=1, RB=64,
-                         CONV_IN=False, CK=2, HAS_CB=False, ROUND_X=1),
-                    triton_decode.SSM_WARPS)
-    report("ssm_step fused", k, args.dump)
+    # dt_proj's weight: dense bf16, int8 (codes + fp32 row scales), int4 g128 (packed + fp16 scales + zeros)
+    dt_weights = [(0, bf, f32, f32, 1), (8, "*i8", f32, f32, 1), (4, "*u8", "*fp16", "*u8", 128)]
+    for wq, wdt, wsc, wz, wg in dt_weights:
+        k = compile_one(triton_decode._ssm_step_kernel,
+                        dict(state_ptr=f32, x_ptr=bf, z_ptr=bf, dtr_ptr=bf, b_ptr=bf, c_ptr=bf, wdt_ptr=wdt,
+                             dtb_ptr=f32, a_ptr=f32, dskip_ptr=f32, y_ptr=bf, eps="fp32", wsc_ptr=wsc,
+                             wz_ptr=wz),
+                        dict(N=16, NP=16, RP=256, BD=triton_decode.SSM_BLOCK_D, HAS_Z=True, HAS_D=True,
+                             HAS_DTB=True, NORM=True, DT_PROJ=True, A_LOG=True, RMODE=1, RB=64,
+                             CONV_IN=False, CK=2, HAS_CB=False, ROUND_X=1, WQ=wq, WG=wg),
+                        triton_decode.SSM_WARPS)
+        report(("ssm_step" + (f"_int{wq}" if wq else "")) + " fused", k, args.dump)  # --dump: one file each
     k = compile_one(triton_decode._conv_step_kernel, dict(state_ptr=bf, x_ptr=bf, w_ptr=bf,
                                                           bias_ptr=bf, y_ptr=bf),
                     dict(K=4, BD=256, HAS_BIAS=True, SILU=True), 2)

@@ -10,7 +10,9 @@ softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head.
   the fused SSM kernel and out_proj; then norm_f + lm_head in one launch;
 - conv_fold (with gemv; "triton_gemv_cx"): no conv-step launch: x_proj's GEMV computes the conv step
   as its input and the fused SSM kernel recomputes it for its channels and updates the conv state
-  (where x_proj is a GEMV weight and dt_proj is dense: conv_fold_supported).
+  (where x_proj is a GEMV weight and dt_proj is fusable: conv_fold_supported).
+dt_proj is fused into the SSM kernel when it is a dense Linear or a QuantLinear whose bias is added
+outside its forward (the model's: the scan adds it in fp32); the kernel dequantizes it (_dt_weight).
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ def _dense(mod) -> bool:
                                                                     torch.float16)
 
 
+def _dt_weight(mod):
+    """dt_proj's weight as the fused SSM kernel takes it: the dense tensor of a Linear (its bias is
+    the kernel's dt bias), the GemvWeight of a QuantLinear without a bias in its forward, else None."""
+    if _dense(mod):
+        return mod.weight
+    from falcon_mamba.ops.triton_gemv import GemvWeight
+    from falcon_mamba.quant.qlinear import QuantLinear
+
+    return GemvWeight.from_module(mod) if isinstance(mod, QuantLinear) else None
+
+
 def _proj(mod, x: torch.Tensor, gemv: bool) -> torch.Tensor:
     """mod(x), or for one row the Triton GEMV (ops/triton_gemv.py, tuned per shape and format)
     through a bias-free dense or quantized Linear when asked."""
@@ -43,11 +56,16 @@ def _proj(mod, x: torch.Tensor, gemv: bool) -> torch.Tensor:
 
 
 def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int) -> torch.Tensor:
-    """x_proj output -> gated y (B, D): one fused kernel when dt_proj is dense, else split + norms +
-    dt_proj module + the plain SSM step."""
-    if _dense(m.dt_proj):
-        return ops.mixer_ssm_step(ssm_i, xc, z, xdbl, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D,
-                                  norm_eps)
+    """x_proj output -> gated y (B, D): one fused kernel when dt_proj is dense or quantized
+    (_dt_weight), else split + norms + dt_proj module + the plain SSM step."""
+    w_dt = _dt_weight(m.dt_proj)
+    if isinstance(w_dt, torch.Tensor):
+        return ops.mixer_ssm_step(ssm_i, xc, z, xdbl, w_dt, m.dt_proj.bias, m.A_log, m.D, norm_eps)
+    if w_dt is not None:  # quantized: the kernel directly (the op's reference twin takes a dense W_dt)
+        from falcon_mamba.ops import triton_decode
+
+        return triton_decode.ssm_step(ssm_i, xc, xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:], m.D,
+                                      z, m.dt_proj.bias, W_dt=w_dt, norm_eps=norm_eps, a_is_log=True)
     dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
     if norm_eps is not None:
         dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
@@ -67,10 +85,11 @@ def fused_supported(model) -> bool:
 
 def conv_fold_supported(model) -> bool:
     """True where the conv-folded GEMV mode applies: every x_proj is a GEMV weight (bias-free dense
-    Linear or QuantLinear) and every dt_proj is dense (the SSM kernel with the conv option fuses it)."""
+    Linear or QuantLinear) and every dt_proj is fusable into the SSM kernel with the conv option
+    (_dt_weight: dense, or quantized with its bias outside the forward)."""
     from falcon_mamba.ops.triton_gemv import GemvWeight
 
-    return all(GemvWeight.from_module(b.mixer.x_proj) is not None and _dense(b.mixer.dt_proj)
+    return all(GemvWeight.from_module(b.mixer.x_proj) is not None and _dt_weight(b.mixer.dt_proj) is not None
                for b in model.backbone.layers)
 
 
@@ -84,8 +103,8 @@ def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int) -> torch.Tensor
     cw, cb = m.conv1d.weight[:, 0], m.conv1d.bias
     xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xz[0, :D], conv_in=(conv_i[0], cw, cb))[None]
     return triton_decode.ssm_step(ssm_i, xz[:, :D], xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:],
-                                  m.D, xz[:, D:], m.dt_proj.bias, W_dt=m.dt_proj.weight, norm_eps=norm_eps,
-                                  a_is_log=True, conv=(conv_i, cw, cb))
+                                  m.D, xz[:, D:], m.dt_proj.bias, W_dt=_dt_weight(m.dt_proj),
+                                  norm_eps=norm_eps, a_is_log=True, conv=(conv_i, cw, cb))
 
 
 def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
@@ -123,10 +142,10 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
     The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
-    SSM kernel when it is a dense Linear. gemv: batch-1 in_proj, out_proj and lm_head by the
-    Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step (the decoder times the three
-    and keeps the fastest). conv_fold: batch 1 with gemv, the conv step folded into x_proj and the
-    SSM kernel (_conv_folded; the caller checks conv_fold_supported)."""
+    SSM kernel when it is a dense Linear or a QuantLinear (_dt_weight). gemv: batch-1 in_proj,
+    out_proj and lm_head by the Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step
+    (the decoder times the three and keeps the fastest). conv_fold: batch 1 with gemv, the conv step
+    folded into x_proj and the SSM kernel (_conv_folded; the caller checks conv_fold_supported)."""
     if fused and tokens_B.shape[0] == 1:
         return _fused_step(model, tokens_B, conv, ssm)
     ops = _ops()

@@ -114,6 +114,106 @@ def test_ssm_step_conv_option(rng):
     check_ssm_conv_in(2, 20, 4, 8, 3, torch.bfloat16, rng, bias=False)
 
 
+def _quant_dt(W_DR, bits, group):
+    """W_dt quantized (quant/formats.py) as the GemvWeight the fused SSM step takes, and the fp32
+    weight it stands for."""
+    from falcon_mamba.ops.triton_gemv import GemvWeight
+    from falcon_mamba.quant import formats
+
+    t = formats.quantize_weight(W_DR, bits, group)
+    gw = GemvWeight(w=t["qweight"], bits=bits, scales=t["scales"], zeros=t.get("zeros"), group=group or 0,
+                    K=W_DR.shape[1])
+    return gw, formats.dequantize(t["qweight"], t["scales"], t.get("zeros"), bits, group, W_DR.shape[1],
+                                  torch.float32)
+
+
+def check_ssm_quant_dt(B, D, N, R, bits, group, dtype, gen, norm=True, rb=None, conv=False):
+    """The fused SSM step with a quantized dt_proj vs the unfused reference on the dequantized weight
+    (dense math; for bf16 the weight rounded to bf16, as the reference's F.linear needs)."""
+    from falcon_mamba.ops import triton_decode
+
+    rtol, atol = TOL[dtype]
+    h = _r(gen, B, D, N)
+    xz = _r(gen, B, 2 * D, dtype=dtype)
+    xdbl = _r(gen, B, R + 2 * N, dtype=dtype)
+    gw, Wdq = _quant_dt(_r(gen, D, R, scale=R ** -0.5), bits, group)
+    dtb, A_log, Dv = _r(gen, D, scale=0.5), _r(gen, D, N, scale=0.5), _r(gen, D)
+    h2 = h.clone()
+    eps = 1e-6 if norm else None
+    args = (xdbl[:, :R], A_log, xdbl[:, R:R + N], xdbl[:, R + N:], Dv, xz[:, D:], dtb)
+    if conv:  # the conv option (conv-folded decode mode): x is in_proj's x half, xc computed inside
+        cst = _r(gen, B, 3, D, dtype=dtype)
+        cw, cb = _r(gen, D, 4, dtype=dtype, scale=0.5), _r(gen, D, dtype=dtype)
+        xc = reference.conv_step(cst.clone(), xz[:, :D], cw, cb)
+        y = triton_decode.ssm_step(h, xz[:, :D], *args, W_dt=gw, norm_eps=eps, a_is_log=True, rb=rb,
+                                   conv=(cst, cw, cb))
+    else:
+        xc = _r(gen, B, D, dtype=dtype)
+        y = triton_decode.ssm_step(h, xc, *args, W_dt=gw, norm_eps=eps, a_is_log=True, rb=rb)
+    yr = fused_reference.mixer_ssm_step(h2, xc, xz[:, D:], xdbl, Wdq.to(dtype), dtb, A_log, Dv, eps)
+    what = f"int{bits} g{group} {dtype} B{B} R{R}"
+    assert_close(y, yr, rtol, atol, f"quantized-dt ssm step y {what}")
+    assert_close(h, h2, rtol, atol, f"quantized-dt ssm step state {what}")
+
+
+def test_ssm_step_quantized_dt(rng):
+    check_ssm_quant_dt(2, 40, 5, 7, 8, None, torch.float32, rng)
+    check_ssm_quant_dt(1, 20, 4, 24, 8, None, torch.bfloat16, rng, norm=False, rb=8, conv=True)
+    check_ssm_quant_dt(6, 24, 4, 9, 8, None, torch.float32, rng)  # dt by one quantized GEMM above 4 rows
+    # int4 g32: R 24 and 23 stored padded to 32; 8-wide slices end mid-group and mid-byte (R 23)
+    check_ssm_quant_dt(2, 40, 5, 24, 4, 32, torch.float32, rng, rb=8)
+    check_ssm_quant_dt(1, 20, 4, 23, 4, 32, torch.bfloat16, rng, norm=False, conv=True)
+    check_ssm_quant_dt(1, 24, 4, 40, 4, 32, torch.float32, rng, rb=16)  # two groups, group index per column
+    check_ssm_quant_dt(5, 20, 4, 24, 4, 32, torch.float32, rng)
+
+
+def _quant_dt_model(bits, group):
+    """tiny-odd (R 7, bcdt norms) cut to 2 layers, every linear quantized, dt_proj included."""
+    import dataclasses
+
+    from falcon_mamba.config import get_preset
+    from falcon_mamba.model import FalconMamba
+    from falcon_mamba.quant import QuantLinear, quantizable_modules, quantize_model
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = FalconMamba(dataclasses.replace(get_preset("tiny-odd"), num_hidden_layers=2)).eval()
+    quantize_model(model, bits=bits, group_size=group, modules=quantizable_modules(model))
+    assert all(isinstance(b.mixer.dt_proj, QuantLinear) for b in model.backbone.layers)
+    return model
+
+
+@pytest.mark.parametrize("quant", [(8, None), (4, 32)])
+def test_fast_step_quantized_dt_proj_matches_model_step(quant, rng):
+    """fast_step with a quantized dt_proj, layer by layer and conv-folded, vs model.step over two
+    steps: the fused SSM kernel takes the quantized weight (dt_proj's module is never called)."""
+    from falcon_mamba.decode_step import conv_fold_supported, fast_step, fused_supported
+
+    model = _quant_dt_model(*quant)
+    assert conv_fold_supported(model) and fused_supported(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=rng).to(DEV)
+    with torch.no_grad():
+        _, state0 = model(ids)
+    tok0 = torch.randint(0, model.config.vocab_size, (1,), generator=rng).to(DEV)
+
+    def unfused(*a, **k):
+        raise AssertionError("dt_proj's module was called: the fused SSM kernel was not used")
+
+    for mode in ({}, {"gemv": True, "conv_fold": True}):
+        state, twin, tok = state0.clone(), state0.clone(), tok0
+        for _ in range(2):
+            for b in model.backbone.layers:
+                b.mixer.dt_proj.forward = unfused
+            logits = fast_step(model, tok, state.conv, state.ssm, **mode)
+            for b in model.backbone.layers:
+                del b.mixer.dt_proj.forward
+            ref = model.step(tok, twin)
+            assert_close(logits, ref, 1e-4, 1e-4, f"{mode} step logits {quant}")
+            assert_close(state.conv, twin.conv, 1e-5, 1e-5, f"{mode} conv state {quant}")
+            tok = ref.argmax(-1)
+        assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, f"{mode} ssm state {quant}")
+
+
 def test_norms_small(rng):
     check_norms(3, 24, torch.float32, rng)
     check_norms(2, 48, torch.bfloat16, rng)
@@ -134,6 +234,16 @@ def test_decode_kernels_cuda(dtype, B, rng):
     check_ssm_steps(B, 8192, 16, 256, dtype, rng, norm=True)
     check_ssm_steps(B, 1000, 16, 64, dtype, rng, norm=False)
     check_norms(B, 4096, dtype, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", [(8, None), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_ssm_step_quantized_dt_7b_cuda(quant, dtype, B, rng):
+    """7B widths (D 8192, R 256, N 16), with and without the conv option; B 8 takes the GEMM path."""
+    check_ssm_quant_dt(B, 8192, 16, 256, *quant, dtype, rng)
+    check_ssm_quant_dt(B, 8192, 16, 256, *quant, dtype, rng, conv=True)
 
 
 @pytest.mark.cuda

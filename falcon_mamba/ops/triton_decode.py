@@ -5,7 +5,8 @@ x_proj output [dt_r, B, C]).
 
 Per layer a decode step is: add+norm (this file) -> in_proj (cuBLAS) -> conv step (this file) ->
 x_proj (cuBLAS) -> fused SSM step (this file: the three weightless norms, dt_proj, bias +
-softplus, state update, y = h.C, D skip and silu(z) gate) -> out_proj (cuBLAS). Each kernel
+softplus, state update, y = h.C, D skip and silu(z) gate) -> out_proj (cuBLAS). dt_proj's weight
+may be dense or quantized (quant/formats.py: int8 per row, int4 per group). Each kernel
 rounds where the plain PyTorch model rounds (the norms' outputs and dt to the model dtype), so the
 fused path matches the layer-by-layer one to rounding.
 """
@@ -118,20 +119,45 @@ def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, s
 
 
 @triton.jit
+def _dt_tile(w_ptr, sc_ptr, zp_ptr, d, md, r0, R, swd, sws, BD: tl.constexpr, RB: tl.constexpr,
+             WQ: tl.constexpr, WG: tl.constexpr):
+    # dt_proj's weight at rows d, columns r0 .. r0+RB-1 as an fp32 (BD, RB) tile, 0 past R. WQ 0:
+    # dense as stored; 8: the int8 codes (the row scale is applied once, after the sum over r);
+    # 4: (code - zero) * scale of the column's group (int4: the byte at column k // 2 holds k's code
+    # in its low nibble for even k, the high one for odd k; scales/zeros (D, Rp/WG) row stride sws).
+    r = r0 + tl.arange(0, RB)
+    mr = r < R
+    if WQ == 4:
+        j = r0 // 2 + tl.arange(0, RB // 2)
+        b = tl.load(w_ptr + d[:, None] * swd + j[None, :], mask=md[:, None] & (2 * j < R)[None, :], other=0)
+        code = tl.reshape(tl.join(b & 15, b >> 4), (BD, RB))  # (BD, RB/2, 2) -> k = 2j, 2j + 1
+        m = md[:, None] & mr[None, :]
+        g = d[:, None] * sws + (r // WG)[None, :]
+        zp = tl.load(zp_ptr + g, mask=m, other=0).to(tl.float32)
+        sc = tl.load(sc_ptr + g, mask=m, other=0.0).to(tl.float32)
+        return (code.to(tl.float32) - zp) * sc
+    else:
+        return tl.load(w_ptr + d[:, None] * swd + r[None, :], mask=md[:, None] & mr[None, :],
+                       other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _ssm_step_kernel(
     state_ptr, x_ptr, z_ptr, dtr_ptr, b_ptr, c_ptr, wdt_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
     cst_ptr, cw_ptr, cb_ptr,
     D, R, eps,
     sx_b, sz_b, sdtr_b, sb_b, sc_b, swd, sy_b, scs_b, s_ck, s_cw,
+    wsc_ptr, wz_ptr, sws,
     N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
     DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr,
     CONV_IN: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr, ROUND_X: tl.constexpr,
-    PDL: tl.constexpr,
+    WQ: tl.constexpr, WG: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program: BD channels of one batch row. dtr_ptr holds dt (B, D) when not DT_PROJ, else the
     # rank-R dt input (B, R), normed here when NORM and projected by W_dt (D, R) in RB-wide slices
-    # (a whole (BD, R) tile would not fit the registers). NORM also norms B and C.
+    # (a whole (BD, R) tile would not fit the registers). NORM also norms B and C. WQ: W_dt's format
+    # (_dt_tile; 8 and 4 read the scales at wsc_ptr, int4 the zero points at wz_ptr, group WG).
     # CONV_IN: x_ptr is the conv input (in_proj's x half); the conv step runs here for this program's
     # channels (xc as the x_proj GEMV recomputed it) and shifts the conv state (B, CK-1, D) in place.
     dep_sync(PDL)
@@ -155,9 +181,10 @@ def _ssm_step_kernel(
             r = r0 + tl.arange(0, RB)
             mr = r < R
             q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=mr, other=0.0).to(tl.float32) * rinv, RMODE)
-            W = tl.load(wdt_ptr + d[:, None] * swd + r[None, :], mask=md[:, None] & mr[None, :],
-                        other=0.0).to(tl.float32)
+            W = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, r0, R, swd, sws, BD, RB, WQ, WG)
             v += tl.sum(W * q[None, :], axis=1)
+        if WQ == 8:
+            v = v * tl.load(wsc_ptr + d, mask=md, other=0.0)
         v = _round(v, RMODE)
     else:
         v = tl.load(dtr_ptr + b * sdtr_b + d, mask=md, other=0.0).to(tl.float32)
@@ -255,8 +282,11 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
     rank-R dt input (B, R), projected here by W_dt (D, R); with norm_eps set, dt_r, B and C first go
-    through the weightless RMSNorm (Falcon Mamba). Above DT_PROJ_MAX_BATCH rows the projection is
-    one cuBLAS GEMM instead (in-kernel, every row would re-read W_dt). a_is_log: A_DN holds A_log.
+    through the weightless RMSNorm (Falcon Mamba). W_dt is a dense tensor or a quantized
+    ops.triton_gemv.GemvWeight (int8: codes (D, R) + fp32 scales (D,); int4: packed (D, Rp/2) +
+    fp16 scales and uint8 zeros (D, Rp/G)): dequantized in fp32 in the kernel, dt rounded to
+    dt_or_dtr's dtype (a dense W_dt: to its own dtype). Above DT_PROJ_MAX_BATCH rows the projection
+    is one GEMM instead (in-kernel, every row would re-read W_dt). a_is_log: A_DN holds A_log.
     conv = (conv state (B, K-1, D), weight (D, K), bias (D,) or None): x_BD is the conv input
     (in_proj's x half) instead of xc; the kernel runs the conv step for its channels (as
     _conv_step_kernel, xc rounded to x's dtype), updates the conv state in place and uses xc as x.
@@ -265,22 +295,42 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     N = A_DN.shape[1]
     assert state_BDN.dtype == torch.float32 and state_BDN.stride(2) == 1 and state_BDN.stride(1) == N
     assert state_BDN.stride(0) == D * N or Bsz == 1, "state rows must be (D, N) contiguous"
+    if W_dt is not None and not isinstance(W_dt, torch.Tensor) and not W_dt.bits:
+        W_dt = W_dt.w  # a dense GemvWeight: its tensor
+    wq = None if W_dt is None or isinstance(W_dt, torch.Tensor) else W_dt  # quantized
     fused = W_dt is not None
     if fused and Bsz > DT_PROJ_MAX_BATCH:
         dt_r = dt_or_dtr
         if norm_eps is not None:
             dt_r = rms_rows(dt_r, None, norm_eps, round_y=dt_r.dtype)
-        dt_or_dtr = torch.nn.functional.linear(dt_r, W_dt)
-        W_dt = None
+        if wq is None:
+            dt_or_dtr = torch.nn.functional.linear(dt_r, W_dt)
+        else:
+            from falcon_mamba.quant.qlinear import quant_matmul
+
+            dt_or_dtr = quant_matmul(dt_r, wq.w, wq.scales, wq.zeros, wq.bits, wq.group or None, wq.K)
+        W_dt = wq = None
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
     proj = W_dt is not None
     # without the in-kernel projection a program is a cheap elementwise tile: wide blocks, few waves
     BD, warps = (SSM_BLOCK_D, SSM_WARPS) if proj else (512, 8)
     BD, warps = block_d or BD, num_warps or warps
-    R = W_dt.shape[1] if proj else 1
+    if wq is not None:
+        assert wq.w.stride(1) == 1 and wq.bits in (8, 4), "W_dt: a quantized GemvWeight, rows contiguous"
+        R, w_ptr, swd = wq.K, wq.w, wq.w.stride(0)
+        sws = wq.scales.stride(0) if wq.bits == 4 else 0
+        if wq.bits == 4:
+            assert wq.zeros.stride(0) == sws and wq.scales.stride(1) == wq.zeros.stride(1) == 1
+        qargs = (wq.scales, wq.zeros if wq.zeros is not None else wq.scales, sws)
+    else:
+        R, w_ptr, swd = (W_dt.shape[1], W_dt, W_dt.stride(0)) if proj else (1, A_DN, 0)
+        qargs = (A_DN, A_DN, 0)
+    WQ = wq.bits if wq is not None else 0
     RP = triton.next_power_of_2(R)
     RB = min(RP, rb or SSM_RB)
-    rdt = W_dt.dtype if proj else dt_or_dtr.dtype
+    if WQ == 4:  # whole bytes per slice
+        RP, RB = max(RP, 2), max(RB, 2)
+    rdt = W_dt.dtype if proj and wq is None else dt_or_dtr.dtype
     if conv is not None:
         cst, cw, cb = conv
         assert x_BD.stride(-1) == 1 and cst.stride(-1) == 1 and cw.stride(1) == 1
@@ -291,16 +341,16 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         cargs, CK = (y, y, y, 0, 0, 0), 2
     _ssm_step_kernel[(triton.cdiv(D, BD), Bsz)](
         state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
-        W_dt if proj else A_DN, dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
+        w_ptr, dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
         D_D if D_D is not None else A_DN, y, *cargs[:3],
         D, R, float(norm_eps or 0.0),
         x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0, dt_or_dtr.stride(0),
-        B_BN.stride(0), C_BN.stride(0), W_dt.stride(0) if proj else 0, y.stride(0), *cargs[3:],
+        B_BN.stride(0), C_BN.stride(0), swd, y.stride(0), *cargs[3:], *qargs,
         N=N, NP=triton.next_power_of_2(N), RP=RP, RB=RB, BD=BD,
         HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
         NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
         CONV_IN=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
-        ROUND_X=_ROUND.get(x_BD.dtype, 0),
+        ROUND_X=_ROUND.get(x_BD.dtype, 0), WQ=WQ, WG=wq.group if WQ == 4 else 1,
         num_warps=warps, **pdl.launch_kwargs(x_BD.device),
     )
     return y
