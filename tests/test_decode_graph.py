@@ -89,8 +89,8 @@ def test_decoder_fused_mode_without_graphs(rng, monkeypatch):
 
 
 def test_decoder_conv_folded_mode_without_graphs(rng, monkeypatch):
-    """FALCON_MAMBA_GEMV=triton_cx: the batch-1 slot runs the conv-folded GEMV step; a model whose
-    dt_proj is not dense is refused with a UserError."""
+    """FALCON_MAMBA_GEMV=triton_cx: the batch-1 slot runs the conv-folded GEMV step (dense or int8
+    dt_proj); a model whose dt_proj cannot be fused (a bias inside its forward) is refused (UserError)."""
     from falcon_mamba.errors import UserError
     from falcon_mamba.quant import quantize_model
 
@@ -103,10 +103,32 @@ def test_decoder_conv_folded_mode_without_graphs(rng, monkeypatch):
     assert_close(dec.step(tok, state), model.step(tok, twin), 1e-4, 1e-4, "conv-folded decoder logits")
     assert_close(state.conv, twin.conv, 1e-6, 1e-6, "conv state")
     assert dec.slot(1).mode == "triton_gemv_cx"
-    quantize_model(model, bits=8, group_size=None,  # a quantized dt_proj: no dense weight for the SSM kernel
+    quantize_model(model, bits=8, group_size=None,  # a quantized dt_proj: the SSM kernel dequantizes it
                    modules=[f"backbone.layers.{i}.mixer.dt_proj" for i in range(model.config.num_hidden_layers)])
+    dec, twin = GraphDecoder(model, use_graph=False), state.clone()
+    assert_close(dec.step(tok, state), model.step(tok, twin), 1e-4, 1e-4, "conv-folded, int8 dt_proj")
+    assert dec.slot(1).mode == "triton_gemv_cx"
+    for blk in model.backbone.layers:  # a bias added inside dt_proj's forward cannot be fused
+        blk.mixer.dt_proj.bias_in_forward = True
     with pytest.raises(UserError, match="triton_cx"):
         GraphDecoder(model, use_graph=False).slot(1)
+
+
+def test_decoder_chain_mode_without_graphs(rng, monkeypatch):
+    """FALCON_MAMBA_GEMV=chain: the batch-1 slot runs decode_chain.chain_step (two steps against
+    model.step); the batch-3 slot keeps the batched path."""
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", "chain")
+    model = _model("tiny-odd")
+    dec = GraphDecoder(model, use_graph=False)
+    state = _prefilled(model, 1, rng)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng)
+    for _ in range(2):
+        ref = model.step(tok, twin)
+        assert_close(dec.step(tok, state), ref, 1e-4, 1e-4, "chain decoder logits")
+        tok = ref.argmax(-1)
+    assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
+    assert dec.slot(1).mode == "chain" and dec.slot(3).mode == "cublas"
 
 
 def test_hook_declines_on_cpu(rng):
@@ -154,12 +176,12 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
     model = _model("tiny", torch.float32, "cuda")
     if quant is not None:
         quantize_model(model, bits=quant[0], group_size=quant[1])
-    monkeypatch.setenv("FALCON_MAMBA_TRY_UNMEASURED", "1")  # fused is timed only when asked
-    for choice in ("auto", "fused"):
+    monkeypatch.setenv("FALCON_MAMBA_TRY_UNMEASURED", "1")  # chain is timed only when asked
+    for choice in ("auto", "fused", "chain"):
         monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
         dec = GraphDecoder(model)
         slot = dec.slot(1)
-        modes = {"cublas", "triton_gemv", "triton_gemv_cx", "fused"} if choice == "auto" else {"fused"}
+        modes = {"cublas", "triton_gemv", "triton_gemv_cx", "fused", "chain"} if choice == "auto" else {choice}
         from falcon_mamba.ops import pdl
 
         with_pdl = {m + "+pdl" for m in modes} if pdl.supported(model.device) else set()
@@ -193,7 +215,7 @@ def test_generate_decode_step_uses_graphs_cuda(rng):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("gemv", ["cublas", "triton", "triton_cx", "fused"])
+@pytest.mark.parametrize("gemv", ["cublas", "triton", "triton_cx", "fused", "chain"])
 @pytest.mark.parametrize("B", [1, 3])
 def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
     """Programmatic dependent launch forced on (FALCON_MAMBA_PDL=1): every kernel waits for the
@@ -204,8 +226,8 @@ def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
 
     from falcon_mamba.ops import pdl
 
-    if gemv in ("fused", "triton_cx") and B > 1:
-        pytest.skip("the fused and conv-folded GEMV modes are batch 1 only")
+    if gemv in ("fused", "triton_cx", "chain") and B > 1:
+        pytest.skip("the fused, conv-folded and chain GEMV modes are batch 1 only")
     if not pdl.supported("cuda"):
         pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
     monkeypatch.setenv("FALCON_MAMBA_PDL", "1")
