@@ -11,6 +11,8 @@ with triton.testing.do_bench_cudagraph over enough weight copies to exceed twice
 call reads its weights from HBM, as in the model). Reported: us per call and GB/s of weight
 bytes (qweight + scales + zeros), beside cuBLAS / triton_decode.gemv / triton_qmm (the current
 paths) measured in the same run. A config that fails to compile or run is recorded, not fatal.
+int8 / int4 also time GemvConfig.xsplit (the tile's input read once, contiguous, then split by code
+position) on the default/tuned tile and the first three grid tiles, ahead of the rest of the grid.
 Configs are visited round-robin over (shape, format), so the time budget cuts the tails evenly.
 
 Part 2, the decode step of a 7B-shaped model with --layers layers (random weights; bf16, int8,
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 
@@ -88,6 +91,8 @@ def configs_for(name: str, fmt: str):
         out.append(GemvConfig(**{**out[0].__dict__, "reduce": "kernel"}))
     if name == "out_proj":
         out += [GemvConfig(**{**c.__dict__, "split": 2}) for c in out[:2]]
+    if fmt != "bf16":  # the contiguous-input variant (xsplit) of the first tiles, timed before the rest
+        out = [GemvConfig(**{**c.__dict__, "xsplit": True}) for c in out[:3]] + out
     return out, default_config
 
 
@@ -191,8 +196,12 @@ def sweep_kernels(budget_s: float, gen) -> dict:
             key = (name, fmt)
             cases[key] = Case(name, fmt, gen, l2)
             cfgs, default_config = configs_for(name, fmt)
-            dflt = default_config(cases[key].ws[0], torch.device("cuda"), conv_in=SHAPES[name][2] == "conv_in")
-            queues[key] = [("default", dflt)] + [("grid", c) for c in cfgs if c != dflt]
+            dflt = default_config(cases[key].ws[0], torch.device("cuda"),
+                                  conv_in=SHAPES[name][2] == "conv_in")
+            # the tuned/default tile with both input paths (xsplit: one contiguous read per tile)
+            both = [("grid", replace(dflt, xsplit=True))] if fmt != "bf16" and not dflt.xsplit else []
+            queues[key] = [("default", dflt)] + both + [("grid", c) for c in cfgs
+                                                        if c != dflt and c != replace(dflt, xsplit=True)]
             if name in ("in_proj", "out_proj", "x_proj"):
                 queues[key] = [(b, None) for b in cases[key].baselines()] + queues[key]
             res[f"{name}/{fmt}"] = {"weight_bytes": cases[key].bytes, "copies": len(cases[key].ws),

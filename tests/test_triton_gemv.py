@@ -176,6 +176,44 @@ def test_conv_in_gemv(rng):
     check_conv_in(40, 13, "int4g32", torch.bfloat16, C(bn=4, bk=16, split=2, reduce="kernel"), rng)
 
 
+XS = dict(xsplit=True)
+XSPLIT_CASES = [  # (N, K, fmt, act, config with xsplit): odd K (masked input), split-K, both int4 groups
+    (33, 100, "int8", torch.float32, C(bn=8, bk=64, split=2, **XS)),  # words, masked last block
+    (32, 128, "int8", torch.bfloat16, C(bn=16, bk=128, **XS)),  # no masks
+    (29, 100, "int4g32", torch.float32, C(bn=8, bk=64, **XS)),  # padded K, 2 groups per block
+    (13, 40, "int4g32", torch.bfloat16, C(bn=8, bk=16, split=2, reduce="kernel", **XS)),  # half groups
+    (24, 300, "int4g128", torch.float32, C(bn=8, bk=256, **XS)),  # padded K, 2 groups per block
+]
+
+
+def _same_bits_as_strided(gw, x, cfg, **kw):
+    """The xsplit tile input is the strided path's, split without arithmetic: the same bits out."""
+    from dataclasses import replace
+
+    y_new = fused_gemv(gw, x, config=cfg, **kw)
+    y_old = fused_gemv(gw, x, config=replace(cfg, xsplit=False), **kw)
+    assert torch.equal(y_new, y_old), f"xsplit differs from the strided input: {cfg} {sorted(kw)} " \
+        f"max diff {(y_new.float() - y_old.float()).abs().max().item():.3e}"
+
+
+def test_xsplit_input_matches_strided_and_reference(rng):
+    """xsplit=True (int4, int8 words): against torch math (check_plain / check_fused / check_conv_in)
+    and bit for bit against the strided-input kernel, plain, with the add+RMSNorm prologue and with the
+    conv-step input (CIN)."""
+    for N, K, fmt, act, cfg in XSPLIT_CASES:
+        check_plain(N, K, fmt, act, cfg, rng)
+        gw, _ = _weight(_r(rng, N, K, scale=K ** -0.5), fmt)
+        _same_bits_as_strided(gw, _r(rng, K, dtype=act), cfg)
+        _same_bits_as_strided(gw, _r(rng, K), cfg, residual=_r(rng, K, dtype=act),
+                              norm_weight=_r(rng, K, dtype=act), round_in=act, round_y=act)
+        cin = (_r(rng, 3, K, dtype=act), _r(rng, K, 4, dtype=act, scale=0.5), _r(rng, K, dtype=act))
+        _same_bits_as_strided(gw, _r(rng, K, dtype=act), cfg, conv_in=cin)
+    check_fused(20, 100, "int4g32", torch.float32, C(bn=8, bk=64, norm_bk=32, **XS), rng)
+    check_fused(21, 40, "int8", torch.bfloat16, C(bn=8, bk=16, split=2, **XS), rng, with_res=False, CK=3)
+    check_conv_in(40, 13, "int4g32", torch.float32, C(bn=8, bk=32, **XS), rng)
+    check_conv_in(36, 21, "int8", torch.bfloat16, C(bn=8, bk=16, split=2, **XS), rng)
+
+
 def test_h_out_must_not_alias_input(rng):
     gw, _ = _weight(_r(rng, 8, 16), "fp32")
     h = _r(rng, 16)
@@ -258,14 +296,16 @@ SHAPES_7B = {"in_proj": (16384, 4096), "out_proj": (4096, 8192), "x_proj": (288,
 def test_gemv_7b_shapes_cuda(name, fmt, rng):
     N, K = SHAPES_7B[name]
     act = torch.float32 if fmt == "fp32" else torch.bfloat16
-    for cfg in (None, C(bn=8, bk=512, split=4), C(bn=8, bk=512, split=4, reduce="kernel")):
+    tuned_bk = 1024 if fmt == "int4g128" else 512
+    for cfg in (None, C(bn=8, bk=512, split=4), C(bn=8, bk=512, split=4, reduce="kernel"),
+                C(bn=16, bk=tuned_bk, xsplit=True), C(bn=8, bk=512, split=4, xsplit=True)):
         check_plain(N, K, fmt, act, cfg, rng)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4g128"])
 def test_fused_in_proj_7b_cuda(fmt, rng):
-    for cfg in (None, C(bn=16, bk=256), C(bn=32, bk=256, warps=8)):
+    for cfg in (None, C(bn=16, bk=256), C(bn=32, bk=256, warps=8), C(bn=16, bk=512, xsplit=True)):
         check_fused(8192, 4096, fmt, torch.bfloat16, cfg, rng)
 
 
@@ -288,7 +328,8 @@ def test_fused_split_replays_in_a_graph_cuda(rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4g128"])
 def test_conv_in_x_proj_7b_cuda(fmt, rng):
-    for cfg in (None, C(bn=16, bk=512, split=8), C(bn=8, bk=1024, split=4, reduce="kernel")):
+    for cfg in (None, C(bn=16, bk=512, split=8), C(bn=8, bk=1024, split=4, reduce="kernel"),
+                C(bn=16, bk=512, split=8, xsplit=True)):
         check_conv_in(8192, 288, fmt, torch.bfloat16, cfg or default_config_for(fmt), rng)
 
 
