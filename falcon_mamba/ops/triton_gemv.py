@@ -155,6 +155,7 @@ def _gemv_kernel(
     w_ptr, s_ptr, z_ptr, s_wn, s_sn,
     y_ptr, part_ptr, cnt_ptr,
     cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
+    rs_ptr, hin_ptr, hnx_ptr, nsq_ptr, neps,
     N, K: tl.constexpr, KL: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     FMT: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, MASK_X: tl.constexpr,
@@ -162,7 +163,8 @@ def _gemv_kernel(
     ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, ROUND_U: tl.constexpr,
     CONV: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr, CIN: tl.constexpr,
     SPLIT: tl.constexpr, LAST: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr,
-    XSPLIT: tl.constexpr = False, magic=0x4B000000,
+    XSPLIT: tl.constexpr = False, magic=0x4B000000, RSTD_IN: tl.constexpr = False, NEPI: tl.constexpr = False,
+    NGRID: tl.constexpr = 1,
 ):
     # FMT 0 dense, 8 int8, 4 int4. KL: the K extent of the weight loop (Kp for int4, else K). The
     # widths are constexpr: one compile per projection shape, loops with known trip counts.
@@ -175,7 +177,9 @@ def _gemv_kernel(
     mn = n < N
     row = n.to(tl.int64) * s_wn
     rstd = 1.0
-    if PRO:  # pass 1: the full row's sum of squares (every program needs it)
+    if PRO and RSTD_IN:  # 1/rms left by the previous out_proj's norm epilogue (NEPI): no pass 1
+        rstd = tl.load(rs_ptr)
+    elif PRO:  # pass 1: the full row's sum of squares (every program needs it)
         ssq = tl.zeros((NORM_BK,), tl.float32)
         first = (pid_n == 0) & (pid_s == 0)
         for k0 in range(0, K, NORM_BK):
@@ -298,6 +302,9 @@ def _gemv_kernel(
     if SPLIT == 1:
         _finish(acc, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT, CONV, CK,
                 HAS_CB)
+        if NEPI:
+            _norm_epilogue(acc, n, mn, pid_n, NGRID, y_ptr, hin_ptr, hnx_ptr, nsq_ptr, cnt_ptr,
+                           rs_ptr, neps, N, ROUND_OUT, ROUND_IN, NORM_BK)
     else:
         tl.store(part_ptr + pid_s * N + n, acc, mask=mn)
         if LAST:
@@ -310,6 +317,30 @@ def _gemv_kernel(
                 _finish(tot, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
                         CONV, CK, HAS_CB)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch (graph replays)
+
+
+@triton.jit
+def _norm_epilogue(acc, n, mn, pid, NGRID: tl.constexpr, y_ptr, hin_ptr, hnx_ptr, nsq_ptr, cnt_ptr, rs_ptr, eps, N,
+                   ROUND_OUT: tl.constexpr, ROUND_IN: tl.constexpr, RB: tl.constexpr):
+    # The next RMSNorm's statistics, in out_proj's epilogue (NEPI): h' = h + y (y as stored) for this
+    # program's rows -> hnx (fp32, not hin's memory: every row is held by several threads); the sum of
+    # squares of round_in(h') over the rows -> nsq[pid]; the last program to arrive (atomic ticket,
+    # reset for graph replays) sums the partials in program order (deterministic) and stores
+    # 1/rms = rsqrt(mean + eps) for the next GEMV's prologue (RSTD_IN).
+    yv = _round(acc, ROUND_OUT).to(y_ptr.dtype.element_ty).to(tl.float32)
+    hv = tl.load(hin_ptr + n, mask=mn, other=0.0) + yv
+    tl.store(hnx_ptr + n, hv, mask=mn)
+    r = _round(hv, ROUND_IN)
+    tl.store(nsq_ptr + pid, tl.sum(tl.where(mn, r * r, 0.0), axis=0))
+    tl.debug_barrier()  # every thread's stores are issued before the ticket is taken
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == NGRID - 1:
+        tot = tl.zeros((RB,), tl.float32)
+        for g0 in range(0, NGRID, RB):
+            g = g0 + tl.arange(0, RB)
+            tot += tl.load(nsq_ptr + g, mask=g < NGRID, other=0.0, cache_modifier=".cg")
+        tl.store(rs_ptr, tl.rsqrt(tl.sum(tot, axis=0) / N + eps))
+        tl.atomic_xchg(cnt_ptr, 0)
 
 
 @triton.jit
@@ -501,7 +532,8 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
                norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
                h_out: torch.Tensor | None = None, round_in=None, round_y=None,
                conv: tuple | None = None, out_dtype: torch.dtype | None = None, round_to=None,
-               conv_in: tuple | None = None, config: GemvConfig | None = None):
+               conv_in: tuple | None = None, rstd: torch.Tensor | None = None,
+               norm_out: tuple | None = None, config: GemvConfig | None = None):
     """y (N,) = W @ input, input (K,) = x, or with norm_weight set (the prologue)
     rms_rows(x, norm_weight, eps, residual=residual, x_out=h_out, round_in, round_y) computed in the
     kernel, rounded to norm_weight's dtype. x, residual: one row (K,) or (1, K); h_out (fp32, K
@@ -516,12 +548,22 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     x (in_proj's x half, K = D): xc = silu(conv(state, x) + bias) rounded to x's dtype, as
     triton_decode.conv_step returns it; the state is NOT updated (the SSM step's conv option does
     that). Not combined with the prologue or the conv epilogue.
+
+    The norm split across two launches (the batch-1 "chain" decode step):
+    norm_out = (h (N,) fp32, h_next (N,) fp32, eps, round_in): epilogue of a GEMV whose output is the
+    residual branch (out_proj): h_next = h + y (y rounded to its dtype, as stored) and the 1/rms of
+    round_in(h_next) for the next RMSNorm; returns (y, rstd (1,) fp32). h_next must not be h's memory.
+    rstd = that (1,) tensor: the prologue (norm_weight set, no residual) uses it instead of summing
+    the row's squares in every program; x is then h_next.
     """
     x = x.reshape(-1)
     K, N = weight.K, weight.N
     assert x.numel() == K and x.stride(0) == 1, (x.shape, K)
     dev = x.device
-    cfg = config or default_config(weight, dev, norm_weight is not None, conv_in is not None)
+    # the given-rstd prologue reads the input like the plain GEMV does: the plain tiles fit it
+    cfg = config or default_config(weight, dev, norm_weight is not None and rstd is None, conv_in is not None)
+    if norm_out is not None:  # the epilogue needs whole rows in one program
+        cfg = replace(cfg, split=1)
     _check_cfg(cfg, weight)
     pro = norm_weight is not None
     if pro:
@@ -565,11 +607,26 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     zp = weight.zeros if weight.zeros is not None else sc
     round_out = _ROUND.get(round_to, 0) if round_to is not None else 0
     cin = conv_in is not None
+    if norm_out is not None:
+        hin, hnx, neps, nround = norm_out
+        assert not pro and conv is None and split == 1, "norm_out: a plain GEMV with one K slice"
+        assert hin.dtype == hnx.dtype == torch.float32 and hin.numel() == hnx.numel() == N
+        assert hin.data_ptr() != hnx.data_ptr(), "norm_out: h_next must not alias h"
+        rs = torch.empty(1, dtype=torch.float32, device=dev)
+        nargs = (rs, hin.reshape(-1), hnx.reshape(-1), torch.empty(grid_n, dtype=torch.float32, device=dev),
+                 float(neps))
+        cnt = _ticket_buffer(dev, 1)
+        round_in = nround
+    elif rstd is not None:
+        assert pro and res is None and ho is None, "rstd: the prologue without residual or h_out"
+        nargs = (rstd, x, x, x, 0.0)
+    else:
+        nargs = (y, y, y, y, 0.0)
     has_cb = (conv is not None and conv[2] is not None) or (cin and conv_in[2] is not None)
     _gemv_kernel[(grid_n, split)](
         x, res if res is not None else x, norm_weight if pro else x, ho if ho is not None else x, float(eps),
         w_arg, sc, zp, w_arg.stride(0), sc.stride(0) if bits == 4 else 0,
-        y, part, cnt, *cargs,
+        y, part, cnt, *cargs, *nargs,
         N, K, KL, k_per_split,
         FMT=bits, WORDS=words, GROUP=weight.group or 1, BN=cfg.bn, BK=cfg.bk,
         EVEN_N=N % cfg.bn == 0, EVEN_K=even_k, MASK_X=not (even_k and KL == K),
@@ -579,6 +636,7 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         ROUND_U=_ROUND.get(u_dtype, 0) if pro or cin else 0,
         CONV=conv is not None, CK=CK, HAS_CB=has_cb, CIN=cin,
         SPLIT=split, LAST=last, ROUND_OUT=round_out, XSPLIT=cfg.xsplit and words,
+        RSTD_IN=rstd is not None, NEPI=norm_out is not None, NGRID=grid_n if norm_out is not None else 1,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     if split > 1 and not last:
@@ -587,4 +645,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
                                               CONV=conv is not None, CK=CK,
                                               HAS_CB=conv is not None and has_cb, num_warps=4,
                                               **pdl.launch_kwargs(dev))
+    if norm_out is not None:
+        return y, nargs[0]
     return (y, xc) if conv is not None else y
