@@ -4,6 +4,8 @@
 #   benchmarks/device_run.sh paper         # 1M chunked prefill and the paper's figures: memcap
 #                                          # (24 GB) and generation to 130k
 #   benchmarks/device_run.sh quant         # bf16 vs int8 vs int4 batch-1 decode, 64 layers
+#   benchmarks/device_run.sh verify        # the whole cuda suite, then sweep_decode.py (GEMV tiles,
+#                                          # decode modes at 16 layers)
 #   benchmarks/device_run.sh suite         # the whole cuda suite, 8 pytest processes
 #                                          # (carry: .whl with pytest-xdist + execnet, .data/shared)
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
@@ -62,6 +64,20 @@ case "$MODE" in
         --no-baseline --decode-batches 1 --out "$OUT/results" > "$OUT/bench.log" 2>&1
     fi
     tail -30 "$OUT/tests.txt" ;;
+  verify)
+    # the whole cuda suite (8 processes, each test listed), then the GEMV sweep and the decode modes
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit 1
+    export FALCON_MAMBA_SHARED=$PWD/.data/shared
+    cp "$OUT/env.txt" "$OUT/tests.txt"
+    timeout 330 python3 -m pytest -q -n 8 -rA --tb=short --durations=10 -m cuda tests/ \
+      >> "$OUT/tests.txt" 2>&1
+    echo "exit $?" >> "$OUT/tests.txt"
+    export PYTHONPATH=.
+    timeout $((575 - SECONDS)) python3 benchmarks/sweep_decode.py --out "$OUT/results/sweep.json" \
+      --budget-s 75 --layers 16 --shapes in_proj_rstd,out_proj_nepi,x_proj_cx,in_proj,out_proj \
+      > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
   quant)
     timeout 540 python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1 ;;

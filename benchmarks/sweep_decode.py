@@ -6,7 +6,9 @@ graphed decode step per projection mode (GPU; one device call, about 4 minutes w
 Part 1, kernels. Shapes: in_proj 16384x4096 (plain, and fused: add+RMSNorm prologue + conv
 epilogue, as the fused step runs it), out_proj 4096x8192, x_proj 288x8192 (split-K; plain, and
 x_proj_cx: the conv step computed as its input), lm_head
-65024x4096 (norm_f prologue, fp32 logits); formats bf16, int8, int4 g128. Each config is timed
+65024x4096 (norm_f prologue, fp32 logits), and the chain mode's in_proj_rstd (the norm prologue with a
+given 1/rms) and out_proj_nepi (the residual-add + next-norm epilogue); --shapes picks a subset;
+formats bf16, int8, int4 g128. Each config is timed
 with triton.testing.do_bench_cudagraph over enough weight copies to exceed twice the L2 (each
 call reads its weights from HBM, as in the model). Reported: us per call and GB/s of weight
 bytes (qweight + scales + zeros), beside cuBLAS / triton_decode.gemv / triton_qmm (the current
@@ -48,6 +50,10 @@ SHAPES = {  # name: (N, K, kind)
     "x_proj": (288, 8192, "plain"),
     "x_proj_cx": (288, 8192, "conv_in"),  # the conv step as its input (decode mode triton_gemv_cx)
     "lm_head": (65024, 4096, "norm_logits"),
+    # decode mode "chain": in_proj whose norm prologue reads a given 1/rms (no sum-of-squares pass),
+    # out_proj with the residual-add + next-norm-statistics epilogue
+    "in_proj_rstd": (16384, 4096, "rstd"),
+    "out_proj_nepi": (4096, 8192, "norm_out"),
 }
 FORMATS = ("bf16", "int8", "int4g128")
 ELEM_BYTES = {"bf16": 2.0, "int8": 1.0, "int4g128": 0.5}
@@ -76,7 +82,7 @@ def configs_for(name: str, fmt: str):
     N, K, kind = SHAPES[name]
     out = []
     tiles = TILES if kind != "plain" or name != "in_proj" else TILES[:4]
-    if name == "lm_head":
+    if name in ("lm_head", "out_proj_nepi"):
         tiles = TILES[:4]
     for bn, row_bytes, warps, stages in tiles:
         bk = int(row_bytes / ELEM_BYTES[fmt])
@@ -136,6 +142,8 @@ class Case:
         self.res = torch.randn(K, device="cuda", generator=gen).to(bf)
         self.wn = torch.randn(K, device="cuda", generator=gen).to(bf)
         self.h_out = torch.empty(K, device="cuda")
+        self.rstd = torch.rand(1, device="cuda", generator=gen) + 0.5
+        self.hn = (torch.randn(N, device="cuda", generator=gen), torch.empty(N, device="cuda"))
         D = N // 2
         self.conv = (torch.randn(3, D, device="cuda", generator=gen).to(bf),
                      torch.randn(D, 4, device="cuda", generator=gen).to(bf),
@@ -154,6 +162,11 @@ class Case:
         bf = torch.bfloat16
         if self.kind == "plain":
             return lambda: fused_gemv(self.next_w(), self.x, config=cfg)
+        if self.kind == "rstd":
+            return lambda: fused_gemv(self.next_w(), self.h, norm_weight=self.wn, eps=1e-5, rstd=self.rstd,
+                                      round_in=bf, round_y=bf, config=cfg)
+        if self.kind == "norm_out":
+            return lambda: fused_gemv(self.next_w(), self.x, norm_out=(*self.hn, 1e-5, bf), config=cfg)
         if self.kind == "conv_in":
             return lambda: fused_gemv(self.next_w(), self.x, conv_in=self.conv_in, config=cfg)
         if self.kind == "norm_conv":
@@ -188,10 +201,10 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=15) * 1e-3
 
 
-def sweep_kernels(budget_s: float, gen) -> dict:
+def sweep_kernels(budget_s: float, gen, shapes=None) -> dict:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     cases, queues, res = {}, {}, {}
-    for name in SHAPES:
+    for name in shapes or SHAPES:
         for fmt in FORMATS:
             key = (name, fmt)
             cases[key] = Case(name, fmt, gen, l2)
@@ -264,7 +277,7 @@ def decode_modes(layers: int) -> dict:
         for t in tokens:
             ref = model.step(torch.tensor([t], device="cuda"), st_ref)
         os.environ["FALCON_MAMBA_TRY_UNMEASURED"] = "1"  # auto also times the not-yet-measured modes
-        for mode in ("cublas", "triton", "triton_cx", "fused", "auto"):
+        for mode in ("cublas", "triton", "triton_cx", "fused", "chain", "auto"):
             os.environ["FALCON_MAMBA_GEMV"] = mode
             try:
                 dec = GraphDecoder(model)
@@ -313,6 +326,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16, help="layers of the 7B-shaped model in part 2")
     ap.add_argument("--qmm-tune", action="store_true", help="let triton_qmm tune its configs (slow)")
     ap.add_argument("--skip-model", action="store_true", help="kernels only")
+    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {','.join(SHAPES)}")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("sweep_decode needs a CUDA GPU", file=sys.stderr)
@@ -322,7 +336,7 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rec = {"env": env(), "args": vars(args)}
     t0 = time.time()
-    rec["kernels"] = sweep_kernels(args.budget_s, gen)
+    rec["kernels"] = sweep_kernels(args.budget_s, gen, args.shapes.split(",") if args.shapes else None)
     rec["kernel_sweep_s"] = time.time() - t0
     print(f"\nkernel sweep: {rec['kernel_sweep_s']:.0f} s")
     if not args.skip_model:
