@@ -422,8 +422,8 @@ class GemvConfig:
 # (CUDA-graph timing, weights from HBM; benchmarks/results/h100-sweep-decode-*.json); other shapes
 # get default_config's heuristic. The prologue (add+RMSNorm) changes the best tile: every program
 # re-reads the input row, so wide row blocks win there.
-_T = lambda bn, bk, warps=4, stages=4, split=1: GemvConfig(bn=bn, bk=bk, warps=warps,  # noqa: E731
-                                                           stages=stages, split=split)
+_T = lambda bn, bk, warps=4, stages=4, split=1, xs=False: GemvConfig(  # noqa: E731
+    bn=bn, bk=bk, warps=warps, stages=stages, split=split, xsplit=xs)
 TUNED: dict[tuple[str, int, int, bool], GemvConfig] = {
     # bf16 (dense): in_proj 45.0 us = 2.98 TB/s, fused 52.6; out_proj 24.4; x_proj 5.4; lm_head 174
     ("dense", 16384, 4096, False): _T(4, 1024),
@@ -432,17 +432,19 @@ TUNED: dict[tuple[str, int, int, bool], GemvConfig] = {
     ("dense", 288, 8192, False): _T(2, 1024, split=2),
     ("dense", 65024, 4096, False): _T(4, 1024),
     ("dense", 65024, 4096, True): _T(4, 1024),
-    # int8: in_proj 25.7 us, fused 32.0; out_proj 15.7; x_proj 5.4; lm_head 94.6
-    ("int8", 16384, 4096, False): _T(16, 512),
+    # int8: in_proj 25.3 us (xsplit; strided input 25.8), fused 32.0; out_proj 14.4 (xsplit; 15.7);
+    # x_proj 5.4; lm_head 94.6 (sweeps of commits 5237907 and 11409a1)
+    ("int8", 16384, 4096, False): _T(16, 512, xs=True),
     ("int8", 16384, 4096, True): _T(16, 512),
-    ("int8", 4096, 8192, False): _T(4, 2048),
+    ("int8", 4096, 8192, False): _T(4, 2048, xs=True),
     ("int8", 288, 8192, False): _T(8, 1024, split=8),
     ("int8", 65024, 4096, False): _T(16, 512),
     ("int8", 65024, 4096, True): _T(16, 512),
-    # int4 group 128: in_proj 29.3 us, fused 38.7; out_proj 17.2; x_proj 5.7; lm_head 127
-    ("int4g128", 16384, 4096, False): _T(16, 1024),
+    # int4 group 128: in_proj 20.9 us (xsplit; strided input 29.4), fused 38.7; out_proj 12.2 (xsplit;
+    # 17.3); x_proj 5.7; lm_head 127
+    ("int4g128", 16384, 4096, False): _T(16, 1024, xs=True),
     ("int4g128", 16384, 4096, True): _T(16, 1024),
-    ("int4g128", 4096, 8192, False): _T(16, 2048, 8, 3),
+    ("int4g128", 4096, 8192, False): _T(8, 2048, xs=True),
     ("int4g128", 288, 8192, False): _T(16, 1024, split=8),
     ("int4g128", 65024, 4096, False): _T(16, 1024),
     ("int4g128", 65024, 4096, True): _T(16, 1024),
@@ -456,9 +458,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# (format, N, K) -> config of the conv-step-input (CIN) GEMV; empty until benchmarks/sweep_decode.py
-# has measured it (the heuristic below is an untimed guess).
-TUNED_CONV_IN: dict[tuple[str, int, int], GemvConfig] = {}
+# (format, N, K) -> config of the conv-step-input (CIN) GEMV (x_proj of the triton_cx and chain
+# modes), from the sweep of commit 11409a1: bf16 6.4 us, int8 6.1, int4 g128 7.7.
+TUNED_CONV_IN: dict[tuple[str, int, int], GemvConfig] = {
+    ("dense", 288, 8192): _T(16, 512, 8, 3, split=16),
+    ("int8", 288, 8192): _T(16, 512, split=16, xs=True),
+    ("int4g128", 288, 8192): _T(16, 1024, split=8, xs=True),
+}
 CONV_IN_MIN_BN = 16  # every program recomputes xc for its K slice: amortise over at least 16 rows
 
 
