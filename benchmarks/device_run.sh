@@ -6,6 +6,7 @@
 #   benchmarks/device_run.sh quant         # bf16 vs int8 vs int4 batch-1 decode, 64 layers
 #   benchmarks/device_run.sh verify        # the whole cuda suite, then sweep_decode.py (GEMV tiles,
 #                                          # decode modes at 16 layers)
+#   benchmarks/device_run.sh ab            # L2 prefetch before the PDL wait on/off (decode steps)
 #   benchmarks/device_run.sh suite         # the whole cuda suite, 8 pytest processes
 #                                          # (carry: .whl with pytest-xdist + execnet, .data/shared)
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
@@ -78,6 +79,14 @@ case "$MODE" in
       --budget-s 75 --layers 16 --shapes in_proj_rstd,out_proj_nepi,x_proj_cx,in_proj,out_proj \
       > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
+  ab)
+    # L2 prefetch before the PDL wait (triton_gemv.PREFETCH_TILES 0/1/4), PDL forced on: 16 layers x 3
+    # formats, then 64 layers bf16; plus the GEMV tiles of lm_head and x_proj (xsplit)
+    export FALCON_MAMBA_PDL=1
+    timeout 300 python3 benchmarks/sweep_decode.py --out "$OUT/results/sweep16.json" --budget-s 40 \
+      --shapes lm_head,x_proj --layers 16 --modes triton,triton_cx --prefetch 0,1,4 > "$OUT/bench.log" 2>&1
+    timeout $((575 - SECONDS)) python3 benchmarks/sweep_decode.py --out "$OUT/results/sweep64.json" \
+      --skip-kernels --layers 64 --formats bf16 --modes triton_cx,triton --prefetch 0,1,4 >> "$OUT/bench.log" 2>&1 ;;
   quant)
     timeout 540 python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1 ;;

@@ -258,7 +258,10 @@ def sweep_kernels(budget_s: float, gen, shapes=None) -> dict:
 
 
 @torch.no_grad()
-def decode_modes(layers: int) -> dict:
+def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "chain", "auto"),
+                 formats=("bf16", "int8", "int4g128"), prefetch=None) -> dict:
+    """Each (format, mode[, prefetch]) as its own GraphDecoder: ms/step over 50 greedy replays.
+    prefetch: values of triton_gemv.PREFETCH_TILES to time each mode with (keys "mode/pfN")."""
     from falcon_mamba.config import PRESETS
     from falcon_mamba.decode_graph import GraphDecoder
     from falcon_mamba.model import FalconMamba
@@ -270,14 +273,21 @@ def decode_modes(layers: int) -> dict:
         base = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
     tokens = torch.randint(0, cfg.vocab_size, (4,), generator=torch.Generator().manual_seed(1)).tolist()
     out = {}
+    from falcon_mamba.ops import triton_gemv
+
+    pfs = prefetch or [triton_gemv.PREFETCH_TILES]
     for fmt, bits, group in (("bf16", None, None), ("int8", 8, None), ("int4g128", 4, 128)):
+        if fmt not in formats:
+            continue
         model = base if bits is None else quantize_model(copy.deepcopy(base), bits, group)
         rec = {}
         st_ref = model.new_state(1)
         for t in tokens:
             ref = model.step(torch.tensor([t], device="cuda"), st_ref)
         os.environ["FALCON_MAMBA_TRY_UNMEASURED"] = "1"  # auto also times the not-yet-measured modes
-        for mode in ("cublas", "triton", "triton_cx", "fused", "chain", "auto"):
+        for mode, pf in [(m, p) for m in modes for p in pfs]:
+            triton_gemv.PREFETCH_TILES = pf
+            key = mode if prefetch is None else f"{mode}/pf{pf}"
             os.environ["FALCON_MAMBA_GEMV"] = mode
             try:
                 dec = GraphDecoder(model)
@@ -296,11 +306,11 @@ def decode_modes(layers: int) -> dict:
                 e.synchronize()
                 ms = s.elapsed_time(e) / n
                 slot = dec.slot(1)
-                rec[mode] = {"ms_per_step": ms, "tok_s": 1e3 / ms, "logits_rel_err_vs_step": err,
+                rec[key] = {"ms_per_step": ms, "tok_s": 1e3 / ms, "logits_rel_err_vs_step": err,
                              "chosen": slot.mode + ("+pdl" if slot.pdl else ""),
                              "autotune_ms": dict(slot.timings), "autotune_errors": dict(slot.errors)}
             except Exception as e:
-                rec[mode] = {"error": f"{type(e).__name__}: {e}"[:300],
+                rec[key] = {"error": f"{type(e).__name__}: {e}"[:300],
                              "trace": traceback.format_exc()[-1500:]}
             torch.cuda.synchronize()
         os.environ.pop("FALCON_MAMBA_GEMV", None)
@@ -327,6 +337,10 @@ def main() -> int:
     ap.add_argument("--qmm-tune", action="store_true", help="let triton_qmm tune its configs (slow)")
     ap.add_argument("--skip-model", action="store_true", help="kernels only")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {','.join(SHAPES)}")
+    ap.add_argument("--skip-kernels", action="store_true", help="decode modes only")
+    ap.add_argument("--modes", default="cublas,triton,triton_cx,fused,chain,auto")
+    ap.add_argument("--formats", default="bf16,int8,int4g128")
+    ap.add_argument("--prefetch", default=None, help="PREFETCH_TILES values to time each mode with, e.g. 0,1,4")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("sweep_decode needs a CUDA GPU", file=sys.stderr)
@@ -336,12 +350,14 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rec = {"env": env(), "args": vars(args)}
     t0 = time.time()
-    rec["kernels"] = sweep_kernels(args.budget_s, gen, args.shapes.split(",") if args.shapes else None)
-    rec["kernel_sweep_s"] = time.time() - t0
-    print(f"\nkernel sweep: {rec['kernel_sweep_s']:.0f} s")
+    if not args.skip_kernels:
+        rec["kernels"] = sweep_kernels(args.budget_s, gen, args.shapes.split(",") if args.shapes else None)
+        rec["kernel_sweep_s"] = time.time() - t0
+        print(f"\nkernel sweep: {rec['kernel_sweep_s']:.0f} s")
     if not args.skip_model:
         t1 = time.time()
-        rec["decode"] = decode_modes(args.layers)
+        rec["decode"] = decode_modes(args.layers, args.modes.split(","), args.formats.split(","),
+                                     [int(v) for v in args.prefetch.split(",")] if args.prefetch else None)
         rec["decode_s"] = time.time() - t1
         print(f"decode modes: {rec['decode_s']:.0f} s")
     tmp = args.out + ".tmp"
