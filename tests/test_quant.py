@@ -11,7 +11,16 @@ from safetensors.torch import load_file, save_file
 import falcon_mamba as fm
 from falcon_mamba.cli import main
 from falcon_mamba.errors import UserError
-from falcon_mamba.quant import QuantLinear, default_modules, formats, quantize_model, save_quantized
+from falcon_mamba.model import DtProj
+from falcon_mamba.quant import (
+    QuantLinear,
+    default_modules,
+    formats,
+    quantizable_modules,
+    quantize_model,
+    save_quantized,
+)
+from falcon_mamba.quant import folder as qfolder
 from tests.helpers import assert_close
 
 
@@ -87,8 +96,10 @@ def test_quantized_model_forward_step_and_error(rng, bits, group):
     dense, _ = model(ids)
     quantize_model(model, bits, group)
     names = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert names == set(default_modules(model))
-    assert not any(n.endswith("dt_proj") for n in names) and "lm_head" in names
+    assert names == set(default_modules(model)) == set(quantizable_modules(model))
+    # Every linear by default, dt_proj included (quantizing it measured no worse; folder.py).
+    assert sum(n.endswith(".dt_proj") for n in names) == model.config.num_hidden_layers
+    assert "lm_head" in names
     # What stays high precision keeps its dtype (A_log, D, dt bias fp32; conv, norms, embeddings).
     assert model.backbone.layers[0].mixer.A_log.dtype == torch.float32
     assert isinstance(model.backbone.layers[0].mixer.conv1d, torch.nn.Conv1d)
@@ -135,7 +146,8 @@ def test_save_load_roundtrip(tmp_path, rng):
         keys = set(f.keys())
         assert f.get_slice("backbone.layers.0.mixer.in_proj.qweight").get_dtype() == "U8"
     assert "backbone.layers.0.mixer.in_proj.scales" in keys and "lm_head.zeros" in keys
-    assert "backbone.layers.0.mixer.dt_proj.weight" in keys  # dense by default
+    assert "backbone.layers.0.mixer.dt_proj.qweight" in keys  # quantized by default
+    assert "backbone.layers.0.mixer.dt_proj.bias" in keys and meta["modules"] == default_modules(model)
     assert not any(k.endswith("in_proj.weight") for k in keys)
     loaded = fm.load_model(tmp_path / "q")
     assert isinstance(loaded.backbone.layers[1].mixer.out_proj, QuantLinear)
@@ -146,6 +158,30 @@ def test_save_load_roundtrip(tmp_path, rng):
     assert bf.backbone.layers[0].mixer.D.dtype == torch.float32
     assert bf.lm_head.scales.dtype == torch.float16  # quantized tensors keep their stored types
     assert _rel(bf(ids)[0], model(ids)[0]) < 0.05
+
+
+def test_folder_with_dense_dt_proj_still_loads(tmp_path, rng, monkeypatch):
+    """Folders written before dt_proj was quantized by default keep it dense; the loader must take
+    the module list from quantization.json, never from default_modules."""
+    model = _model()
+    quantize_model(model, 8, modules=quantizable_modules(model, include_dt_proj=False))
+    save_quantized(model, tmp_path / "old")
+    with safe_open(str(tmp_path / "old" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "backbone.layers.0.mixer.dt_proj.weight" in keys
+    assert not any(k.endswith("dt_proj.qweight") for k in keys)
+
+    def no_default(_model):
+        raise AssertionError("the loader consulted default_modules")
+
+    monkeypatch.setattr(qfolder, "default_modules", no_default)
+    loaded = fm.load_model(tmp_path / "old")
+    for blk in loaded.backbone.layers:
+        assert type(blk.mixer.dt_proj) is DtProj and isinstance(blk.mixer.in_proj, QuantLinear)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=rng)
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+    st, twin = loaded.new_state(2), model.new_state(2)
+    assert_close(loaded.step(ids[:, 0], st), model.step(ids[:, 0], twin), 0, 0, "step, dense dt_proj")
 
 
 def _tamper(folder, fn):
@@ -215,3 +251,24 @@ def test_cli_quantize(tmp_path, rng, capsys):
     assert "--out is the --model folder" in err("quantize", "--model", str(tmp_path / "m"), "--bits",
                                                 "8", "--out", str(tmp_path / "m"))
     assert not (tmp_path / "again").exists() and not (tmp_path / "x").exists()
+
+
+def test_cli_quantize_dt_proj_choice(tmp_path, rng, capsys):
+    model = _model("tiny")
+    fm.save_model(model, tmp_path / "m")
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=rng)
+    for choice, expect in ((None, "quantized"), ("dense", "dense"), ("quantized", "quantized")):
+        out = tmp_path / f"q-{choice}"
+        argv = ["quantize", "--model", str(tmp_path / "m"), "--bits", "8", "--out", str(out)]
+        assert main(argv + ([] if choice is None else ["--dt-proj", choice])) == 0
+        assert f"dt_proj {expect}" in capsys.readouterr().out
+        modules = json.loads((out / "quantization.json").read_text())["modules"]
+        want = quantizable_modules(model, include_dt_proj=expect == "quantized")
+        assert modules == want
+        q = fm.load_model(out)
+        assert isinstance(q.backbone.layers[0].mixer.dt_proj, QuantLinear) == (expect == "quantized")
+        assert 0 < _rel(q(ids)[0], model(ids)[0]) < 0.02
+    with pytest.raises(SystemExit):  # argparse refuses an unknown choice
+        main(["quantize", "--model", str(tmp_path / "m"), "--bits", "8", "--out", str(tmp_path / "x"),
+              "--dt-proj", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err and not (tmp_path / "x").exists()
