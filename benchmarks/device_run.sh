@@ -6,6 +6,7 @@
 #   benchmarks/device_run.sh quant         # bf16 vs int8 vs int4 batch-1 decode, 64 layers
 #   benchmarks/device_run.sh verify        # the whole cuda suite, then sweep_decode.py (GEMV tiles,
 #                                          # decode modes at 16 layers)
+#   benchmarks/device_run.sh final3        # decode-path cuda tests, then `bench decode prefill`
 #   benchmarks/device_run.sh ab            # L2 prefetch before the PDL wait on/off (decode steps)
 #   benchmarks/device_run.sh suite         # the whole cuda suite, 8 pytest processes
 #                                          # (carry: .whl with pytest-xdist + execnet, .data/shared)
@@ -87,6 +88,20 @@ case "$MODE" in
       --shapes lm_head,x_proj --layers 16 --modes triton,triton_cx --prefetch 0,1,4 > "$OUT/bench.log" 2>&1
     timeout $((575 - SECONDS)) python3 benchmarks/sweep_decode.py --out "$OUT/results/sweep64.json" \
       --skip-kernels --layers 64 --formats bf16 --modes triton_cx,triton --prefetch 0,1,4 >> "$OUT/bench.log" 2>&1 ;;
+  final3)
+    # the cuda tests of the decode path (8 processes), then the decode and prefill tables
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit 1
+    export FALCON_MAMBA_SHARED=$PWD/.data/shared
+    cp "$OUT/env.txt" "$OUT/tests.txt"
+    timeout 200 python3 -m pytest -q -n 8 -rA --tb=short -m cuda tests/test_decode_graph.py \
+      tests/test_triton_gemv.py tests/test_decode_chain.py tests/test_triton_decode.py \
+      tests/test_quant_triton.py >> "$OUT/tests.txt" 2>&1
+    echo "exit $?" >> "$OUT/tests.txt"
+    export PYTHONPATH=.
+    timeout $((585 - SECONDS)) python3 -m falcon_mamba bench decode prefill --out "$OUT/results" \
+      > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
   quant)
     timeout 540 python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1 ;;

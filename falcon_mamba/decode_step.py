@@ -170,5 +170,12 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
             y = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N)
         out = _proj(m.out_proj, y, gemv)
     norm_f = model.backbone.norm_f
+    if gemv and tokens_B.shape[0] == 1:
+        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
+
+        lm = GemvWeight.from_module(model.lm_head)
+        if lm is not None:  # norm_f as the lm_head GEMV's prologue, fp32 logits (no norm, no cast launch)
+            return fused_gemv(lm, h, residual=out, norm_weight=norm_f.weight, eps=norm_f.eps,
+                              out_dtype=torch.float32, round_to=model.dtype)[None]
     hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
     return _proj(model.lm_head, hn, gemv).float()

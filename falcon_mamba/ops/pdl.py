@@ -68,19 +68,7 @@ if not _interpreting():
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
-
-    @triton.jit
-    def prefetch_l2(ptrs):
-        """Ask L2 for the lines holding ptrs (a hint: no register is written, nothing waits). Called
-        before dep_sync on data the previous kernel does not write (weights), it starts the stream
-        while that kernel drains."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
 else:
     @triton.jit
     def dep_sync(PDL: tl.constexpr):
-        pass
-
-    @triton.jit
-    def prefetch_l2(ptrs):
         pass

@@ -52,7 +52,6 @@ Row offsets into the weight are 64-bit (lm_head int4: 65024 x 2048 bytes; fp32 6
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -60,7 +59,7 @@ import triton
 import triton.language as tl
 
 from falcon_mamba.ops import pdl
-from falcon_mamba.ops.pdl import dep_sync, prefetch_l2
+from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _conv_window, _round
 from falcon_mamba.ops.triton_decode import _ld as _vload  # a masked-or-not vector load
 
@@ -165,23 +164,18 @@ def _gemv_kernel(
     CONV: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr, CIN: tl.constexpr,
     SPLIT: tl.constexpr, LAST: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr,
     XSPLIT: tl.constexpr = False, magic=0x4B000000, RSTD_IN: tl.constexpr = False, NEPI: tl.constexpr = False,
-    NGRID: tl.constexpr = 1, PF_N: tl.constexpr = 0, PF_LINE: tl.constexpr = 64, PF_DIV: tl.constexpr = 1,
+    NGRID: tl.constexpr = 1,
 ):
     # FMT 0 dense, 8 int8, 4 int4. KL: the K extent of the weight loop (Kp for int4, else K). The
     # widths are constexpr: one compile per projection shape, loops with known trip counts.
     # WORDS: w_ptr is the quantized weight viewed as int32 words (s_wn in words); always for int4,
     # for int8 when K is a multiple of 4 (else bytes, tiny test models only).
+    dep_sync(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n = pid_n * BN + tl.arange(0, BN)
     mn = n < N
     row = n.to(tl.int64) * s_wn
-    if PF_N > 0:  # (with PDL) this program's first weight lines to L2 before waiting on the previous
-        # kernel, which never writes weights: PF_N lines of PF_LINE w_ptr units per row, clamped inside
-        kw = (pid_s * K_PER_SPLIT) // PF_DIV + tl.arange(0, PF_N) * PF_LINE
-        kw = tl.minimum(kw, KL // PF_DIV - 1)
-        prefetch_l2(w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * s_wn + kw[None, :])
-    dep_sync(PDL)
     rstd = 1.0
     if PRO and RSTD_IN:  # 1/rms left by the previous out_proj's norm epilogue (NEPI): no pass 1
         rstd = tl.load(rs_ptr)
@@ -444,16 +438,16 @@ TUNED: dict[tuple[str, int, int, bool], GemvConfig] = {
     ("int8", 16384, 4096, True): _T(16, 512),
     ("int8", 4096, 8192, False): _T(4, 2048, xs=True),
     ("int8", 288, 8192, False): _T(8, 1024, split=8),
-    ("int8", 65024, 4096, False): _T(16, 512),
-    ("int8", 65024, 4096, True): _T(16, 512),
+    ("int8", 65024, 4096, False): _T(16, 512, xs=True),
+    ("int8", 65024, 4096, True): _T(16, 512, xs=True),  # 95.0 us (strided input 95.7)
     # int4 group 128: in_proj 20.9 us (xsplit; strided input 29.4), fused 38.7; out_proj 12.2 (xsplit;
     # 17.3); x_proj 5.7; lm_head 127
     ("int4g128", 16384, 4096, False): _T(16, 1024, xs=True),
     ("int4g128", 16384, 4096, True): _T(16, 1024),
     ("int4g128", 4096, 8192, False): _T(8, 2048, xs=True),
-    ("int4g128", 288, 8192, False): _T(16, 1024, split=8),
-    ("int4g128", 65024, 4096, False): _T(16, 1024),
-    ("int4g128", 65024, 4096, True): _T(16, 1024),
+    ("int4g128", 288, 8192, False): _T(16, 1024, split=8, xs=True),  # 5.1 us (5.8)
+    ("int4g128", 65024, 4096, False): _T(16, 1024, xs=True),
+    ("int4g128", 65024, 4096, True): _T(16, 1024, xs=True),  # 89.7 us (strided input 128.3)
 }
 NUM_SMS_FALLBACK = 132  # interpreter runs: any value works
 
@@ -536,23 +530,6 @@ def _weight_words(weight: GemvWeight) -> tuple[torch.Tensor, bool]:
     if weight.bits == 4:
         assert ok, f"int4 weight rows must be whole int32 words: {tuple(w.shape)}, stride {w.stride()}"
     return (w.view(torch.int32), True) if ok else (w, False)
-
-
-# With programmatic dependent launch, each GEMV program first asks L2 for its first PREFETCH_TILES
-# weight tiles, then waits for the previous kernel (0: off). FALCON_MAMBA_PREFETCH overrides (benchmarks).
-PREFETCH_TILES = int(os.environ.get("FALCON_MAMBA_PREFETCH", "0"))
-_LINE_BYTES = 128
-
-
-def _prefetch_args(cfg: GemvConfig, bits: int, words: bool, w_arg: torch.Tensor, device) -> dict:
-    """PF_N (lines per row, a power of two; 0 = no prefetch), PF_LINE (w_arg elements per 128-byte
-    line) and PF_DIV (K elements per w_arg element) for the kernel's prefetch."""
-    if PREFETCH_TILES <= 0 or not pdl.active(device):
-        return {}
-    per_elem = 8 if bits == 4 else (4 if bits == 8 and words else 1)
-    line = _LINE_BYTES // w_arg.element_size()
-    n_lines = triton.next_power_of_2(max(1, cfg.bk * PREFETCH_TILES // per_elem // line))
-    return {"PF_N": n_lines, "PF_LINE": line, "PF_DIV": per_elem}
 
 
 # ---- launcher ----------------------------------------------------------------------------------
@@ -666,7 +643,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         CONV=conv is not None, CK=CK, HAS_CB=has_cb, CIN=cin,
         SPLIT=split, LAST=last, ROUND_OUT=round_out, XSPLIT=cfg.xsplit and words,
         RSTD_IN=rstd is not None, NEPI=norm_out is not None, NGRID=grid_n if norm_out is not None else 1,
-        **_prefetch_args(cfg, bits, words, w_arg, dev),
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     if split > 1 and not last:
