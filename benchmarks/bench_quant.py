@@ -7,6 +7,7 @@
 Random weights, built directly on the GPU. For each variant it measures, all inside CUDA graphs
 (launch overhead removed, as a graphed decoder sees it):
   linears   the weight-reading part of one token: in_proj, x_proj, dt_proj, out_proj of every layer
+            (each by the faster of its module forward and the batch-1 Triton GEMV)
             and lm_head, each with its own weights (no L2 reuse across layers), batch 1;
             time per token, effective GB/s of weight bytes, and the speed-up over bf16
   step      model.step (the plain per-op decode step) captured in one CUDA graph: tokens/s
@@ -87,12 +88,14 @@ def module_bytes(mod) -> int:
                if t is not None)
 
 
-def _dense_gemv():
+def _gemv_of(mod):
+    """The batch-1 Triton GEMV the decoder runs for this module (ops/triton_gemv.py), or None."""
     try:
-        from falcon_mamba.ops.triton_decode import gemv
+        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
     except ImportError:
         return None
-    return gemv
+    w = GemvWeight.from_module(mod)
+    return None if w is None else (lambda x: fused_gemv(w, x.reshape(-1)))
 
 
 @torch.no_grad()
@@ -103,14 +106,14 @@ def time_linears(model) -> dict:
     gen = torch.Generator(device=dev).manual_seed(0)
     inputs = {"in_proj": c.hidden_size, "x_proj": c.intermediate_size, "dt_proj": c.time_step_rank,
               "out_proj": c.intermediate_size}
-    gemv = _dense_gemv()
 
     def best_time(mods, x):
-        """Seconds per pass over mods; a dense layer also tries the project's Triton GEMV (the
-        fused decoder picks the faster of the two, so the bf16 baseline does too)."""
+        """Seconds per pass over mods: the module's forward, and the batch-1 Triton GEMV of
+        ops/triton_gemv.py (dense or quantized; the decoder picks the faster way, so this does too)."""
         times = {"module": graph_time(lambda: [m(x) for m in mods])}
-        if gemv is not None and all(isinstance(m, torch.nn.Linear) for m in mods):
-            times["triton_gemv"] = graph_time(lambda: [gemv(x, m.weight) for m in mods])
+        gemvs = [_gemv_of(m) for m in mods]
+        if all(g is not None for g in gemvs):
+            times["triton_gemv"] = graph_time(lambda: [g(x) for g in gemvs])
         how = min(times, key=times.get)
         return times[how], how
 
@@ -203,6 +206,8 @@ def main() -> int:
         rec["weight_bytes"] = sum(module_bytes(m) for m in model.modules()
                                   if isinstance(m, (QuantLinear, torch.nn.Linear)))
         rows.append(rec)
+        print(f"{name}: fused {rec['fused_tok_s']} tok/s, step {rec['step_tok_s']:.1f} tok/s, linears "
+              f"{rec['linears']['total']['seconds'] * 1e3:.3f} ms", flush=True)
         if model is not base:
             del model
             torch.cuda.empty_cache()
