@@ -50,13 +50,16 @@ def env() -> dict:
         rec["triton"] = triton.__version__
     except ImportError:
         rec["triton"] = None
-    try:
-        import subprocess
+    # the device copy's .git may lag the tree it runs: the caller's FALCON_MAMBA_COMMIT wins
+    rec["commit"] = os.environ.get("FALCON_MAMBA_COMMIT")
+    if not rec["commit"]:
+        try:
+            import subprocess
 
-        rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
-    except Exception:
-        rec["commit"] = None
+            rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+        except Exception:
+            rec["commit"] = None
     return rec
 
 

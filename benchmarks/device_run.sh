@@ -102,6 +102,9 @@ case "$MODE" in
     timeout $((585 - SECONDS)) python3 -m falcon_mamba bench decode prefill --out "$OUT/results" \
       > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
+  int8tiles)
+    timeout 300 python3 benchmarks/sweep_decode.py --out "$OUT/results/sweep.json" --skip-model \
+      --budget-s 90 --shapes in_proj,out_proj --formats int8 > "$OUT/bench.log" 2>&1 ;;
   quant)
     timeout 540 python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1 ;;

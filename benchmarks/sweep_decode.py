@@ -56,6 +56,13 @@ SHAPES = {  # name: (N, K, kind)
     "out_proj_nepi": (4096, 8192, "norm_out"),
 }
 FORMATS = ("bf16", "int8", "int4g128")
+# int8 in_proj / out_proj: (rows, bk, warps, stages) of the contiguous-input tiles around the tuned ones
+EXTRA_INT8 = {
+    "in_proj": [(16, 512, 8, 3), (32, 512, 8, 3), (16, 1024, 4, 3), (8, 512, 4, 4), (16, 256, 4, 4),
+                (32, 256, 4, 4), (64, 256, 8, 3), (16, 512, 4, 6), (16, 512, 2, 4)],
+    "out_proj": [(2, 2048, 4, 4), (4, 4096, 4, 4), (2, 4096, 4, 4), (4, 2048, 8, 3), (8, 2048, 8, 3),
+                 (4, 1024, 4, 4), (4, 2048, 4, 6), (1, 4096, 4, 4), (4, 2048, 2, 4)],
+}
 ELEM_BYTES = {"bf16": 2.0, "int8": 1.0, "int4g128": 0.5}
 # (rows, weight bytes per row per iteration, warps, stages): bk = bytes / element size
 TILES = [(8, 1024, 4, 4), (16, 512, 4, 4), (4, 2048, 4, 4), (16, 1024, 8, 3), (32, 512, 8, 3),
@@ -99,6 +106,8 @@ def configs_for(name: str, fmt: str):
         out += [GemvConfig(**{**c.__dict__, "split": 2}) for c in out[:2]]
     if fmt != "bf16":  # the contiguous-input variant (xsplit) of the first tiles, timed before the rest
         out = [GemvConfig(**{**c.__dict__, "xsplit": True}) for c in out[:3]] + out
+    if fmt == "int8" and name in EXTRA_INT8:  # more xsplit tiles around the tuned one, timed first
+        out = [GemvConfig(bn=bn, bk=bk, warps=w, stages=st, xsplit=True) for bn, bk, w, st in EXTRA_INT8[name]] + out
     return out, default_config
 
 
@@ -201,11 +210,11 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=15) * 1e-3
 
 
-def sweep_kernels(budget_s: float, gen, shapes=None) -> dict:
+def sweep_kernels(budget_s: float, gen, shapes=None, formats=None) -> dict:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     cases, queues, res = {}, {}, {}
     for name in shapes or SHAPES:
-        for fmt in FORMATS:
+        for fmt in formats or FORMATS:
             key = (name, fmt)
             cases[key] = Case(name, fmt, gen, l2)
             cfgs, default_config = configs_for(name, fmt)
@@ -351,7 +360,8 @@ def main() -> int:
     rec = {"env": env(), "args": vars(args)}
     t0 = time.time()
     if not args.skip_kernels:
-        rec["kernels"] = sweep_kernels(args.budget_s, gen, args.shapes.split(",") if args.shapes else None)
+        rec["kernels"] = sweep_kernels(args.budget_s, gen, args.shapes.split(",") if args.shapes else None,
+                                       args.formats.split(","))
         rec["kernel_sweep_s"] = time.time() - t0
         print(f"\nkernel sweep: {rec['kernel_sweep_s']:.0f} s")
     if not args.skip_model:
