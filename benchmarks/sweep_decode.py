@@ -293,7 +293,6 @@ def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "
         st_ref = model.new_state(1)
         for t in tokens:
             ref = model.step(torch.tensor([t], device="cuda"), st_ref)
-        os.environ["FALCON_MAMBA_TRY_UNMEASURED"] = "1"  # auto also times the not-yet-measured modes
         for mode, pf in [(m, p) for m in modes for p in pfs]:
             triton_gemv.PREFETCH_TILES = pf
             key = mode if prefetch is None else f"{mode}/pf{pf}"

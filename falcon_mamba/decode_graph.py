@@ -95,13 +95,10 @@ class _Slot:
         if use_graph:
             modes = [self.mode]
             if rows == 1 and choice == "auto":
-                # A mode not yet run on a GPU joins the timed candidates only on request
-                # (FALCON_MAMBA_TRY_UNMEASURED=1, or FALCON_MAMBA_GEMV naming it): "chain" for now.
-                unmeasured = os.environ.get("FALCON_MAMBA_TRY_UNMEASURED") == "1"
                 modes = (["cublas", "triton_gemv"]
                          + (["triton_gemv_cx"] if conv_fold_supported(model) else [])
                          + (["fused"] if fused_supported(model) else [])
-                         + (["chain"] if unmeasured and chain_supported(model) else []))
+                         + (["chain"] if chain_supported(model) else []))
             from falcon_mamba.ops import pdl
 
             pdls = [False, True] if pdl_choice == "auto" and pdl.supported(dev) else [self.pdl]

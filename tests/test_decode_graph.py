@@ -176,7 +176,6 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
     model = _model("tiny", torch.float32, "cuda")
     if quant is not None:
         quantize_model(model, bits=quant[0], group_size=quant[1])
-    monkeypatch.setenv("FALCON_MAMBA_TRY_UNMEASURED", "1")  # chain is timed only when asked
     for choice in ("auto", "fused", "chain"):
         monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
         dec = GraphDecoder(model)
@@ -272,7 +271,6 @@ def test_autotune_rejects_a_candidate_with_wrong_logits_cuda(rng, monkeypatch):
 
     real = ds._fused_step
     monkeypatch.setattr(ds, "_fused_step", lambda *a, **k: -real(*a, **k))
-    monkeypatch.setenv("FALCON_MAMBA_TRY_UNMEASURED", "1")
     model = _model("tiny", torch.float32, "cuda")
     slot = GraphDecoder(model).slot(1)
     assert {"fused", "fused+pdl"} & set(slot.errors) and not {"fused", "fused+pdl"} & set(slot.timings)
