@@ -107,7 +107,8 @@ def configs_for(name: str, fmt: str):
     if fmt != "bf16":  # the contiguous-input variant (xsplit) of the first tiles, timed before the rest
         out = [GemvConfig(**{**c.__dict__, "xsplit": True}) for c in out[:3]] + out
     if fmt == "int8" and name in EXTRA_INT8:  # more xsplit tiles around the tuned one, timed first
-        out = [GemvConfig(bn=bn, bk=bk, warps=w, stages=st, xsplit=True) for bn, bk, w, st in EXTRA_INT8[name]] + out
+        out = [GemvConfig(bn=bn, bk=bk, warps=w, stages=st, xsplit=True)
+               for bn, bk, w, st in EXTRA_INT8[name]] + out
     return out, default_config
 
 
@@ -268,9 +269,8 @@ def sweep_kernels(budget_s: float, gen, shapes=None, formats=None) -> dict:
 
 @torch.no_grad()
 def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "chain", "auto"),
-                 formats=("bf16", "int8", "int4g128"), prefetch=None) -> dict:
-    """Each (format, mode[, prefetch]) as its own GraphDecoder: ms/step over 50 greedy replays.
-    prefetch: values of triton_gemv.PREFETCH_TILES to time each mode with (keys "mode/pfN")."""
+                 formats=("bf16", "int8", "int4g128")) -> dict:
+    """Each (format, mode) as its own GraphDecoder: ms/step over 50 greedy replays."""
     from falcon_mamba.config import PRESETS
     from falcon_mamba.decode_graph import GraphDecoder
     from falcon_mamba.model import FalconMamba
@@ -282,9 +282,6 @@ def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "
         base = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
     tokens = torch.randint(0, cfg.vocab_size, (4,), generator=torch.Generator().manual_seed(1)).tolist()
     out = {}
-    from falcon_mamba.ops import triton_gemv
-
-    pfs = prefetch or [triton_gemv.PREFETCH_TILES]
     for fmt, bits, group in (("bf16", None, None), ("int8", 8, None), ("int4g128", 4, 128)):
         if fmt not in formats:
             continue
@@ -293,9 +290,7 @@ def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "
         st_ref = model.new_state(1)
         for t in tokens:
             ref = model.step(torch.tensor([t], device="cuda"), st_ref)
-        for mode, pf in [(m, p) for m in modes for p in pfs]:
-            triton_gemv.PREFETCH_TILES = pf
-            key = mode if prefetch is None else f"{mode}/pf{pf}"
+        for mode in modes:
             os.environ["FALCON_MAMBA_GEMV"] = mode
             try:
                 dec = GraphDecoder(model)
@@ -314,11 +309,11 @@ def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "
                 e.synchronize()
                 ms = s.elapsed_time(e) / n
                 slot = dec.slot(1)
-                rec[key] = {"ms_per_step": ms, "tok_s": 1e3 / ms, "logits_rel_err_vs_step": err,
+                rec[mode] = {"ms_per_step": ms, "tok_s": 1e3 / ms, "logits_rel_err_vs_step": err,
                              "chosen": slot.mode + ("+pdl" if slot.pdl else ""),
                              "autotune_ms": dict(slot.timings), "autotune_errors": dict(slot.errors)}
             except Exception as e:
-                rec[key] = {"error": f"{type(e).__name__}: {e}"[:300],
+                rec[mode] = {"error": f"{type(e).__name__}: {e}"[:300],
                              "trace": traceback.format_exc()[-1500:]}
             torch.cuda.synchronize()
         os.environ.pop("FALCON_MAMBA_GEMV", None)
@@ -348,7 +343,6 @@ def main() -> int:
     ap.add_argument("--skip-kernels", action="store_true", help="decode modes only")
     ap.add_argument("--modes", default="cublas,triton,triton_cx,fused,chain,auto")
     ap.add_argument("--formats", default="bf16,int8,int4g128")
-    ap.add_argument("--prefetch", default=None, help="PREFETCH_TILES values to time each mode with, e.g. 0,1,4")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("sweep_decode needs a CUDA GPU", file=sys.stderr)
@@ -365,8 +359,7 @@ def main() -> int:
         print(f"\nkernel sweep: {rec['kernel_sweep_s']:.0f} s")
     if not args.skip_model:
         t1 = time.time()
-        rec["decode"] = decode_modes(args.layers, args.modes.split(","), args.formats.split(","),
-                                     [int(v) for v in args.prefetch.split(",")] if args.prefetch else None)
+        rec["decode"] = decode_modes(args.layers, args.modes.split(","), args.formats.split(","))
         rec["decode_s"] = time.time() - t1
         print(f"decode modes: {rec['decode_s']:.0f} s")
     tmp = args.out + ".tmp"

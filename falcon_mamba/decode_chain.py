@@ -22,7 +22,8 @@ def chain_supported(model) -> bool:
     from falcon_mamba.decode_step import conv_fold_supported
     from falcon_mamba.ops.triton_gemv import GemvWeight
 
-    mods = [model.lm_head] + [getattr(b.mixer, n) for b in model.backbone.layers for n in ("in_proj", "out_proj")]
+    mods = [model.lm_head] + [getattr(b.mixer, n) for b in model.backbone.layers
+                              for n in ("in_proj", "out_proj")]
     return conv_fold_supported(model) and all(GemvWeight.from_module(m) is not None for m in mods)
 
 

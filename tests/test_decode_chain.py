@@ -34,7 +34,8 @@ def _weight(W_NK, fmt):
         return GemvWeight.dense(W_NK), W_NK
     bits, group = (8, None) if fmt == "int8" else (4, int(fmt.removeprefix("int4g")))
     t = formats.quantize_weight(W_NK, bits, group)
-    deq = formats.dequantize(t["qweight"], t["scales"], t.get("zeros"), bits, group, W_NK.shape[1], torch.float32)
+    deq = formats.dequantize(t["qweight"], t["scales"], t.get("zeros"), bits, group, W_NK.shape[1],
+                             torch.float32)
     return GemvWeight(w=t["qweight"], bits=bits, scales=t["scales"], zeros=t.get("zeros"), group=group or 0,
                       K=W_NK.shape[1]), deq
 

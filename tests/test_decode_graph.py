@@ -104,7 +104,8 @@ def test_decoder_conv_folded_mode_without_graphs(rng, monkeypatch):
     assert_close(state.conv, twin.conv, 1e-6, 1e-6, "conv state")
     assert dec.slot(1).mode == "triton_gemv_cx"
     quantize_model(model, bits=8, group_size=None,  # a quantized dt_proj: the SSM kernel dequantizes it
-                   modules=[f"backbone.layers.{i}.mixer.dt_proj" for i in range(model.config.num_hidden_layers)])
+                   modules=[f"backbone.layers.{i}.mixer.dt_proj"
+                            for i in range(model.config.num_hidden_layers)])
     dec, twin = GraphDecoder(model, use_graph=False), state.clone()
     assert_close(dec.step(tok, state), model.step(tok, twin), 1e-4, 1e-4, "conv-folded, int8 dt_proj")
     assert dec.slot(1).mode == "triton_gemv_cx"
@@ -180,7 +181,8 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
         monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
         dec = GraphDecoder(model)
         slot = dec.slot(1)
-        modes = {"cublas", "triton_gemv", "triton_gemv_cx", "fused", "chain"} if choice == "auto" else {choice}
+        every = {"cublas", "triton_gemv", "triton_gemv_cx", "fused", "chain"}
+        modes = every if choice == "auto" else {choice}
         from falcon_mamba.ops import pdl
 
         with_pdl = {m + "+pdl" for m in modes} if pdl.supported(model.device) else set()
@@ -222,7 +224,6 @@ def test_pdl_graphs_match_model_step_cuda(gemv, B, rng, monkeypatch):
     grids are many waves and a missing wait would race)."""
     from falcon_mamba.config import ModelConfig
     from falcon_mamba.model import FalconMamba
-
     from falcon_mamba.ops import pdl
 
     if gemv in ("fused", "triton_cx", "chain") and B > 1:
@@ -255,7 +256,7 @@ def test_pdl_switch_is_scoped_and_off_where_unsupported():
 
     assert pdl.launch_kwargs("cpu") == {"PDL": False}
     with pdl.enabled(True):
-        assert getattr(pdl._state, "on") is True
+        assert pdl._state.on is True
         assert not pdl.active("cpu") and pdl.launch_kwargs("cpu") == {"PDL": False}
         with pdl.enabled(False):
             assert pdl._state.on is False

@@ -334,7 +334,8 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     if conv is not None:
         cst, cw, cb = conv
         assert x_BD.stride(-1) == 1 and cst.stride(-1) == 1 and cw.stride(1) == 1
-        assert cst.shape[0] == Bsz and cst.shape[-1] == D and cw.shape[0] == D and cst.shape[1] == cw.shape[1] - 1
+        assert cst.shape[0] == Bsz and cst.shape[-1] == D and cw.shape[0] == D
+        assert cst.shape[1] == cw.shape[1] - 1
         cargs = (cst, cw, cb if cb is not None else cw, cst.stride(0), cst.stride(1), cw.stride(0))
         CK = cw.shape[1]
     else:

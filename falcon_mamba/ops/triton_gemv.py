@@ -320,7 +320,8 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _norm_epilogue(acc, n, mn, pid, NGRID: tl.constexpr, y_ptr, hin_ptr, hnx_ptr, nsq_ptr, cnt_ptr, rs_ptr, eps, N,
+def _norm_epilogue(acc, n, mn, pid, NGRID: tl.constexpr, y_ptr, hin_ptr, hnx_ptr, nsq_ptr, cnt_ptr, rs_ptr,
+                   eps, N,
                    ROUND_OUT: tl.constexpr, ROUND_IN: tl.constexpr, RB: tl.constexpr):
     # The next RMSNorm's statistics, in out_proj's epilogue (NEPI): h' = h + y (y as stored) for this
     # program's rows -> hnx (fp32, not hin's memory: every row is held by several threads); the sum of

@@ -31,7 +31,8 @@ LOG2E = 1.4426950408889634
 
 # Launch defaults (tuned on the H100; see benchmarks/NOTES.md).
 FWD_BLOCK_D = 32
-FWD_UNROLL = 2  # 2.58 ms vs 3.09 (T=4), 3.75 (T=8) per 7B layer at 16k on the H100: fewer registers, more warps
+# 2.58 ms vs 3.09 (T=4), 3.75 (T=8) per 7B layer at 16k on the H100: fewer registers, more warps
+FWD_UNROLL = 2
 FWD_WARPS = 1
 FWD_DEFER = True
 BWD_BLOCK_D = 32
