@@ -31,6 +31,16 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_TOL = 0.1
 
 
+# FALCON_MAMBA_GEMV value -> (batch-1 mode, the model check it needs or None, what it needs)
+_FORCED = {
+    "triton": ("triton_gemv", None, ""),
+    "triton_cx": ("triton_gemv_cx", conv_fold_supported, "GEMV-able x_proj and a fusable dt_proj (dense, or "
+                  "quantized with its bias outside the forward)"),
+    "fused": ("fused", fused_supported, "bias-free Linear or QuantLinear projections"),
+    "chain": ("chain", chain_supported, "GEMV-able projections and a fusable dt_proj"),
+}
+
+
 def _check_env(name: str, value: str, allowed: tuple) -> None:
     if value not in allowed:
         from falcon_mamba.errors import UserError
@@ -65,33 +75,17 @@ class _Slot:
         pdl_choice = os.environ.get("FALCON_MAMBA_PDL", "auto")
         choice = os.environ.get("FALCON_MAMBA_GEMV", "auto")
         _check_env("FALCON_MAMBA_PDL", pdl_choice, ("auto", "1", "0"))
-        _check_env("FALCON_MAMBA_GEMV", choice, ("auto", "cublas", "triton", "triton_cx", "fused", "chain"))
+        _check_env("FALCON_MAMBA_GEMV", choice, ("auto", "cublas", *_FORCED))
         self.pdl = pdl_choice == "1"
         self.timings: dict[str, float] = {}
         self.errors: dict[str, str] = {}
-        if rows == 1 and choice == "fused":
-            if not fused_supported(model):
+        if rows == 1 and choice in _FORCED:
+            self.mode, supported, needs = _FORCED[choice]
+            if supported is not None and not supported(model):
                 from falcon_mamba.errors import UserError
 
-                raise UserError("FALCON_MAMBA_GEMV=fused needs bias-free Linear or QuantLinear "
-                                "projections; unset it to let the decoder choose")
-            self.mode = "fused"
-        elif rows == 1 and choice == "triton":
-            self.mode = "triton_gemv"
-        elif rows == 1 and choice == "triton_cx":
-            if not conv_fold_supported(model):
-                from falcon_mamba.errors import UserError
-
-                raise UserError("FALCON_MAMBA_GEMV=triton_cx needs GEMV-able x_proj and dense dt_proj "
-                                "layers; unset it to let the decoder choose")
-            self.mode = "triton_gemv_cx"
-        elif rows == 1 and choice == "chain":
-            if not chain_supported(model):
-                from falcon_mamba.errors import UserError
-
-                raise UserError("FALCON_MAMBA_GEMV=chain needs GEMV-able projections and a fusable dt_proj; "
-                                "unset it to let the decoder choose")
-            self.mode = "chain"
+                raise UserError(f"FALCON_MAMBA_GEMV={choice} needs {needs}; unset it to let the decoder "
+                                "choose")
         if use_graph:
             modes = [self.mode]
             if rows == 1 and choice == "auto":

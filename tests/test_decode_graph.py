@@ -76,16 +76,22 @@ def test_decoder_binding_and_greedy_without_graphs(rng):
     assert a.tokens_seen == a_ref.tokens_seen and b.tokens_seen == b_ref.tokens_seen
 
 
-def test_decoder_fused_mode_without_graphs(rng, monkeypatch):
-    """FALCON_MAMBA_GEMV=fused: the batch-1 slot runs the fused GEMV step (the batch-3 slot does not)."""
-    monkeypatch.setenv("FALCON_MAMBA_GEMV", "fused")
+@pytest.mark.parametrize("choice", ["fused", "chain"])
+def test_decoder_forced_mode_without_graphs(choice, rng, monkeypatch):
+    """FALCON_MAMBA_GEMV=fused|chain: the batch-1 slot runs that step (two steps against model.step,
+    then the SSM state); the batch-3 slot keeps the batched path."""
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", choice)
     model = _model("tiny-odd")
     dec = GraphDecoder(model, use_graph=False)
     state = _prefilled(model, 1, rng)
     twin = state.clone()
     tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng)
-    assert_close(dec.step(tok, state), model.step(tok, twin), 1e-4, 1e-4, "fused decoder logits")
-    assert dec.slot(1).mode == "fused" and not dec.slot(1).gemv and dec.slot(3).mode == "cublas"
+    for _ in range(2):
+        ref = model.step(tok, twin)
+        assert_close(dec.step(tok, state), ref, 1e-4, 1e-4, f"{choice} decoder logits")
+        tok = ref.argmax(-1)
+    assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
+    assert dec.slot(1).mode == choice and not dec.slot(1).gemv and dec.slot(3).mode == "cublas"
 
 
 def test_decoder_conv_folded_mode_without_graphs(rng, monkeypatch):
@@ -113,23 +119,6 @@ def test_decoder_conv_folded_mode_without_graphs(rng, monkeypatch):
         blk.mixer.dt_proj.bias_in_forward = True
     with pytest.raises(UserError, match="triton_cx"):
         GraphDecoder(model, use_graph=False).slot(1)
-
-
-def test_decoder_chain_mode_without_graphs(rng, monkeypatch):
-    """FALCON_MAMBA_GEMV=chain: the batch-1 slot runs decode_chain.chain_step (two steps against
-    model.step); the batch-3 slot keeps the batched path."""
-    monkeypatch.setenv("FALCON_MAMBA_GEMV", "chain")
-    model = _model("tiny-odd")
-    dec = GraphDecoder(model, use_graph=False)
-    state = _prefilled(model, 1, rng)
-    twin = state.clone()
-    tok = torch.randint(0, model.config.vocab_size, (1,), generator=rng)
-    for _ in range(2):
-        ref = model.step(tok, twin)
-        assert_close(dec.step(tok, state), ref, 1e-4, 1e-4, "chain decoder logits")
-        tok = ref.argmax(-1)
-    assert_close(state.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
-    assert dec.slot(1).mode == "chain" and dec.slot(3).mode == "cublas"
 
 
 def test_hook_declines_on_cpu(rng):
