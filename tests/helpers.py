@@ -13,6 +13,23 @@ def assert_close(actual, expected, rtol, atol, what=""):
                 f"max |expected| {expected.abs().max().item():.3e}")
 
 
+def gemv_weight(W_NK, fmt: str):
+    """(ops.triton_gemv.GemvWeight, the dense fp32 weight it stands for) of W_NK in fmt: "fp32",
+    "bf16", "fp16" (dense), "int8" or "int4gG" (quantized, group G)."""
+    from falcon_mamba.ops.triton_gemv import GemvWeight
+    from falcon_mamba.quant import formats
+
+    if fmt in ("fp32", "bf16", "fp16"):
+        w = W_NK.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt])
+        return GemvWeight.dense(w), w.float()
+    bits, group = (8, None) if fmt == "int8" else (4, int(fmt.removeprefix("int4g")))
+    t = formats.quantize_weight(W_NK, bits, group)
+    deq = formats.dequantize(t["qweight"], t["scales"], t.get("zeros"), bits, group, W_NK.shape[1],
+                             torch.float32)
+    return GemvWeight(w=t["qweight"], bits=bits, scales=t["scales"], zeros=t.get("zeros"),
+                      group=group or 0, K=W_NK.shape[1]), deq
+
+
 def tiny_falcon_lm(seed: int = 0, vocab_size: int = 65024, hidden_size: int = 32,
                    num_hidden_layers: int = 2, intermediate_size: int = 64):
     """A tiny random FalconMamba in eval mode; the default vocab is the real Falcon tokenizer's.

@@ -13,9 +13,9 @@ pytest.importorskip("triton")
 
 from falcon_mamba import FalconMamba, get_preset  # noqa: E402
 from falcon_mamba.decode_chain import chain_step, chain_supported  # noqa: E402
-from falcon_mamba.ops.triton_gemv import GemvConfig, GemvWeight, fused_gemv  # noqa: E402
-from falcon_mamba.quant import formats, quantize_model  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from falcon_mamba.ops.triton_gemv import GemvConfig, fused_gemv  # noqa: E402
+from falcon_mamba.quant import quantize_model  # noqa: E402
+from tests.helpers import assert_close, gemv_weight  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 5e-2)}  # (rtol, atol) of the GEMV outputs
@@ -23,21 +23,6 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 5e-2)}  # (rtol, atol
 
 def _r(gen, *s, dtype=torch.float32, scale=1.0):
     return (torch.randn(*s, generator=gen) * scale).to(DEV, dtype)
-
-
-def _weight(W_NK, fmt):
-    """(GemvWeight, its dense fp32 value)."""
-    if fmt == "bf16":
-        w = W_NK.to(torch.bfloat16)
-        return GemvWeight.dense(w), w.float()
-    if fmt == "fp32":
-        return GemvWeight.dense(W_NK), W_NK
-    bits, group = (8, None) if fmt == "int8" else (4, int(fmt.removeprefix("int4g")))
-    t = formats.quantize_weight(W_NK, bits, group)
-    deq = formats.dequantize(t["qweight"], t["scales"], t.get("zeros"), bits, group, W_NK.shape[1],
-                             torch.float32)
-    return GemvWeight(w=t["qweight"], bits=bits, scales=t["scales"], zeros=t.get("zeros"), group=group or 0,
-                      K=W_NK.shape[1]), deq
 
 
 def _round(v, dtype):
@@ -48,7 +33,7 @@ def check_norm_chain(N, K, fmt, act, round_in, cfg, rng, eps=1e-5):
     """out_proj-like GEMV with norm_out, then an in_proj-like GEMV with the given-rstd prologue,
     against torch: h_next = h + round(W x), rstd of round_in(h_next), u = round(round(round_in(h_next)
     * rstd) * w) in w's dtype."""
-    gw, Wf = _weight(_r(rng, N, K, scale=K ** -0.5), fmt)
+    gw, Wf = gemv_weight(_r(rng, N, K, scale=K ** -0.5), fmt)
     x = _r(rng, K, dtype=act)
     h = _r(rng, N)
     h_next = torch.full((N,), float("nan"), device=DEV)
@@ -62,7 +47,7 @@ def check_norm_chain(N, K, fmt, act, round_in, cfg, rng, eps=1e-5):
     # bf16 rounding: the interpreter's fp32 -> bf16 cast is not torch's (1 ulp apart at times)
     assert_close(rstd, rstd_ref[None], 1e-5 if round_in is None else 8e-3, 0, f"rstd {fmt} {cfg}")
     # the consumer: a prologue that reads this rstd (norm weight in act's dtype)
-    gw2, W2 = _weight(_r(rng, 24, N, scale=N ** -0.5), fmt)
+    gw2, W2 = gemv_weight(_r(rng, 24, N, scale=N ** -0.5), fmt)
     wn = _r(rng, N, dtype=act)
     y2 = fused_gemv(gw2, h_next, norm_weight=wn, eps=eps, rstd=rstd, round_in=round_in, round_y=round_in)
     u = _round(_round(r * rstd, round_in) * wn.float(), act)
@@ -86,7 +71,7 @@ def test_norm_out_and_rstd_prologue(N, K, fmt, act, round_in, cfg, rng):
 
 
 def test_norm_out_rejects_aliasing(rng):
-    gw, _ = _weight(_r(rng, 8, 16), "fp32")
+    gw, _ = gemv_weight(_r(rng, 8, 16), "fp32")
     h = _r(rng, 8)
     with pytest.raises(AssertionError, match="alias"):
         fused_gemv(gw, _r(rng, 16), norm_out=(h, h, 1e-5, None))
@@ -139,7 +124,7 @@ def test_norm_chain_7b_widths_cuda(fmt, rng):
 @pytest.mark.cuda
 def test_norm_chain_replays_in_a_graph_cuda(rng):
     """Graph replays: the ticket resets, the partials and rstd are recomputed each replay."""
-    gw, Wf = _weight(_r(rng, 4096, 8192, scale=8192 ** -0.5), "bf16")
+    gw, Wf = gemv_weight(_r(rng, 4096, 8192, scale=8192 ** -0.5), "bf16")
     x = _r(rng, 8192, dtype=torch.bfloat16)
     h, h_next = _r(rng, 4096), torch.empty(4096, device=DEV)
     fused_gemv(gw, x, norm_out=(h, h_next, 1e-5, torch.bfloat16))  # compile, allocate the tickets

@@ -14,8 +14,8 @@ from falcon_mamba import FalconMamba, get_preset  # noqa: E402
 from falcon_mamba.decode_step import fast_step, fused_supported  # noqa: E402
 from falcon_mamba.ops import fused_reference, reference  # noqa: E402
 from falcon_mamba.ops.triton_gemv import GemvConfig, GemvWeight, fused_gemv  # noqa: E402
-from falcon_mamba.quant import formats, quantize_model  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from falcon_mamba.quant import quantize_model  # noqa: E402
+from tests.helpers import assert_close, gemv_weight  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2), torch.float16: (3e-2, 5e-2)}
@@ -25,21 +25,8 @@ def _r(gen, *s, dtype=torch.float32, scale=1.0):
     return (torch.randn(*s, generator=gen) * scale).to(DEV, dtype)
 
 
-def _weight(W_NK, fmt):
-    """(GemvWeight, the dense fp32 weight it stands for)."""
-    if fmt in ("fp32", "bf16", "fp16"):
-        w = W_NK.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt])
-        return GemvWeight.dense(w), w.float()
-    bits, group = (8, None) if fmt == "int8" else (4, int(fmt.removeprefix("int4g")))
-    t = formats.quantize_weight(W_NK, bits, group)
-    deq = formats.dequantize(t["qweight"], t["scales"], t.get("zeros"), bits, group, W_NK.shape[1],
-                             torch.float32)
-    return GemvWeight(w=t["qweight"], bits=bits, scales=t["scales"], zeros=t.get("zeros"),
-                      group=group or 0, K=W_NK.shape[1]), deq
-
-
 def check_plain(N, K, fmt, act, cfg, gen):
-    gw, Wf = _weight(_r(gen, N, K, scale=K ** -0.5), fmt)
+    gw, Wf = gemv_weight(_r(gen, N, K, scale=K ** -0.5), fmt)
     x = _r(gen, K, dtype=act)
     y = fused_gemv(gw, x, config=cfg)
     assert y.dtype == act and y.shape == (N,)
@@ -50,7 +37,7 @@ def check_plain(N, K, fmt, act, cfg, gen):
 
 def check_fused(D, H, fmt, act, cfg, gen, with_res=True, CK=4):
     """add+RMSNorm prologue + in_proj (N = 2D) + conv epilogue vs the unfused reference ops."""
-    gw, Wf = _weight(_r(gen, 2 * D, H, scale=H ** -0.5), fmt)
+    gw, Wf = gemv_weight(_r(gen, 2 * D, H, scale=H ** -0.5), fmt)
     h = _r(gen, H) if with_res else _r(gen, H, dtype=act)  # layer 0 reads the embedding row
     res = _r(gen, H, dtype=act) if with_res else None
     wn = _r(gen, H, dtype=act)
@@ -149,7 +136,7 @@ def check_conv_in(D, N, fmt, act, cfg, gen, CK=4, bias=True):
     to the GEMV's summation order (the same xc), and the conv state untouched."""
     from falcon_mamba.ops import triton_decode
 
-    gw, Wf = _weight(_r(gen, N, D, scale=D ** -0.5), fmt)
+    gw, Wf = gemv_weight(_r(gen, N, D, scale=D ** -0.5), fmt)
     x = _r(gen, D, dtype=act)
     st = _r(gen, CK - 1, D, dtype=act)
     cw, cb = _r(gen, D, CK, dtype=act, scale=0.5), (_r(gen, D, dtype=act) if bias else None)
@@ -202,7 +189,7 @@ def test_xsplit_input_matches_strided_and_reference(rng):
     conv-step input (CIN)."""
     for N, K, fmt, act, cfg in XSPLIT_CASES:
         check_plain(N, K, fmt, act, cfg, rng)
-        gw, _ = _weight(_r(rng, N, K, scale=K ** -0.5), fmt)
+        gw, _ = gemv_weight(_r(rng, N, K, scale=K ** -0.5), fmt)
         _same_bits_as_strided(gw, _r(rng, K, dtype=act), cfg)
         _same_bits_as_strided(gw, _r(rng, K), cfg, residual=_r(rng, K, dtype=act),
                               norm_weight=_r(rng, K, dtype=act), round_in=act, round_y=act)
@@ -215,7 +202,7 @@ def test_xsplit_input_matches_strided_and_reference(rng):
 
 
 def test_h_out_must_not_alias_input(rng):
-    gw, _ = _weight(_r(rng, 8, 16), "fp32")
+    gw, _ = gemv_weight(_r(rng, 8, 16), "fp32")
     h = _r(rng, 16)
     with pytest.raises(AssertionError, match="alias"):
         fused_gemv(gw, h, norm_weight=_r(rng, 16), h_out=h)
@@ -312,7 +299,7 @@ def test_fused_in_proj_7b_cuda(fmt, rng):
 @pytest.mark.cuda
 def test_fused_split_replays_in_a_graph_cuda(rng):
     """The "last" split reduction leaves its tickets at zero: graph replays stay exact."""
-    gw, Wf = _weight(_r(rng, 288, 8192, scale=8192 ** -0.5), "bf16")
+    gw, Wf = gemv_weight(_r(rng, 288, 8192, scale=8192 ** -0.5), "bf16")
     x = _r(rng, 8192, dtype=torch.bfloat16)
     cfg = C(bn=4, bk=512, split=8)
     fused_gemv(gw, x, config=cfg)  # compile and allocate the tickets outside capture
@@ -337,7 +324,7 @@ def default_config_for(fmt):
     """The launcher's own choice for the 7B x_proj with the conv input (check_conv_in needs a config)."""
     from falcon_mamba.ops.triton_gemv import default_config
 
-    gw, _ = _weight(torch.randn(288, 8192) * 0.01, fmt)
+    gw, _ = gemv_weight(torch.randn(288, 8192) * 0.01, fmt)
     return default_config(gw, torch.device(DEV), conv_in=True)
 
 
