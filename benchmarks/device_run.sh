@@ -7,6 +7,8 @@
 #                                       # and generation to 130k
 #   benchmarks/device_run.sh quant      # bf16 vs int8 vs int4 batch-1 decode, 64 layers
 #   benchmarks/device_run.sh int8tiles  # more int8 in_proj/out_proj GEMV tiles
+#   benchmarks/device_run.sh i4x2       # the packed int4 GEMV's cuda tests, its tiles, then bench_quant
+#                                       # (64 layers) with the fastest tiles
 # The test modes carry .whl (pytest-xdist + execnet wheels) and .data/shared (../shared's tokenizers).
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
 set -u
@@ -51,6 +53,11 @@ case "$MODE" in
   int8tiles)
     timeout 300 python3 benchmarks/sweep_decode.py --out "$OUT/results/sweep.json" --skip-model \
       --budget-s 90 --shapes in_proj,out_proj --formats int8 > "$OUT/bench.log" 2>&1 ;;
+  i4x2)
+    cuda_tests 150 tests/test_triton_gemv_i4.py
+    timeout $((585 - SECONDS)) python3 benchmarks/sweep_i4x2.py --out "$OUT/results" --budget-s 120 \
+      > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
   *)
     echo "unknown mode $MODE" > "$OUT/bench.log" ;;
 esac

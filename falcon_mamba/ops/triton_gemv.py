@@ -407,7 +407,8 @@ class GemvConfig:
     split partials are summed ("last" program of a row block, or a separate "kernel");
     norm_bk: block of the prologue's sum-of-squares pass; xsplit (int4, int8 words): read the tile's
     input once as a contiguous block and split it by code position, instead of one strided gather
-    per position (dense weights ignore it)."""
+    per position (dense weights ignore it); i4x2 (int4, plain GEMV): the packed-bf16 kernel of
+    triton_gemv_i4.py with this many words chained per accumulator (1, 2 or 4; 0 = off)."""
 
     bn: int = 8
     bk: int = 512
@@ -417,6 +418,7 @@ class GemvConfig:
     reduce: str = "last"
     norm_bk: int = 1024
     xsplit: bool = False
+    i4x2: int = 0
 
 
 # (format, N, K, prologue) -> config: the fastest of benchmarks/sweep_decode.py on the H100
@@ -583,6 +585,13 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     out_dtype = out_dtype or u_dtype
     res = residual.reshape(-1) if residual is not None else None
     y = torch.empty(N, dtype=out_dtype, device=dev)
+    plain = not pro and conv is None and conv_in is None and norm_out is None and rstd is None
+    if cfg.i4x2 and plain and (x.dtype == torch.bfloat16 or pdl._interpreting()):
+        from falcon_mamba.ops import triton_gemv_i4
+
+        if triton_gemv_i4.fits(weight, cfg):
+            return triton_gemv_i4.gemv_i4x2(weight, x, y, _ROUND.get(round_to, 0) if round_to is not None else 0,
+                                            cfg)
     ho = h_out.reshape(-1) if h_out is not None else None
     if conv_in is not None:
         assert conv is None and not pro, "conv_in excludes the prologue and the conv epilogue"
