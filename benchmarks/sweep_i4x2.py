@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
@@ -57,7 +56,10 @@ def errors(gen) -> dict:
         deq = formats.dequantize(gw.w, gw.scales, gw.zeros, 4, 128, K, torch.float64)
         x = torch.randn(K, device="cuda", generator=gen).to(torch.bfloat16)
         ref = deq @ x.double()
-        rel = lambda y: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+
+        def rel(y, ref=ref):
+            return ((y.double() - ref).norm() / ref.norm()).item()
+
         rec = {"bf16_rounding_of_exact": rel(ref.to(torch.bfloat16)),
                "fp32_kernel": rel(fused_gemv(gw, x, out_dtype=torch.float32))}
         base = default_config(gw, x.device)
@@ -99,7 +101,8 @@ def sweep(gen, budget_s: float) -> dict:
                     t = sd.bench(case.fn(cfg))
                     rec.update(status="ok", us=t * 1e6, GBps=case.bytes / t / 1e9)
                 except Exception as e:  # recorded, not fatal
-                    rec["status"] = f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    rec["status"] = f"failed: {type(e).__name__}: {first}"
             res[name]["runs"].append(rec)
             if rec.get("us"):
                 print(f"{name:14s} {label:16s} {rec['us']:8.1f} us {rec['GBps']:7.0f} GB/s {cfg.__dict__}",
@@ -135,7 +138,8 @@ def main() -> int:
     if not args.skip_quant:
         import bench_quant
 
-        sys.argv = ["bench_quant.py", "--layers", str(args.layers), "--json", os.path.join(args.out, "quant.json")]
+        sys.argv = ["bench_quant.py", "--layers", str(args.layers),
+                    "--json", os.path.join(args.out, "quant.json")]
         bench_quant.main()
     return 0
 

@@ -87,7 +87,8 @@ def _exact_case(N, K, gen):
 
 def test_i4x2_decodes_every_code_exactly(rng):
     gw, x, ref = _exact_case(16, 512, rng)
-    gw = GemvWeight(**{**gw.__dict__, "w": gw.w.to(DEV), "scales": gw.scales.to(DEV), "zeros": gw.zeros.to(DEV)})
+    gw = GemvWeight(**{**gw.__dict__, "w": gw.w.to(DEV), "scales": gw.scales.to(DEV),
+                       "zeros": gw.zeros.to(DEV)})
     y = fused_gemv(gw, x.to(DEV), out_dtype=torch.float32, config=C(bn=16, bk=256, i4x2=4))
     torch.testing.assert_close(y.double(), ref.to(DEV), rtol=1e-6, atol=1e-6)
 

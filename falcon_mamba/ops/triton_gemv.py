@@ -590,8 +590,8 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         from falcon_mamba.ops import triton_gemv_i4
 
         if triton_gemv_i4.fits(weight, cfg):
-            return triton_gemv_i4.gemv_i4x2(weight, x, y, _ROUND.get(round_to, 0) if round_to is not None else 0,
-                                            cfg)
+            rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
+            return triton_gemv_i4.gemv_i4x2(weight, x, y, rnd, cfg)
     ho = h_out.reshape(-1) if h_out is not None else None
     if conv_in is not None:
         assert conv is None and not pro, "conv_in excludes the prologue and the conv epilogue"
