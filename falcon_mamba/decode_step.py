@@ -171,9 +171,12 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         out = _proj(m.out_proj, y, gemv)
     norm_f = model.backbone.norm_f
     if gemv and tokens_B.shape[0] == 1:
-        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
+        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv, packed_int4
 
         lm = GemvWeight.from_module(model.lm_head)
+        if lm is not None and packed_int4(lm, h.device):  # that kernel has no prologue: norm_f apart
+            hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
+            return fused_gemv(lm, hn.reshape(-1), out_dtype=torch.float32, round_to=model.dtype)[None]
         if lm is not None:  # norm_f as the lm_head GEMV's prologue, fp32 logits (no norm, no cast launch)
             return fused_gemv(lm, h, residual=out, norm_weight=norm_f.weight, eps=norm_f.eps,
                               out_dtype=torch.float32, round_to=model.dtype)[None]

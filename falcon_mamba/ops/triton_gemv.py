@@ -499,6 +499,18 @@ def default_config(weight: GemvWeight, device: torch.device, prologue: bool = Fa
     return replace(cfg, split=split)
 
 
+def packed_int4(weight: GemvWeight, device: torch.device) -> bool:
+    """Whether the plain GEMV of this weight runs the packed-bf16 int4 kernel (triton_gemv_i4.py):
+    its tuned plain tile asks for it and fits. That kernel has no norm prologue, so callers that
+    would fuse one (lm_head's norm_f) run the norm apart instead."""
+    if weight.bits != 4:
+        return False
+    from falcon_mamba.ops import triton_gemv_i4
+
+    cfg = default_config(weight, device)
+    return bool(cfg.i4x2) and triton_gemv_i4.fits(weight, cfg)
+
+
 _tickets: dict[torch.device, torch.Tensor] = {}
 
 

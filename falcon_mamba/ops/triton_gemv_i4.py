@@ -38,46 +38,35 @@ from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.triton_decode import _round
 from falcon_mamba.ops.triton_gemv import _split8
 
-# one word of 8 codes against its 4 x pairs, accumulated into a bf16x2 (as int32 bits):
-# $0 = acc out; $1 word; $2..$5 x pairs j = 0..3; $6 acc in
-_WORD_FMA = tl.constexpr("""
-{
-.reg .b32 t, q, m, o;
-mov.b32 m, 0x43004300;
-mov.b32 o, 0x43084308;
-mov.b32 $0, $6;
-lop3.b32 q, $1, 0x000F000F, m, 0xEA;
-sub.rn.bf16x2 q, q, o;
-fma.rn.bf16x2 $0, q, $2, $0;
-shr.u32 t, $1, 4;
-lop3.b32 q, t, 0x000F000F, m, 0xEA;
-sub.rn.bf16x2 q, q, o;
-fma.rn.bf16x2 $0, q, $3, $0;
-shr.u32 t, $1, 8;
-lop3.b32 q, t, 0x000F000F, m, 0xEA;
-sub.rn.bf16x2 q, q, o;
-fma.rn.bf16x2 $0, q, $4, $0;
-shr.u32 t, $1, 12;
-lop3.b32 q, t, 0x000F000F, m, 0xEA;
-sub.rn.bf16x2 q, q, o;
-fma.rn.bf16x2 $0, q, $5, $0;
-}
-""")
 
-
-@triton.jit
-def _split_last(v, CH: tl.constexpr):
-    # (..., CH) -> CH slices v[..., i] (a tuple), by layout only; CH in 1, 2, 4
-    if CH == 1:
-        return (tl.reshape(v, v.shape[:-1]),)
-    elif CH == 2:
-        a, b = tl.split(v)
-        return (a, b)
+def _word_asm(pack: int) -> str:
+    """PTX for ``pack`` consecutive words of one row (pack 1 or 4): per word, 4 x (shift, LOP3 to the
+    bf16 pair (128 + c_j, 128 + c_{j+4}), packed subtract of (128 + z, 128 + z), packed FMA with the x
+    pair into one bf16x2 accumulator chained over the pack's words); out: fp32 (lo, hi, 0, 0) of the
+    accumulator for pack 4, lo + hi for pack 1. Operands: $0..$(P-1) out, then P each of word, x
+    pairs j = 0..3 and zero-point pairs."""
+    P = pack
+    w, xp, zz = P, 2 * P, 6 * P  # first operand of each input
+    lines = ["{", ".reg .b32 t, q, m, a;", "mov.b32 m, 0x43004300;", "mov.b32 a, 0;"]
+    for e in range(P):
+        for j in range(4):
+            src = f"${w + e}"
+            if j:
+                lines.append(f"shr.u32 t, ${w + e}, {4 * j};")
+                src = "t"
+            lines += [f"lop3.b32 q, {src}, 0x000F000F, m, 0xEA;", f"sub.rn.bf16x2 q, q, ${zz + e};",
+                      f"fma.rn.bf16x2 a, q, ${xp + 4 * j * 0 + j * P + e}, a;"]
+    if P == 1:
+        lines += ["shl.b32 t, a, 16;", "and.b32 q, a, 0xFFFF0000;", "add.f32 $0, t, q;"]
     else:
-        c0, c1 = tl.split(tl.reshape(v, v.shape[:-1] + [2, 2]))
-        a, c = tl.split(c0)
-        b, d = tl.split(c1)
-        return (a, b, c, d)
+        lines += ["shl.b32 $0, a, 16;", "and.b32 $1, a, 0xFFFF0000;", "mov.b32 $2, 0;", "mov.b32 $3, 0;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM1 = tl.constexpr(_word_asm(1))
+_ASM4 = tl.constexpr(_word_asm(4))
+_CONS1 = tl.constexpr("=r," + ",".join(["r"] * 6))
+_CONS4 = tl.constexpr(",".join(["=r"] * 4) + "," + ",".join(["r"] * 24))
 
 
 @triton.jit
@@ -107,21 +96,26 @@ def _gemv_i4x2_kernel(
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     mn = n < N
     row = n.to(tl.int64) * s_wn
-    acc = tl.zeros((BN, NG), tl.float32)
+    WPG: tl.constexpr = GW // 8  # words per group within a block
+    acc = tl.zeros((BN, BW), tl.float32)
     for k0 in range(0, KL, BK):
         wf = k0 // 8 + tl.arange(0, BW)
         if EVEN_N:
             wd = tl.load(w_ptr + row[:, None] + wf[None, :])
         else:
             wd = tl.load(w_ptr + row[:, None] + wf[None, :], mask=mn[:, None], other=0)
+        g = k0 // GROUP + tl.arange(0, NG)
+        sg = n.to(tl.int64)[:, None] * s_sn + g[None, :]
+        sc = tl.load(s_ptr + sg, mask=mn[:, None], other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + sg, mask=mn[:, None], other=0).to(tl.int32)
+        # each word's scale and zero point: the (BN, NG) values repeated over the group's words
+        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NG, WPG)), (BN, BW))
+        zp = tl.reshape(tl.broadcast_to(zp[:, :, None], (BN, NG, WPG)), (BN, BW))
         kx = k0 + 8 * tl.arange(0, BW)[:, None] + tl.arange(0, 8)[None, :]  # (BW, 8): k = 8w + i
         if MASK_X:
             xv = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
         else:
             xv = tl.load(x_ptr + kx)
-        xs = tl.sum(tl.reshape(xv.to(tl.float32), (NG, GW)), axis=1)  # (NG,) sum of x per group
-        # x pieces by code position j of a word, chained words split off the last axis
-        w3 = _split_last(tl.reshape(wd, (BN, BW // CH, CH)), CH)
         if ASM:
             xb = xv.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             lo, hi = tl.split(tl.permute(tl.reshape(xb, (BW, 2, 4)), (0, 2, 1)))  # x[8w+j], x[8w+4+j]
@@ -129,31 +123,20 @@ def _gemv_i4x2_kernel(
             p0, p1 = tl.split(xp)
             x0, x2 = tl.split(p0)
             x1, x3 = tl.split(p1)
-            xq0 = _split_last(tl.reshape(x0, (BW // CH, CH)), CH)
-            xq1 = _split_last(tl.reshape(x1, (BW // CH, CH)), CH)
-            xq2 = _split_last(tl.reshape(x2, (BW // CH, CH)), CH)
-            xq3 = _split_last(tl.reshape(x3, (BW // CH, CH)), CH)
-            bits = tl.zeros((BN, BW // CH), tl.int32)  # bf16x2 (+0, +0)
-            for c in tl.static_range(CH):
-                bits = tl.inline_asm_elementwise(
-                    _WORD_FMA, "=r,r,r,r,r,r,r",
-                    [w3[c], xq0[c][None, :], xq1[c][None, :], xq2[c][None, :], xq3[c][None, :], bits],
-                    dtype=tl.int32, is_pure=True, pack=1)
-            part = _bf16_lo(bits) + _bf16_hi(bits)  # (BN, BW // CH) fp32
+            zz = (zp | 0x4300) * 0x10001  # bf16x2 (128 + z, 128 + z)
+            args = [wd, x0[None, :], x1[None, :], x2[None, :], x3[None, :], zz]
+            if CH == 4:
+                part = tl.inline_asm_elementwise(_ASM4, _CONS4, args, dtype=tl.float32, is_pure=True, pack=4)
+            else:
+                part = tl.inline_asm_elementwise(_ASM1, _CONS1, args, dtype=tl.float32, is_pure=True, pack=1)
         else:  # the same data flow in fp32 (the interpreter cannot run PTX)
             x8 = _split8(tl.reshape(xv.to(tl.float32), (BW, 2, 2, 2)))  # x[8w + i], i = 0..7
-            part = tl.zeros((BN, BW // CH), tl.float32)
+            part = tl.zeros((BN, BW), tl.float32)
+            zf = zp.to(tl.float32)
             for i in tl.static_range(8):
-                xc = _split_last(tl.reshape(x8[i], (BW // CH, CH)), CH)
-                for c in tl.static_range(CH):
-                    code = (w3[c] >> (4 * i)) & 0xF
-                    part += (code.to(tl.float32) - 8.0) * xc[c][None, :]
-        dot = tl.sum(tl.reshape(part, (BN, NG, BW // CH // NG)), axis=2)  # (BN, NG)
-        g = k0 // GROUP + tl.arange(0, NG)
-        sg = n.to(tl.int64)[:, None] * s_sn + g[None, :]
-        sc = tl.load(s_ptr + sg, mask=mn[:, None], other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + sg, mask=mn[:, None], other=0).to(tl.float32)
-        acc += sc * (dot + (8.0 - zp) * xs[None, :])
+                code = (wd >> (4 * i)) & 0xF
+                part += (code.to(tl.float32) - zf) * x8[i][None, :]
+        acc += sc * part
     yv = _round(tl.sum(acc, axis=1), ROUND_OUT)
     tl.store(y_ptr + n, yv.to(y_ptr.dtype.element_ty), mask=mn)
 
@@ -163,7 +146,7 @@ def fits(weight, cfg) -> bool:
     per group slice, and CH (cfg.i4x2) chained words inside each group slice of a block."""
     KL = weight.w.shape[1] * 2
     gw = min(cfg.bk, weight.group)
-    return (weight.bits == 4 and cfg.i4x2 in (1, 2, 4) and KL % cfg.bk == 0 and cfg.bk >= 8
+    return (weight.bits == 4 and cfg.i4x2 in (1, 4) and KL % cfg.bk == 0 and cfg.bk >= 8
             and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0) and (gw // 8) % cfg.i4x2 == 0)
 
 
