@@ -6,8 +6,10 @@
    std K^-0.5, int4 g128; random bf16 x): the packed kernel per chain length, the fp32 int4 kernel
    (triton_gemv FMT 4, its tuned tile), and the bf16 rounding of the exact result for scale.
 2. Tiles of the packed kernel for in_proj (16384 x 4096), out_proj (4096 x 8192) and a plain lm_head
-   (65024 x 4096), beside the tuned fp32 int4 tile and the bf16 tuned tile, each timed by
-   sweep_decode.bench (CUDA graph, weight copies beyond twice the L2: every call reads HBM).
+   (65024 x 4096), reading x's pair-layout copy as the decode step gives it ("i4x2+pairs"; the
+   first three also building the pairs themselves, "i4x2"), beside the tuned fp32 int4 tile and
+   the bf16 tuned tile, each timed by sweep_decode.bench (CUDA graph, weight copies beyond twice
+   the L2: every call reads HBM).
 3. The fastest packed tile per shape put into triton_gemv.TUNED (in this process), then
    bench_quant.py's measurement (bf16, int8, int4 g128; --layers) with that table.
 Writes DIR/sweep_i4x2.json and DIR/quant.json; prints tables.
@@ -34,15 +36,21 @@ sd.SHAPES["lm_head_plain"] = (65024, 4096, "plain")
 SHAPES = ("in_proj", "out_proj", "lm_head_plain")
 # (bn, bk, warps, stages, chained words)
 TILES = {
-    "in_proj": [(16, 1024, 4, 4, 4), (32, 1024, 4, 4, 4), (32, 1024, 8, 4, 4), (64, 512, 8, 4, 4),
-                (32, 512, 4, 4, 4), (16, 2048, 8, 4, 4), (64, 1024, 8, 4, 4), (8, 1024, 4, 4, 4),
-                (16, 1024, 4, 4, 1), (32, 2048, 8, 3, 4), (64, 1024, 4, 4, 4), (128, 512, 8, 4, 4)],
-    "out_proj": [(8, 2048, 4, 4, 4), (4, 2048, 4, 4, 4), (8, 1024, 4, 4, 4), (16, 1024, 4, 4, 4),
-                 (16, 2048, 8, 4, 4), (4, 4096, 4, 4, 4), (32, 1024, 8, 4, 4), (8, 4096, 8, 4, 4),
-                 (16, 512, 4, 4, 4), (8, 2048, 4, 4, 1)],
-    "lm_head_plain": [(16, 1024, 4, 4, 4), (32, 1024, 4, 4, 4), (16, 2048, 8, 4, 4), (64, 512, 8, 4, 4),
-                      (8, 1024, 4, 4, 4)],
+    "in_proj": [(8, 1024, 4, 4, 4), (16, 1024, 4, 4, 4), (4, 1024, 4, 4, 4), (8, 2048, 4, 4, 4),
+                (8, 512, 4, 4, 4), (16, 512, 4, 4, 4), (8, 1024, 8, 4, 4), (8, 1024, 4, 3, 4),
+                (8, 1024, 4, 4, 1), (32, 512, 4, 4, 4), (4, 2048, 4, 4, 4), (16, 2048, 8, 4, 4)],
+    "out_proj": [(4, 2048, 4, 4, 4), (2, 2048, 4, 4, 4), (4, 1024, 4, 4, 4), (2, 4096, 4, 4, 4),
+                 (4, 4096, 8, 4, 4), (4, 2048, 8, 4, 4), (8, 2048, 4, 4, 4), (8, 1024, 4, 4, 4),
+                 (4, 2048, 4, 4, 1), (2, 1024, 4, 4, 4)],
+    "lm_head_plain": [(8, 1024, 4, 4, 4), (16, 1024, 4, 4, 4), (4, 1024, 4, 4, 4), (8, 2048, 4, 4, 4),
+                      (8, 512, 4, 4, 4)],
 }
+
+def pair_copy(x: torch.Tensor) -> torch.Tensor:
+    """x in the pair layout (triton_decode._pair_index): slot 2 * (j * K/8 + w) + h = x[8w + j + 4h]."""
+    K = x.numel()
+    j, w, h = torch.meshgrid(torch.arange(4), torch.arange(K // 8), torch.arange(2), indexing="ij")
+    return x[(8 * w + j + 4 * h).reshape(-1).to(x.device)].contiguous()
 
 
 def errors(gen) -> dict:
@@ -73,7 +81,7 @@ def errors(gen) -> dict:
 
 
 def sweep(gen, budget_s: float) -> dict:
-    from falcon_mamba.ops.triton_gemv import GemvConfig, default_config
+    from falcon_mamba.ops.triton_gemv import GemvConfig, default_config, fused_gemv
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     res = {}
@@ -83,8 +91,9 @@ def sweep(gen, budget_s: float) -> dict:
         bcase = sd.Case(name, "bf16", gen, l2)
         q = [("fp32-int4 tuned", case, default_config(case.ws[0], torch.device("cuda"))),
              ("bf16 tuned", bcase, default_config(bcase.ws[0], torch.device("cuda")))]
-        q += [("i4x2", case, GemvConfig(bn=bn, bk=bk, warps=w, stages=st, i4x2=ch))
-              for bn, bk, w, st, ch in TILES[name]]
+        case.pairs = pair_copy(case.x)
+        tiles = [GemvConfig(bn=bn, bk=bk, warps=w, stages=st, i4x2=ch) for bn, bk, w, st, ch in TILES[name]]
+        q += [("i4x2+pairs", case, c) for c in tiles] + [("i4x2", case, c) for c in tiles[:3]]
         queues[name] = q
         res[name] = {"int4_bytes": case.bytes, "bf16_bytes": bcase.bytes, "runs": []}
     t0 = time.time()
@@ -98,7 +107,12 @@ def sweep(gen, budget_s: float) -> dict:
                 rec["status"] = "skipped: time budget"
             else:
                 try:
-                    t = sd.bench(case.fn(cfg))
+                    if label == "i4x2+pairs":
+                        fn = (lambda case=case, cfg=cfg:  # noqa: E731
+                              fused_gemv(case.next_w(), case.x, config=cfg, x_pairs=case.pairs))
+                    else:
+                        fn = case.fn(cfg)
+                    t = sd.bench(fn)
                     rec.update(status="ok", us=t * 1e6, GBps=case.bytes / t / 1e9)
                 except Exception as e:  # recorded, not fatal
                     first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -125,7 +139,7 @@ def main() -> int:
     rec["tiles"] = sweep(gen, args.budget_s)
     best = {}
     for name, r in rec["tiles"].items():
-        ok = [x for x in r["runs"] if x.get("us") and x["label"] == "i4x2"]
+        ok = [x for x in r["runs"] if x.get("us") and x["label"] == "i4x2+pairs"]
         if ok:
             b = min(ok, key=lambda x: x["us"])
             best[name] = b

@@ -43,34 +43,55 @@ def _dt_weight(mod):
     return GemvWeight.from_module(mod) if isinstance(mod, QuantLinear) else None
 
 
-def _proj(mod, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+def _proj(mod, x: torch.Tensor, gemv: bool, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """mod(x), or for one row the Triton GEMV (ops/triton_gemv.py, tuned per shape and format)
-    through a bias-free dense or quantized Linear when asked."""
+    through a bias-free dense or quantized Linear when asked. pairs: x in the packed int4 kernel's
+    pair layout, written by x's producer (_pairs_buffer)."""
     if gemv and x.shape[0] == 1:
         from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
 
         w = GemvWeight.from_module(mod)
         if w is not None:
-            return fused_gemv(w, x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1))[None]
+            xr = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
+            return fused_gemv(w, xr, x_pairs=pairs)[None]
     return mod(x)
 
 
-def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int) -> torch.Tensor:
-    """x_proj output -> gated y (B, D): one fused kernel when dt_proj is dense or quantized
-    (_dt_weight), else split + norms + dt_proj module + the plain SSM step."""
+def _pairs_buffer(mod, rows: int, dtype: torch.dtype, device, gemv: bool) -> torch.Tensor | None:
+    """An empty (K,) buffer for the producer of mod's input (rows x K of dtype) to fill with the
+    pair-layout copy (triton_decode._pair_index) where mod's batch-1 GEMV is the packed int4 kernel
+    that reads it (bf16 input, K a multiple of 8 and unpadded); else None."""
+    if not gemv or rows != 1 or dtype != torch.bfloat16 or device.type != "cuda":
+        return None
+    from falcon_mamba.ops.triton_gemv import GemvWeight, packed_int4
+
+    w = GemvWeight.from_module(mod)
+    if w is None or w.K % 8 or w.w.shape[1] * 2 != w.K or not packed_int4(w, device):
+        return None
+    return torch.empty(w.K, dtype=dtype, device=device)
+
+
+def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None):
+    """x_proj output -> (gated y (B, D), pairs or None): one fused kernel when dt_proj is dense or
+    quantized (_dt_weight), which also fills pairs (y in the pair layout) when given; else split +
+    norms + dt_proj module + the plain SSM step, and no pairs."""
     w_dt = _dt_weight(m.dt_proj)
     if isinstance(w_dt, torch.Tensor):
-        return ops.mixer_ssm_step(ssm_i, xc, z, xdbl, w_dt, m.dt_proj.bias, m.A_log, m.D, norm_eps)
+        y = ops.mixer_ssm_step(ssm_i, xc, z, xdbl, w_dt, m.dt_proj.bias, m.A_log, m.D, norm_eps,
+                               pairs_out=pairs)
+        return y, pairs
     if w_dt is not None:  # quantized: the kernel directly (the op's reference twin takes a dense W_dt)
         from falcon_mamba.ops import triton_decode
 
-        return triton_decode.ssm_step(ssm_i, xc, xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:], m.D,
-                                      z, m.dt_proj.bias, W_dt=w_dt, norm_eps=norm_eps, a_is_log=True)
+        y = triton_decode.ssm_step(ssm_i, xc, xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:], m.D,
+                                   z, m.dt_proj.bias, W_dt=w_dt, norm_eps=norm_eps, a_is_log=True,
+                                   pairs_out=pairs)
+        return y, pairs
     dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
     if norm_eps is not None:
         dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
     return ops.ssm_step(ssm_i, xc, m.dt_proj(dt_r), -torch.exp(m.A_log.float()), Bm, Cm, m.D.float(), z,
-                        m.dt_proj.bias.float())
+                        m.dt_proj.bias.float()), None
 
 
 def fused_supported(model) -> bool:
@@ -93,9 +114,10 @@ def conv_fold_supported(model) -> bool:
                for b in model.backbone.layers)
 
 
-def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int) -> torch.Tensor:
+def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int, pairs=None) -> torch.Tensor:
     """Batch 1: x_proj with the conv step as its GEMV input, then the fused SSM step that redoes the
-    conv for its channels and shifts conv_i (1, K-1, D) in place. xz (1, 2D) -> gated y (1, D)."""
+    conv for its channels and shifts conv_i (1, K-1, D) in place. xz (1, 2D) -> gated y (1, D);
+    pairs (D,): filled with y in the pair layout when given."""
     from falcon_mamba.ops import triton_decode
     from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
 
@@ -104,7 +126,7 @@ def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int) -> torch.Tensor
     xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xz[0, :D], conv_in=(conv_i[0], cw, cb))[None]
     return triton_decode.ssm_step(ssm_i, xz[:, :D], xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:],
                                   m.D, xz[:, D:], m.dt_proj.bias, W_dt=_dt_weight(m.dt_proj),
-                                  norm_eps=norm_eps, a_is_log=True, conv=(conv_i, cw, cb))
+                                  norm_eps=norm_eps, a_is_log=True, conv=(conv_i, cw, cb), pairs_out=pairs)
 
 
 def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
@@ -128,7 +150,7 @@ def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Te
                             conv=(conv[i, 0], m.conv1d.weight[:, 0], m.conv1d.bias))
         h = hbufs[i % 2]
         xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xc)
-        y = _ssm_tail(ops, m, ssm[i], xc[None], xz[None, D:], xdbl[None], norm_eps, R, N)
+        y, _ = _ssm_tail(ops, m, ssm[i], xc[None], xz[None, D:], xdbl[None], norm_eps, R, N)
         out = fused_gemv(GemvWeight.from_module(m.out_proj), y)
     norm_f = model.backbone.norm_f
     logits = fused_gemv(GemvWeight.from_module(model.lm_head), h, residual=out, norm_weight=norm_f.weight,
@@ -158,25 +180,31 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     fold = conv_fold and gemv and tokens_B.shape[0] == 1
     for i, blk in enumerate(model.backbone.layers):
         m = blk.mixer
+        # the packed int4 GEMVs read their input also in a pair layout written by its producer
+        pin = _pairs_buffer(m.in_proj, h.shape[0], blk.norm.weight.dtype, h.device, gemv)
         u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
-                             h_out=hbuf)
+                             h_out=hbuf, pairs_out=pin)
         h = hbuf
-        xz = _proj(m.in_proj, u, gemv)
+        xz = _proj(m.in_proj, u, gemv, pin)
+        pout = _pairs_buffer(m.out_proj, xz.shape[0], xz.dtype, xz.device, gemv)
         if fold:
-            y = _conv_folded(m, ssm[i], conv[i], xz.contiguous(), norm_eps, R, N)
+            y = _conv_folded(m, ssm[i], conv[i], xz.contiguous(), norm_eps, R, N, pout)
         else:
             xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
             xdbl = _proj(m.x_proj, xc, gemv)
-            y = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N)
-        out = _proj(m.out_proj, y, gemv)
+            y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout)
+        out = _proj(m.out_proj, y, gemv, pout)
     norm_f = model.backbone.norm_f
     if gemv and tokens_B.shape[0] == 1:
         from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv, packed_int4
 
         lm = GemvWeight.from_module(model.lm_head)
         if lm is not None and packed_int4(lm, h.device):  # that kernel has no prologue: norm_f apart
-            hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
-            return fused_gemv(lm, hn.reshape(-1), out_dtype=torch.float32, round_to=model.dtype)[None]
+            pl = _pairs_buffer(model.lm_head, h.shape[0], model.dtype, h.device, gemv)
+            hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype,
+                                  pairs_out=pl)
+            return fused_gemv(lm, hn.reshape(-1), out_dtype=torch.float32, round_to=model.dtype,
+                              x_pairs=pl)[None]
         if lm is not None:  # norm_f as the lm_head GEMV's prologue, fp32 logits (no norm, no cast launch)
             return fused_gemv(lm, h, residual=out, norm_weight=norm_f.weight, eps=norm_f.eps,
                               out_dtype=torch.float32, round_to=model.dtype)[None]

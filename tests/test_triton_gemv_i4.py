@@ -118,3 +118,47 @@ def test_i4x2_ptx_7b_shapes(N, K, cfg):
     y = fused_gemv(gw, x, out_dtype=torch.float32, config=cfg)
     assert _rel(y, ref) < 8e-3, _rel(y, ref)
     assert _rel(fused_gemv(gw, x, out_dtype=torch.float32, config=C(bn=16, bk=1024, xsplit=True)), ref) < 1e-5
+
+
+def _pair_order(K: int) -> torch.Tensor:
+    """k for each slot of the pair layout: slot 2 * (j * K/8 + w) + h holds x[8w + j + 4h]."""
+    j, w, h = torch.meshgrid(torch.arange(4), torch.arange(K // 8), torch.arange(2), indexing="ij")
+    return (8 * w + j + 4 * h).reshape(-1)
+
+
+def test_producers_write_the_pair_layout(rng):
+    """The norm and the SSM step kernels also store their one-row output in the layout the packed
+    GEMV reads (triton_decode._pair_index): a permutation of the same values."""
+    from falcon_mamba.ops import triton_decode
+
+    H = 48
+    h = torch.randn(1, H, generator=rng).to(DEV)
+    res = torch.randn(1, H, generator=rng).to(DEV, torch.bfloat16)
+    w = torch.randn(H, generator=rng).to(DEV, torch.bfloat16)
+    pairs = torch.empty(H, dtype=torch.bfloat16, device=DEV)
+    u = triton_decode.rms_rows(h, w, 1e-5, residual=res, round_in=torch.bfloat16, round_y=torch.bfloat16,
+                               out_dtype=torch.bfloat16, pairs_out=pairs)
+    assert torch.equal(pairs, u[0, _pair_order(H)])
+    D, N = 40, 8
+    state = torch.randn(1, D, N, generator=rng).to(DEV)
+    x, z, dt = (torch.randn(1, D, generator=rng).to(DEV, torch.bfloat16) for _ in range(3))
+    Bm, Cm = (torch.randn(1, N, generator=rng).to(DEV, torch.bfloat16) for _ in range(2))
+    A = -torch.rand(D, N, generator=rng).to(DEV)
+    pairs = torch.empty(D, dtype=torch.bfloat16, device=DEV)
+    y = triton_decode.ssm_step(state, x, dt, A, Bm, Cm, torch.randn(D, generator=rng).to(DEV), z, None,
+                               pairs_out=pairs)
+    assert torch.equal(pairs, y[0, _pair_order(D)])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,K,cfg", [(16384, 4096, C(bn=8, bk=1024, i4x2=4)),
+                                     (4096, 8192, C(bn=4, bk=2048, i4x2=4)),
+                                     (65024, 4096, C(bn=16, bk=1024, warps=8, i4x2=1))])
+def test_i4x2_reads_the_pair_layout_bit_for_bit(N, K, cfg):
+    """Given x's pair-layout copy, the kernel skips building the pairs: the same bits out."""
+    gen = torch.Generator(device="cuda").manual_seed(N)
+    gw, _ = gemv_weight((torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).to(torch.bfloat16),
+                        "int4g128")
+    x = torch.randn(K, device="cuda", generator=gen).to(torch.bfloat16)
+    pairs = x[_pair_order(K).cuda()].contiguous()
+    assert torch.equal(fused_gemv(gw, x, config=cfg, x_pairs=pairs), fused_gemv(gw, x, config=cfg))

@@ -117,20 +117,22 @@ def ssm_step(state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D):
 
 @_guard
 def mixer_ssm_step(state_BDN, x_BD, z_BD, xdbl_BE, W_dt_DR, dt_bias_D, A_log_DN, D_D,
-                   norm_eps: float | None):
+                   norm_eps: float | None, pairs_out=None):
     """Fused decode tail of a mixer (see fused_reference.mixer_ssm_step): from the x_proj output
-    [dt_r, B, C] (B, R+2N) to the gated y (B, D). Updates state_BDN in place."""
+    [dt_r, B, C] (B, R+2N) to the gated y (B, D). Updates state_BDN in place. pairs_out: y also in
+    the packed int4 GEMV's pair layout (triton_decode.ssm_step)."""
     R, N = W_dt_DR.shape[1], A_log_DN.shape[1]
     return triton_decode.ssm_step(
         state_BDN, x_BD, xdbl_BE[:, :R], A_log_DN, xdbl_BE[:, R:R + N], xdbl_BE[:, R + N:], D_D,
-        z_BD, dt_bias_D, W_dt=W_dt_DR, norm_eps=norm_eps, a_is_log=True)
+        z_BD, dt_bias_D, W_dt=W_dt_DR, norm_eps=norm_eps, a_is_log=True, pairs_out=pairs_out)
 
 
 @_guard
-def add_rms_norm(h_BH, out_BH, weight_H, eps, *, round_to, h_out=None, out_dtype=None):
+def add_rms_norm(h_BH, out_BH, weight_H, eps, *, round_to, h_out=None, out_dtype=None, pairs_out=None):
     """Residual add then RMSNorm (see fused_reference.add_rms_norm): returns the normed rows;
     writes h + out (fp32) to h_out when given. round_to: the dtype the block norm sees (None for
-    norm_f, which reads the fp32 stream)."""
+    norm_f, which reads the fp32 stream). pairs_out: one row again in the packed int4 GEMV's pair
+    layout (triton_decode.rms_rows)."""
     return triton_decode.rms_rows(h_BH, weight_H, eps, residual=out_BH, x_out=h_out,
                                   round_in=round_to, round_y=round_to,
-                                  out_dtype=out_dtype or weight_H.dtype)
+                                  out_dtype=out_dtype or weight_H.dtype, pairs_out=pairs_out)

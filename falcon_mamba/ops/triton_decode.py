@@ -43,6 +43,14 @@ def _round(v, MODE: tl.constexpr):
 
 
 @triton.jit
+def _pair_index(k, KW):
+    # Where element k of a width-8*KW row goes in the "pair planes" layout the packed int4 GEMV
+    # reads (ops/triton_gemv_i4.py): plane j = k % 4, word w = k // 8, half h = k % 8 // 4, so that
+    # int32 (j, w) holds the bf16 pair (x[8w + j], x[8w + j + 4]).
+    return 2 * ((k % 4) * KW + k // 8) + (k % 8) // 4
+
+
+@triton.jit
 def _ld(ptrs, mask, MASKED: tl.constexpr):
     if MASKED:
         return tl.load(ptrs, mask=mask, other=0.0)
@@ -152,7 +160,7 @@ def _ssm_step_kernel(
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
     DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr,
     CONV_IN: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr, ROUND_X: tl.constexpr,
-    WQ: tl.constexpr, WG: tl.constexpr, PDL: tl.constexpr,
+    WQ: tl.constexpr, WG: tl.constexpr, PDL: tl.constexpr, yp_ptr=None, PAIRS: tl.constexpr = False,
 ):
     # One program: BD channels of one batch row. dtr_ptr holds dt (B, D) when not DT_PROJ, else the
     # rank-R dt input (B, R), normed here when NORM and projected by W_dt (D, R) in RB-wide slices
@@ -217,12 +225,15 @@ def _ssm_step_kernel(
         zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
         yv = yv * zv * tl.sigmoid(zv)
     tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
+    if PAIRS:  # batch 1: also in the packed int4 GEMV's pair layout
+        tl.store(yp_ptr + _pair_index(d, D // 8), yv.to(yp_ptr.dtype.element_ty), mask=md)
 
 
 @triton.jit
 def _rms_kernel(x_ptr, res_ptr, w_ptr, xo_ptr, y_ptr, M, H, eps, sx, sres, sxo, sy,
                 BR: tl.constexpr, BH: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                WRITE_X: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, PDL: tl.constexpr):
+                WRITE_X: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, PDL: tl.constexpr,
+                yp_ptr=None, PAIRS: tl.constexpr = False):
     dep_sync(PDL)
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     cols = tl.arange(0, BH)
@@ -238,6 +249,9 @@ def _rms_kernel(x_ptr, res_ptr, w_ptr, xo_ptr, y_ptr, M, H, eps, sx, sres, sxo, 
     if HAS_W:
         yv = yv * tl.load(w_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * sy + cols[None, :], yv.to(y_ptr.dtype.element_ty), mask=m)
+    if PAIRS:  # one row (M == 1): also in the packed int4 GEMV's pair layout
+        slot = rows[:, None] * 0 + _pair_index(cols, H // 8)[None, :]
+        tl.store(yp_ptr + slot, yv.to(yp_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -277,7 +291,7 @@ def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True) -> torch.Tenso
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None, conv=None) -> torch.Tensor:
+             num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) fp32 in place; returns y (B, D).
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
@@ -290,6 +304,8 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     conv = (conv state (B, K-1, D), weight (D, K), bias (D,) or None): x_BD is the conv input
     (in_proj's x half) instead of xc; the kernel runs the conv step for its channels (as
     _conv_step_kernel, xc rounded to x's dtype), updates the conv state in place and uses xc as x.
+    pairs_out (D,) in x's dtype, batch 1: y again in the packed int4 GEMV's pair layout (out_proj's
+    input; _pair_index).
     """
     Bsz, D = x_BD.shape
     N = A_DN.shape[1]
@@ -352,15 +368,17 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
         CONV_IN=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
         ROUND_X=_ROUND.get(x_BD.dtype, 0), WQ=WQ, WG=wq.group if WQ == 4 else 1,
-        num_warps=warps, **pdl.launch_kwargs(x_BD.device),
+        num_warps=warps, **pdl.launch_kwargs(x_BD.device), **_pairs_kwargs(pairs_out, Bsz, D, y.dtype),
     )
     return y
 
 
 def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_y=None,
-             out_dtype=None) -> torch.Tensor:
+             out_dtype=None, pairs_out=None) -> torch.Tensor:
     """RMSNorm over the last dim of a row-major (M, H) view: y = [weight *] round_y(rms(round_in(x
-    [+ residual]))). Writes x + residual (fp32) to x_out when given. Returns y in out_dtype."""
+    [+ residual]))). Writes x + residual (fp32) to x_out when given. Returns y in out_dtype.
+    pairs_out (H,) in y's dtype, one row only: y again in the packed int4 GEMV's pair layout
+    (_pair_index; H a multiple of 8)."""
     H = x.shape[-1]
     x2 = x.reshape(-1, H)
     M = x2.shape[0]
@@ -380,9 +398,17 @@ def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_
         WRITE_X=xo is not None, ROUND_IN=_ROUND[round_in] if round_in is not None else 0,
         ROUND_Y=_ROUND[round_y] if round_y is not None else 0,
         num_warps=RMS_WARPS if BH * BR >= 2048 else (4 if BH * BR >= 512 else 1),
-        **pdl.launch_kwargs(x.device),
+        **pdl.launch_kwargs(x.device), **_pairs_kwargs(pairs_out, M, H, out_dtype),
     )
     return y.reshape(*x.shape[:-1], H)
+
+
+def _pairs_kwargs(pairs_out, rows: int, width: int, dtype) -> dict:
+    """Kernel arguments for an optional pair-layout copy of a one-row output (see _pair_index)."""
+    if pairs_out is None:
+        return {}
+    assert rows == 1 and width % 8 == 0 and pairs_out.numel() == width and pairs_out.dtype == dtype
+    return {"yp_ptr": pairs_out, "PAIRS": True}
 
 
 GEMV_BN, GEMV_BK, GEMV_WARPS, GEMV_STAGES = 8, 512, 4, 4

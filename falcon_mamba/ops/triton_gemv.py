@@ -558,7 +558,8 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
                h_out: torch.Tensor | None = None, round_in=None, round_y=None,
                conv: tuple | None = None, out_dtype: torch.dtype | None = None, round_to=None,
                conv_in: tuple | None = None, rstd: torch.Tensor | None = None,
-               norm_out: tuple | None = None, config: GemvConfig | None = None):
+               norm_out: tuple | None = None, config: GemvConfig | None = None,
+               x_pairs: torch.Tensor | None = None):
     """y (N,) = W @ input, input (K,) = x, or with norm_weight set (the prologue)
     rms_rows(x, norm_weight, eps, residual=residual, x_out=h_out, round_in, round_y) computed in the
     kernel, rounded to norm_weight's dtype. x, residual: one row (K,) or (1, K); h_out (fp32, K
@@ -580,6 +581,9 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     round_in(h_next) for the next RMSNorm; returns (y, rstd (1,) fp32). h_next must not be h's memory.
     rstd = that (1,) tensor: the prologue (norm_weight set, no residual) uses it instead of summing
     the row's squares in every program; x is then h_next.
+
+    x_pairs: x again in the pair layout of triton_decode._pair_index (the producer kernel's
+    pairs_out), read by the packed int4 kernel (triton_gemv_i4.py) when that kernel runs; else unused.
     """
     x = x.reshape(-1)
     K, N = weight.K, weight.N
@@ -605,7 +609,7 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
 
         if triton_gemv_i4.fits(weight, cfg):
             rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
-            return triton_gemv_i4.gemv_i4x2(weight, x, y, rnd, cfg)
+            return triton_gemv_i4.gemv_i4x2(weight, x, y, rnd, cfg, x_pairs)
     ho = h_out.reshape(-1) if h_out is not None else None
     if conv_in is not None:
         assert conv is None and not pro, "conv_in excludes the prologue and the conv epilogue"

@@ -85,7 +85,7 @@ def _gemv_i4x2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, s_wn, s_sn, y_ptr, N,
     K: tl.constexpr, KL: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     CH: tl.constexpr, EVEN_N: tl.constexpr, MASK_X: tl.constexpr, ROUND_OUT: tl.constexpr,
-    ASM: tl.constexpr, PDL: tl.constexpr,
+    ASM: tl.constexpr, PDL: tl.constexpr, xp_ptr=None, PAIRS: tl.constexpr = False,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
@@ -116,7 +116,21 @@ def _gemv_i4x2_kernel(
             xv = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
         else:
             xv = tl.load(x_ptr + kx)
-        if ASM:
+        if ASM and PAIRS:
+            # the producer wrote x as pair planes (4, KL / 8) int32: loaded in the weight tile's shape
+            # (same addresses on every row: a layout the compiler shares with the weight tile)
+            xo = wf[None, :] + 0 * n[:, None]
+            x0 = tl.load(xp_ptr + xo)
+            x1 = tl.load(xp_ptr + KL // 8 + xo)
+            x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)
+            x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)
+            zz = (zp | 0x4300) * 0x10001  # bf16x2 (128 + z, 128 + z)
+            args = [wd, x0, x1, x2, x3, zz]
+            if CH == 4:
+                part = tl.inline_asm_elementwise(_ASM4, _CONS4, args, dtype=tl.float32, is_pure=True, pack=4)
+            else:
+                part = tl.inline_asm_elementwise(_ASM1, _CONS1, args, dtype=tl.float32, is_pure=True, pack=1)
+        elif ASM:
             xb = xv.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             lo, hi = tl.split(tl.permute(tl.reshape(xb, (BW, 2, 4)), (0, 2, 1)))  # x[8w+j], x[8w+4+j]
             xp = tl.reshape(lo | (hi << 16), (BW, 2, 2))  # (BW, 4) pairs, j = 2a + b
@@ -150,18 +164,26 @@ def fits(weight, cfg) -> bool:
             and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0) and (gw // 8) % cfg.i4x2 == 0)
 
 
-def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg) -> torch.Tensor:
+def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
+              x_pairs: torch.Tensor | None = None) -> torch.Tensor:
     """y (N,) = dequant(W) @ x (K,) into the given y; x bf16 on a GPU (any float in the interpreter).
+    x_pairs: x again in the pair layout (triton_decode._pair_index, written by the producer kernel):
+    the kernel then reads the bf16 pairs as int32 planes instead of building them from x (which
+    costs layout changes through shared memory in every block); used on a GPU where K == Kp.
     The caller (triton_gemv.fused_gemv) checked ``fits``."""
     w = weight.w.view(torch.int32)
     N, K, KL = weight.N, weight.K, weight.w.shape[1] * 2
     dev = x.device
     asm = not pdl._interpreting()
     assert not asm or x.dtype == torch.bfloat16, "the packed int4 GEMV takes a bf16 input on a GPU"
+    pairs = asm and x_pairs is not None and KL == K
+    if pairs:
+        assert x_pairs.dtype == torch.bfloat16 and x_pairs.numel() == K and x_pairs.is_contiguous()
     _gemv_i4x2_kernel[(triton.cdiv(N, cfg.bn),)](
         x, w, weight.scales, weight.zeros, w.stride(0), weight.scales.stride(0), y, N,
         K=K, KL=KL, GROUP=weight.group, BN=cfg.bn, BK=cfg.bk, CH=cfg.i4x2, EVEN_N=N % cfg.bn == 0,
         MASK_X=KL != K, ROUND_OUT=round_out, ASM=asm,
+        xp_ptr=x_pairs.view(torch.int32) if pairs else None, PAIRS=pairs,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     return y
