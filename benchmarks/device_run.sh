@@ -9,6 +9,7 @@
 #   benchmarks/device_run.sh int8tiles  # more int8 in_proj/out_proj GEMV tiles
 #   benchmarks/device_run.sh i4x2       # the packed int4 GEMV's cuda tests, its tiles, then bench_quant
 #                                       # (64 layers) with the fastest tiles
+#   benchmarks/device_run.sh profile    # per-kernel time of the graphed decode step, bf16/int8/int4
 # The test modes carry .whl (pytest-xdist + execnet wheels) and .data/shared (../shared's tokenizers).
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
 set -u
@@ -58,6 +59,9 @@ case "$MODE" in
     timeout $((585 - SECONDS)) python3 benchmarks/sweep_i4x2.py --out "$OUT/results" --budget-s 120 \
       > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
+  profile)
+    timeout 500 python3 benchmarks/profile_decode.py --layers 16 --out "$OUT/results/profile.json" \
+      > "$OUT/bench.log" 2>&1 ;;
   *)
     echo "unknown mode $MODE" > "$OUT/bench.log" ;;
 esac

@@ -69,12 +69,14 @@ def errors(gen) -> dict:
             return ((y.double() - ref).norm() / ref.norm()).item()
 
         rec = {"bf16_rounding_of_exact": rel(ref.to(torch.bfloat16)),
-               "fp32_kernel": rel(fused_gemv(gw, x, out_dtype=torch.float32))}
+               "fp32_kernel": rel(fused_gemv(gw, x, out_dtype=torch.float32,
+                                             config=GemvConfig(bn=16, bk=1024, xsplit=True)))}
         base = default_config(gw, x.device)
         for ch in (1, 4):
             cfg = GemvConfig(bn=16, bk=1024, i4x2=ch)
             rec[f"i4x2_ch{ch}"] = rel(fused_gemv(gw, x, out_dtype=torch.float32, config=cfg))
-        rec["fp32_kernel_tile"] = base.__dict__
+        rec["tuned"] = rel(fused_gemv(gw, x, out_dtype=torch.float32))
+        rec["tuned_tile"] = base.__dict__
         out[name] = rec
         print(name, {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in rec.items()}, flush=True)
     return out

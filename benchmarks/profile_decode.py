@@ -1,0 +1,94 @@
+"""Where the batch-1 decode step spends its time, per kernel (GPU).
+
+    PYTHONPATH=. python3 benchmarks/profile_decode.py [--layers 16] [--formats bf16,int8,int4] [--out F.json]
+
+For each weight format: a random Falcon Mamba 7B-shaped model with --layers layers (int8 / int4 g128
+through quantize_model), decode_graph.GraphDecoder (its autotuned mode and the timings of every
+candidate mode), then 20 graphed greedy steps under torch.profiler: every kernel's time per step
+(summed over layers and divided by them: us per layer), launches per step, and the step's total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from falcon_mamba.config import PRESETS  # noqa: E402
+from falcon_mamba.decode_graph import GraphDecoder  # noqa: E402
+from falcon_mamba.model import FalconMamba  # noqa: E402
+from falcon_mamba.quant import quantize_model  # noqa: E402
+
+STEPS = 20
+
+
+@torch.no_grad()
+def profile(model, layers: int) -> dict:
+    state = model.new_state(1)
+    dec = GraphDecoder(model)
+    tok = torch.zeros(1, dtype=torch.long, device=model.device)
+    dec.greedy(tok, state, 3)
+    slot = dec._slots[1]
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dec.greedy(tok, state, 100)
+    end.record()
+    end.synchronize()
+    step_ms = start.elapsed_time(end) / 100
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        dec.greedy(tok, state, STEPS)
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
+            per[ev.name][1] += 1
+    rows = sorted(((n, t / STEPS, c / STEPS) for n, (t, c) in per.items()), key=lambda r: -r[1])
+    return {"mode": slot.mode, "pdl": slot.pdl, "timings_ms": slot.timings, "step_ms": step_ms,
+            "kernels": [{"name": n[:90], "us_per_step": t, "launches_per_step": c, "us_per_layer": t / layers}
+                        for n, t, c in rows]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = PRESETS["falcon-mamba-7b"].replace(num_hidden_layers=args.layers)
+    with torch.device("cuda"):
+        base = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
+    res = {"layers": args.layers, "gpu": torch.cuda.get_device_name(0),
+           "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "formats": {}}
+    for fmt in args.formats.split(","):
+        model = base if fmt == "bf16" else quantize_model(copy.deepcopy(base), 8 if fmt == "int8" else 4,
+                                                          None if fmt == "int8" else 128)
+        r = profile(model, args.layers)
+        res["formats"][fmt] = r
+        print(f"\n== {fmt}: mode {r['mode']} pdl {r['pdl']}, step {r['step_ms']:.3f} ms "
+              f"({r['step_ms'] * 1e3 / args.layers:.1f} us per layer); candidates "
+              + ", ".join(f"{k} {v:.3f}" for k, v in r["timings_ms"].items()), flush=True)
+        tot = sum(k["us_per_step"] for k in r["kernels"])
+        print(f"   kernels sum {tot:.0f} us per step")
+        for k in r["kernels"][:14]:
+            print(f"   {k['us_per_layer']:7.2f} us/layer {k['launches_per_step']:6.1f} launches  {k['name']}")
+        if model is not base:
+            del model
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
