@@ -38,6 +38,7 @@ from falcon_mamba.quant.qlinear import QuantLinear  # noqa: E402
 
 BANDWIDTH = 3.01e12  # bytes/s, H100 copy bandwidth measured in ENGINEERING.md
 KINDS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+DECODE_MODES: dict[int, dict] = {}  # id(model) -> the GraphDecoder's chosen mode (time_fused)
 
 
 def env() -> dict:
@@ -167,6 +168,9 @@ def _time_fused(model, GraphDecoder) -> float:
     dec.greedy(tok, state, n)
     end.record()
     end.synchronize()
+    slot = dec._slots.get(1)
+    if slot is not None:  # the decode mode the autotune kept, and every candidate's ms per step
+        DECODE_MODES[id(model)] = {"mode": slot.mode, "pdl": slot.pdl, "candidates_ms": slot.timings}
     return n / (start.elapsed_time(end) / 1e3)
 
 
@@ -203,6 +207,7 @@ def main() -> int:
         torch.cuda.synchronize()
         rec = {"variant": name, "linears": time_linears(model), "step_tok_s": time_step(model)}
         rec["fused_tok_s"] = None if args.no_fused else time_fused(model)
+        rec["decode_mode"] = DECODE_MODES.pop(id(model), None)
         lg = step_logits(model, tokens)
         rec["logits_rel_err"] = ((lg - ref_logits).norm() / ref_logits.norm()).item()
         rec["argmax_agrees"] = bool(lg.argmax() == ref_logits.argmax())
@@ -210,7 +215,8 @@ def main() -> int:
                                   if isinstance(m, (QuantLinear, torch.nn.Linear)))
         rows.append(rec)
         print(f"{name}: fused {rec['fused_tok_s']} tok/s, step {rec['step_tok_s']:.1f} tok/s, linears "
-              f"{rec['linears']['total']['seconds'] * 1e3:.3f} ms", flush=True)
+              f"{rec['linears']['total']['seconds'] * 1e3:.3f} ms; decode mode {rec['decode_mode']}",
+              flush=True)
         if model is not base:
             del model
             torch.cuda.empty_cache()

@@ -178,6 +178,8 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     out = None
     norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
     fold = conv_fold and gemv and tokens_B.shape[0] == 1
+    if gemv:
+        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
     for i, blk in enumerate(model.backbone.layers):
         m = blk.mixer
         # the packed int4 GEMVs read their input also in a pair layout written by its producer
@@ -185,12 +187,18 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
                              h_out=hbuf, pairs_out=pin)
         h = hbuf
-        xz = _proj(m.in_proj, u, gemv, pin)
+        if pin is not None and not fold:  # packed int4 in_proj: the conv step as its epilogue
+            xz, xc = fused_gemv(GemvWeight.from_module(m.in_proj), u.reshape(-1), x_pairs=pin,
+                                conv=(conv[i][0], m.conv1d.weight[:, 0], m.conv1d.bias))
+            xz, xc = xz[None], xc[None]
+        else:
+            xz = _proj(m.in_proj, u, gemv, pin)
         pout = _pairs_buffer(m.out_proj, xz.shape[0], xz.dtype, xz.device, gemv)
         if fold:
             y = _conv_folded(m, ssm[i], conv[i], xz.contiguous(), norm_eps, R, N, pout)
         else:
-            xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
+            if pin is None:
+                xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
             xdbl = _proj(m.x_proj, xc, gemv)
             y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout)
         out = _proj(m.out_proj, y, gemv, pout)

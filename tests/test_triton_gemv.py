@@ -329,14 +329,17 @@ def default_config_for(fmt):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("quant", [None, (8, None)])
-def test_conv_folded_step_7b_widths_cuda(quant, rng, monkeypatch):
-    """The conv-folded mode at the 7B's hidden/inner widths (2 layers, small vocab, bf16), graphed,
-    against model.step over several steps."""
+@pytest.mark.parametrize("quant", [None, (8, None), (4, 128)])
+@pytest.mark.parametrize("forced,mode", [("triton_cx", "triton_gemv_cx"), ("triton", "triton_gemv")])
+def test_gemv_modes_step_7b_widths_cuda(quant, forced, mode, rng, monkeypatch):
+    """The GEMV decode modes at the 7B's hidden/inner widths (2 layers, small vocab, bf16), graphed,
+    against model.step over several steps: with int4 g128 the packed kernel runs in_proj (with the
+    conv step as its epilogue in triton_gemv mode) and out_proj, reading the pair layout written
+    by the norm and SSM kernels."""
     from falcon_mamba.config import ModelConfig
     from falcon_mamba.decode_graph import GraphDecoder
 
-    monkeypatch.setenv("FALCON_MAMBA_GEMV", "triton_cx")
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", forced)
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=4096, intermediate_size=8192, num_hidden_layers=2, vocab_size=4096,
                       time_step_rank=256)
@@ -353,8 +356,8 @@ def test_conv_folded_step_7b_widths_cuda(quant, rng, monkeypatch):
     for _ in range(4):
         logits = dec.step(tok, state)
         ref = model.step(tok, twin)
-        assert_close(logits, ref, 3e-2, 5e-2, f"conv-folded logits {quant}")
+        assert_close(logits, ref, 3e-2, 5e-2, f"{mode} logits {quant}")
         tok = ref.argmax(-1)
-    assert dec.slot(1).mode == "triton_gemv_cx"
+    assert dec.slot(1).mode == mode
     assert_close(state.conv, twin.conv, 3e-2, 5e-2, "conv state")
     assert_close(state.ssm, twin.ssm, 3e-2, 5e-2, "ssm state")

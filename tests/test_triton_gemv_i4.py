@@ -162,3 +162,22 @@ def test_i4x2_reads_the_pair_layout_bit_for_bit(N, K, cfg):
     x = torch.randn(K, device="cuda", generator=gen).to(torch.bfloat16)
     pairs = x[_pair_order(K).cuda()].contiguous()
     assert torch.equal(fused_gemv(gw, x, config=cfg, x_pairs=pairs), fused_gemv(gw, x, config=cfg))
+
+
+def test_i4x2_conv_epilogue_matches_the_fp32_kernel(rng):
+    """in_proj's conv step as the packed kernel's epilogue (rows < D): the same xz, xc and conv
+    state as the fp32 int4 kernel's epilogue (interpreter: both fp32 data flows)."""
+    D, H, CK = 32, 64, 4
+    gw, _ = gemv_weight(torch.randn(2 * D, H, generator=rng) * H ** -0.5, "int4g32")
+    gw = GemvWeight(**{**gw.__dict__, "w": gw.w.to(DEV), "scales": gw.scales.to(DEV),
+                       "zeros": gw.zeros.to(DEV)})
+    u = torch.randn(H, generator=rng).to(DEV, torch.bfloat16)
+    st = torch.randn(CK - 1, D, generator=rng).to(DEV, torch.bfloat16)
+    cw, cb = (torch.randn(D, CK, generator=rng).to(DEV, torch.bfloat16),
+              torch.randn(D, generator=rng).to(DEV, torch.bfloat16))
+    st2 = st.clone()
+    xz, xc = fused_gemv(gw, u, conv=(st, cw, cb), config=C(bn=8, bk=64, i4x2=4))
+    xz2, xc2 = fused_gemv(gw, u, conv=(st2, cw, cb), config=C(bn=8, bk=64))
+    for a, b, what in ((xz, xz2, "xz"), (xc, xc2, "xc"), (st, st2, "conv state")):
+        torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=1e-5, msg=what)
+    assert torch.equal(st[:-1], st2[:-1]), "conv state shift"

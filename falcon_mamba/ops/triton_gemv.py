@@ -603,13 +603,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     out_dtype = out_dtype or u_dtype
     res = residual.reshape(-1) if residual is not None else None
     y = torch.empty(N, dtype=out_dtype, device=dev)
-    plain = not pro and conv is None and conv_in is None and norm_out is None and rstd is None
-    if cfg.i4x2 and plain and (x.dtype == torch.bfloat16 or pdl._interpreting()):
-        from falcon_mamba.ops import triton_gemv_i4
-
-        if triton_gemv_i4.fits(weight, cfg):
-            rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
-            return triton_gemv_i4.gemv_i4x2(weight, x, y, rnd, cfg, x_pairs)
     ho = h_out.reshape(-1) if h_out is not None else None
     if conv_in is not None:
         assert conv is None and not pro, "conv_in excludes the prologue and the conv epilogue"
@@ -629,6 +622,16 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         xc = None
         cargs = (y, y, y, y, 0, 0, 0)
         CK = 2
+    has_cb = (conv is not None and conv[2] is not None) or (conv_in is not None and conv_in[2] is not None)
+    packable = not pro and conv_in is None and norm_out is None and rstd is None
+    if cfg.i4x2 and packable and (x.dtype == torch.bfloat16 or pdl._interpreting()):
+        from falcon_mamba.ops import triton_gemv_i4
+
+        if triton_gemv_i4.fits(weight, cfg):  # the packed-bf16 int4 kernel (plain, or + conv epilogue)
+            rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
+            triton_gemv_i4.gemv_i4x2(weight, x, y, rnd, cfg, x_pairs,
+                                     conv=(cargs, CK, has_cb) if conv is not None else None)
+            return (y, xc) if conv is not None else y
     bits = weight.bits
     KL = weight.w.shape[1] * 2 if bits == 4 else K
     w_arg, words = _weight_words(weight)
@@ -658,7 +661,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         nargs = (rstd, x, x, x, 0.0)
     else:
         nargs = (y, y, y, y, 0.0)
-    has_cb = (conv is not None and conv[2] is not None) or (cin and conv_in[2] is not None)
     _gemv_kernel[(grid_n, split)](
         x, res if res is not None else x, norm_weight if pro else x, ho if ho is not None else x, float(eps),
         w_arg, sc, zp, w_arg.stride(0), sc.stride(0) if bits == 4 else 0,

@@ -35,8 +35,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_decode import _round
-from falcon_mamba.ops.triton_gemv import _split8
+from falcon_mamba.ops.triton_gemv import _finish, _split8
 
 
 def _word_asm(pack: int) -> str:
@@ -86,6 +85,8 @@ def _gemv_i4x2_kernel(
     K: tl.constexpr, KL: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     CH: tl.constexpr, EVEN_N: tl.constexpr, MASK_X: tl.constexpr, ROUND_OUT: tl.constexpr,
     ASM: tl.constexpr, PDL: tl.constexpr, xp_ptr=None, PAIRS: tl.constexpr = False,
+    cst_ptr=None, cw_ptr=None, cb_ptr=None, xc_ptr=None, D=0, s_ck=0, s_cw=0,
+    CONV: tl.constexpr = False, CK: tl.constexpr = 2, HAS_CB: tl.constexpr = False,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
@@ -151,8 +152,9 @@ def _gemv_i4x2_kernel(
                 code = (wd >> (4 * i)) & 0xF
                 part += (code.to(tl.float32) - zf) * x8[i][None, :]
         acc += sc * part
-    yv = _round(tl.sum(acc, axis=1), ROUND_OUT)
-    tl.store(y_ptr + n, yv.to(y_ptr.dtype.element_ty), mask=mn)
+    # y, then (CONV) the conv step on rows < D (in_proj's x half), as the fp32 kernel's epilogue
+    _finish(tl.sum(acc, axis=1), n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
+            CONV, CK, HAS_CB)
 
 
 def fits(weight, cfg) -> bool:
@@ -165,11 +167,13 @@ def fits(weight, cfg) -> bool:
 
 
 def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
-              x_pairs: torch.Tensor | None = None) -> torch.Tensor:
+              x_pairs: torch.Tensor | None = None, conv: tuple | None = None) -> torch.Tensor:
     """y (N,) = dequant(W) @ x (K,) into the given y; x bf16 on a GPU (any float in the interpreter).
     x_pairs: x again in the pair layout (triton_decode._pair_index, written by the producer kernel):
     the kernel then reads the bf16 pairs as int32 planes instead of building them from x (which
     costs layout changes through shared memory in every block); used on a GPU where K == Kp.
+    conv = (the conv-epilogue arguments of triton_gemv.fused_gemv (state, weight, bias, xc, D and
+    strides), CK, has bias): the conv step on rows < D after the GEMV (xc written, state updated).
     The caller (triton_gemv.fused_gemv) checked ``fits``."""
     w = weight.w.view(torch.int32)
     N, K, KL = weight.N, weight.K, weight.w.shape[1] * 2
@@ -184,6 +188,8 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
         K=K, KL=KL, GROUP=weight.group, BN=cfg.bn, BK=cfg.bk, CH=cfg.i4x2, EVEN_N=N % cfg.bn == 0,
         MASK_X=KL != K, ROUND_OUT=round_out, ASM=asm,
         xp_ptr=x_pairs.view(torch.int32) if pairs else None, PAIRS=pairs,
+        **(dict(zip(("cst_ptr", "cw_ptr", "cb_ptr", "xc_ptr", "D", "s_ck", "s_cw"), conv[0]), CONV=True,
+                    CK=conv[1], HAS_CB=conv[2]) if conv is not None else {}),
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     return y
