@@ -168,13 +168,29 @@ def _ssm_step_kernel(
     # (_dt_tile; 8 and 4 read the scales at wsc_ptr, int4 the zero points at wz_ptr, group WG).
     # CONV_IN: x_ptr is the conv input (in_proj's x half); the conv step runs here for this program's
     # channels (xc as the x_proj GEMV recomputed it) and shifts the conv state (B, CK-1, D) in place.
-    dep_sync(PDL)
+    # What no other kernel of the step writes (A, D, the dt bias, W_dt when one slice holds all of R,
+    # this layer's SSM state) is loaded before the PDL wait: a program launched while x_proj still
+    # runs has it in registers when the inputs become readable.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     md = d < D
     n = tl.arange(0, NP)
     mn = n < N
+    dn = d[:, None].to(tl.int64) * N + n[None, :]
+    mdn = md[:, None] & mn[None, :]
+    A = tl.load(a_ptr + dn, mask=mdn, other=0.0).to(tl.float32)
+    if A_LOG:
+        A = -tl.exp(A)
+    st = state_ptr + b * D * N + dn
+    h = tl.load(st, mask=mdn, other=0.0)
+    if HAS_D:
+        dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_DTB:
+        dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
+    if DT_PROJ and RP == RB:
+        W0 = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, 0, R, swd, sws, BD, RB, WQ, WG)
+    dep_sync(PDL)
     if DT_PROJ:
         rinv = 1.0
         if NORM:
@@ -184,13 +200,18 @@ def _ssm_step_kernel(
                 q = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
                 ss += tl.sum(q * q, axis=0)
             rinv = tl.rsqrt(ss / R + eps)
-        v = tl.zeros((BD,), tl.float32)
-        for r0 in range(0, RP, RB):  # a loop, not unrolled: one W slice in registers at a time
-            r = r0 + tl.arange(0, RB)
-            mr = r < R
-            q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=mr, other=0.0).to(tl.float32) * rinv, RMODE)
-            W = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, r0, R, swd, sws, BD, RB, WQ, WG)
-            v += tl.sum(W * q[None, :], axis=1)
+        if RP == RB:  # all of R in the preloaded slice
+            r = tl.arange(0, RB)
+            q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32) * rinv, RMODE)
+            v = tl.sum(W0 * q[None, :], axis=1)
+        else:
+            v = tl.zeros((BD,), tl.float32)
+            for r0 in range(0, RP, RB):  # a loop, not unrolled: one W slice in registers at a time
+                r = r0 + tl.arange(0, RB)
+                mr = r < R
+                q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=mr, other=0.0).to(tl.float32) * rinv, RMODE)
+                W = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, r0, R, swd, sws, BD, RB, WQ, WG)
+                v += tl.sum(W * q[None, :], axis=1)
         if WQ == 8:
             v = v * tl.load(wsc_ptr + d, mask=md, other=0.0)
         v = _round(v, RMODE)
@@ -202,15 +223,8 @@ def _ssm_step_kernel(
         Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
         Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
     if HAS_DTB:
-        v += tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
+        v += dtb
     sp = _softplus(v)
-    dn = d[:, None].to(tl.int64) * N + n[None, :]
-    mdn = md[:, None] & mn[None, :]
-    A = tl.load(a_ptr + dn, mask=mdn, other=0.0).to(tl.float32)
-    if A_LOG:
-        A = -tl.exp(A)
-    st = state_ptr + b * D * N + dn
-    h = tl.load(st, mask=mdn, other=0.0)
     if CONV_IN:
         xv = _conv_in(x_ptr + b * sx_b, cst_ptr + b * scs_b, cw_ptr, cb_ptr, d, md, s_ck, s_cw, CK, HAS_CB,
                       True, True, ROUND_X)
@@ -220,7 +234,7 @@ def _ssm_step_kernel(
     tl.store(st, h, mask=mdn)
     yv = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
-        yv += tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32) * xv
+        yv += dsk * xv
     if HAS_Z:
         zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
         yv = yv * zv * tl.sigmoid(zv)

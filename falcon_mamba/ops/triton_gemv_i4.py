@@ -80,6 +80,79 @@ def _bf16_hi(v):
 
 
 @triton.jit
+def _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP: tl.constexpr, BN: tl.constexpr,
+           BK: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr):
+    # One block's weight data (reads nothing another kernel writes, so it may run before the PDL
+    # wait): the (BN, BW) words, each word's scale (fp32) and zero point, (128 + z) as a bf16x2
+    # for the PTX (ASM), else z as fp32. Scale and zero point are built per (row, group), then
+    # repeated over the group's words.
+    BW: tl.constexpr = BK // 8
+    GW: tl.constexpr = BK if BK < GROUP else GROUP  # codes per scale within one block
+    NG: tl.constexpr = BK // GW
+    WPG: tl.constexpr = GW // 8  # words per group within a block
+    wf = k0 // 8 + tl.arange(0, BW)
+    if EVEN_N:
+        wd = tl.load(w_ptr + row[:, None] + wf[None, :])
+    else:
+        wd = tl.load(w_ptr + row[:, None] + wf[None, :], mask=mn[:, None], other=0)
+    g = k0 // GROUP + tl.arange(0, NG)
+    sg = n.to(tl.int64)[:, None] * s_sn + g[None, :]
+    sc = tl.load(s_ptr + sg, mask=mn[:, None], other=0.0).to(tl.float32)
+    zp = tl.load(z_ptr + sg, mask=mn[:, None], other=0).to(tl.int32)
+    if ASM:
+        zp = (zp | 0x4300) * 0x10001  # bf16x2 (128 + z, 128 + z)
+    else:
+        zp = zp.to(tl.float32)
+    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NG, WPG)), (BN, BW))
+    zp = tl.reshape(tl.broadcast_to(zp[:, :, None], (BN, NG, WPG)), (BN, BW))
+    return wd, sc, zp
+
+
+@triton.jit
+def _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K: tl.constexpr, KL: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, CH: tl.constexpr, MASK_X: tl.constexpr, ASM: tl.constexpr,
+               PAIRS: tl.constexpr):
+    # (BN, BW) fp32: each word's scaled dot product with x (packs of 4 words: the pack's sum in the
+    # first two slots, zeros after; the caller sums them all)
+    BW: tl.constexpr = BK // 8
+    if ASM and PAIRS:
+        # the producer wrote x as pair planes (4, KL / 8) int32: loaded in the weight tile's shape
+        # (same addresses on every row: a layout the compiler shares with the weight tile)
+        xo = k0 // 8 + tl.arange(0, BW)[None, :] + 0 * n[:, None]
+        x0 = tl.load(xp_ptr + xo)
+        x1 = tl.load(xp_ptr + KL // 8 + xo)
+        x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)
+        x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)
+    else:
+        kx = k0 + 8 * tl.arange(0, BW)[:, None] + tl.arange(0, 8)[None, :]  # (BW, 8): k = 8w + i
+        if MASK_X:
+            xv = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
+        else:
+            xv = tl.load(x_ptr + kx)
+        if ASM:
+            xb = xv.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            lo, hi = tl.split(tl.permute(tl.reshape(xb, (BW, 2, 4)), (0, 2, 1)))  # x[8w+j], x[8w+4+j]
+            xp = tl.reshape(lo | (hi << 16), (BW, 2, 2))  # (BW, 4) pairs, j = 2a + b
+            p0, p1 = tl.split(xp)
+            x0, x2 = tl.split(p0)
+            x1, x3 = tl.split(p1)
+            x0, x1, x2, x3 = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
+    if ASM:
+        args = [wd, x0, x1, x2, x3, zp]
+        if CH == 4:
+            part = tl.inline_asm_elementwise(_ASM4, _CONS4, args, dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            part = tl.inline_asm_elementwise(_ASM1, _CONS1, args, dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the same data flow in fp32 (the interpreter cannot run PTX)
+        x8 = _split8(tl.reshape(xv.to(tl.float32), (BW, 2, 2, 2)))  # x[8w + i], i = 0..7
+        part = tl.zeros((BN, BW), tl.float32)
+        for i in tl.static_range(8):
+            code = (wd >> (4 * i)) & 0xF
+            part += (code.to(tl.float32) - zp) * x8[i][None, :]
+    return sc * part
+
+
+@triton.jit
 def _gemv_i4x2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, s_wn, s_sn, y_ptr, N,
     K: tl.constexpr, KL: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -90,68 +163,17 @@ def _gemv_i4x2_kernel(
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
-    dep_sync(PDL)
-    BW: tl.constexpr = BK // 8
-    GW: tl.constexpr = BK if BK < GROUP else GROUP  # codes per scale within one block
-    NG: tl.constexpr = BK // GW
+    # The first block's weights are loaded before the PDL wait: a program launched early (while
+    # the previous kernel finishes) has them in registers when x becomes readable.
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     mn = n < N
     row = n.to(tl.int64) * s_wn
-    WPG: tl.constexpr = GW // 8  # words per group within a block
-    acc = tl.zeros((BN, BW), tl.float32)
-    for k0 in range(0, KL, BK):
-        wf = k0 // 8 + tl.arange(0, BW)
-        if EVEN_N:
-            wd = tl.load(w_ptr + row[:, None] + wf[None, :])
-        else:
-            wd = tl.load(w_ptr + row[:, None] + wf[None, :], mask=mn[:, None], other=0)
-        g = k0 // GROUP + tl.arange(0, NG)
-        sg = n.to(tl.int64)[:, None] * s_sn + g[None, :]
-        sc = tl.load(s_ptr + sg, mask=mn[:, None], other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + sg, mask=mn[:, None], other=0).to(tl.int32)
-        # each word's scale and zero point: the (BN, NG) values repeated over the group's words
-        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NG, WPG)), (BN, BW))
-        zp = tl.reshape(tl.broadcast_to(zp[:, :, None], (BN, NG, WPG)), (BN, BW))
-        kx = k0 + 8 * tl.arange(0, BW)[:, None] + tl.arange(0, 8)[None, :]  # (BW, 8): k = 8w + i
-        if MASK_X:
-            xv = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
-        else:
-            xv = tl.load(x_ptr + kx)
-        if ASM and PAIRS:
-            # the producer wrote x as pair planes (4, KL / 8) int32: loaded in the weight tile's shape
-            # (same addresses on every row: a layout the compiler shares with the weight tile)
-            xo = wf[None, :] + 0 * n[:, None]
-            x0 = tl.load(xp_ptr + xo)
-            x1 = tl.load(xp_ptr + KL // 8 + xo)
-            x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)
-            x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)
-            zz = (zp | 0x4300) * 0x10001  # bf16x2 (128 + z, 128 + z)
-            args = [wd, x0, x1, x2, x3, zz]
-            if CH == 4:
-                part = tl.inline_asm_elementwise(_ASM4, _CONS4, args, dtype=tl.float32, is_pure=True, pack=4)
-            else:
-                part = tl.inline_asm_elementwise(_ASM1, _CONS1, args, dtype=tl.float32, is_pure=True, pack=1)
-        elif ASM:
-            xb = xv.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            lo, hi = tl.split(tl.permute(tl.reshape(xb, (BW, 2, 4)), (0, 2, 1)))  # x[8w+j], x[8w+4+j]
-            xp = tl.reshape(lo | (hi << 16), (BW, 2, 2))  # (BW, 4) pairs, j = 2a + b
-            p0, p1 = tl.split(xp)
-            x0, x2 = tl.split(p0)
-            x1, x3 = tl.split(p1)
-            zz = (zp | 0x4300) * 0x10001  # bf16x2 (128 + z, 128 + z)
-            args = [wd, x0[None, :], x1[None, :], x2[None, :], x3[None, :], zz]
-            if CH == 4:
-                part = tl.inline_asm_elementwise(_ASM4, _CONS4, args, dtype=tl.float32, is_pure=True, pack=4)
-            else:
-                part = tl.inline_asm_elementwise(_ASM1, _CONS1, args, dtype=tl.float32, is_pure=True, pack=1)
-        else:  # the same data flow in fp32 (the interpreter cannot run PTX)
-            x8 = _split8(tl.reshape(xv.to(tl.float32), (BW, 2, 2, 2)))  # x[8w + i], i = 0..7
-            part = tl.zeros((BN, BW), tl.float32)
-            zf = zp.to(tl.float32)
-            for i in tl.static_range(8):
-                code = (wd >> (4 * i)) & 0xF
-                part += (code.to(tl.float32) - zf) * x8[i][None, :]
-        acc += sc * part
+    wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, GROUP, BN, BK, EVEN_N, ASM)
+    dep_sync(PDL)
+    acc = _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
+    for k0 in range(BK, KL, BK):
+        wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP, BN, BK, EVEN_N, ASM)
+        acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
     # y, then (CONV) the conv step on rows < D (in_proj's x half), as the fp32 kernel's epilogue
     _finish(tl.sum(acc, axis=1), n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
             CONV, CK, HAS_CB)
