@@ -170,15 +170,10 @@ def _gemv_i4x2_kernel(
     row = n.to(tl.int64) * s_wn
     wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, GROUP, BN, BK, EVEN_N, ASM)
     dep_sync(PDL)
-    acc = tl.zeros((BN, BK // 8), tl.float32)
-    # software pipelining by hand: the next block's loads are issued before this block's arithmetic
-    # (Triton pipelines loads only into tensor-core dots), so one block's HBM latency overlaps the
-    # previous block's work
+    acc = _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
     for k0 in range(BK, KL, BK):
-        wn, sn, zn = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP, BN, BK, EVEN_N, ASM)
-        acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0 - BK, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
-        wd, sc, zp = wn, sn, zn
-    acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, KL - BK, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
+        wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP, BN, BK, EVEN_N, ASM)
+        acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
     # y, then (CONV) the conv step on rows < D (in_proj's x half), as the fp32 kernel's epilogue
     _finish(tl.sum(acc, axis=1), n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
             CONV, CK, HAS_CB)
