@@ -77,6 +77,11 @@ PLAIN_CASES = [  # (N, K, fmt, act, config): N and K not multiples of the blocks
     (29, 100, "int4g32", torch.float32, C(bn=8, bk=64, split=2)),  # padded K, 2 groups per block
     (29, 100, "int4g32", torch.bfloat16, C(bn=8, bk=16, split=3, reduce="kernel")),  # half groups
     (24, 256, "int4g128", torch.float32, C(bn=8, bk=128)),
+    # one block per K slice: the weight tile is loaded before the PDL wait (PRE); masked K tail
+    (37, 100, "bf16", torch.bfloat16, C(bn=8, bk=32, split=4)),
+    (40, 128, "int8", torch.bfloat16, C(bn=8, bk=32, split=4)),
+    (24, 256, "int4g32", torch.float32, C(bn=8, bk=64, split=4)),
+    (24, 256, "int4g32", torch.bfloat16, C(bn=8, bk=64, split=4, xsplit=True)),
 ]
 
 

@@ -150,6 +150,34 @@ def _finish(acc, n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw,
 
 
 @triton.jit
+def _first_tile(w_ptr, row, mn, k_start, K: tl.constexpr, KL: tl.constexpr, FMT: tl.constexpr,
+                WORDS: tl.constexpr, XSPLIT: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    # The weight tile of block k_start exactly as _gemv_kernel's loop loads it (raw, before any
+    # decoding), for programs whose slice is one block (PRE): loaded before the PDL wait.
+    if FMT == 4:
+        GW: tl.constexpr = BK if BK < GROUP else GROUP
+        NG: tl.constexpr = BK // GW
+        WPG: tl.constexpr = GW // 8
+        if XSPLIT:
+            wf = k_start // 8 + tl.arange(0, NG * WPG)
+            wd = _wload(w_ptr + row[:, None] + wf[None, :], mn[:, None], (wf < KL // 8)[None, :], EVEN_N,
+                        EVEN_K)
+            wd = tl.reshape(wd, (BN, NG, WPG))
+        else:
+            wi = k_start // 8 + tl.arange(0, NG)[:, None] * WPG + tl.arange(0, WPG)[None, :]
+            wd = _wload(w_ptr + row[:, None, None] + wi[None, :, :], mn[:, None, None],
+                        (wi < KL // 8)[None, :, :], EVEN_N, EVEN_K)
+    elif FMT == 8 and WORDS:
+        wi = k_start // 4 + tl.arange(0, BK // 4)
+        wd = _wload(w_ptr + row[:, None] + wi[None, :], mn[:, None], (wi < KL // 4)[None, :], EVEN_N, EVEN_K)
+    else:
+        k = k_start + tl.arange(0, BK)
+        wd = _wload(w_ptr + row[:, None] + k[None, :], mn[:, None], (k < K)[None, :], EVEN_N, EVEN_K)
+    return wd
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, res_ptr, wn_ptr, hout_ptr, eps,
     w_ptr, s_ptr, z_ptr, s_wn, s_sn,
@@ -170,12 +198,18 @@ def _gemv_kernel(
     # widths are constexpr: one compile per projection shape, loops with known trip counts.
     # WORDS: w_ptr is the quantized weight viewed as int32 words (s_wn in words); always for int4,
     # for int8 when K is a multiple of 4 (else bytes, tiny test models only).
-    dep_sync(PDL)
+    # PRE: a program's K slice is one block (split-K GEMVs such as x_proj): its weight tile is loaded
+    # before the PDL wait, so a program launched while the previous kernel runs holds it by then.
+    PRE: tl.constexpr = K_PER_SPLIT == BK
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n = pid_n * BN + tl.arange(0, BN)
     mn = n < N
     row = n.to(tl.int64) * s_wn
+    k_start = pid_s * K_PER_SPLIT
+    if PRE:
+        w_pre = _first_tile(w_ptr, row, mn, k_start, K, KL, FMT, WORDS, XSPLIT, GROUP, BN, BK, EVEN_N, EVEN_K)
+    dep_sync(PDL)
     rstd = 1.0
     if PRO and RSTD_IN:  # 1/rms left by the previous out_proj's norm epilogue (NEPI): no pass 1
         rstd = tl.load(rs_ptr)
@@ -193,7 +227,6 @@ def _gemv_kernel(
             v = _round(v, ROUND_IN)
             ssq += v * v
         rstd = tl.rsqrt(tl.sum(ssq, axis=0) / K + eps)
-    k_start = pid_s * K_PER_SPLIT
     if FMT == 4:
         # Words of 8 nibbles: nibble j of word i is k = 8i + j. The tile is (BN, NG, WPG) words: NG
         # groups of WPG words, so each group's scale and zero point broadcast over its own words.
@@ -205,7 +238,9 @@ def _gemv_kernel(
         for kk in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kk
             wi = k0 // 8 + gi
-            if XSPLIT:  # a flat (BN, NG * WPG) load: lanes along K, so fewer lanes share one x
+            if PRE:
+                wd = w_pre
+            elif XSPLIT:  # a flat (BN, NG * WPG) load: lanes along K, so fewer lanes share one x
                 wf = k0 // 8 + tl.arange(0, NG * WPG)
                 wd = _wload(w_ptr + row[:, None] + wf[None, :], mn[:, None], (wf < KL // 8)[None, :], EVEN_N,
                             EVEN_K)
@@ -261,8 +296,11 @@ def _gemv_kernel(
         for kk in range(0, K_PER_SPLIT, BK):
             k0 = k_start + kk
             wi = k0 // 4 + tl.arange(0, BW)
-            wd = _wload(w_ptr + row[:, None] + wi[None, :], mn[:, None], (wi < KL // 4)[None, :], EVEN_N,
-                        EVEN_K) ^ -0x7F7F7F80  # 0x80808080 as an int32
+            if PRE:
+                wd = w_pre ^ -0x7F7F7F80  # 0x80808080 as an int32
+            else:
+                wd = _wload(w_ptr + row[:, None] + wi[None, :], mn[:, None], (wi < KL // 4)[None, :], EVEN_N,
+                            EVEN_K) ^ -0x7F7F7F80
             wd_hi = wd >> 16
             if XSPLIT:  # as int4: the input once (BW, 4), contiguous, then split by byte position
                 k2 = 4 * wi[:, None] + tl.arange(0, 4)[None, :]
@@ -291,7 +329,10 @@ def _gemv_kernel(
             mk = k < K
             xv = _input(x_ptr, res_ptr, wn_ptr, k, mk, rstd, cst_ptr, cw_ptr, cb_ptr, s_ck, s_cw, MASK_X,
                         PRO, HAS_RES, ROUND_IN, ROUND_Y, ROUND_U, CIN, CK, HAS_CB)
-            w = _wload(w_ptr + row[:, None] + k[None, :], mn[:, None], mk[None, :], EVEN_N, EVEN_K)
+            if PRE:
+                w = w_pre
+            else:
+                w = _wload(w_ptr + row[:, None] + k[None, :], mn[:, None], mk[None, :], EVEN_N, EVEN_K)
             if FMT == 8:  # int8 bytes (K not a multiple of 4): c + 2^23 + 128 is the magic float
                 acc2 += ((w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv[None, :]
             else:
