@@ -11,6 +11,7 @@
 #                                       # (64 layers) with the fastest tiles
 #   benchmarks/device_run.sh profile    # per-kernel time of the graphed decode step, bf16/int8/int4
 #   benchmarks/device_run.sh quantcheck # the GEMV / decode cuda tests, then bench_quant (64 layers)
+#   benchmarks/device_run.sh final      # the whole cuda suite, then bench_quant (64 layers)
 # The test modes carry .whl (pytest-xdist + execnet wheels) and .data/shared (../shared's tokenizers).
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
 set -u
@@ -63,6 +64,11 @@ case "$MODE" in
   quantcheck)
     cuda_tests 240 tests/test_triton_gemv_i4.py tests/test_triton_gemv.py tests/test_decode_graph.py \
       tests/test_quant_triton.py
+    timeout $((585 - SECONDS)) python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
+      > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
+  final)
+    cuda_tests 330 tests/
     timeout $((585 - SECONDS)) python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
