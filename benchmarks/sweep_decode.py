@@ -80,7 +80,8 @@ def env() -> dict:
         pass
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "commit": commit or os.environ.get("FALCON_MAMBA_COMMIT")}
+            # the device copy's .git may lag the tree it runs: the caller's FALCON_MAMBA_COMMIT wins
+            "python": platform.python_version(), "commit": os.environ.get("FALCON_MAMBA_COMMIT") or commit}
 
 
 def configs_for(name: str, fmt: str):
