@@ -13,6 +13,10 @@ softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head.
   (where x_proj is a GEMV weight and dt_proj is fusable: conv_fold_supported).
 dt_proj is fused into the SSM kernel when it is a dense Linear or a QuantLinear whose bias is added
 outside its forward (the model's: the scan adds it in fp32); the kernel dequantizes it (_dt_weight).
+Where a batch-1 GEMV is the packed int4 kernel (ops/triton_gemv_i4.py: int4 g128 in_proj, out_proj,
+lm_head at the tuned shapes), the kernel producing its input (the norm, the SSM step) also stores
+that input in the kernel's pair layout (_pairs_buffer), and in_proj takes the conv step as its
+epilogue (no conv-step launch).
 """
 
 from __future__ import annotations

@@ -48,6 +48,10 @@ the results are bit-identical. Offline sm_90 SASS per inner iteration (benchmark
 4 warps): int4 g128 bn16 bk1024 1008 -> 617 instructions, int8 bn16 bk512 367 -> 304.
 
 Row offsets into the weight are 64-bit (lm_head int4: 65024 x 2048 bytes; fp32 65024 x 4096 > 2^31).
+
+A program whose K slice is one block (split-K x_proj) loads its weight tile before the PDL wait
+(_first_tile). int4 tiles with GemvConfig.i4x2 run the packed-bf16 kernel of triton_gemv_i4.py
+instead (plain GEMV or conv epilogue; fused_gemv dispatches).
 """
 
 from __future__ import annotations

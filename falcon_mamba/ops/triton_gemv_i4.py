@@ -1,30 +1,36 @@
 """Batch-1 int4 GEMV with packed bf16 arithmetic: y (N,) = W (N, Kp) @ x (K,), W int4 group-wise.
 
 Legend: N output rows, K input width, Kp K padded to the group size G, BW = BK / 8 int32 words of
-8 codes per row per block, NG groups per block, CH words chained per bf16x2 accumulator.
+8 codes per row per block, NG groups per block, CH words chained per bf16x2 accumulator (1 or 4).
 
 Why: the fp32 int4 path (triton_gemv._gemv_kernel, FMT 4) spends ~4.8 SASS instructions per 4-bit
 code (mask, magic-number FADD, FFMA, offsets) and runs at ~1.7 TB/s of weight bytes on the H100,
 instruction bound. Here two codes share every instruction: per int32 word of 8 codes (the
 quant/formats.py layout: code 8w + j at bits 4j, so bits 0-3 and 16-19 of word >> 4j hold codes j
 and j + 4), one shift and one LOP3 make the bf16 pair (128 + c_j, 128 + c_{j+4}) (0x4300 | c is
-128 + c exactly in bf16), one packed subtract makes it (c - 8) exactly, and one packed FMA adds
-(c - 8) * x to a bf16x2 accumulator whose x pair (x[8w + j], x[8w + j + 4]) is built once per
-program block and shared by all its rows: ~2 instructions per code, 4 of them per word (inline PTX,
-sm_90: sub/fma .bf16x2). Each accumulator lane sums CH * 4 products in bf16 and then goes to fp32;
-per group the dot product is completed exactly as formats.py defines the weight,
-    sum_k (c_k - z) x_k s = s * (sum_k (c_k - 8) x_k + (8 - z) * sum_k x_k),
-with sum_k x_k per group computed in fp32 once per block.
+128 + c exactly in bf16), one packed subtract of (128 + z, 128 + z) makes (c - z) exactly, and one
+packed FMA adds (c - z) * x to a bf16x2 accumulator (inline PTX, sm_90: sub/fma .bf16x2). With
+CH = 4 one accumulator runs over the 4 consecutive words a thread holds (tl.inline_asm_elementwise
+with pack=4: its 4 elements are a row's consecutive words in the tiles this kernel is tuned and
+tested with; the cuda tests check every code position bit-exactly) and returns (lo, hi, 0, 0) in
+fp32; the caller scales by the group's scale and sums.
+
+The x pairs (x[8w + j], x[8w + j + 4]) come either from x itself (split and repacked in every block:
+layout changes through shared memory) or, faster, from the "pair layout" copy of x that the
+producer kernel stored (triton_decode._pair_index: the norm and SSM-step kernels can write it),
+read in the weight tile's own layout.
 
 Numerics: the products and the CH * 4-term lane sums round to bf16 (8 significant bits). On random
-7B-shaped data the GEMV's relative error against the fp32 dequantized product is ~0.3-0.45%
-(CH 2-4; the bf16 rounding of y alone is ~0.2%), far below int4's own quantization error (~10-20%
-relative logit error): tests/test_triton_gemv_i4.py bounds it. The interpreter (CPU tests) runs the
-same data flow with fp32 products and sums (ASM False): inline PTX cannot run there.
+7B-shaped data the GEMV's relative error against the exact dequantized product is 0.46% (CH 4) /
+0.25% (CH 1); the bf16 rounding of y alone is 0.17%; int4's own quantization error is ~20% on
+logits (benchmarks/results/h100-i4x2-sweep-*.json). tests/test_triton_gemv_i4.py bounds it. The
+interpreter (CPU tests) runs the same data flow with fp32 products and sums (ASM False): inline
+PTX cannot run there.
 
-Only the plain GEMV (no norm prologue, conv epilogue or split-K): in_proj and out_proj of the
-"triton_gemv" decode modes, and lm_head when called plain. triton_gemv.fused_gemv dispatches here for
-int4 weights when GemvConfig.i4x2 is set and x is bf16 (or the interpreter runs).
+The plain GEMV and the conv-step epilogue (in_proj of the "triton_gemv" decode mode); no norm
+prologue and no split-K. triton_gemv.fused_gemv dispatches here for int4 weights when
+GemvConfig.i4x2 is set, the tile fits and x is bf16 (or the interpreter runs). The first block's
+weights are loaded before the PDL wait.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def _word_asm(pack: int) -> str:
                 lines.append(f"shr.u32 t, ${w + e}, {4 * j};")
                 src = "t"
             lines += [f"lop3.b32 q, {src}, 0x000F000F, m, 0xEA;", f"sub.rn.bf16x2 q, q, ${zz + e};",
-                      f"fma.rn.bf16x2 a, q, ${xp + 4 * j * 0 + j * P + e}, a;"]
+                      f"fma.rn.bf16x2 a, q, ${xp + j * P + e}, a;"]
     if P == 1:
         lines += ["shl.b32 t, a, 16;", "and.b32 q, a, 0xFFFF0000;", "add.f32 $0, t, q;"]
     else:
@@ -66,17 +72,6 @@ _ASM1 = tl.constexpr(_word_asm(1))
 _ASM4 = tl.constexpr(_word_asm(4))
 _CONS1 = tl.constexpr("=r," + ",".join(["r"] * 6))
 _CONS4 = tl.constexpr(",".join(["=r"] * 4) + "," + ",".join(["r"] * 24))
-
-
-@triton.jit
-def _bf16_lo(v):
-    # the bf16 in the low half of int32 bits, as fp32
-    return (v << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _bf16_hi(v):
-    return (v & -65536).to(tl.float32, bitcast=True)  # -65536 = 0xFFFF0000
 
 
 @triton.jit
