@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from falcon_mamba.ops import triton_gemv_i4  # noqa: E402
-from falcon_mamba.ops.triton_gemv import GemvConfig, GemvWeight, fused_gemv  # noqa: E402
+from falcon_mamba.ops.triton_gemv import TUNED, GemvConfig, GemvWeight, fused_gemv  # noqa: E402
 from falcon_mamba.quant import formats  # noqa: E402
 from tests.helpers import assert_close, gemv_weight  # noqa: E402
 
@@ -181,3 +181,18 @@ def test_i4x2_conv_epilogue_matches_the_fp32_kernel(rng):
     for a, b, what in ((xz, xz2, "xz"), (xc, xc2, "xc"), (st, st2, "conv state")):
         torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=1e-5, msg=what)
     assert torch.equal(st[:-1], st2[:-1]), "conv state shift"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("key", [k for k, c in TUNED.items() if c.i4x2])
+def test_every_tuned_packed_tile_matches_the_exact_product(key):
+    """The tiles the decoder uses (triton_gemv.TUNED entries with i4x2), with and without the pair
+    layout: the pack=4 chains must group one row's consecutive words in their compiled layout."""
+    fmt, N, K, _ = key
+    gen = torch.Generator(device="cuda").manual_seed(N + 7)
+    gw, _ = gemv_weight((torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).to(torch.bfloat16), fmt)
+    x = torch.randn(K, device="cuda", generator=gen).to(torch.bfloat16)
+    ref = formats.dequantize(gw.w, gw.scales, gw.zeros, 4, gw.group, K, torch.float64) @ x.double()
+    for pairs in (None, x[_pair_order(K).cuda()].contiguous()):
+        y = fused_gemv(gw, x, out_dtype=torch.float32, config=TUNED[key], x_pairs=pairs)
+        assert _rel(y, ref) < 8e-3, (key, _rel(y, ref))
