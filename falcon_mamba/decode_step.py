@@ -208,7 +208,7 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         out = _proj(m.out_proj, y, gemv, pout)
     norm_f = model.backbone.norm_f
     if gemv and tokens_B.shape[0] == 1:
-        from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv, packed_int4
+        from falcon_mamba.ops.triton_gemv import packed_int4  # GemvWeight, fused_gemv: above
 
         lm = GemvWeight.from_module(model.lm_head)
         if lm is not None and packed_int4(lm, h.device):  # that kernel has no prologue: norm_f apart
