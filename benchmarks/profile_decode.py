@@ -54,7 +54,31 @@ def profile(model, layers: int) -> dict:
     rows = sorted(((n, t / STEPS, c / STEPS) for n, (t, c) in per.items()), key=lambda r: -r[1])
     return {"mode": slot.mode, "pdl": slot.pdl, "timings_ms": slot.timings, "step_ms": step_ms,
             "kernels": [{"name": n[:90], "us_per_step": t, "launches_per_step": c, "us_per_layer": t / layers}
-                        for n, t, c in rows]}
+                        for n, t, c in rows],
+            "critical_path": critical_path(prof, layers)}
+
+
+def critical_path(prof, layers: int) -> list[dict]:
+    """What each kernel adds to the step under PDL: kernels in start order, each one's end minus
+    the previous kernel's end (the step's time is the sum of these increments), with its own
+    duration and its start relative to the previous end (negative: launched early), averaged per
+    kernel name and given per layer."""
+    evs = sorted(((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                  if ev.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[0])
+    acc = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+    for (_, e0, _), (s1, e1, name) in zip(evs, evs[1:]):
+        if e1 - e0 > 200:  # the host gap between two graph replays, not a kernel boundary
+            continue
+        a = acc[name]
+        a[0] += e1 - e0
+        a[1] += e1 - s1
+        a[2] += s1 - e0
+        a[3] += 1
+    rows = [{"name": n[:90], "added_us_per_layer": a[0] / STEPS / layers, "launches_per_step": a[3] / STEPS,
+             "mean_added_us": a[0] / a[3], "mean_duration_us": a[1] / a[3],
+             "mean_start_vs_prev_end_us": a[2] / a[3]}
+            for n, a in acc.items()]
+    return sorted(rows, key=lambda r: -r["added_us_per_layer"])
 
 
 def main() -> int:
@@ -81,6 +105,11 @@ def main() -> int:
         print(f"   kernels sum {tot:.0f} us per step")
         for k in r["kernels"][:14]:
             print(f"   {k['us_per_layer']:7.2f} us/layer {k['launches_per_step']:6.1f} launches  {k['name']}")
+        print("   critical path (end minus the previous kernel's end):")
+        for k in r["critical_path"][:14]:
+            print(f"   {k['added_us_per_layer']:7.2f} us/layer added; per launch: added "
+                  f"{k['mean_added_us']:6.2f} duration {k['mean_duration_us']:6.2f} start-vs-prev-end "
+                  f"{k['mean_start_vs_prev_end_us']:6.2f}  {k['name']}")
         if model is not base:
             del model
             torch.cuda.empty_cache()
