@@ -58,7 +58,7 @@ case "$MODE" in
       --budget-s 90 --shapes in_proj,out_proj --formats int8 > "$OUT/bench.log" 2>&1 ;;
   i4x2)
     cuda_tests 150 tests/test_triton_gemv_i4.py
-    timeout $((585 - SECONDS)) python3 benchmarks/sweep_i4x2.py --out "$OUT/results" --budget-s 200 \
+    timeout $((585 - SECONDS)) python3 benchmarks/sweep_i4x2.py --out "$OUT/results" --budget-s 120 \
       > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
   quantcheck)

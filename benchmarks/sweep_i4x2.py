@@ -34,30 +34,17 @@ from falcon_mamba.ops import triton_gemv as G  # noqa: E402
 
 sd.SHAPES["lm_head_plain"] = (65024, 4096, "plain")
 SHAPES = ("in_proj", "out_proj", "lm_head_plain")
-# (bn, bk, warps, stages, chained words[, pipelined K-loop stages, block 0 before the PDL wait])
+# (bn, bk, warps, stages, chained words)
 TILES = {
-    "in_proj": [(8, 1024, 4, 4, 4), (8, 1024, 4, 1, 4, 2), (8, 1024, 4, 1, 4, 3), (8, 1024, 4, 1, 4, 4),
-                (8, 1024, 4, 1, 4, 3, True), (8, 512, 4, 1, 4, 3), (8, 512, 4, 1, 4, 4), (8, 512, 4, 1, 4, 6),
-                (16, 512, 4, 1, 4, 3), (4, 1024, 4, 1, 4, 3), (16, 1024, 4, 1, 4, 3), (8, 2048, 4, 1, 4, 2),
-                (4, 512, 4, 1, 4, 4), (8, 1024, 8, 1, 4, 3), (16, 256, 4, 1, 4, 4)],
-    "out_proj": [(4, 2048, 4, 4, 4), (4, 2048, 4, 1, 4, 2), (4, 2048, 4, 1, 4, 3), (4, 2048, 4, 1, 4, 4),
-                 (4, 2048, 4, 1, 4, 3, True), (4, 1024, 4, 1, 4, 3), (4, 1024, 4, 1, 4, 4),
-                 (8, 1024, 4, 1, 4, 3),
-                 (2, 2048, 4, 1, 4, 3), (8, 512, 4, 1, 4, 4), (4, 512, 4, 1, 4, 6), (2, 4096, 4, 1, 4, 2),
-                 (8, 1024, 4, 1, 4, 4), (4, 1024, 4, 1, 4, 6)],
-    "lm_head_plain": [(8, 1024, 4, 4, 4), (8, 1024, 4, 1, 4, 3), (8, 1024, 4, 1, 4, 4), (8, 512, 4, 1, 4, 4),
-                      (16, 512, 4, 1, 4, 3), (4, 1024, 4, 1, 4, 3)],
+    "in_proj": [(8, 1024, 4, 4, 4), (16, 1024, 4, 4, 4), (4, 1024, 4, 4, 4), (8, 2048, 4, 4, 4),
+                (8, 512, 4, 4, 4), (16, 512, 4, 4, 4), (8, 1024, 8, 4, 4), (8, 1024, 4, 3, 4),
+                (8, 1024, 4, 4, 1), (32, 512, 4, 4, 4), (4, 2048, 4, 4, 4), (16, 2048, 8, 4, 4)],
+    "out_proj": [(4, 2048, 4, 4, 4), (2, 2048, 4, 4, 4), (4, 1024, 4, 4, 4), (2, 4096, 4, 4, 4),
+                 (4, 4096, 8, 4, 4), (4, 2048, 8, 4, 4), (8, 2048, 4, 4, 4), (8, 1024, 4, 4, 4),
+                 (4, 2048, 4, 4, 1), (2, 1024, 4, 4, 4)],
+    "lm_head_plain": [(8, 1024, 4, 4, 4), (16, 1024, 4, 4, 4), (4, 1024, 4, 4, 4), (8, 2048, 4, 4, 4),
+                      (8, 512, 4, 4, 4)],
 }
-
-
-def tile_config(t: tuple):
-    """GemvConfig of one TILES entry."""
-    from falcon_mamba.ops.triton_gemv import GemvConfig
-
-    bn, bk, w, st, ch, *rest = t
-    return GemvConfig(bn=bn, bk=bk, warps=w, stages=st, i4x2=ch, pipe=rest[0] if rest else 0,
-                      pipe_pre=bool(rest[1]) if len(rest) > 1 else False)
-
 
 def pair_copy(x: torch.Tensor) -> torch.Tensor:
     """x in the pair layout (triton_decode._pair_index): slot 2 * (j * K/8 + w) + h = x[8w + j + 4h]."""
@@ -96,7 +83,7 @@ def errors(gen) -> dict:
 
 
 def sweep(gen, budget_s: float) -> dict:
-    from falcon_mamba.ops.triton_gemv import default_config, fused_gemv
+    from falcon_mamba.ops.triton_gemv import GemvConfig, default_config, fused_gemv
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     res = {}
@@ -107,7 +94,7 @@ def sweep(gen, budget_s: float) -> dict:
         q = [("fp32-int4 tuned", case, default_config(case.ws[0], torch.device("cuda"))),
              ("bf16 tuned", bcase, default_config(bcase.ws[0], torch.device("cuda")))]
         case.pairs = pair_copy(case.x)
-        tiles = [tile_config(t) for t in TILES[name]]
+        tiles = [GemvConfig(bn=bn, bk=bk, warps=w, stages=st, i4x2=ch) for bn, bk, w, st, ch in TILES[name]]
         q += [("i4x2+pairs", case, c) for c in tiles] + [("i4x2", case, c) for c in tiles[:3]]
         queues[name] = q
         res[name] = {"int4_bytes": case.bytes, "bf16_bytes": bcase.bytes, "runs": []}

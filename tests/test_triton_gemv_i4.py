@@ -29,10 +29,6 @@ CPU_CASES = [  # (N, K, group, act, config): masked rows, padded K, groups wider
     (64, 512, 128, torch.bfloat16, C(bn=8, bk=256, i4x2=4)),  # two groups per block
     (24, 256, 128, torch.float32, C(bn=8, bk=64, i4x2=1)),  # half a group per block
     (16, 192, 64, torch.bfloat16, C(bn=16, bk=64, i4x2=1)),
-    # the software-pipelined K loop (scales prefetched a block ahead; block 0 first or last)
-    (40, 256, 32, torch.float32, C(bn=16, bk=64, i4x2=4, pipe=3)),
-    (21, 100, 32, torch.bfloat16, C(bn=8, bk=32, i4x2=4, pipe=2, pipe_pre=True)),
-    (24, 512, 128, torch.float32, C(bn=8, bk=64, i4x2=1, pipe=4, pipe_pre=True)),
 ]
 
 
@@ -110,9 +106,7 @@ def test_i4x2_ptx_decodes_every_code_exactly():
 @pytest.mark.cuda
 @pytest.mark.parametrize("N,K", [(16384, 4096), (4096, 8192), (65024, 4096)])
 @pytest.mark.parametrize("cfg", [C(bn=16, bk=1024, i4x2=4), C(bn=32, bk=1024, warps=8, i4x2=4),
-                                 C(bn=8, bk=2048, i4x2=1), C(bn=4, bk=2048, i4x2=4),
-                                 C(bn=8, bk=512, i4x2=4, pipe=3),
-                                 C(bn=4, bk=1024, i4x2=4, pipe=4, pipe_pre=True)])
+                                 C(bn=8, bk=2048, i4x2=1), C(bn=4, bk=2048, i4x2=4)])
 def test_i4x2_ptx_7b_shapes(N, K, cfg):
     """The bf16x2 arithmetic's error stays a small fraction of a percent (the bf16 rounding of the
     exact result is ~0.2%) and the fp32 int4 kernel agrees with the exact product."""
@@ -159,9 +153,7 @@ def test_producers_write_the_pair_layout(rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("N,K,cfg", [(16384, 4096, C(bn=8, bk=1024, i4x2=4)),
                                      (4096, 8192, C(bn=4, bk=2048, i4x2=4)),
-                                     (65024, 4096, C(bn=16, bk=1024, warps=8, i4x2=1)),
-                                     (16384, 4096, C(bn=8, bk=512, i4x2=4, pipe=3)),
-                                     (4096, 8192, C(bn=4, bk=1024, i4x2=4, pipe=4, pipe_pre=True))])
+                                     (65024, 4096, C(bn=16, bk=1024, warps=8, i4x2=1))])
 def test_i4x2_reads_the_pair_layout_bit_for_bit(N, K, cfg):
     """Given x's pair-layout copy, the kernel skips building the pairs: the same bits out."""
     gen = torch.Generator(device="cuda").manual_seed(N)

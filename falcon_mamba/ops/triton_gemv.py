@@ -453,9 +453,7 @@ class GemvConfig:
     norm_bk: block of the prologue's sum-of-squares pass; xsplit (int4, int8 words): read the tile's
     input once as a contiguous block and split it by code position, instead of one strided gather
     per position (dense weights ignore it); i4x2 (int4, plain GEMV): the packed-bf16 kernel of
-    triton_gemv_i4.py with this many words chained per accumulator (1, 2 or 4; 0 = off); pipe (that
-    kernel): its K loop software-pipelined this many stages deep (0 = not; words and x through
-    shared memory by asynchronous copies), pipe_pre: block 0's weights loaded before the PDL wait."""
+    triton_gemv_i4.py with this many words chained per accumulator (1, 2 or 4; 0 = off)."""
 
     bn: int = 8
     bk: int = 512
@@ -466,8 +464,6 @@ class GemvConfig:
     norm_bk: int = 1024
     xsplit: bool = False
     i4x2: int = 0
-    pipe: int = 0
-    pipe_pre: bool = False
 
 
 # (format, N, K, prologue) -> config: the fastest of benchmarks/sweep_decode.py on the H100

@@ -75,70 +75,49 @@ _CONS4 = tl.constexpr(",".join(["=r"] * 4) + "," + ",".join(["r"] * 24))
 
 
 @triton.jit
-def _words(w_ptr, row, mn, k0, BK: tl.constexpr, EVEN_N: tl.constexpr):
-    # (BN, BK / 8) int32 words of one block
-    wf = k0 // 8 + tl.arange(0, BK // 8)
-    if EVEN_N:
-        return tl.load(w_ptr + row[:, None] + wf[None, :])
-    return tl.load(w_ptr + row[:, None] + wf[None, :], mask=mn[:, None], other=0)
-
-
-@triton.jit
-def _stile(s_ptr, z_ptr, n, mn, s_sn, k0, KL: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
-           BK: tl.constexpr, ASM: tl.constexpr):
-    # One block's scales (fp32) and zero points ((128 + z) as a bf16x2 for the PTX (ASM), else z as
-    # fp32), built per (row, group) and repeated over the group's words: (BN, BK / 8) each. A block
-    # at k0 >= KL (the prefetch past the last one) reads nothing and gives zeros.
+def _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP: tl.constexpr, BN: tl.constexpr,
+           BK: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr):
+    # One block's weight data (reads nothing another kernel writes, so it may run before the PDL
+    # wait): the (BN, BW) words, each word's scale (fp32) and zero point, (128 + z) as a bf16x2
+    # for the PTX (ASM), else z as fp32. Scale and zero point are built per (row, group), then
+    # repeated over the group's words.
     BW: tl.constexpr = BK // 8
     GW: tl.constexpr = BK if BK < GROUP else GROUP  # codes per scale within one block
     NG: tl.constexpr = BK // GW
     WPG: tl.constexpr = GW // 8  # words per group within a block
+    wf = k0 // 8 + tl.arange(0, BW)
+    if EVEN_N:
+        wd = tl.load(w_ptr + row[:, None] + wf[None, :])
+    else:
+        wd = tl.load(w_ptr + row[:, None] + wf[None, :], mask=mn[:, None], other=0)
     g = k0 // GROUP + tl.arange(0, NG)
     sg = n.to(tl.int64)[:, None] * s_sn + g[None, :]
-    m = mn[:, None] & (k0 < KL)
-    sc = tl.load(s_ptr + sg, mask=m, other=0.0).to(tl.float32)
-    zp = tl.load(z_ptr + sg, mask=m, other=0).to(tl.int32)
+    sc = tl.load(s_ptr + sg, mask=mn[:, None], other=0.0).to(tl.float32)
+    zp = tl.load(z_ptr + sg, mask=mn[:, None], other=0).to(tl.int32)
     if ASM:
         zp = (zp | 0x4300) * 0x10001  # bf16x2 (128 + z, 128 + z)
     else:
         zp = zp.to(tl.float32)
     sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NG, WPG)), (BN, BW))
     zp = tl.reshape(tl.broadcast_to(zp[:, :, None], (BN, NG, WPG)), (BN, BW))
-    return sc, zp
-
-
-@triton.jit
-def _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, KL: tl.constexpr, GROUP: tl.constexpr,
-           BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr):
-    # One block's weight data (reads nothing another kernel writes, so it may run before the PDL
-    # wait): the (BN, BW) words and each word's scale and zero point (_stile)
-    wd = _words(w_ptr, row, mn, k0, BK, EVEN_N)
-    sc, zp = _stile(s_ptr, z_ptr, n, mn, s_sn, k0, KL, GROUP, BN, BK, ASM)
     return wd, sc, zp
 
 
 @triton.jit
 def _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K: tl.constexpr, KL: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, CH: tl.constexpr, MASK_X: tl.constexpr, ASM: tl.constexpr,
-               PAIRS: tl.constexpr, X1D: tl.constexpr = False):
+               PAIRS: tl.constexpr):
     # (BN, BW) fp32: each word's scaled dot product with x (packs of 4 words: the pack's sum in the
     # first two slots, zeros after; the caller sums them all)
     BW: tl.constexpr = BK // 8
     if ASM and PAIRS:
         # the producer wrote x as pair planes (4, KL / 8) int32: loaded in the weight tile's shape
         # (same addresses on every row: a layout the compiler shares with the weight tile)
-        if X1D:
-            xo = k0 // 8 + tl.arange(0, BW)
-            x0 = tl.load(xp_ptr + xo)[None, :]
-            x1 = tl.load(xp_ptr + KL // 8 + xo)[None, :]
-            x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)[None, :]
-            x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)[None, :]
-        else:
-            xo = k0 // 8 + tl.arange(0, BW)[None, :] + 0 * n[:, None]
-            x0 = tl.load(xp_ptr + xo)
-            x1 = tl.load(xp_ptr + KL // 8 + xo)
-            x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)
-            x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)
+        xo = k0 // 8 + tl.arange(0, BW)[None, :] + 0 * n[:, None]
+        x0 = tl.load(xp_ptr + xo)
+        x1 = tl.load(xp_ptr + KL // 8 + xo)
+        x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)
+        x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)
     else:
         kx = k0 + 8 * tl.arange(0, BW)[:, None] + tl.arange(0, 8)[None, :]  # (BW, 8): k = 8w + i
         if MASK_X:
@@ -176,7 +155,6 @@ def _gemv_i4x2_kernel(
     ASM: tl.constexpr, PDL: tl.constexpr, xp_ptr=None, PAIRS: tl.constexpr = False,
     cst_ptr=None, cw_ptr=None, cb_ptr=None, xc_ptr=None, D=0, s_ck=0, s_cw=0,
     CONV: tl.constexpr = False, CK: tl.constexpr = 2, HAS_CB: tl.constexpr = False,
-    PIPE: tl.constexpr = 0, X1D: tl.constexpr = False, PRE0: tl.constexpr = True,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
@@ -185,31 +163,12 @@ def _gemv_i4x2_kernel(
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     mn = n < N
     row = n.to(tl.int64) * s_wn
-    if PIPE == 0:
-        wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, KL, GROUP, BN, BK, EVEN_N, ASM)
-        dep_sync(PDL)
-        acc = _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS, X1D)
-        for k0 in range(BK, KL, BK):
-            wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, KL, GROUP, BN, BK, EVEN_N, ASM)
-            acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS, X1D)
-    else:
-        # The K loop software-pipelined by the compiler (tl.range num_stages: the words and x pairs
-        # of PIPE - 1 blocks ahead are copied to shared memory asynchronously); the scales, too
-        # narrow for those copies, are prefetched one block ahead in registers. PRE0: block 0's
-        # weights are loaded before the PDL wait and its products taken after the loop.
-        k1: tl.constexpr = BK if PRE0 else 0
-        if PRE0:
-            wd0, sc0, zp0 = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, KL, GROUP, BN, BK, EVEN_N, ASM)
-        sc, zp = _stile(s_ptr, z_ptr, n, mn, s_sn, k1, KL, GROUP, BN, BK, ASM)
-        dep_sync(PDL)
-        acc = tl.zeros((BN, BK // 8), tl.float32)
-        for k0 in tl.range(k1, KL, BK, num_stages=PIPE):
-            wd = _words(w_ptr, row, mn, k0, BK, EVEN_N)
-            sc_n, zp_n = _stile(s_ptr, z_ptr, n, mn, s_sn, k0 + BK, KL, GROUP, BN, BK, ASM)
-            acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS, X1D)
-            sc, zp = sc_n, zp_n
-        if PRE0:
-            acc += _block_dot(wd0, sc0, zp0, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS, X1D)
+    wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, GROUP, BN, BK, EVEN_N, ASM)
+    dep_sync(PDL)
+    acc = _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
+    for k0 in range(BK, KL, BK):
+        wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP, BN, BK, EVEN_N, ASM)
+        acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
     # y, then (CONV) the conv step on rows < D (in_proj's x half), as the fp32 kernel's epilogue
     _finish(tl.sum(acc, axis=1), n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
             CONV, CK, HAS_CB)
@@ -248,7 +207,6 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
         xp_ptr=x_pairs.view(torch.int32) if pairs else None, PAIRS=pairs,
         **(dict(zip(("cst_ptr", "cw_ptr", "cb_ptr", "xc_ptr", "D", "s_ck", "s_cw"), conv[0]), CONV=True,
                     CK=conv[1], HAS_CB=conv[2]) if conv is not None else {}),
-        PIPE=cfg.pipe, X1D=cfg.pipe > 0, PRE0=cfg.pipe_pre,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     return y
