@@ -22,7 +22,7 @@ import weakref
 import torch
 
 from falcon_mamba.decode_chain import chain_step, chain_supported
-from falcon_mamba.decode_step import conv_fold_supported, fast_step, fused_supported
+from falcon_mamba.decode_step import conv_fold_supported, fast_step, fused_supported, xproj_merge_supported
 from falcon_mamba.state import State
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -36,6 +36,8 @@ _FORCED = {
     "triton": ("triton_gemv", None, ""),
     "triton_cx": ("triton_gemv_cx", conv_fold_supported, "GEMV-able x_proj and a fusable dt_proj (dense, or "
                   "quantized with its bias outside the forward)"),
+    "triton_xp": ("triton_gemv_xp", xproj_merge_supported, "int4 in_proj and x_proj on the packed int4 "
+                  "kernel (a CUDA GPU)"),
     "fused": ("fused", fused_supported, "bias-free Linear or QuantLinear projections"),
     "chain": ("chain", chain_supported, "GEMV-able projections and a fusable dt_proj"),
 }
@@ -91,6 +93,7 @@ class _Slot:
             if rows == 1 and choice == "auto":
                 modes = (["cublas", "triton_gemv"]
                          + (["triton_gemv_cx"] if conv_fold_supported(model) else [])
+                         + (["triton_gemv_xp"] if xproj_merge_supported(model) else [])
                          + (["fused"] if fused_supported(model) else [])
                          + (["chain"] if chain_supported(model) else []))
             from falcon_mamba.ops import pdl
@@ -114,8 +117,9 @@ class _Slot:
                 self.logits = chain_step(self.model, self.tokens, self.conv, self.ssm)
             else:
                 self.logits = fast_step(self.model, self.tokens, self.conv, self.ssm,
-                                        self.mode in ("triton_gemv", "triton_gemv_cx"), self.mode == "fused",
-                                        conv_fold=self.mode == "triton_gemv_cx")
+                                        self.mode in ("triton_gemv", "triton_gemv_cx", "triton_gemv_xp"),
+                                        self.mode == "fused", conv_fold=self.mode == "triton_gemv_cx",
+                                        xproj_merge=self.mode == "triton_gemv_xp")
         self.tokens.copy_(self.logits.argmax(-1))
 
     def _capture(self, pool=None):

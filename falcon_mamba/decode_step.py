@@ -118,6 +118,24 @@ def conv_fold_supported(model) -> bool:
                for b in model.backbone.layers)
 
 
+def xproj_merge_supported(model) -> bool:
+    """True where the batch-1 GEMV step can run every x_proj inside its layer's in_proj launch
+    (triton_gemv_i4.gemv_i4x2's xproj): CUDA, every in_proj on the packed int4 kernel and every
+    x_proj an int4 weight that fits it."""
+    if model.device.type != "cuda":
+        return False
+    from falcon_mamba.ops import triton_gemv_i4
+    from falcon_mamba.ops.triton_gemv import GemvWeight, default_config, packed_int4
+
+    for b in model.backbone.layers:
+        w, xw = GemvWeight.from_module(b.mixer.in_proj), GemvWeight.from_module(b.mixer.x_proj)
+        if w is None or not packed_int4(w, model.device):
+            return False
+        if not triton_gemv_i4.xproj_fits(w, default_config(w, model.device), xw):
+            return False
+    return True
+
+
 def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int, pairs=None) -> torch.Tensor:
     """Batch 1: x_proj with the conv step as its GEMV input, then the fused SSM step that redoes the
     conv for its channels and shifts conv_i (1, K-1, D) in place. xz (1, 2D) -> gated y (1, D);
@@ -164,14 +182,17 @@ def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Te
 
 @torch.no_grad()
 def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-              gemv: bool = False, fused: bool = False, conv_fold: bool = False) -> torch.Tensor:
+              gemv: bool = False, fused: bool = False, conv_fold: bool = False,
+              xproj_merge: bool = False) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
     The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
     SSM kernel when it is a dense Linear or a QuantLinear (_dt_weight). gemv: batch-1 in_proj,
     out_proj and lm_head by the Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step
     (the decoder times the three and keeps the fastest). conv_fold: batch 1 with gemv, the conv step
-    folded into x_proj and the SSM kernel (_conv_folded; the caller checks conv_fold_supported)."""
+    folded into x_proj and the SSM kernel (_conv_folded; the caller checks conv_fold_supported).
+    xproj_merge: batch 1 with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
+    xproj_merge_supported)."""
     if fused and tokens_B.shape[0] == 1:
         return _fused_step(model, tokens_B, conv, ssm)
     ops = _ops()
@@ -191,10 +212,14 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
                              h_out=hbuf, pairs_out=pin)
         h = hbuf
+        xdbl = None
         if pin is not None and not fold:  # packed int4 in_proj: the conv step as its epilogue
-            xz, xc = fused_gemv(GemvWeight.from_module(m.in_proj), u.reshape(-1), x_pairs=pin,
-                                conv=(conv[i][0], m.conv1d.weight[:, 0], m.conv1d.bias))
-            xz, xc = xz[None], xc[None]
+            xw = GemvWeight.from_module(m.x_proj) if xproj_merge else None
+            r = fused_gemv(GemvWeight.from_module(m.in_proj), u.reshape(-1), x_pairs=pin,
+                           conv=(conv[i][0], m.conv1d.weight[:, 0], m.conv1d.bias), xproj=xw)
+            xz, xc = r[0][None], r[1][None]
+            if xw is not None:  # and x_proj as more programs of that launch
+                xdbl = r[2][None]
         else:
             xz = _proj(m.in_proj, u, gemv, pin)
         pout = _pairs_buffer(m.out_proj, xz.shape[0], xz.dtype, xz.device, gemv)
@@ -203,7 +228,8 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
         else:
             if pin is None:
                 xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
-            xdbl = _proj(m.x_proj, xc, gemv)
+            if xdbl is None:
+                xdbl = _proj(m.x_proj, xc, gemv)
             y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout)
         out = _proj(m.out_proj, y, gemv, pout)
     norm_f = model.backbone.norm_f

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from falcon_mamba import FalconMamba, get_preset  # noqa: E402
 from falcon_mamba.decode_graph import GraphDecoder, maybe_graphed_step  # noqa: E402
-from falcon_mamba.decode_step import fast_step  # noqa: E402
+from falcon_mamba.decode_step import fast_step, xproj_merge_supported  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 
@@ -121,6 +121,19 @@ def test_decoder_conv_folded_mode_without_graphs(rng, monkeypatch):
         GraphDecoder(model, use_graph=False).slot(1)
 
 
+def test_decoder_refuses_xproj_merge_where_it_cannot_run(rng, monkeypatch):
+    """FALCON_MAMBA_GEMV=triton_xp needs int4 in_proj/x_proj on the packed int4 kernel (a CUDA GPU):
+    elsewhere a UserError that names the choice, not a traceback."""
+    from falcon_mamba.errors import UserError
+    from falcon_mamba.quant import quantize_model
+
+    monkeypatch.setenv("FALCON_MAMBA_GEMV", "triton_xp")
+    model = quantize_model(_model("tiny"), bits=4, group_size=32)
+    assert not xproj_merge_supported(model)
+    with pytest.raises(UserError, match="triton_xp"):
+        GraphDecoder(model, use_graph=False).slot(1)
+
+
 def test_hook_declines_on_cpu(rng):
     model = _model("tiny")
     state = _prefilled(model, 1, rng)
@@ -171,6 +184,8 @@ def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
         dec = GraphDecoder(model)
         slot = dec.slot(1)
         every = {"cublas", "triton_gemv", "triton_gemv_cx", "fused", "chain"}
+        if xproj_merge_supported(model):
+            every.add("triton_gemv_xp")
         modes = every if choice == "auto" else {choice}
         from falcon_mamba.ops import pdl
 

@@ -334,13 +334,15 @@ def default_config_for(fmt):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("quant", [None, (8, None), (4, 128)])
-@pytest.mark.parametrize("forced,mode", [("triton_cx", "triton_gemv_cx"), ("triton", "triton_gemv")])
+@pytest.mark.parametrize("quant,forced,mode", [
+    *[(q, f, m) for q in (None, (8, None), (4, 128))
+      for f, m in (("triton_cx", "triton_gemv_cx"), ("triton", "triton_gemv"))],
+    ((4, 128), "triton_xp", "triton_gemv_xp")])
 def test_gemv_modes_step_7b_widths_cuda(quant, forced, mode, rng, monkeypatch):
     """The GEMV decode modes at the 7B's hidden/inner widths (2 layers, small vocab, bf16), graphed,
     against model.step over several steps: with int4 g128 the packed kernel runs in_proj (with the
-    conv step as its epilogue in triton_gemv mode) and out_proj, reading the pair layout written
-    by the norm and SSM kernels."""
+    conv step as its epilogue in triton_gemv mode; and x_proj as more programs of that launch in
+    triton_gemv_xp mode) and out_proj, reading the pair layout written by the norm and SSM kernels."""
     from falcon_mamba.config import ModelConfig
     from falcon_mamba.decode_graph import GraphDecoder
 

@@ -183,6 +183,66 @@ def test_i4x2_conv_epilogue_matches_the_fp32_kernel(rng):
     assert torch.equal(st[:-1], st2[:-1]), "conv state shift"
 
 
+@pytest.mark.parametrize("D,XN,xgroup,cfg", [(32, 40, 32, C(bn=8, bk=64, i4x2=4)),
+                                              (64, 48, 64, C(bn=16, bk=32, i4x2=1))])
+def test_merged_x_proj_matches_its_own_launch(D, XN, xgroup, cfg, rng):
+    """x_proj as extra programs of the packed in_proj launch (they wait for the x half's xc, split
+    K, sum the partials in order): the same xz, xc and conv state as without it, and xdbl as the
+    fp32 int4 kernel computes x_proj of that xc; the counters are left at zero (a second launch
+    gives the same result)."""
+    H, CK = 64, 4
+    gw, _ = gemv_weight(torch.randn(2 * D, H, generator=rng) * H ** -0.5, "int4g32")
+    xw, _ = gemv_weight(torch.randn(XN, D, generator=rng) * D ** -0.5, f"int4g{xgroup}")
+    gw, xw = (GemvWeight(**{**g.__dict__, "w": g.w.to(DEV), "scales": g.scales.to(DEV),
+                            "zeros": g.zeros.to(DEV)}) for g in (gw, xw))
+    assert triton_gemv_i4.xproj_fits(gw, cfg, xw)
+    u = torch.randn(H, generator=rng).to(DEV, torch.bfloat16)
+    st = torch.randn(CK - 1, D, generator=rng).to(DEV, torch.bfloat16)
+    cw, cb = (torch.randn(D, CK, generator=rng).to(DEV, torch.bfloat16),
+              torch.randn(D, generator=rng).to(DEV, torch.bfloat16))
+    st0, st2 = st.clone(), st.clone()
+    xz, xc, xdbl = fused_gemv(gw, u, conv=(st, cw, cb), config=cfg, xproj=xw)
+    xz2, xc2 = fused_gemv(gw, u, conv=(st2, cw, cb), config=cfg)
+    assert torch.equal(xz, xz2) and torch.equal(xc, xc2) and torch.equal(st, st2)
+    ref = fused_gemv(xw, xc2, out_dtype=torch.float32)
+    assert xdbl.dtype == xc.dtype and xdbl.shape == (XN,)
+    torch.testing.assert_close(xdbl.float(), ref, rtol=8e-3, atol=1e-5)
+    _, _, again = fused_gemv(gw, u, conv=(st0, cw, cb), config=cfg, xproj=xw)
+    assert torch.equal(again, xdbl)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("use_pdl", [False, True])
+def test_merged_x_proj_7b_shapes_cuda(use_pdl):
+    """The 7B's in_proj (16384 x 4096, its tuned packed tile) with x_proj (288 x 8192) as extra
+    programs: xz and xc bit-equal to the launch without them, xdbl as the fp32 int4 kernel's x_proj
+    of that xc, and five launches in a row (with PDL: each waits for the previous) agree: the
+    counters the x_proj programs wait on are left at zero."""
+    from falcon_mamba.ops import pdl
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    gw, _ = gemv_weight((rnd(16384, 4096) * 4096 ** -0.5).to(torch.bfloat16), "int4g128")
+    xw, _ = gemv_weight((rnd(288, 8192) * 8192 ** -0.5).to(torch.bfloat16), "int4g128")
+    cfg = TUNED[("int4g128", 16384, 4096, False)]
+    assert triton_gemv_i4.xproj_fits(gw, cfg, xw)
+    u = rnd(4096).to(torch.bfloat16)
+    st0 = rnd(3, 8192).to(torch.bfloat16)
+    cw, cb = rnd(8192, 4).to(torch.bfloat16), rnd(8192).to(torch.bfloat16)
+    st = st0.clone()
+    xz0, xc0 = fused_gemv(gw, u, conv=(st, cw, cb), config=cfg)
+    ref = fused_gemv(xw, xc0, out_dtype=torch.float32)
+    outs = []
+    with pdl.enabled(use_pdl):
+        for _ in range(5):
+            st = st0.clone()
+            outs.append(fused_gemv(gw, u, conv=(st, cw, cb), config=cfg, xproj=xw))
+    for xz, xc, xdbl in outs:
+        assert torch.equal(xz, xz0) and torch.equal(xc, xc0)
+        assert torch.equal(xdbl, outs[0][2])
+    assert _rel(outs[0][2].float(), ref) < 5e-3, _rel(outs[0][2].float(), ref)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("key", [k for k, c in TUNED.items() if c.i4x2])
 def test_every_tuned_packed_tile_matches_the_exact_product(key):

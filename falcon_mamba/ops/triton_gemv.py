@@ -604,7 +604,7 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
                conv: tuple | None = None, out_dtype: torch.dtype | None = None, round_to=None,
                conv_in: tuple | None = None, rstd: torch.Tensor | None = None,
                norm_out: tuple | None = None, config: GemvConfig | None = None,
-               x_pairs: torch.Tensor | None = None):
+               x_pairs: torch.Tensor | None = None, xproj: GemvWeight | None = None):
     """y (N,) = W @ input, input (K,) = x, or with norm_weight set (the prologue)
     rms_rows(x, norm_weight, eps, residual=residual, x_out=h_out, round_in, round_y) computed in the
     kernel, rounded to norm_weight's dtype. x, residual: one row (K,) or (1, K); h_out (fp32, K
@@ -629,6 +629,10 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
 
     x_pairs: x again in the pair layout of triton_decode._pair_index (the producer kernel's
     pairs_out), read by the packed int4 kernel (triton_gemv_i4.py) when that kernel runs; else unused.
+
+    xproj (with conv): x_proj's weight (XN, D); returns (y, xc, xdbl (XN,) in xc's dtype) with
+    xdbl = x_proj(xc): by extra programs of the packed int4 launch where it runs and the weight
+    fits (triton_gemv_i4.xproj_fits), else by a second GEMV launch.
     """
     x = x.reshape(-1)
     K, N = weight.K, weight.N
@@ -674,8 +678,15 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
 
         if triton_gemv_i4.fits(weight, cfg):  # the packed-bf16 int4 kernel (plain, or + conv epilogue)
             rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
+            xp = None
+            if xproj is not None and conv is not None and triton_gemv_i4.xproj_fits(weight, cfg, xproj):
+                xp = (xproj, torch.empty(xproj.N, dtype=u_dtype, device=dev))
             triton_gemv_i4.gemv_i4x2(weight, x, y, rnd, cfg, x_pairs,
-                                     conv=(cargs, CK, has_cb) if conv is not None else None)
+                                     conv=(cargs, CK, has_cb) if conv is not None else None, xproj=xp)
+            if xp is not None:
+                return y, xc, xp[1]
+            if xproj is not None and conv is not None:
+                return y, xc, fused_gemv(xproj, xc)
             return (y, xc) if conv is not None else y
     bits = weight.bits
     KL = weight.w.shape[1] * 2 if bits == 4 else K
@@ -730,4 +741,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
                                               **pdl.launch_kwargs(dev))
     if norm_out is not None:
         return y, nargs[0]
+    if xproj is not None and conv is not None:
+        return y, xc, fused_gemv(xproj, xc)
     return (y, xc) if conv is not None else y

@@ -106,7 +106,7 @@ def _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP: tl.constexpr, BN: t
 @triton.jit
 def _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K: tl.constexpr, KL: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, CH: tl.constexpr, MASK_X: tl.constexpr, ASM: tl.constexpr,
-               PAIRS: tl.constexpr):
+               PAIRS: tl.constexpr, XCG: tl.constexpr = False):
     # (BN, BW) fp32: each word's scaled dot product with x (packs of 4 words: the pack's sum in the
     # first two slots, zeros after; the caller sums them all)
     BW: tl.constexpr = BK // 8
@@ -122,6 +122,8 @@ def _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K: tl.constexpr, KL: tl.constex
         kx = k0 + 8 * tl.arange(0, BW)[:, None] + tl.arange(0, 8)[None, :]  # (BW, 8): k = 8w + i
         if MASK_X:
             xv = tl.load(x_ptr + kx, mask=kx < K, other=0.0)
+        elif XCG:  # x written by other programs of this same launch: read it from L2, not L1
+            xv = tl.load(x_ptr + kx, cache_modifier=".cg")
         else:
             xv = tl.load(x_ptr + kx)
         if ASM:
@@ -155,23 +157,75 @@ def _gemv_i4x2_kernel(
     ASM: tl.constexpr, PDL: tl.constexpr, xp_ptr=None, PAIRS: tl.constexpr = False,
     cst_ptr=None, cw_ptr=None, cb_ptr=None, xc_ptr=None, D=0, s_ck=0, s_cw=0,
     CONV: tl.constexpr = False, CK: tl.constexpr = 2, HAS_CB: tl.constexpr = False,
+    xw_ptr=None, xs_ptr=None, xz_ptr=None, xs_wn=0, xs_sn=0, xpart_ptr=None, xcnt_ptr=None, xy_ptr=None,
+    XP: tl.constexpr = False, XN: tl.constexpr = 1, XK: tl.constexpr = 8, XGROUP: tl.constexpr = 32,
+    XBN: tl.constexpr = 16, XBK: tl.constexpr = 1024, NGEMV: tl.constexpr = 1, NXH: tl.constexpr = 1,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
     # The first block's weights are loaded before the PDL wait: a program launched early (while
     # the previous kernel finishes) has them in registers when x becomes readable.
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    mn = n < N
-    row = n.to(tl.int64) * s_wn
-    wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, GROUP, BN, BK, EVEN_N, ASM)
+    pid = tl.program_id(0)
+    if XP and pid >= NGEMV:  # the x_proj programs, dispatched after every GEMV program
+        _xproj_program(pid - NGEMV, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr,
+                       xy_ptr, XN, XK, XGROUP, XBN, XBK, NXH, PDL)
+    else:
+        n = pid * BN + tl.arange(0, BN)
+        mn = n < N
+        row = n.to(tl.int64) * s_wn
+        wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, GROUP, BN, BK, EVEN_N, ASM)
+        dep_sync(PDL)
+        acc = _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
+        for k0 in range(BK, KL, BK):
+            wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP, BN, BK, EVEN_N, ASM)
+            acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
+        # y, then (CONV) the conv step on rows < D (in_proj's x half), as the fp32 kernel's epilogue
+        _finish(tl.sum(acc, axis=1), n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
+                CONV, CK, HAS_CB)
+        if XP:
+            if pid < NXH:  # this program's xc is stored: count it for the x_proj programs
+                tl.debug_barrier()
+                tl.atomic_add(xcnt_ptr + (XN + XBN - 1) // XBN, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _xproj_program(q, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr, xy_ptr,
+                   XN: tl.constexpr, XK: tl.constexpr, XGROUP: tl.constexpr, XBN: tl.constexpr,
+                   XBK: tl.constexpr, NXH: tl.constexpr, PDL: tl.constexpr):
+    # x_proj program q: rows rb * XBN.., K block s of xdbl (XN,) = W_x (XN, XK) @ xc (XK,), W_x int4.
+    # It loads its weight block, waits until the NXH in_proj programs of the x half have stored xc
+    # (a counter they release-increment; these programs come last in the grid, so the ones they
+    # wait for were dispatched before them), takes its block's products in fp32 (the interpreter's
+    # data flow, as the fp32 int4 kernel computes: x_proj feeds dt, B and C), stores the partial
+    # sum, and the last program of a row block (ticket) adds the XK / XBK partials in order and
+    # stores the rows. The last x_proj program resets the counters: every launch leaves them zero.
+    SPL: tl.constexpr = XK // XBK
+    NRB: tl.constexpr = (XN + XBN - 1) // XBN
+    rb = q // SPL
+    s = q % SPL
+    n = rb * XBN + tl.arange(0, XBN)
+    mn = n < XN
+    wd, sc, zp = _wtile(xw_ptr, xs_ptr, xz_ptr, n.to(tl.int64) * xs_wn, n, mn, xs_sn, s * XBK, XGROUP, XBN,
+                        XBK, False, False)
     dep_sync(PDL)
-    acc = _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
-    for k0 in range(BK, KL, BK):
-        wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP, BN, BK, EVEN_N, ASM)
-        acc += _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
-    # y, then (CONV) the conv step on rows < D (in_proj's x half), as the fp32 kernel's epilogue
-    _finish(tl.sum(acc, axis=1), n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
-            CONV, CK, HAS_CB)
+    c = tl.atomic_add(xcnt_ptr + NRB, 0, sem="acquire", scope="gpu")
+    while c < NXH:
+        c = tl.atomic_add(xcnt_ptr + NRB, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    acc = _block_dot(wd, sc, zp, xc_ptr, xc_ptr, n, s * XBK, XK, XK, XBN, XBK, 1, False, False, False, True)
+    tl.store(xpart_ptr + s * XN + n, tl.sum(acc, axis=1), mask=mn)
+    tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+    ticket = tl.atomic_add(xcnt_ptr + rb, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPL - 1:
+        tot = tl.zeros((XBN,), tl.float32)
+        for t in tl.static_range(SPL):
+            tot += tl.load(xpart_ptr + t * XN + n, mask=mn, other=0.0, cache_modifier=".cg")
+        tl.store(xy_ptr + n, tot.to(xy_ptr.dtype.element_ty), mask=mn)
+        tl.atomic_xchg(xcnt_ptr + rb, 0)
+    done = tl.atomic_add(xcnt_ptr + NRB + 1, 1, sem="acq_rel", scope="gpu")
+    if done == NRB * SPL - 1:
+        tl.atomic_xchg(xcnt_ptr + NRB, 0)
+        tl.atomic_xchg(xcnt_ptr + NRB + 1, 0)
 
 
 def fits(weight, cfg) -> bool:
@@ -183,15 +237,37 @@ def fits(weight, cfg) -> bool:
             and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0) and (gw // 8) % cfg.i4x2 == 0)
 
 
+XP_BN = 16  # x_proj rows per program of the merged launch
+XP_BK = 1024  # and its K block (one per program: split-K over XK / XP_BK programs per row block)
+
+
+def xproj_fits(weight, cfg, xweight) -> bool:
+    """Whether the x_proj weight can run as extra programs of this in_proj launch (gemv_i4x2's
+    xproj): int4 with whole unpadded blocks over in_proj's x half (xweight.K = D = N / 2) and
+    whole in_proj row blocks in that half."""
+    if xweight is None or xweight.bits != 4 or weight.N % 2:
+        return False
+    D = weight.N // 2
+    bk = min(XP_BK, D)
+    return (xweight.K == D and xweight.w.shape[1] * 2 == D and D % cfg.bn == 0 and bk & (bk - 1) == 0
+            and D % bk == 0 and bk >= 8 and (bk % xweight.group == 0 or xweight.group % bk == 0))
+
+
 def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
-              x_pairs: torch.Tensor | None = None, conv: tuple | None = None) -> torch.Tensor:
+              x_pairs: torch.Tensor | None = None, conv: tuple | None = None,
+              xproj: tuple | None = None) -> torch.Tensor:
     """y (N,) = dequant(W) @ x (K,) into the given y; x bf16 on a GPU (any float in the interpreter).
     x_pairs: x again in the pair layout (triton_decode._pair_index, written by the producer kernel):
     the kernel then reads the bf16 pairs as int32 planes instead of building them from x (which
     costs layout changes through shared memory in every block); used on a GPU where K == Kp.
     conv = (the conv-epilogue arguments of triton_gemv.fused_gemv (state, weight, bias, xc, D and
     strides), CK, has bias): the conv step on rows < D after the GEMV (xc written, state updated).
+    xproj = (x_proj's int4 GemvWeight (XN, D), xdbl (XN,) out), with conv: x_proj of the xc this
+    launch writes, by extra programs after the GEMV's (_xproj_program; ``xproj_fits``): they
+    start while the z half still streams, instead of a launch after this one.
     The caller (triton_gemv.fused_gemv) checked ``fits``."""
+    from falcon_mamba.ops.triton_gemv import _ticket_buffer
+
     w = weight.w.view(torch.int32)
     N, K, KL = weight.N, weight.K, weight.w.shape[1] * 2
     dev = x.device
@@ -200,13 +276,30 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
     pairs = asm and x_pairs is not None and KL == K
     if pairs:
         assert x_pairs.dtype == torch.bfloat16 and x_pairs.numel() == K and x_pairs.is_contiguous()
-    _gemv_i4x2_kernel[(triton.cdiv(N, cfg.bn),)](
+    ngemv = triton.cdiv(N, cfg.bn)
+    grid = ngemv
+    xargs = {}
+    if xproj is not None:
+        xw, xy = xproj
+        assert conv is not None and xproj_fits(weight, cfg, xw), "xproj: an int4 x_proj over the conv's xc"
+        D = N // 2
+        bk = min(XP_BK, D)
+        nrb = triton.cdiv(xw.N, XP_BN)
+        xwords = xw.w.view(torch.int32)
+        grid += nrb * (D // bk)
+        part = torch.empty(D // bk, xw.N, dtype=torch.float32, device=dev)
+        xargs = dict(xw_ptr=xwords, xs_ptr=xw.scales, xz_ptr=xw.zeros, xs_wn=xwords.stride(0),
+                     xs_sn=xw.scales.stride(0), xpart_ptr=part,
+                     xcnt_ptr=_ticket_buffer(dev, nrb + 2), xy_ptr=xy, XP=True, XN=xw.N, XK=D,
+                     XGROUP=xw.group, XBN=XP_BN, XBK=bk, NGEMV=ngemv, NXH=D // cfg.bn)
+    _gemv_i4x2_kernel[(grid,)](
         x, w, weight.scales, weight.zeros, w.stride(0), weight.scales.stride(0), y, N,
         K=K, KL=KL, GROUP=weight.group, BN=cfg.bn, BK=cfg.bk, CH=cfg.i4x2, EVEN_N=N % cfg.bn == 0,
         MASK_X=KL != K, ROUND_OUT=round_out, ASM=asm,
         xp_ptr=x_pairs.view(torch.int32) if pairs else None, PAIRS=pairs,
         **(dict(zip(("cst_ptr", "cw_ptr", "cb_ptr", "xc_ptr", "D", "s_ck", "s_cw"), conv[0]), CONV=True,
                     CK=conv[1], HAS_CB=conv[2]) if conv is not None else {}),
+        **xargs,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     return y
