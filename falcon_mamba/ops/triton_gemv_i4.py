@@ -159,17 +159,22 @@ def _gemv_i4x2_kernel(
     CONV: tl.constexpr = False, CK: tl.constexpr = 2, HAS_CB: tl.constexpr = False,
     xw_ptr=None, xs_ptr=None, xz_ptr=None, xs_wn=0, xs_sn=0, xpart_ptr=None, xcnt_ptr=None, xy_ptr=None,
     XP: tl.constexpr = False, XN: tl.constexpr = 1, XK: tl.constexpr = 8, XGROUP: tl.constexpr = 32,
-    XBN: tl.constexpr = 16, XBK: tl.constexpr = 1024, NGEMV: tl.constexpr = 1, NXH: tl.constexpr = 1,
+    XBN: tl.constexpr = 16, XBK: tl.constexpr = 1024, NXH: tl.constexpr = 1,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
     # The first block's weights are loaded before the PDL wait: a program launched early (while
     # the previous kernel finishes) has them in registers when x becomes readable.
     pid = tl.program_id(0)
-    if XP and pid >= NGEMV:  # the x_proj programs, dispatched after every GEMV program
-        _xproj_program(pid - NGEMV, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr,
+    # with XP the grid is [x half of the GEMV][x_proj programs][z half of the GEMV]: the x_proj
+    # programs are dispatched right after the x half they wait for and run while the z half streams
+    NXP: tl.constexpr = ((XN + XBN - 1) // XBN) * (XK // XBK) if XP else 0
+    if XP and pid >= NXH and pid < NXH + NXP:
+        _xproj_program(pid - NXH, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr,
                        xy_ptr, XN, XK, XGROUP, XBN, XBK, NXH, PDL)
     else:
+        if XP and pid >= NXH:
+            pid -= NXP
         n = pid * BN + tl.arange(0, BN)
         mn = n < N
         row = n.to(tl.int64) * s_wn
@@ -194,8 +199,8 @@ def _xproj_program(q, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, x
                    XBK: tl.constexpr, NXH: tl.constexpr, PDL: tl.constexpr):
     # x_proj program q: rows rb * XBN.., K block s of xdbl (XN,) = W_x (XN, XK) @ xc (XK,), W_x int4.
     # It loads its weight block, waits until the NXH in_proj programs of the x half have stored xc
-    # (a counter they release-increment; these programs come last in the grid, so the ones they
-    # wait for were dispatched before them), takes its block's products in fp32 (the interpreter's
+    # (a counter they release-increment; these programs come after them in the grid, so the ones
+    # they wait for were dispatched before them), takes its block's products in fp32 (the interpreter's
     # data flow, as the fp32 int4 kernel computes: x_proj feeds dt, B and C), stores the partial
     # sum, and the last program of a row block (ticket) adds the XK / XBK partials in order and
     # stores the rows. The last x_proj program resets the counters: every launch leaves them zero.
@@ -237,7 +242,7 @@ def fits(weight, cfg) -> bool:
             and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0) and (gw // 8) % cfg.i4x2 == 0)
 
 
-XP_BN = 16  # x_proj rows per program of the merged launch
+XP_BN = 8  # x_proj rows per program of the merged launch (16: 80 registers instead of 63)
 XP_BK = 1024  # and its K block (one per program: split-K over XK / XP_BK programs per row block)
 
 
@@ -263,8 +268,8 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
     conv = (the conv-epilogue arguments of triton_gemv.fused_gemv (state, weight, bias, xc, D and
     strides), CK, has bias): the conv step on rows < D after the GEMV (xc written, state updated).
     xproj = (x_proj's int4 GemvWeight (XN, D), xdbl (XN,) out), with conv: x_proj of the xc this
-    launch writes, by extra programs after the GEMV's (_xproj_program; ``xproj_fits``): they
-    start while the z half still streams, instead of a launch after this one.
+    launch writes, by extra programs between the GEMV's x and z halves (_xproj_program;
+    ``xproj_fits``): they run while the z half streams, instead of a launch after this one.
     The caller (triton_gemv.fused_gemv) checked ``fits``."""
     from falcon_mamba.ops.triton_gemv import _ticket_buffer
 
@@ -291,7 +296,7 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
         xargs = dict(xw_ptr=xwords, xs_ptr=xw.scales, xz_ptr=xw.zeros, xs_wn=xwords.stride(0),
                      xs_sn=xw.scales.stride(0), xpart_ptr=part,
                      xcnt_ptr=_ticket_buffer(dev, nrb + 2), xy_ptr=xy, XP=True, XN=xw.N, XK=D,
-                     XGROUP=xw.group, XBN=XP_BN, XBK=bk, NGEMV=ngemv, NXH=D // cfg.bn)
+                     XGROUP=xw.group, XBN=XP_BN, XBK=bk, NXH=D // cfg.bn)
     _gemv_i4x2_kernel[(grid,)](
         x, w, weight.scales, weight.zeros, w.stride(0), weight.scales.stride(0), y, N,
         K=K, KL=KL, GROUP=weight.group, BN=cfg.bn, BK=cfg.bk, CH=cfg.i4x2, EVEN_N=N % cfg.bn == 0,
