@@ -136,22 +136,6 @@ def xproj_merge_supported(model) -> bool:
     return True
 
 
-def _merged_norm(model, i: int, hbuf: torch.Tensor) -> tuple | None:
-    """fused_gemv's norm_next for layer i's out_proj in xproj_merge mode: the next block's norm
-    (stream updated in hbuf, output and pair copy in its dtype for the packed in_proj), or after
-    the last layer norm_f (fp32 stream in, the model dtype out, pairs for a packed lm_head); None
-    where the next GEMV does not read pairs (then the norm runs as its own launch)."""
-    layers = model.backbone.layers
-    if i + 1 < len(layers):
-        nb = layers[i + 1]
-        w = nb.norm.weight
-        pairs = _pairs_buffer(nb.mixer.in_proj, 1, w.dtype, hbuf.device, True)
-        return None if pairs is None else (hbuf, hbuf, w, nb.norm.eps, w.dtype, w.dtype, w.dtype, pairs)
-    nf = model.backbone.norm_f
-    pairs = _pairs_buffer(model.lm_head, 1, model.dtype, hbuf.device, True)
-    return None if pairs is None else (hbuf, None, nf.weight, nf.eps, None, None, model.dtype, pairs)
-
-
 def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int, pairs=None) -> torch.Tensor:
     """Batch 1: x_proj with the conv step as its GEMV input, then the fused SSM step that redoes the
     conv for its channels and shifts conv_i (1, K-1, D) in place. xz (1, 2D) -> gated y (1, D);
@@ -207,8 +191,8 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     out_proj and lm_head by the Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step
     (the decoder times the three and keeps the fastest). conv_fold: batch 1 with gemv, the conv step
     folded into x_proj and the SSM kernel (_conv_folded; the caller checks conv_fold_supported).
-    xproj_merge: batch 1 with gemv, x_proj inside the packed int4 in_proj launch and the next norm
-    inside the packed out_proj launch (the caller checks xproj_merge_supported)."""
+    xproj_merge: batch 1 with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
+    xproj_merge_supported)."""
     if fused and tokens_B.shape[0] == 1:
         return _fused_step(model, tokens_B, conv, ssm)
     ops = _ops()
@@ -221,20 +205,13 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     fold = conv_fold and gemv and tokens_B.shape[0] == 1
     if gemv:
         from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
-    layers = model.backbone.layers
-    norm_f = model.backbone.norm_f
-    u_next = None  # xproj_merge: the next norm's output, computed by the out_proj launch
-    for i, blk in enumerate(layers):
+    for i, blk in enumerate(model.backbone.layers):
         m = blk.mixer
-        if u_next is not None:  # the stream (hbuf), u and its pair copy pin: done by that launch
-            u, pin = u_next
-        else:
-            # the packed int4 GEMVs read their input also in a pair layout written by its producer
-            pin = _pairs_buffer(m.in_proj, h.shape[0], blk.norm.weight.dtype, h.device, gemv)
-            u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
-                                 h_out=hbuf, pairs_out=pin)
+        # the packed int4 GEMVs read their input also in a pair layout written by its producer
+        pin = _pairs_buffer(m.in_proj, h.shape[0], blk.norm.weight.dtype, h.device, gemv)
+        u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
+                             h_out=hbuf, pairs_out=pin)
         h = hbuf
-        u_next = None
         xdbl = None
         if pin is not None and not fold:  # packed int4 in_proj: the conv step as its epilogue
             xw = GemvWeight.from_module(m.x_proj) if xproj_merge else None
@@ -254,16 +231,8 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
             if xdbl is None:
                 xdbl = _proj(m.x_proj, xc, gemv)
             y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout)
-        nxt = _merged_norm(model, i, hbuf) if xproj_merge and pout is not None else None
-        if nxt is not None:  # out_proj and the next norm in one packed launch
-            out, un = fused_gemv(GemvWeight.from_module(m.out_proj), y.reshape(-1), x_pairs=pout,
-                                 norm_next=nxt)
-            out, u_next = out[None], (un[None], nxt[7])
-        else:
-            out = _proj(m.out_proj, y, gemv, pout)
-    if u_next is not None:  # norm_f came with the last out_proj: the packed lm_head reads its pairs
-        return fused_gemv(GemvWeight.from_module(model.lm_head), u_next[0].reshape(-1),
-                          out_dtype=torch.float32, round_to=model.dtype, x_pairs=u_next[1])[None]
+        out = _proj(m.out_proj, y, gemv, pout)
+    norm_f = model.backbone.norm_f
     if gemv and tokens_B.shape[0] == 1:
         from falcon_mamba.ops.triton_gemv import packed_int4  # GemvWeight, fused_gemv: above
 

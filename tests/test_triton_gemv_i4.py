@@ -211,44 +211,6 @@ def test_merged_x_proj_matches_its_own_launch(D, XN, xgroup, cfg, rng):
     assert torch.equal(again, xdbl)
 
 
-@pytest.mark.parametrize("N,K,cfg,in_place,block_norm", [
-    (64, 128, C(bn=8, bk=64, i4x2=4), True, True), (48, 64, C(bn=16, bk=32, i4x2=1), False, False),
-    # the 7B's out_proj with its tuned tile (1024 GEMV programs: one wave, the norm program beside it)
-    pytest.param(4096, 8192, TUNED[("int4g128", 4096, 8192, False)], True, True, marks=pytest.mark.cuda)])
-def test_merged_norm_matches_its_own_launch(N, K, cfg, in_place, block_norm, rng):
-    """The next RMSNorm as one more program of the packed launch (it waits until every GEMV program
-    has stored its rows): y as without it, u / h_out / the pair copy as triton_decode.rms_rows of
-    the residual stream plus y computes them (a block norm rounding to bf16 and updating the stream
-    in place, or norm_f: fp32 in, no stream written); counters left at zero (twice the same)."""
-    from falcon_mamba.ops import triton_decode
-
-    gw, _ = gemv_weight(torch.randn(N, K, generator=rng) * K ** -0.5, "int4g32" if N < 4096 else "int4g128")
-    gw = GemvWeight(**{**gw.__dict__, "w": gw.w.to(DEV), "scales": gw.scales.to(DEV),
-                       "zeros": gw.zeros.to(DEV)})
-    x = torch.randn(K, generator=rng).to(DEV, torch.bfloat16)
-    h0 = torch.randn(N, generator=rng).to(DEV)
-    nw = torch.randn(N, generator=rng).to(DEV, torch.bfloat16)
-    rd = torch.bfloat16 if block_norm else None
-    outs = []
-    for _ in range(2):
-        h = h0.clone()
-        ho = h if in_place else None
-        pairs = torch.empty(N, dtype=torch.bfloat16, device=DEV)
-        y, u = fused_gemv(gw, x, config=cfg, norm_next=(h, ho, nw, 1e-5, rd, rd, torch.bfloat16, pairs))
-        outs.append((y, u, h, pairs))
-    y0 = fused_gemv(gw, x, config=cfg)
-    h2 = torch.empty(1, N, device=DEV)
-    ref = triton_decode.rms_rows(h0[None], nw, 1e-5, residual=y0[None], x_out=h2, round_in=rd, round_y=rd,
-                                 out_dtype=torch.bfloat16)[0]
-    for y, u, h, pairs in outs:
-        assert torch.equal(y, y0)
-        torch.testing.assert_close(u.float(), ref.float(), rtol=8e-3, atol=1e-5)
-        torch.testing.assert_close(h, h2[0] if in_place else h0, rtol=0, atol=0)
-        j, w, hh = torch.meshgrid(torch.arange(4), torch.arange(N // 8), torch.arange(2), indexing="ij")
-        assert torch.equal(pairs, u[(8 * w + j + 4 * hh).reshape(-1).to(DEV)])
-    assert torch.equal(outs[0][1], outs[1][1])
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("use_pdl", [False, True])
 def test_merged_x_proj_7b_shapes_cuda(use_pdl):

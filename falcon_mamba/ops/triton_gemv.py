@@ -598,24 +598,13 @@ def _weight_words(weight: GemvWeight) -> tuple[torch.Tensor, bool]:
 
 # ---- launcher ----------------------------------------------------------------------------------
 
-def _norm_apart(y: torch.Tensor, norm_next: tuple) -> torch.Tensor:
-    """fused_gemv's norm_next by its own launch (where the packed int4 kernel does not run)."""
-    from falcon_mamba.ops import triton_decode
-
-    h, h_out, nw, neps, r_in, r_y, n_dtype, n_pairs = norm_next
-    u = triton_decode.rms_rows(h.reshape(1, -1), nw, neps, residual=y.reshape(1, -1), x_out=h_out,
-                               round_in=r_in, round_y=r_y, out_dtype=n_dtype, pairs_out=n_pairs)
-    return u.reshape(-1)
-
-
 def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | None = None,
                norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
                h_out: torch.Tensor | None = None, round_in=None, round_y=None,
                conv: tuple | None = None, out_dtype: torch.dtype | None = None, round_to=None,
                conv_in: tuple | None = None, rstd: torch.Tensor | None = None,
                norm_out: tuple | None = None, config: GemvConfig | None = None,
-               x_pairs: torch.Tensor | None = None, xproj: GemvWeight | None = None,
-               norm_next: tuple | None = None):
+               x_pairs: torch.Tensor | None = None, xproj: GemvWeight | None = None):
     """y (N,) = W @ input, input (K,) = x, or with norm_weight set (the prologue)
     rms_rows(x, norm_weight, eps, residual=residual, x_out=h_out, round_in, round_y) computed in the
     kernel, rounded to norm_weight's dtype. x, residual: one row (K,) or (1, K); h_out (fp32, K
@@ -644,12 +633,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
     xproj (with conv): x_proj's weight (XN, D); returns (y, xc, xdbl (XN,) in xc's dtype) with
     xdbl = x_proj(xc): by extra programs of the packed int4 launch where it runs and the weight
     fits (triton_gemv_i4.xproj_fits), else by a second GEMV launch.
-
-    norm_next = (h (N,) fp32, h_out or None, weight or None, eps, round_in, round_y, out_dtype,
-    pairs_out or None), plain GEMV only: also the next RMSNorm of the residual stream,
-    u = triton_decode.rms_rows(h, weight, eps, residual=y, x_out=h_out, round_in=, round_y=,
-    out_dtype=, pairs_out=); returns (y, u). By one more program of the packed int4 launch where it
-    runs, else by a second launch.
     """
     x = x.reshape(-1)
     K, N = weight.K, weight.N
@@ -695,21 +678,13 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
 
         if triton_gemv_i4.fits(weight, cfg):  # the packed-bf16 int4 kernel (plain, or + conv epilogue)
             rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
-            xp = nrm = None
+            xp = None
             if xproj is not None and conv is not None and triton_gemv_i4.xproj_fits(weight, cfg, xproj):
                 xp = (xproj, torch.empty(xproj.N, dtype=u_dtype, device=dev))
-            if norm_next is not None and conv is None:
-                h, h_out, nw, neps, r_in, r_y, n_dtype, n_pairs = norm_next
-                nrm = (h.reshape(-1), h_out.reshape(-1) if h_out is not None else None, nw, neps,
-                       _ROUND[r_in] if r_in is not None else 0, _ROUND[r_y] if r_y is not None else 0,
-                       torch.empty(N, dtype=n_dtype, device=dev), n_pairs)
             triton_gemv_i4.gemv_i4x2(weight, x, y, rnd, cfg, x_pairs,
-                                     conv=(cargs, CK, has_cb) if conv is not None else None, xproj=xp,
-                                     norm=nrm)
+                                     conv=(cargs, CK, has_cb) if conv is not None else None, xproj=xp)
             if xp is not None:
                 return y, xc, xp[1]
-            if nrm is not None:
-                return y, nrm[6]
             if xproj is not None and conv is not None:
                 return y, xc, fused_gemv(xproj, xc)
             return (y, xc) if conv is not None else y
@@ -766,8 +741,6 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
                                               **pdl.launch_kwargs(dev))
     if norm_out is not None:
         return y, nargs[0]
-    if norm_next is not None:
-        return y, _norm_apart(y, norm_next)
     if xproj is not None and conv is not None:
         return y, xc, fused_gemv(xproj, xc)
     return (y, xc) if conv is not None else y

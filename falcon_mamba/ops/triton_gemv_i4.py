@@ -41,7 +41,6 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_decode import _pair_index, _round
 from falcon_mamba.ops.triton_gemv import _finish, _split8
 
 
@@ -161,10 +160,6 @@ def _gemv_i4x2_kernel(
     xw_ptr=None, xs_ptr=None, xz_ptr=None, xs_wn=0, xs_sn=0, xpart_ptr=None, xcnt_ptr=None, xy_ptr=None,
     XP: tl.constexpr = False, XN: tl.constexpr = 1, XK: tl.constexpr = 8, XGROUP: tl.constexpr = 32,
     XBN: tl.constexpr = 16, XBK: tl.constexpr = 1024, NXH: tl.constexpr = 1,
-    h_ptr=None, nw_ptr=None, ho_ptr=None, u_ptr=None, up_ptr=None, ncnt_ptr=None, neps=0.0,
-    NRM: tl.constexpr = False, NH: tl.constexpr = 8, NBH: tl.constexpr = 8, HAS_NW: tl.constexpr = True,
-    WRITE_H: tl.constexpr = True, NROUND_IN: tl.constexpr = 0, NROUND_Y: tl.constexpr = 0,
-    NPAIRS: tl.constexpr = False,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
@@ -174,17 +169,7 @@ def _gemv_i4x2_kernel(
     # with XP the grid is [x half of the GEMV][x_proj programs][z half of the GEMV]: the x_proj
     # programs are dispatched right after the x half they wait for and run while the z half streams
     NXP: tl.constexpr = ((XN + XBN - 1) // XBN) * (XK // XBK) if XP else 0
-    if NRM and pid == tl.num_programs(0) - 1:
-        # the next RMSNorm (residual add: h + y), once every GEMV program has stored its rows
-        dep_sync(PDL)
-        c = tl.atomic_add(ncnt_ptr, 0, sem="acquire", scope="gpu")
-        while c < tl.num_programs(0) - 1:
-            c = tl.atomic_add(ncnt_ptr, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
-        _norm_row(h_ptr, y_ptr, nw_ptr, ho_ptr, u_ptr, up_ptr, NH, neps, NBH, HAS_NW, WRITE_H, NROUND_IN,
-                  NROUND_Y, NPAIRS)
-        tl.atomic_xchg(ncnt_ptr, 0)
-    elif XP and pid >= NXH and pid < NXH + NXP:
+    if XP and pid >= NXH and pid < NXH + NXP:
         _xproj_program(pid - NXH, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr,
                        xy_ptr, XN, XK, XGROUP, XBN, XBK, NXH, PDL)
     else:
@@ -202,50 +187,10 @@ def _gemv_i4x2_kernel(
         # y, then (CONV) the conv step on rows < D (in_proj's x half), as the fp32 kernel's epilogue
         _finish(tl.sum(acc, axis=1), n, mn, y_ptr, cst_ptr, cw_ptr, cb_ptr, xc_ptr, D, s_ck, s_cw, ROUND_OUT,
                 CONV, CK, HAS_CB)
-        if NRM:  # this program's rows of y are stored: count them for the norm program
-            tl.debug_barrier()
-            tl.atomic_add(ncnt_ptr, 1, sem="release", scope="gpu")
         if XP:
             if pid < NXH:  # this program's xc is stored: count it for the x_proj programs
                 tl.debug_barrier()
                 tl.atomic_add(xcnt_ptr + (XN + XBN - 1) // XBN, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _norm_row(h_ptr, y_ptr, w_ptr, ho_ptr, u_ptr, up_ptr, H: tl.constexpr, eps, CB: tl.constexpr,
-              HAS_W: tl.constexpr, WRITE_H: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr,
-              PAIRS: tl.constexpr):
-    # triton_decode.rms_rows of one row with the residual (h + y), in blocks of CB columns (two
-    # passes: the sum of squares, then the output), so that this program needs no more registers
-    # than the GEMV's; h and y come from L2 (".cg": y was stored by the other programs of this launch).
-    # ho may be h's memory (the residual stream updated in place): the second pass reads h + y from
-    # ho then, after a barrier, else recomputes it.
-    ss = tl.zeros((CB,), tl.float32)
-    for c0 in range(0, H, CB):
-        cols = c0 + tl.arange(0, CB)
-        m = cols < H
-        hv = tl.load(h_ptr + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-        hv += tl.load(y_ptr + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-        if WRITE_H:
-            tl.store(ho_ptr + cols, hv, mask=m)
-        hv = _round(hv, ROUND_IN)
-        ss += hv * hv
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / H + eps)
-    tl.debug_barrier()
-    for c0 in range(0, H, CB):
-        cols = c0 + tl.arange(0, CB)
-        m = cols < H
-        if WRITE_H:
-            hv = tl.load(ho_ptr + cols, mask=m, other=0.0, cache_modifier=".cg")
-        else:
-            hv = tl.load(h_ptr + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-            hv += tl.load(y_ptr + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-        uv = _round(_round(hv, ROUND_IN) * rstd, ROUND_Y)
-        if HAS_W:
-            uv = uv * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(u_ptr + cols, uv.to(u_ptr.dtype.element_ty), mask=m)
-        if PAIRS:
-            tl.store(up_ptr + _pair_index(cols, H // 8), uv.to(up_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -298,7 +243,6 @@ def fits(weight, cfg) -> bool:
 
 
 XP_BN = 8  # x_proj rows per program of the merged launch (16: 80 registers instead of 63)
-NORM_SLOT = 64  # the norm program's counter in triton_gemv's ticket buffer (x_proj's use [0, 38))
 XP_BK = 1024  # and its K block (one per program: split-K over XK / XP_BK programs per row block)
 
 
@@ -316,7 +260,7 @@ def xproj_fits(weight, cfg, xweight) -> bool:
 
 def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
               x_pairs: torch.Tensor | None = None, conv: tuple | None = None,
-              xproj: tuple | None = None, norm: tuple | None = None) -> torch.Tensor:
+              xproj: tuple | None = None) -> torch.Tensor:
     """y (N,) = dequant(W) @ x (K,) into the given y; x bf16 on a GPU (any float in the interpreter).
     x_pairs: x again in the pair layout (triton_decode._pair_index, written by the producer kernel):
     the kernel then reads the bf16 pairs as int32 planes instead of building them from x (which
@@ -326,11 +270,6 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
     xproj = (x_proj's int4 GemvWeight (XN, D), xdbl (XN,) out), with conv: x_proj of the xc this
     launch writes, by extra programs between the GEMV's x and z halves (_xproj_program;
     ``xproj_fits``): they run while the z half streams, instead of a launch after this one.
-    norm = (h (N,) fp32, h_out (N,) fp32 or None, weight (N,) or None, eps, round_in, round_y (_ROUND
-    codes), u (N,) out, pairs (N,) or None): the next RMSNorm of the residual stream,
-    u = triton_decode.rms_rows(h, weight, eps, residual=y, x_out=h_out, ...) (and its pair-layout
-    copy), by one more program that waits until every GEMV program has stored its rows (_norm_row),
-    instead of a launch after this one. Not with xproj.
     The caller (triton_gemv.fused_gemv) checked ``fits``."""
     from falcon_mamba.ops.triton_gemv import _ticket_buffer
 
@@ -358,17 +297,6 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
                      xs_sn=xw.scales.stride(0), xpart_ptr=part,
                      xcnt_ptr=_ticket_buffer(dev, nrb + 2), xy_ptr=xy, XP=True, XN=xw.N, XK=D,
                      XGROUP=xw.group, XBN=XP_BN, XBK=bk, NXH=D // cfg.bn)
-    if norm is not None:
-        assert xproj is None and conv is None, "norm: a plain GEMV"
-        h, h_out, nw, neps, r_in, r_y, u, up = norm
-        assert h.dtype == torch.float32 and h.numel() == N and u.numel() == N
-        assert up is None or (N % 8 == 0 and up.numel() == N and up.dtype == u.dtype)
-        grid += 1
-        cnt = _ticket_buffer(dev, NORM_SLOT + 1)[NORM_SLOT:]
-        xargs = dict(h_ptr=h, nw_ptr=nw if nw is not None else h, ho_ptr=h_out if h_out is not None else h,
-                     u_ptr=u, up_ptr=up if up is not None else u, ncnt_ptr=cnt, neps=float(neps), NRM=True,
-                     NH=N, NBH=min(1024, triton.next_power_of_2(N)), HAS_NW=nw is not None,
-                     WRITE_H=h_out is not None, NROUND_IN=r_in, NROUND_Y=r_y, NPAIRS=up is not None)
     _gemv_i4x2_kernel[(grid,)](
         x, w, weight.scales, weight.zeros, w.stride(0), weight.scales.stride(0), y, N,
         K=K, KL=KL, GROUP=weight.group, BN=cfg.bn, BK=cfg.bk, CH=cfg.i4x2, EVEN_N=N % cfg.bn == 0,
