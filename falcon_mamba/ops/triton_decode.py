@@ -191,18 +191,30 @@ def _ssm_step_kernel(
     if DT_PROJ and RP == RB:
         W0 = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, 0, R, swd, sws, BD, RB, WQ, WG)
     dep_sync(PDL)
+    # every input an earlier kernel wrote, loaded at once (one round trip to L2, not one per use)
+    if DT_PROJ and RP == RB:
+        r = tl.arange(0, RB)
+        q0 = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
+    Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(c_ptr + b * sc_b + n, mask=mn, other=0.0).to(tl.float32)
+    if not CONV_IN:
+        xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
     if DT_PROJ:
         rinv = 1.0
         if NORM:
-            ss = 0.0
-            for r0 in tl.static_range(0, RP, RB):
-                r = r0 + tl.arange(0, RB)
-                q = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
-                ss += tl.sum(q * q, axis=0)
+            if RP == RB:
+                ss = tl.sum(q0 * q0, axis=0)
+            else:
+                ss = 0.0
+                for r0 in tl.static_range(0, RP, RB):
+                    r = r0 + tl.arange(0, RB)
+                    q = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
+                    ss += tl.sum(q * q, axis=0)
             rinv = tl.rsqrt(ss / R + eps)
         if RP == RB:  # all of R in the preloaded slice
-            r = tl.arange(0, RB)
-            q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32) * rinv, RMODE)
+            q = _round(q0 * rinv, RMODE)
             v = tl.sum(W0 * q[None, :], axis=1)
         else:
             v = tl.zeros((BD,), tl.float32)
@@ -217,8 +229,6 @@ def _ssm_step_kernel(
         v = _round(v, RMODE)
     else:
         v = tl.load(dtr_ptr + b * sdtr_b + d, mask=md, other=0.0).to(tl.float32)
-    Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
-    Cv = tl.load(c_ptr + b * sc_b + n, mask=mn, other=0.0).to(tl.float32)
     if NORM:
         Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
         Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
@@ -228,15 +238,12 @@ def _ssm_step_kernel(
     if CONV_IN:
         xv = _conv_in(x_ptr + b * sx_b, cst_ptr + b * scs_b, cw_ptr, cb_ptr, d, md, s_ck, s_cw, CK, HAS_CB,
                       True, True, ROUND_X)
-    else:
-        xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
     h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
     tl.store(st, h, mask=mdn)
     yv = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
         yv += dsk * xv
     if HAS_Z:
-        zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
         yv = yv * zv * tl.sigmoid(zv)
     tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
     if PAIRS:  # batch 1: also in the packed int4 GEMV's pair layout
