@@ -1,12 +1,12 @@
 """The int4 decode mode with x_proj merged into the packed in_proj launch (triton_gemv_xp): its
-x_proj program shape, the in_proj tile and the out_proj / lm_head preload-all tiles, timed in the
-graphed batch-1 step (GPU).
+first weight block loaded before or after the PDL wait per packed GEMV and the small kernels' launch
+shapes, timed in the graphed batch-1 step (GPU).
 
     PYTHONPATH=. python3 benchmarks/sweep_xproj.py [--layers 16] [--out F.json]
 
 A random Falcon Mamba 7B-shaped model (--layers layers, int4 g128 through quantize_model); for each
-variant: triton_gemv_i4.XP_BN / XP_BK and the in_proj, out_proj, lm_head tiles (triton_gemv.TUNED) set
-in this process,
+variant: the in_proj, out_proj, lm_head tiles (triton_gemv.TUNED, GemvConfig.pre) and the norm and
+SSM-step kernels' launch constants (triton_decode) set in this process,
 GraphDecoder with the mode and PDL forced, 200 greedy steps timed by CUDA events (3 repeats, best).
 The unmerged triton_gemv + PDL step is timed first and last as the baseline of the same run.
 """
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -25,22 +26,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from falcon_mamba.config import PRESETS  # noqa: E402
 from falcon_mamba.decode_graph import GraphDecoder  # noqa: E402
 from falcon_mamba.model import FalconMamba  # noqa: E402
+from falcon_mamba.ops import triton_decode as D  # noqa: E402
 from falcon_mamba.ops import triton_gemv as G  # noqa: E402
-from falcon_mamba.ops import triton_gemv_i4 as I  # noqa: E402
 from falcon_mamba.quant import quantize_model  # noqa: E402
 
-# (label, mode, XP_BN, XP_BK, in_proj tile (bn, bk), out_proj tile (bn, bk, preall), lm_head preall)
+# (label, mode, first block before the PDL wait in (in_proj, out_proj, lm_head), triton_decode
+# constants set for the variant)
+T = (True, True, True)
 VARIANTS = [
-    ("base", "triton", 8, 1024, (8, 1024), (4, 2048, False), False),
-    ("xp", "triton_xp", 8, 1024, (8, 1024), (4, 2048, False), False),
-    ("xp, out_proj preall bn4 bk2048", "triton_xp", 8, 1024, (8, 1024), (4, 2048, True), False),
-    ("xp, out_proj preall bn4 bk1024", "triton_xp", 8, 1024, (8, 1024), (4, 1024, True), False),
-    ("xp, out_proj preall bn8 bk2048", "triton_xp", 8, 1024, (8, 1024), (8, 2048, True), False),
-    ("xp, out_proj preall bn8 bk1024", "triton_xp", 8, 1024, (8, 1024), (8, 1024, True), False),
-    ("xp, out_proj + lm_head preall", "triton_xp", 8, 1024, (8, 1024), (4, 2048, True), True),
-    ("xp bn4 bk2048, out_proj preall", "triton_xp", 4, 2048, (8, 1024), (4, 2048, True), False),
-    ("xp again", "triton_xp", 8, 1024, (8, 1024), (4, 2048, False), False),
-    ("base again", "triton", 8, 1024, (8, 1024), (4, 2048, False), False),
+    ("base", "triton", T, {}),
+    ("xp", "triton_xp", T, {}),
+    ("xp, out_proj after the wait", "triton_xp", (True, False, True), {}),
+    ("xp, in_proj after the wait", "triton_xp", (False, True, True), {}),
+    ("xp, in_proj and out_proj after the wait", "triton_xp", (False, False, True), {}),
+    ("xp, rms 4 warps", "triton_xp", T, {"RMS_WARPS": 4}),
+    ("xp, rms 16 warps", "triton_xp", T, {"RMS_WARPS": 16}),
+    ("xp, ssm 16 channels", "triton_xp", T, {"SSM_BLOCK_D": 16}),
+    ("xp, ssm 64 channels", "triton_xp", T, {"SSM_BLOCK_D": 64}),
+    ("xp, ssm 8 warps", "triton_xp", T, {"SSM_WARPS": 8}),
+    ("xp, ssm 2 warps", "triton_xp", T, {"SSM_WARPS": 2}),
+    ("xp again", "triton_xp", T, {}),
+    ("base again", "triton", T, {}),
 ]
 
 
@@ -77,12 +83,14 @@ def main() -> int:
     kin, kout, klm = keys
     res = {"layers": args.layers, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "runs": []}
-    for label, mode, bn, bk, (ibn, ibk), (obn, obk, opre), lpre in VARIANTS:
+    defaults = {k: getattr(D, k) for k in ("RMS_WARPS", "SSM_BLOCK_D", "SSM_WARPS")}
+    for label, mode, (pin, pout, plm), consts in VARIANTS:
         os.environ["FALCON_MAMBA_GEMV"] = mode
-        I.XP_BN, I.XP_BK = bn, bk
-        G.TUNED[kin] = G.GemvConfig(bn=ibn, bk=ibk, i4x2=4)
-        G.TUNED[kout] = G.GemvConfig(bn=obn, bk=obk, i4x2=4, preall=opre)
-        G.TUNED[klm] = G.GemvConfig(bn=8, bk=1024, i4x2=4, preall=lpre)
+        for k, v in {**defaults, **consts}.items():
+            setattr(D, k, v)
+        G.TUNED[kin] = replace(keys[kin], pre=pin)
+        G.TUNED[kout] = replace(keys[kout], pre=pout)
+        G.TUNED[klm] = replace(keys[klm], pre=plm)
         try:
             ms = step_ms(model)
             rec = {"label": label, "ms": ms, "us_per_layer": ms * 1e3 / args.layers}

@@ -243,41 +243,6 @@ def test_merged_x_proj_7b_shapes_cuda(use_pdl):
     assert _rel(outs[0][2].float(), ref) < 5e-3, _rel(outs[0][2].float(), ref)
 
 
-def test_scale_zero_words_pack_and_are_kept(rng):
-    """The preload-all kernel's int32 per (row, group): fp16 scale bits low, zero point above; one
-    tensor per scales tensor."""
-    gw, _ = gemv_weight(torch.randn(8, 256, generator=rng), "int4g64")
-    sz = triton_gemv_i4.scale_zero_words(gw)
-    assert sz.dtype == torch.int32 and sz.shape == gw.scales.shape
-    assert torch.equal((sz & 0xFFFF).to(torch.int16).view(torch.float16), gw.scales)
-    assert torch.equal((sz >> 16).to(torch.uint8), gw.zeros)
-    assert triton_gemv_i4.scale_zero_words(gw) is sz
-    assert not triton_gemv_i4.fits(gw, C(bk=64, i4x2=1, preall=True))  # chains of 4 only
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("N,K,cfg", [(4096, 8192, C(bn=4, bk=2048, i4x2=4)),
-                                     (4100, 8192, C(bn=8, bk=1024, i4x2=4)),
-                                     (16384, 4096, C(bn=8, bk=1024, i4x2=4))])
-@pytest.mark.parametrize("use_pdl", [False, True])
-def test_preall_matches_the_streaming_kernel_cuda(N, K, cfg, use_pdl):
-    """Every block copied to shared memory before the PDL wait (cfg.preall): the same bits as the
-    streaming packed kernel (same products, same order), masked rows included, with PDL."""
-    from dataclasses import replace
-
-    from falcon_mamba.ops import pdl
-
-    gen = torch.Generator(device="cuda").manual_seed(N)
-    gw, _ = gemv_weight((torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).to(torch.bfloat16),
-                        "int4g128")
-    x = torch.randn(K, device="cuda", generator=gen).to(torch.bfloat16)
-    pairs = x[_pair_order(K).cuda()].contiguous()
-    ref = fused_gemv(gw, x, config=cfg, x_pairs=pairs)
-    with pdl.enabled(use_pdl):
-        for _ in range(3):
-            assert torch.equal(fused_gemv(gw, x, config=replace(cfg, preall=True), x_pairs=pairs), ref)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("key", [k for k, c in TUNED.items() if c.i4x2])
 def test_every_tuned_packed_tile_matches_the_exact_product(key):

@@ -453,9 +453,8 @@ class GemvConfig:
     norm_bk: block of the prologue's sum-of-squares pass; xsplit (int4, int8 words): read the tile's
     input once as a contiguous block and split it by code position, instead of one strided gather
     per position (dense weights ignore it); i4x2 (int4, plain GEMV): the packed-bf16 kernel of
-    triton_gemv_i4.py with this many words chained per accumulator (1, 2 or 4; 0 = off); preall
-    (that kernel, chains of 4, reading x's pair layout): every weight block copied to shared memory
-    before the PDL wait (triton_gemv_i4._gemv_preall)."""
+    triton_gemv_i4.py with this many words chained per accumulator (1, 2 or 4; 0 = off); pre (that
+    kernel): its first weight block loaded before the PDL wait (False: after it)."""
 
     bn: int = 8
     bk: int = 512
@@ -466,7 +465,7 @@ class GemvConfig:
     norm_bk: int = 1024
     xsplit: bool = False
     i4x2: int = 0
-    preall: bool = False
+    pre: bool = True
 
 
 # (format, N, K, prologue) -> config: the fastest of benchmarks/sweep_decode.py on the H100

@@ -68,10 +68,6 @@ def _word_asm(pack: int) -> str:
     return "\n".join(lines + ["}"])
 
 
-# one 16-byte load of 4 consecutive pair words (of the pack's first pointer): not pure, so the
-# compiler keeps it after the PDL wait and the software pipeliner leaves it in its iteration
-_LD4 = tl.constexpr("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];")
-_LD4_CONS = tl.constexpr("=r,=r,=r,=r,l,l,l,l")
 _ASM1 = tl.constexpr(_word_asm(1))
 _ASM4 = tl.constexpr(_word_asm(4))
 _CONS1 = tl.constexpr("=r," + ",".join(["r"] * 6))
@@ -164,7 +160,7 @@ def _gemv_i4x2_kernel(
     xw_ptr=None, xs_ptr=None, xz_ptr=None, xs_wn=0, xs_sn=0, xpart_ptr=None, xcnt_ptr=None, xy_ptr=None,
     XP: tl.constexpr = False, XN: tl.constexpr = 1, XK: tl.constexpr = 8, XGROUP: tl.constexpr = 32,
     XBN: tl.constexpr = 16, XBK: tl.constexpr = 1024, NXH: tl.constexpr = 1,
-    sz_ptr=None, s_sz=0, PREALL: tl.constexpr = False,
+    PRE: tl.constexpr = True,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
     # fp16 and zeros uint8 with row stride s_sn. KL (= Kp) is a multiple of BK (the launcher's check).
@@ -177,17 +173,17 @@ def _gemv_i4x2_kernel(
     if XP and pid >= NXH and pid < NXH + NXP:
         _xproj_program(pid - NXH, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr,
                        xy_ptr, XN, XK, XGROUP, XBN, XBK, NXH, PDL)
-    elif PREALL:
-        _gemv_preall(pid, xp_ptr, w_ptr, sz_ptr, s_wn, s_sz, y_ptr, N, KL, GROUP, BN, BK, EVEN_N, ROUND_OUT,
-                     PDL)
     else:
         if XP and pid >= NXH:
             pid -= NXP
         n = pid * BN + tl.arange(0, BN)
         mn = n < N
         row = n.to(tl.int64) * s_wn
+        if not PRE:
+            dep_sync(PDL)
         wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, 0, GROUP, BN, BK, EVEN_N, ASM)
-        dep_sync(PDL)
+        if PRE:  # the first block's weights were loaded before the PDL wait
+            dep_sync(PDL)
         acc = _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, 0, K, KL, BN, BK, CH, MASK_X, ASM, PAIRS)
         for k0 in range(BK, KL, BK):
             wd, sc, zp = _wtile(w_ptr, s_ptr, z_ptr, row, n, mn, s_sn, k0, GROUP, BN, BK, EVEN_N, ASM)
@@ -199,60 +195,6 @@ def _gemv_i4x2_kernel(
             if pid < NXH:  # this program's xc is stored: count it for the x_proj programs
                 tl.debug_barrier()
                 tl.atomic_add(xcnt_ptr + (XN + XBN - 1) // XBN, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _gemv_preall(pid, xp_ptr, w_ptr, sz_ptr, s_wn, s_sz, y_ptr, N, KL: tl.constexpr, GROUP: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, ROUND_OUT: tl.constexpr,
-                 PDL: tl.constexpr):
-    # The plain GEMV (pair-layout x, packed arithmetic, CH 4) with the K loop software-pipelined
-    # KL / BK + 1 stages deep: the compiler's prologue copies every block's words and packed
-    # scale-zero words (sz: fp16 scale bits | zero << 16, one int32 per row and group) into shared
-    # memory asynchronously, before the PDL wait inside the loop: a program launched while the
-    # previous kernel runs has its whole weight slice on chip when x becomes readable (out_proj:
-    # 16 KB per program, 8 programs per SM). x is read after the wait by non-pure inline loads.
-    BW: tl.constexpr = BK // 8
-    GW: tl.constexpr = BK if BK < GROUP else GROUP
-    NG: tl.constexpr = BK // GW
-    WPG: tl.constexpr = GW // 8
-    n = pid * BN + tl.arange(0, BN)
-    mn = n < N
-    row = n.to(tl.int64) * s_wn
-    srow = n.to(tl.int64) * s_sz
-    acc = tl.zeros((BN, BW), tl.float32)
-    for k0 in tl.range(0, KL, BK, num_stages=KL // BK + 1):
-        wd = _words(w_ptr, row, mn, k0, BK, EVEN_N)
-        g = k0 // GROUP + tl.arange(0, NG)
-        if EVEN_N:
-            szw = tl.load(sz_ptr + srow[:, None] + g[None, :])
-        else:
-            szw = tl.load(sz_ptr + srow[:, None] + g[None, :], mask=mn[:, None], other=0)
-        dep_sync(PDL)  # the first iteration waits; later ones pass at once
-        sc = (szw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        zp = (((szw >> 16) & 0xFF) | 0x4300) * 0x10001
-        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NG, WPG)), (BN, BW))
-        zp = tl.reshape(tl.broadcast_to(zp[:, :, None], (BN, NG, WPG)), (BN, BW))
-        xo = xp_ptr + (k0 // 8 + tl.arange(0, BW)[None, :] + 0 * n[:, None])
-        x0 = tl.inline_asm_elementwise(_LD4, _LD4_CONS, [xo], dtype=tl.int32, is_pure=False, pack=4)
-        x1 = tl.inline_asm_elementwise(_LD4, _LD4_CONS, [xo + KL // 8], dtype=tl.int32, is_pure=False, pack=4)
-        x2 = tl.inline_asm_elementwise(_LD4, _LD4_CONS, [xo + 2 * (KL // 8)], dtype=tl.int32, is_pure=False,
-                                       pack=4)
-        x3 = tl.inline_asm_elementwise(_LD4, _LD4_CONS, [xo + 3 * (KL // 8)], dtype=tl.int32, is_pure=False,
-                                       pack=4)
-        part = tl.inline_asm_elementwise(_ASM4, _CONS4, [wd, x0, x1, x2, x3, zp], dtype=tl.float32,
-                                         is_pure=True, pack=4)
-        acc += sc * part
-    _finish(tl.sum(acc, axis=1), n, mn, y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, 0, 0, 0, ROUND_OUT, False, 2,
-            False)
-
-
-@triton.jit
-def _words(w_ptr, row, mn, k0, BK: tl.constexpr, EVEN_N: tl.constexpr):
-    # (BN, BK / 8) int32 words of one block
-    wf = k0 // 8 + tl.arange(0, BK // 8)
-    if EVEN_N:
-        return tl.load(w_ptr + row[:, None] + wf[None, :])
-    return tl.load(w_ptr + row[:, None] + wf[None, :], mask=mn[:, None], other=0)
 
 
 @triton.jit
@@ -295,32 +237,11 @@ def _xproj_program(q, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, x
         tl.atomic_xchg(xcnt_ptr + NRB + 1, 0)
 
 
-_sz_cache: dict[int, tuple] = {}
-
-
-def scale_zero_words(weight) -> torch.Tensor:
-    """The int4 weight's scales and zero points as one int32 per (row, group): fp16 scale bits in
-    bits 0-15, the zero point in bits 16-23 (what the preload-all kernel copies asynchronously; 4
-    bytes is the narrowest such copy). Built once per scales tensor and kept while it lives."""
-    import weakref
-
-    key = id(weight.scales)
-    hit = _sz_cache.get(key)
-    if hit is not None and hit[0]() is weight.scales:
-        return hit[1]
-    sz = (weight.scales.view(torch.int16).to(torch.int32) & 0xFFFF) | (weight.zeros.to(torch.int32) << 16)
-    _sz_cache[key] = (weakref.ref(weight.scales), sz)
-    weakref.finalize(weight.scales, _sz_cache.pop, key, None)
-    return sz
-
-
 def fits(weight, cfg) -> bool:
     """Whether this kernel takes the int4 weight with cfg's tile: whole blocks along Kp, whole words
     per group slice, and CH (cfg.i4x2) chained words inside each group slice of a block."""
     KL = weight.w.shape[1] * 2
     gw = min(cfg.bk, weight.group)
-    if cfg.preall and cfg.i4x2 != 4:
-        return False
     return (weight.bits == 4 and cfg.i4x2 in (1, 4) and KL % cfg.bk == 0 and cfg.bk >= 8
             and (cfg.bk % weight.group == 0 or weight.group % cfg.bk == 0) and (gw // 8) % cfg.i4x2 == 0)
 
@@ -350,8 +271,6 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
     costs layout changes through shared memory in every block); used on a GPU where K == Kp.
     conv = (the conv-epilogue arguments of triton_gemv.fused_gemv (state, weight, bias, xc, D and
     strides), CK, has bias): the conv step on rows < D after the GEMV (xc written, state updated).
-    cfg.preall (plain GEMV reading x_pairs): _gemv_preall, every block's weights copied to shared
-    memory before the PDL wait.
     xproj = (x_proj's int4 GemvWeight (XN, D), xdbl (XN,) out), with conv: x_proj of the xc this
     launch writes, by extra programs between the GEMV's x and z halves (_xproj_program;
     ``xproj_fits``): they run while the z half streams, instead of a launch after this one.
@@ -382,9 +301,6 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
                      xs_sn=xw.scales.stride(0), xpart_ptr=part,
                      xcnt_ptr=_ticket_buffer(dev, nrb + 2), xy_ptr=xy, XP=True, XN=xw.N, XK=D,
                      XGROUP=xw.group, XBN=XP_BN, XBK=bk, NXH=D // cfg.bn)
-    if cfg.preall and pairs and conv is None and xproj is None:  # every block copied before the wait
-        sz = scale_zero_words(weight)
-        xargs = dict(sz_ptr=sz, s_sz=sz.stride(0), PREALL=True)
     _gemv_i4x2_kernel[(grid,)](
         x, w, weight.scales, weight.zeros, w.stride(0), weight.scales.stride(0), y, N,
         K=K, KL=KL, GROUP=weight.group, BN=cfg.bn, BK=cfg.bk, CH=cfg.i4x2, EVEN_N=N % cfg.bn == 0,
@@ -392,7 +308,7 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
         xp_ptr=x_pairs.view(torch.int32) if pairs else None, PAIRS=pairs,
         **(dict(zip(("cst_ptr", "cw_ptr", "cb_ptr", "xc_ptr", "D", "s_ck", "s_cw"), conv[0]), CONV=True,
                     CK=conv[1], HAS_CB=conv[2]) if conv is not None else {}),
-        **xargs,
+        **xargs, PRE=cfg.pre,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
     )
     return y
