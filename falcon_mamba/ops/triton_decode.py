@@ -23,11 +23,15 @@ from falcon_mamba.ops.triton_scan import _softplus
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # fused SSM step with dt_proj inside, batch 1 in a CUDA graph on the H100: 32 channels x all 256
-# dt_proj columns per program 3.8 us; 64 x 64-column slices 5.6 us (benchmarks/kernel_bench.py ssm)
+# dt_proj columns per program 3.8 us; 64 x 64-column slices 5.6 us (benchmarks/kernel_bench.py ssm).
+# In the graphed 7B step under PDL, 16 channels per program at batch 1 took ~0.5 us less per layer
+# than 32 (benchmarks/sweep_xproj.py, results/dev-runs/h100-sweep-xproj-94ceb06.json).
 SSM_BLOCK_D = 32
+SSM_BLOCK_D_B1 = 16
 SSM_WARPS = 4
 SSM_RB = 256  # dt_proj columns per slice (all of the 7B's rank in one)
 RMS_WARPS = 8  # for rows of 2048+; fewer for short rows
+RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): ~0.4 us less per 7B layer than 8 (same sweep)
 DT_PROJ_MAX_BATCH = 4
 
 
@@ -350,7 +354,7 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
     proj = W_dt is not None
     # without the in-kernel projection a program is a cheap elementwise tile: wide blocks, few waves
-    BD, warps = (SSM_BLOCK_D, SSM_WARPS) if proj else (512, 8)
+    BD, warps = ((SSM_BLOCK_D_B1 if Bsz == 1 else SSM_BLOCK_D), SSM_WARPS) if proj else (512, 8)
     BD, warps = block_d or BD, num_warps or warps
     if wq is not None:
         assert wq.w.stride(1) == 1 and wq.bits in (8, 4), "W_dt: a quantized GemvWeight, rows contiguous"
@@ -418,7 +422,8 @@ def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_
         y.stride(0), BR=BR, BH=BH, HAS_RES=r2 is not None, HAS_W=weight is not None,
         WRITE_X=xo is not None, ROUND_IN=_ROUND[round_in] if round_in is not None else 0,
         ROUND_Y=_ROUND[round_y] if round_y is not None else 0,
-        num_warps=RMS_WARPS if BH * BR >= 2048 else (4 if BH * BR >= 512 else 1),
+        num_warps=((RMS_WARPS_B1 if M == 1 else RMS_WARPS) if BH * BR >= 2048
+                   else (4 if BH * BR >= 512 else 1)),
         **pdl.launch_kwargs(x.device), **_pairs_kwargs(pairs_out, M, H, out_dtype),
     )
     return y.reshape(*x.shape[:-1], H)
