@@ -1,19 +1,19 @@
-"""The int4 decode mode with x_proj merged into the packed in_proj launch (triton_gemv_xp): its
-first weight block loaded before or after the PDL wait per packed GEMV and the small kernels' launch
-shapes, timed in the graphed batch-1 step (GPU).
+"""Launch choices of the batch-1 decode step, timed in the graphed step per format (GPU): for int4
+the merged x_proj mode (triton_gemv_xp) against triton_gemv, the packed GEMVs' first block before or
+after the PDL wait; for every format the SSM step's channels per program and the norm's warps.
 
-    PYTHONPATH=. python3 benchmarks/sweep_xproj.py [--layers 16] [--out F.json]
+    PYTHONPATH=. python3 benchmarks/sweep_xproj.py [--layers 16] [--formats int4,bf16,int8] [--out F.json]
 
-A random Falcon Mamba 7B-shaped model (--layers layers, int4 g128 through quantize_model); for each
-variant: the in_proj, out_proj, lm_head tiles (triton_gemv.TUNED, GemvConfig.pre) and the norm and
-SSM-step kernels' launch constants (triton_decode) set in this process,
-GraphDecoder with the mode and PDL forced, 200 greedy steps timed by CUDA events (3 repeats, best).
-The unmerged triton_gemv + PDL step is timed first and last as the baseline of the same run.
+A random Falcon Mamba 7B-shaped model (--layers layers; int8 / int4 g128 through quantize_model);
+for each variant: the int4 tiles (triton_gemv.TUNED, GemvConfig.pre) and triton_decode's batch-1
+constants set in this process, GraphDecoder with the mode and PDL forced, 200 greedy steps timed by
+CUDA events (3 repeats, best); each format's first variant is timed again last.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -33,21 +33,32 @@ from falcon_mamba.quant import quantize_model  # noqa: E402
 # (label, mode, first block before the PDL wait in (in_proj, out_proj, lm_head), triton_decode
 # constants set for the variant)
 T = (True, True, True)
-VARIANTS = [
-    ("base", "triton", T, {}),
-    ("xp", "triton_xp", T, {}),
-    ("xp, out_proj after the wait", "triton_xp", (True, False, True), {}),
-    ("xp, in_proj after the wait", "triton_xp", (False, True, True), {}),
-    ("xp, in_proj and out_proj after the wait", "triton_xp", (False, False, True), {}),
-    ("xp, rms 4 warps", "triton_xp", T, {"RMS_WARPS": 4}),
-    ("xp, rms 16 warps", "triton_xp", T, {"RMS_WARPS": 16}),
-    ("xp, ssm 16 channels", "triton_xp", T, {"SSM_BLOCK_D": 16}),
-    ("xp, ssm 64 channels", "triton_xp", T, {"SSM_BLOCK_D": 64}),
-    ("xp, ssm 8 warps", "triton_xp", T, {"SSM_WARPS": 8}),
-    ("xp, ssm 2 warps", "triton_xp", T, {"SSM_WARPS": 2}),
-    ("xp again", "triton_xp", T, {}),
-    ("base again", "triton", T, {}),
-]
+OLD = {"SSM_BLOCK_D_B1": 32, "RMS_WARPS_B1": 8}
+VARIANTS = {
+    "int4": [
+        ("base", "triton", T, {}),
+        ("xp", "triton_xp", T, {}),
+        ("xp, out_proj after the wait", "triton_xp", (True, False, True), {}),
+        ("xp, ssm 32 channels, rms 8 warps", "triton_xp", T, OLD),
+        ("xp, ssm 32 channels", "triton_xp", T, {"SSM_BLOCK_D_B1": 32}),
+        ("xp, rms 8 warps", "triton_xp", T, {"RMS_WARPS_B1": 8}),
+        ("xp again", "triton_xp", T, {}),
+    ],
+    "bf16": [
+        ("cx", "triton_cx", T, {}),
+        ("cx, ssm 32 channels, rms 8 warps", "triton_cx", T, OLD),
+        ("cx, ssm 32 channels", "triton_cx", T, {"SSM_BLOCK_D_B1": 32}),
+        ("cx, rms 8 warps", "triton_cx", T, {"RMS_WARPS_B1": 8}),
+        ("cx again", "triton_cx", T, {}),
+    ],
+    "int8": [
+        ("triton", "triton", T, {}),
+        ("triton, ssm 32 channels, rms 8 warps", "triton", T, OLD),
+        ("triton, ssm 32 channels", "triton", T, {"SSM_BLOCK_D_B1": 32}),
+        ("triton, rms 8 warps", "triton", T, {"RMS_WARPS_B1": 8}),
+        ("triton again", "triton", T, {}),
+    ],
+}
 
 
 @torch.no_grad()
@@ -70,35 +81,44 @@ def step_ms(model) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--formats", default="int4")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = PRESETS["falcon-mamba-7b"].replace(num_hidden_layers=args.layers)
     with torch.device("cuda"):
-        model = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
-    quantize_model(model, 4, 128)
+        base = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
     os.environ["FALCON_MAMBA_PDL"] = "1"
     keys = {k: G.TUNED[k] for k in (("int4g128", 16384, 4096, False), ("int4g128", 4096, 8192, False),
                                     ("int4g128", 65024, 4096, False))}
     kin, kout, klm = keys
+    defaults = {k: getattr(D, k) for k in ("SSM_BLOCK_D_B1", "RMS_WARPS_B1")}
     res = {"layers": args.layers, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "runs": []}
-    defaults = {k: getattr(D, k) for k in ("RMS_WARPS", "SSM_BLOCK_D", "SSM_WARPS")}
-    for label, mode, (pin, pout, plm), consts in VARIANTS:
-        os.environ["FALCON_MAMBA_GEMV"] = mode
-        for k, v in {**defaults, **consts}.items():
-            setattr(D, k, v)
-        G.TUNED[kin] = replace(keys[kin], pre=pin)
-        G.TUNED[kout] = replace(keys[kout], pre=pout)
-        G.TUNED[klm] = replace(keys[klm], pre=plm)
-        try:
-            ms = step_ms(model)
-            rec = {"label": label, "ms": ms, "us_per_layer": ms * 1e3 / args.layers}
-        except Exception as e:  # recorded, not fatal
-            rec = {"label": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        res["runs"].append(rec)
-        print(rec, flush=True)
+    for fmt in args.formats.split(","):
+        model = base if fmt == "bf16" else quantize_model(copy.deepcopy(base), 8 if fmt == "int8" else 4,
+                                                          None if fmt == "int8" else 128)
+        for label, mode, (pin, pout, plm), consts in VARIANTS[fmt]:
+            os.environ["FALCON_MAMBA_GEMV"] = mode
+            for k, v in {**defaults, **consts}.items():
+                setattr(D, k, v)
+            G.TUNED[kin] = replace(keys[kin], pre=pin)
+            G.TUNED[kout] = replace(keys[kout], pre=pout)
+            G.TUNED[klm] = replace(keys[klm], pre=plm)
+            try:
+                ms = step_ms(model)
+                rec = {"format": fmt, "label": label, "ms": ms, "us_per_layer": ms * 1e3 / args.layers}
+            except Exception as e:  # recorded, not fatal
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                rec = {"format": fmt, "label": label, "error": f"{type(e).__name__}: {first}"}
+            res["runs"].append(rec)
+            print(rec, flush=True)
+        if model is not base:
+            del model
+            torch.cuda.empty_cache()
     G.TUNED.update(keys)
+    for k, v in defaults.items():
+        setattr(D, k, v)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
