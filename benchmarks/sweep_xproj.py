@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from falcon_mamba import decode_step as S  # noqa: E402
 from falcon_mamba.config import PRESETS  # noqa: E402
 from falcon_mamba.decode_graph import GraphDecoder  # noqa: E402
 from falcon_mamba.model import FalconMamba  # noqa: E402
@@ -30,35 +31,32 @@ from falcon_mamba.ops import triton_decode as D  # noqa: E402
 from falcon_mamba.ops import triton_gemv as G  # noqa: E402
 from falcon_mamba.quant import quantize_model  # noqa: E402
 
-# (label, mode, first block before the PDL wait in (in_proj, out_proj, lm_head), triton_decode
-# constants set for the variant)
-T = (True, True, True)
-OLD = {"SSM_BLOCK_D_B1": 32, "RMS_WARPS_B1": 8}
+# (label, mode, first block before the PDL wait in (in_proj, out_proj, lm_head) (None: as tuned),
+# module constants set for the variant: D triton_decode, S decode_step)
+T = (None, None, None)
 VARIANTS = {
     "int4": [
         ("base", "triton", T, {}),
         ("xp", "triton_xp", T, {}),
-        ("xp, out_proj after the wait", "triton_xp", (True, False, True), {}),
-        ("xp, ssm 32 channels, rms 8 warps", "triton_xp", T, OLD),
-        ("xp, ssm 32 channels", "triton_xp", T, {"SSM_BLOCK_D_B1": 32}),
-        ("xp, rms 8 warps", "triton_xp", T, {"RMS_WARPS_B1": 8}),
+        ("xp, out_proj first block before the wait", "triton_xp", (True, True, True), {}),
+        ("xp, ssm 32 channels", "triton_xp", T, {"S.XP_SSM_BLOCK_D": 32}),
+        ("xp, rms 8 warps", "triton_xp", T, {"D.RMS_WARPS_B1": 8}),
         ("xp again", "triton_xp", T, {}),
     ],
     "bf16": [
         ("cx", "triton_cx", T, {}),
-        ("cx, ssm 32 channels, rms 8 warps", "triton_cx", T, OLD),
-        ("cx, ssm 32 channels", "triton_cx", T, {"SSM_BLOCK_D_B1": 32}),
-        ("cx, rms 8 warps", "triton_cx", T, {"RMS_WARPS_B1": 8}),
+        ("cx, ssm 16 channels", "triton_cx", T, {"D.SSM_BLOCK_D": 16}),
+        ("cx, rms 8 warps", "triton_cx", T, {"D.RMS_WARPS_B1": 8}),
         ("cx again", "triton_cx", T, {}),
     ],
     "int8": [
         ("triton", "triton", T, {}),
-        ("triton, ssm 32 channels, rms 8 warps", "triton", T, OLD),
-        ("triton, ssm 32 channels", "triton", T, {"SSM_BLOCK_D_B1": 32}),
-        ("triton, rms 8 warps", "triton", T, {"RMS_WARPS_B1": 8}),
+        ("triton, ssm 16 channels", "triton", T, {"D.SSM_BLOCK_D": 16}),
+        ("triton, rms 8 warps", "triton", T, {"D.RMS_WARPS_B1": 8}),
         ("triton again", "triton", T, {}),
     ],
 }
+MODULES = {"D": D, "S": S}
 
 
 @torch.no_grad()
@@ -92,7 +90,8 @@ def main() -> int:
     keys = {k: G.TUNED[k] for k in (("int4g128", 16384, 4096, False), ("int4g128", 4096, 8192, False),
                                     ("int4g128", 65024, 4096, False))}
     kin, kout, klm = keys
-    defaults = {k: getattr(D, k) for k in ("SSM_BLOCK_D_B1", "RMS_WARPS_B1")}
+    knobs = {k for v in VARIANTS.values() for *_, c in v for k in c}
+    defaults = {k: getattr(MODULES[k[0]], k[2:]) for k in knobs}
     res = {"layers": args.layers, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "runs": []}
     for fmt in args.formats.split(","):
@@ -101,10 +100,9 @@ def main() -> int:
         for label, mode, (pin, pout, plm), consts in VARIANTS[fmt]:
             os.environ["FALCON_MAMBA_GEMV"] = mode
             for k, v in {**defaults, **consts}.items():
-                setattr(D, k, v)
-            G.TUNED[kin] = replace(keys[kin], pre=pin)
-            G.TUNED[kout] = replace(keys[kout], pre=pout)
-            G.TUNED[klm] = replace(keys[klm], pre=plm)
+                setattr(MODULES[k[0]], k[2:], v)
+            for k, pre in ((kin, pin), (kout, pout), (klm, plm)):
+                G.TUNED[k] = keys[k] if pre is None else replace(keys[k], pre=pre)
             try:
                 ms = step_ms(model)
                 rec = {"format": fmt, "label": label, "ms": ms, "us_per_layer": ms * 1e3 / args.layers}
@@ -118,7 +116,7 @@ def main() -> int:
             torch.cuda.empty_cache()
     G.TUNED.update(keys)
     for k, v in defaults.items():
-        setattr(D, k, v)
+        setattr(MODULES[k[0]], k[2:], v)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

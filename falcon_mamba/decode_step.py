@@ -75,10 +75,17 @@ def _pairs_buffer(mod, rows: int, dtype: torch.dtype, device, gemv: bool) -> tor
     return torch.empty(w.K, dtype=dtype, device=device)
 
 
-def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None):
+# SSM-step channels per program in the merged-x_proj int4 mode: 16 there saved ~0.5 us per 7B layer
+# against 32, which the other modes keep (16 cost bf16 ~2.1 and int8 ~1.5 us per layer;
+# benchmarks/sweep_xproj.py, results/dev-runs/h100-sweep-xproj-6233aa4.json)
+XP_SSM_BLOCK_D = 16
+
+
+def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None, block_d=None):
     """x_proj output -> (gated y (B, D), pairs or None): one fused kernel when dt_proj is dense or
     quantized (_dt_weight), which also fills pairs (y in the pair layout) when given; else split +
-    norms + dt_proj module + the plain SSM step, and no pairs."""
+    norms + dt_proj module + the plain SSM step, and no pairs. block_d: channels per program of the
+    quantized-W_dt kernel (default triton_decode.SSM_BLOCK_D)."""
     w_dt = _dt_weight(m.dt_proj)
     if isinstance(w_dt, torch.Tensor):
         y = ops.mixer_ssm_step(ssm_i, xc, z, xdbl, w_dt, m.dt_proj.bias, m.A_log, m.D, norm_eps,
@@ -89,7 +96,7 @@ def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None):
 
         y = triton_decode.ssm_step(ssm_i, xc, xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:], m.D,
                                    z, m.dt_proj.bias, W_dt=w_dt, norm_eps=norm_eps, a_is_log=True,
-                                   pairs_out=pairs)
+                                   pairs_out=pairs, block_d=block_d)
         return y, pairs
     dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
     if norm_eps is not None:
@@ -230,7 +237,8 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
                 xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
             if xdbl is None:
                 xdbl = _proj(m.x_proj, xc, gemv)
-            y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout)
+            y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout,
+                                XP_SSM_BLOCK_D if xproj_merge else None)
         out = _proj(m.out_proj, y, gemv, pout)
     norm_f = model.backbone.norm_f
     if gemv and tokens_B.shape[0] == 1:

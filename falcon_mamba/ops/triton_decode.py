@@ -24,14 +24,13 @@ from falcon_mamba.ops.triton_scan import _softplus
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # fused SSM step with dt_proj inside, batch 1 in a CUDA graph on the H100: 32 channels x all 256
 # dt_proj columns per program 3.8 us; 64 x 64-column slices 5.6 us (benchmarks/kernel_bench.py ssm).
-# In the graphed 7B step under PDL, 16 channels per program at batch 1 took ~0.5 us less per layer
-# than 32 (benchmarks/sweep_xproj.py, results/dev-runs/h100-sweep-xproj-94ceb06.json).
+# (decode_step's merged-x_proj int4 mode asks for 16: faster there, slower in the others.)
 SSM_BLOCK_D = 32
-SSM_BLOCK_D_B1 = 16
 SSM_WARPS = 4
 SSM_RB = 256  # dt_proj columns per slice (all of the 7B's rank in one)
 RMS_WARPS = 8  # for rows of 2048+; fewer for short rows
-RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): ~0.4 us less per 7B layer than 8 (same sweep)
+RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): int4 ~0.4 us less per 7B layer than 8, bf16
+# and int8 the same (benchmarks/sweep_xproj.py, results/dev-runs/h100-sweep-xproj-6233aa4.json)
 DT_PROJ_MAX_BATCH = 4
 
 
@@ -354,7 +353,7 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
     proj = W_dt is not None
     # without the in-kernel projection a program is a cheap elementwise tile: wide blocks, few waves
-    BD, warps = ((SSM_BLOCK_D_B1 if Bsz == 1 else SSM_BLOCK_D), SSM_WARPS) if proj else (512, 8)
+    BD, warps = (SSM_BLOCK_D, SSM_WARPS) if proj else (512, 8)
     BD, warps = block_d or BD, num_warps or warps
     if wq is not None:
         assert wq.w.stride(1) == 1 and wq.bits in (8, 4), "W_dt: a quantized GemvWeight, rows contiguous"
