@@ -26,6 +26,7 @@ from falcon_mamba.decode_step import conv_fold_supported, fast_step, fused_suppo
 from falcon_mamba.state import State
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+HISTORY = 256  # greedy steps recorded on the device between two copies out
 # The autotune's agreement check: candidates' logits within this fraction of the largest logit of
 # the reference candidate (bf16 rounding differences measured up to 2.5e-2; a wrong kernel ~1).
 PROBE_TOL = 0.1
@@ -65,6 +66,11 @@ class _Slot:
         self.ssm = torch.zeros(c.num_hidden_layers, rows, c.intermediate_size, c.state_size,
                                dtype=torch.float32, device=dev)
         self.logits: torch.Tensor | None = None
+        # CUDA: the greedy tokens of successive replays, recorded by the graph itself (a ring of
+        # HISTORY steps per row and each row's next position), so greedy() launches nothing between
+        # replays
+        self.hist = torch.zeros(rows, HISTORY, dtype=torch.long, device=dev) if dev.type == "cuda" else None
+        self.hpos = torch.zeros(rows, dtype=torch.int32, device=dev) if dev.type == "cuda" else None
         self.owner = None  # weakref to the State bound to these buffers
         self.graph = None
         # batch-1 projections: "cublas" (modules), "triton_gemv", "triton_gemv_cx" (triton_gemv with
@@ -123,7 +129,7 @@ class _Slot:
             if self.logits.is_cuda:  # the greedy token straight into the token buffer (~2 us, not ~20)
                 from falcon_mamba.ops.triton_argmax import greedy_tokens
 
-                greedy_tokens(self.logits, self.tokens)
+                greedy_tokens(self.logits, self.tokens, history=(self.hist, self.hpos))
         if not self.logits.is_cuda:
             self.tokens.copy_(self.logits.argmax(-1))
 
@@ -266,9 +272,18 @@ class GraphDecoder:
         s.bind(state)
         s.tokens[:B].copy_(tokens_B)
         out = torch.empty(B, n, dtype=torch.long, device=tokens_B.device)
-        for i in range(n):
-            s.replay()
-            out[:, i].copy_(s.tokens[:B])
+        if s.hist is not None and s.logits is not None and s.logits.is_cuda:  # the graph records them
+            s.hpos.zero_()
+            for i0 in range(0, n, HISTORY):
+                m = min(HISTORY, n - i0)
+                for _ in range(m):
+                    s.replay()
+                out[:, i0:i0 + m].copy_(s.hist[:B, :m])
+                s.hpos.zero_()
+        else:
+            for i in range(n):
+                s.replay()
+                out[:, i].copy_(s.tokens[:B])
         state.tokens_seen += n
         return out
 

@@ -170,6 +170,27 @@ def test_graph_decoder_matches_model_step_cuda(dtype, B, rng):
 
 
 @pytest.mark.cuda
+def test_greedy_records_tokens_in_the_graph_cuda(rng, monkeypatch):
+    """On CUDA the graph records each replay's greedy token in a ring of HISTORY steps that greedy()
+    copies out between chunks: with a ring of 3, 8 steps (chunks 3 + 3 + 2) equal model.step's."""
+    from falcon_mamba import decode_graph
+
+    monkeypatch.setattr(decode_graph, "HISTORY", 3)
+    model = _model("tiny", torch.float32, "cuda")
+    dec = GraphDecoder(model)
+    state = _prefilled(model, 2, rng)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (2,), generator=rng).cuda()
+    out = dec.greedy(tok, state, 8)
+    ref = []
+    for _ in range(8):
+        tok = model.step(tok, twin).argmax(-1)
+        ref.append(tok)
+    assert dec.slot(2).hist.shape[1] == 3
+    assert torch.equal(out, torch.stack(ref, 1))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("quant", [None, (8, None), (4, 32)])
 def test_autotune_times_fused_mode_cuda(quant, rng, monkeypatch):
     """Batch 1 on CUDA: the slot times cublas, triton_gemv and fused, keeps the fastest; whichever

@@ -39,3 +39,19 @@ def test_greedy_tokens_of_a_row_view(rng):
     buf = torch.randn(3, 130, generator=rng).to(DEV)
     x = buf[:, :100]
     assert torch.equal(greedy_tokens(x), x.argmax(-1))
+
+
+def test_greedy_tokens_record_a_history_ring(rng):
+    """history=(ring, pos): each call also stores each row's token at ring[b, pos[b] % C] and
+    advances pos[b] (the graphed greedy loop's record); rows beyond B are left alone."""
+    ring = torch.full((3, 4), -1, dtype=torch.int64, device=DEV)
+    pos = torch.zeros(3, dtype=torch.int32, device=DEV)
+    want = []
+    for _ in range(6):
+        x = torch.randn(2, 50, generator=rng).to(DEV)
+        greedy_tokens(x, history=(ring, pos))
+        want.append(x.argmax(-1))
+    assert pos.tolist() == [6, 6, 0]
+    for i, t in enumerate(want[2:], start=2):  # steps 4 and 5 overwrote slots 0 and 1
+        assert torch.equal(ring[:2, i % 4], t)
+    assert ring[2].tolist() == [-1] * 4
