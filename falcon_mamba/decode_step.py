@@ -205,8 +205,14 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     ops = _ops()
     c = model.config
     D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
-    h = model.backbone.embeddings(tokens_B)
-    hbuf = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # the fp32 residual stream
+    emb = model.backbone.embeddings
+    gather = (type(emb) is torch.nn.Embedding and emb.weight.is_contiguous() and tokens_B.dim() == 1
+              and tokens_B.dtype == torch.int64 and tokens_B.is_contiguous()
+              and len(model.backbone.layers) > 0)
+    # the first norm gathers the token embeddings itself (rows=): one launch fewer per step
+    h = emb.weight if gather else emb(tokens_B)
+    B = tokens_B.shape[0]
+    hbuf = torch.empty(B, c.hidden_size, dtype=torch.float32, device=h.device)  # the fp32 residual stream
     out = None
     norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
     fold = conv_fold and gemv and tokens_B.shape[0] == 1
@@ -215,9 +221,9 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     for i, blk in enumerate(model.backbone.layers):
         m = blk.mixer
         # the packed int4 GEMVs read their input also in a pair layout written by its producer
-        pin = _pairs_buffer(m.in_proj, h.shape[0], blk.norm.weight.dtype, h.device, gemv)
+        pin = _pairs_buffer(m.in_proj, B, blk.norm.weight.dtype, h.device, gemv)
         u = ops.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps, round_to=blk.norm.weight.dtype,
-                             h_out=hbuf, pairs_out=pin)
+                             h_out=hbuf, pairs_out=pin, rows=tokens_B if gather and i == 0 else None)
         h = hbuf
         xdbl = None
         if pin is not None and not fold:  # packed int4 in_proj: the conv step as its epilogue

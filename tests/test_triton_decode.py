@@ -267,3 +267,19 @@ def test_model_forward_fused_add_norm_cuda(dtype, monkeypatch, rng):
     assert_close(lf, lr, rtol, atol, "logits fused add+norm")
     assert_close(sf.ssm, sr.ssm, rtol, atol, "ssm state")
     assert_close(sf.conv.float(), sr.conv.float(), rtol, atol, "conv state")
+
+
+def test_rms_rows_gathers_table_rows(rng):
+    """rows=: row r of the input is table[rows[r]] (the decode step's token embeddings), the same
+    result as gathering first; x_out receives the gathered rows in fp32."""
+    from falcon_mamba.ops import triton_decode
+
+    table = torch.randn(50, 48, generator=rng).to(torch.bfloat16)
+    idx = torch.tensor([3, 49, 3, 0], dtype=torch.int64)
+    w = torch.randn(48, generator=rng).to(torch.bfloat16)
+    xo, xo2 = torch.empty(4, 48), torch.empty(4, 48)
+    y = triton_decode.rms_rows(table, w, 1e-5, x_out=xo, round_in=torch.bfloat16, round_y=torch.bfloat16,
+                               rows=idx)
+    ref = triton_decode.rms_rows(table[idx], w, 1e-5, x_out=xo2, round_in=torch.bfloat16,
+                                 round_y=torch.bfloat16)
+    assert y.shape == (4, 48) and torch.equal(y, ref) and torch.equal(xo, xo2)

@@ -128,11 +128,13 @@ def mixer_ssm_step(state_BDN, x_BD, z_BD, xdbl_BE, W_dt_DR, dt_bias_D, A_log_DN,
 
 
 @_guard
-def add_rms_norm(h_BH, out_BH, weight_H, eps, *, round_to, h_out=None, out_dtype=None, pairs_out=None):
+def add_rms_norm(h_BH, out_BH, weight_H, eps, *, round_to, h_out=None, out_dtype=None, pairs_out=None,
+                 rows=None):
     """Residual add then RMSNorm (see fused_reference.add_rms_norm): returns the normed rows;
     writes h + out (fp32) to h_out when given. round_to: the dtype the block norm sees (None for
     norm_f, which reads the fp32 stream). pairs_out: one row again in the packed int4 GEMV's pair
-    layout (triton_decode.rms_rows)."""
+    layout; rows (B,) int64: h_BH is a table and row b is h_BH[rows[b]] (the token embeddings;
+    triton_decode.rms_rows)."""
     return triton_decode.rms_rows(h_BH, weight_H, eps, residual=out_BH, x_out=h_out,
                                   round_in=round_to, round_y=round_to,
-                                  out_dtype=out_dtype or weight_H.dtype, pairs_out=pairs_out)
+                                  out_dtype=out_dtype or weight_H.dtype, pairs_out=pairs_out, rows=rows)

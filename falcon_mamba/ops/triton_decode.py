@@ -257,12 +257,15 @@ def _ssm_step_kernel(
 def _rms_kernel(x_ptr, res_ptr, w_ptr, xo_ptr, y_ptr, M, H, eps, sx, sres, sxo, sy,
                 BR: tl.constexpr, BH: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                 WRITE_X: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, PDL: tl.constexpr,
-                yp_ptr=None, PAIRS: tl.constexpr = False):
+                yp_ptr=None, PAIRS: tl.constexpr = False, idx_ptr=None, IDX: tl.constexpr = False):
     dep_sync(PDL)
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     cols = tl.arange(0, BH)
     m = (rows < M)[:, None] & (cols < H)[None, :]
-    xv = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    xrows = rows
+    if IDX:  # row r of x is row idx[r] of the table x_ptr (the token embeddings)
+        xrows = tl.load(idx_ptr + rows, mask=rows < M, other=0).to(tl.int64)
+    xv = tl.load(x_ptr + xrows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         xv += tl.load(res_ptr + rows[:, None] * sres + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if WRITE_X:
@@ -398,18 +401,22 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
 
 
 def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_y=None,
-             out_dtype=None, pairs_out=None) -> torch.Tensor:
+             out_dtype=None, pairs_out=None, rows=None) -> torch.Tensor:
     """RMSNorm over the last dim of a row-major (M, H) view: y = [weight *] round_y(rms(round_in(x
     [+ residual]))). Writes x + residual (fp32) to x_out when given. Returns y in out_dtype.
     pairs_out (H,) in y's dtype, one row only: y again in the packed int4 GEMV's pair layout
-    (_pair_index; H a multiple of 8)."""
+    (_pair_index; H a multiple of 8). rows (M,) int64: x is a table (V, H) and row r is x[rows[r]]
+    (the decode step's token embeddings, gathered by the norm instead of a launch of their own)."""
     H = x.shape[-1]
     x2 = x.reshape(-1, H)
-    M = x2.shape[0]
+    M = x2.shape[0] if rows is None else rows.numel()
+    lead = tuple(x.shape[:-1]) if rows is None else (M,)
+    if rows is not None:
+        assert x.dim() == 2 and rows.dtype == torch.int64 and rows.is_contiguous()
     out_dtype = out_dtype or x.dtype
     y = torch.empty(M, H, dtype=out_dtype, device=x.device)
     if M == 0:
-        return y.reshape(x.shape)
+        return y.reshape(*lead, H)
     r2 = residual.reshape(-1, H) if residual is not None else None
     xo = x_out.reshape(-1, H) if x_out is not None else None
     BH = triton.next_power_of_2(H)
@@ -424,8 +431,9 @@ def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_
         num_warps=((RMS_WARPS_B1 if M == 1 else RMS_WARPS) if BH * BR >= 2048
                    else (4 if BH * BR >= 512 else 1)),
         **pdl.launch_kwargs(x.device), **_pairs_kwargs(pairs_out, M, H, out_dtype),
+        **({"idx_ptr": rows, "IDX": True} if rows is not None else {}),
     )
-    return y.reshape(*x.shape[:-1], H)
+    return y.reshape(*lead, H)
 
 
 def _pairs_kwargs(pairs_out, rows: int, width: int, dtype) -> dict:
