@@ -29,18 +29,22 @@ from falcon_mamba.decode_graph import GraphDecoder  # noqa: E402
 from falcon_mamba.model import FalconMamba  # noqa: E402
 from falcon_mamba.ops import triton_decode as D  # noqa: E402
 from falcon_mamba.ops import triton_gemv as G  # noqa: E402
+from falcon_mamba.ops import triton_gemv_i4 as I  # noqa: E402
 from falcon_mamba.quant import quantize_model  # noqa: E402
 
 # (label, mode, first block before the PDL wait in (in_proj, out_proj, lm_head) (None: as tuned),
-# module constants set for the variant: D triton_decode, S decode_step)
+# module constants set for the variant: D triton_decode, S decode_step, I triton_gemv_i4)
 T = (None, None, None)
 VARIANTS = {
     "int4": [
         ("base", "triton", T, {}),
         ("xp", "triton_xp", T, {}),
-        ("xp, out_proj first block before the wait", "triton_xp", (True, True, True), {}),
+        ("xp, lm_head first block after the wait", "triton_xp", (None, None, False), {}),
+        ("xp, ssm 8 channels", "triton_xp", T, {"S.XP_SSM_BLOCK_D": 8}),
         ("xp, ssm 32 channels", "triton_xp", T, {"S.XP_SSM_BLOCK_D": 32}),
-        ("xp, rms 8 warps", "triton_xp", T, {"D.RMS_WARPS_B1": 8}),
+        ("xp, ssm 8 warps", "triton_xp", T, {"D.SSM_WARPS": 8}),
+        ("xp, x_proj programs 4 x 2048", "triton_xp", T, {"I.XP_BN": 4, "I.XP_BK": 2048}),
+        ("xp, x_proj programs 16 x 512", "triton_xp", T, {"I.XP_BN": 16, "I.XP_BK": 512}),
         ("xp again", "triton_xp", T, {}),
     ],
     "bf16": [
@@ -56,7 +60,7 @@ VARIANTS = {
         ("triton again", "triton", T, {}),
     ],
 }
-MODULES = {"D": D, "S": S}
+MODULES = {"D": D, "S": S, "I": I}
 
 
 @torch.no_grad()
