@@ -41,6 +41,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
+from falcon_mamba.ops.triton_decode import _pair_index
 from falcon_mamba.ops.triton_gemv import _finish, _split8
 
 
@@ -114,10 +115,16 @@ def _block_dot(wd, sc, zp, x_ptr, xp_ptr, n, k0, K: tl.constexpr, KL: tl.constex
         # the producer wrote x as pair planes (4, KL / 8) int32: loaded in the weight tile's shape
         # (same addresses on every row: a layout the compiler shares with the weight tile)
         xo = k0 // 8 + tl.arange(0, BW)[None, :] + 0 * n[:, None]
-        x0 = tl.load(xp_ptr + xo)
-        x1 = tl.load(xp_ptr + KL // 8 + xo)
-        x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)
-        x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)
+        if XCG:  # written by other programs of this launch: from L2, not L1
+            x0 = tl.load(xp_ptr + xo, cache_modifier=".cg")
+            x1 = tl.load(xp_ptr + KL // 8 + xo, cache_modifier=".cg")
+            x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo, cache_modifier=".cg")
+            x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo, cache_modifier=".cg")
+        else:
+            x0 = tl.load(xp_ptr + xo)
+            x1 = tl.load(xp_ptr + KL // 8 + xo)
+            x2 = tl.load(xp_ptr + 2 * (KL // 8) + xo)
+            x3 = tl.load(xp_ptr + 3 * (KL // 8) + xo)
     else:
         kx = k0 + 8 * tl.arange(0, BW)[:, None] + tl.arange(0, 8)[None, :]  # (BW, 8): k = 8w + i
         if MASK_X:
@@ -159,7 +166,7 @@ def _gemv_i4x2_kernel(
     CONV: tl.constexpr = False, CK: tl.constexpr = 2, HAS_CB: tl.constexpr = False,
     xw_ptr=None, xs_ptr=None, xz_ptr=None, xs_wn=0, xs_sn=0, xpart_ptr=None, xcnt_ptr=None, xy_ptr=None,
     XP: tl.constexpr = False, XN: tl.constexpr = 1, XK: tl.constexpr = 8, XGROUP: tl.constexpr = 32,
-    XBN: tl.constexpr = 16, XBK: tl.constexpr = 1024, NXH: tl.constexpr = 1,
+    XBN: tl.constexpr = 16, XBK: tl.constexpr = 1024, NXH: tl.constexpr = 1, xcp_ptr=None,
     PRE: tl.constexpr = True,
 ):
     # w_ptr: the packed codes as int32 words (N, KL / 8), row stride s_wn words; scales (N, KL / G)
@@ -171,8 +178,8 @@ def _gemv_i4x2_kernel(
     # programs are dispatched right after the x half they wait for and run while the z half streams
     NXP: tl.constexpr = ((XN + XBN - 1) // XBN) * (XK // XBK) if XP else 0
     if XP and pid >= NXH and pid < NXH + NXP:
-        _xproj_program(pid - NXH, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr,
-                       xy_ptr, XN, XK, XGROUP, XBN, XBK, NXH, PDL)
+        _xproj_program(pid - NXH, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xcp_ptr, xpart_ptr, xcnt_ptr,
+                       xy_ptr, XN, XK, XGROUP, XBN, XBK, NXH, ASM, PDL)
     else:
         if XP and pid >= NXH:
             pid -= NXP
@@ -194,20 +201,27 @@ def _gemv_i4x2_kernel(
         if XP:
             if pid < NXH:  # this program's xc is stored: count it for the x_proj programs
                 tl.debug_barrier()
+                if ASM:  # and again in the pair layout the x_proj programs' packed products read
+                    mx = mn & (n < D)
+                    xcv = tl.load(xc_ptr + n, mask=mx, other=0.0)
+                    tl.store(xcp_ptr + _pair_index(n, XK // 8), xcv, mask=mx)
+                    tl.debug_barrier()
                 tl.atomic_add(xcnt_ptr + (XN + XBN - 1) // XBN, 1, sem="release", scope="gpu")
 
 
 @triton.jit
-def _xproj_program(q, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, xcnt_ptr, xy_ptr,
+def _xproj_program(q, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xcp_ptr, xpart_ptr, xcnt_ptr, xy_ptr,
                    XN: tl.constexpr, XK: tl.constexpr, XGROUP: tl.constexpr, XBN: tl.constexpr,
-                   XBK: tl.constexpr, NXH: tl.constexpr, PDL: tl.constexpr):
+                   XBK: tl.constexpr, NXH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # x_proj program q: rows rb * XBN.., K block s of xdbl (XN,) = W_x (XN, XK) @ xc (XK,), W_x int4.
     # It loads its weight block, waits until the NXH in_proj programs of the x half have stored xc
     # (a counter they release-increment; these programs come after them in the grid, so the ones
-    # they wait for were dispatched before them), takes its block's products in fp32 (the interpreter's
-    # data flow, as the fp32 int4 kernel computes: x_proj feeds dt, B and C), stores the partial
-    # sum, and the last program of a row block (ticket) adds the XK / XBK partials in order and
-    # stores the rows. The last x_proj program resets the counters: every launch leaves them zero.
+    # they wait for were dispatched before them), takes its block's products (on a GPU packed bf16
+    # products of single words, CH 1, from the pair copy of xc those programs also store: 0.25% of
+    # the output norm, against int4's own ~7% weight error; fp32 products from xc in the
+    # interpreter), stores the partial sum, and the last program of a row block (ticket) adds the
+    # XK / XBK partials in order and stores the rows. The last x_proj program resets the counters:
+    # every launch leaves them zero.
     SPL: tl.constexpr = XK // XBK
     NRB: tl.constexpr = (XN + XBN - 1) // XBN
     rb = q // SPL
@@ -215,13 +229,20 @@ def _xproj_program(q, xw_ptr, xs_ptr, xz_ptr, xs_wn, xs_sn, xc_ptr, xpart_ptr, x
     n = rb * XBN + tl.arange(0, XBN)
     mn = n < XN
     wd, sc, zp = _wtile(xw_ptr, xs_ptr, xz_ptr, n.to(tl.int64) * xs_wn, n, mn, xs_sn, s * XBK, XGROUP, XBN,
-                        XBK, False, False)
+                        XBK, False, ASM)
     dep_sync(PDL)
     c = tl.atomic_add(xcnt_ptr + NRB, 0, sem="acquire", scope="gpu")
     while c < NXH:
         c = tl.atomic_add(xcnt_ptr + NRB, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
-    acc = _block_dot(wd, sc, zp, xc_ptr, xc_ptr, n, s * XBK, XK, XK, XBN, XBK, 1, False, False, False, True)
+    # GPU: packed products of single words (CH 1: 0.25% of the output norm) from xc's pair copy;
+    # the interpreter: the fp32 data flow from xc
+    k0 = s * XBK
+    if ASM:
+        xpi = xcp_ptr.to(tl.pointer_type(tl.int32))
+        acc = _block_dot(wd, sc, zp, xc_ptr, xpi, n, k0, XK, XK, XBN, XBK, 1, False, True, True, True)
+    else:
+        acc = _block_dot(wd, sc, zp, xc_ptr, xc_ptr, n, k0, XK, XK, XBN, XBK, 1, False, False, False, True)
     tl.store(xpart_ptr + s * XN + n, tl.sum(acc, axis=1), mask=mn)
     tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
     ticket = tl.atomic_add(xcnt_ptr + rb, 1, sem="acq_rel", scope="gpu")
@@ -297,7 +318,8 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
         xwords = xw.w.view(torch.int32)
         grid += nrb * (D // bk)
         part = torch.empty(D // bk, xw.N, dtype=torch.float32, device=dev)
-        xargs = dict(xw_ptr=xwords, xs_ptr=xw.scales, xz_ptr=xw.zeros, xs_wn=xwords.stride(0),
+        xargs = dict(xw_ptr=xwords, xcp_ptr=torch.empty(D, dtype=x.dtype, device=dev) if asm else None,
+                     xs_ptr=xw.scales, xz_ptr=xw.zeros, xs_wn=xwords.stride(0),
                      xs_sn=xw.scales.stride(0), xpart_ptr=part,
                      xcnt_ptr=_ticket_buffer(dev, nrb + 2), xy_ptr=xy, XP=True, XN=xw.N, XK=D,
                      XGROUP=xw.group, XBN=XP_BN, XBK=bk, NXH=D // cfg.bn)
