@@ -496,13 +496,14 @@ TUNED: dict[tuple[str, int, int, bool], GemvConfig] = {
     # sweep of commit 4ace7e3, reading x's pair layout as the decode step gives it): in_proj 14.4 us
     # (fp32 kernel 20.9), out_proj 8.7 (12.3), lm_head 48.8 (67.1); the prologue tiles (fused mode)
     # and x_proj stay on the fp32 kernel: fused in_proj 38.7, x_proj 5.1, lm_head with norm_f 89.7.
-    # out_proj loads its first block after the PDL wait (pre=False): ~0.2 us less per layer in the
-    # graphed step (its early loads competed with the SSM step's; results/dev-runs/h100-sweep-xproj-94ceb06)
+    # out_proj and lm_head load their first block after the PDL wait (pre=False): ~0.2 us less per
+    # layer / ~4 us per token in the graphed step (early loads compete with the previous kernel's;
+    # results/dev-runs/h100-sweep-xproj-94ceb06.json, -e5d3771.json)
     ("int4g128", 16384, 4096, False): GemvConfig(bn=8, bk=1024, i4x2=4),
     ("int4g128", 16384, 4096, True): _T(16, 1024, xs=True),
     ("int4g128", 4096, 8192, False): GemvConfig(bn=4, bk=2048, i4x2=4, pre=False),
     ("int4g128", 288, 8192, False): _T(16, 1024, split=8, xs=True),  # 5.1 us (5.8)
-    ("int4g128", 65024, 4096, False): GemvConfig(bn=8, bk=1024, i4x2=4),
+    ("int4g128", 65024, 4096, False): GemvConfig(bn=8, bk=1024, i4x2=4, pre=False),
     ("int4g128", 65024, 4096, True): _T(16, 1024, xs=True),  # 89.7 us (strided input 128.3)
 }
 NUM_SMS_FALLBACK = 132  # interpreter runs: any value works
