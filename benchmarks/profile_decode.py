@@ -81,21 +81,32 @@ def critical_path(prof, layers: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["added_us_per_layer"])
 
 
+def random_7b(layers: int):
+    """A random bf16 Falcon Mamba 7B-shaped model with this many layers on the GPU (seed 0)."""
+    torch.manual_seed(0)
+    cfg = PRESETS["falcon-mamba-7b"].replace(num_hidden_layers=layers)
+    with torch.device("cuda"):
+        return FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
+
+
+def in_format(base, fmt: str):
+    """base itself for bf16, else a quantized copy (int8 per channel, int4 g128)."""
+    if fmt == "bf16":
+        return base
+    return quantize_model(copy.deepcopy(base), 8 if fmt == "int8" else 4, None if fmt == "int8" else 128)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--formats", default="bf16,int8,int4")
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    cfg = PRESETS["falcon-mamba-7b"].replace(num_hidden_layers=args.layers)
-    with torch.device("cuda"):
-        base = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
+    base = random_7b(args.layers)
     res = {"layers": args.layers, "gpu": torch.cuda.get_device_name(0),
            "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "formats": {}}
     for fmt in args.formats.split(","):
-        model = base if fmt == "bf16" else quantize_model(copy.deepcopy(base), 8 if fmt == "int8" else 4,
-                                                          None if fmt == "int8" else 128)
+        model = in_format(base, fmt)
         r = profile(model, args.layers)
         res["formats"][fmt] = r
         print(f"\n== {fmt}: mode {r['mode']} pdl {r['pdl']}, step {r['step_ms']:.3f} ms "

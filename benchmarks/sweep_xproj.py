@@ -13,7 +13,6 @@ CUDA events (3 repeats, best); each format's first variant is timed again last.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -22,15 +21,15 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from profile_decode import in_format, random_7b  # noqa: E402
 
 from falcon_mamba import decode_step as S  # noqa: E402
-from falcon_mamba.config import PRESETS  # noqa: E402
 from falcon_mamba.decode_graph import GraphDecoder  # noqa: E402
-from falcon_mamba.model import FalconMamba  # noqa: E402
 from falcon_mamba.ops import triton_decode as D  # noqa: E402
 from falcon_mamba.ops import triton_gemv as G  # noqa: E402
 from falcon_mamba.ops import triton_gemv_i4 as I  # noqa: E402
-from falcon_mamba.quant import quantize_model  # noqa: E402
 
 # (label, mode, first block before the PDL wait in (in_proj, out_proj, lm_head) (None: as tuned),
 # module constants set for the variant: D triton_decode, S decode_step, I triton_gemv_i4)
@@ -86,10 +85,7 @@ def main() -> int:
     ap.add_argument("--formats", default="int4")
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    cfg = PRESETS["falcon-mamba-7b"].replace(num_hidden_layers=args.layers)
-    with torch.device("cuda"):
-        base = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
+    base = random_7b(args.layers)
     os.environ["FALCON_MAMBA_PDL"] = "1"
     keys = {k: G.TUNED[k] for k in (("int4g128", 16384, 4096, False), ("int4g128", 4096, 8192, False),
                                     ("int4g128", 65024, 4096, False))}
@@ -99,8 +95,7 @@ def main() -> int:
     res = {"layers": args.layers, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "runs": []}
     for fmt in args.formats.split(","):
-        model = base if fmt == "bf16" else quantize_model(copy.deepcopy(base), 8 if fmt == "int8" else 4,
-                                                          None if fmt == "int8" else 128)
+        model = in_format(base, fmt)
         for label, mode, (pin, pout, plm), consts in VARIANTS[fmt]:
             os.environ["FALCON_MAMBA_GEMV"] = mode
             for k, v in {**defaults, **consts}.items():
