@@ -251,6 +251,10 @@ class GraphDecoder:
             raise ValueError(f"tokens must be (batch,) = ({state.batch_size},), got {tuple(tokens_B.shape)}")
         if state.device != self.model.device:
             raise ValueError(f"state is on {state.device} but the model is on {self.model.device}")
+        V = self.model.config.vocab_size
+        if tokens_B.numel() and (int(tokens_B.min()) < 0 or int(tokens_B.max()) >= V):
+            # the step's first norm gathers embedding rows without bounds checks
+            raise ValueError(f"token ids must be in [0, {V}), got {tokens_B.tolist()}")
 
     def step(self, tokens_B: torch.Tensor, state: State) -> torch.Tensor:
         """Like model.step: tokens (B,) -> logits (B, V) fp32 (a fresh tensor); state advances."""

@@ -134,6 +134,18 @@ def test_decoder_refuses_xproj_merge_where_it_cannot_run(rng, monkeypatch):
         GraphDecoder(model, use_graph=False).slot(1)
 
 
+def test_decoder_rejects_token_ids_outside_the_vocab(rng):
+    """The step gathers embedding rows itself: an id outside [0, vocab) is a ValueError that says so."""
+    model = _model("tiny")
+    dec = GraphDecoder(model, use_graph=False)
+    state = _prefilled(model, 1, rng)
+    for bad in (model.config.vocab_size, -1):
+        with pytest.raises(ValueError, match="token ids must be in"):
+            dec.step(torch.tensor([bad]), state)
+        with pytest.raises(ValueError, match="token ids must be in"):
+            dec.greedy(torch.tensor([bad]), state, 2)
+
+
 def test_hook_declines_on_cpu(rng):
     model = _model("tiny")
     state = _prefilled(model, 1, rng)
