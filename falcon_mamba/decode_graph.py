@@ -6,10 +6,12 @@ Legend: B batch (Bb: its bucket), nL layers, K conv taps, D inner width, N state
 ``GraphDecoder`` captures decode_step.fast_step once per bucket (1, 2, 4, ... 256 rows) over static
 buffers: the token ids, the conv state (nL, Bb, K-1, D), the SSM state (nL, Bb, D, N) and the logits.
 A State handed to ``step`` is *bound* to its bucket: its rows are copied in once and its tensors become
-views of the static buffers, so later steps replay the graph with no copies and no host
-synchronisation. A State that loses its bucket to another one gets its tensors back as private
+views of the static buffers, so later steps replay the graph with no copies (the token ids are
+range-checked on the host: one synchronisation per ``step`` call, one per ``greedy`` call). A State
+that loses its bucket to another one gets its tensors back as private
 copies first, so states never alias. The graph also writes the greedy next token into the token
-buffer, so ``greedy`` runs n steps as n replays with nothing read back until the end. At batch 1
+buffer and (CUDA) into a ring of HISTORY steps per row, so ``greedy`` runs n steps as n replays with
+nothing launched between them and nothing read back until the end. At batch 1
 the slot times the step's projection modes (and programmatic dependent launch on/off) and keeps the
 fastest whose logits agree with the cuBLAS path.
 """
