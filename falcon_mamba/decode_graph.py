@@ -254,8 +254,9 @@ class GraphDecoder:
         if state.device != self.model.device:
             raise ValueError(f"state is on {state.device} but the model is on {self.model.device}")
         V = self.model.config.vocab_size
-        if tokens_B.numel() and (int(tokens_B.min()) < 0 or int(tokens_B.max()) >= V):
-            # the step's first norm gathers embedding rows without bounds checks
+        # the step's first norm gathers embedding rows without bounds checks; one read-back for both
+        lo, hi = torch.stack(torch.aminmax(tokens_B)).tolist() if tokens_B.numel() else (0, 0)
+        if lo < 0 or hi >= V:
             raise ValueError(f"token ids must be in [0, {V}), got {tokens_B.tolist()}")
 
     def step(self, tokens_B: torch.Tensor, state: State) -> torch.Tensor:
