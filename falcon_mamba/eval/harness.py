@@ -1,22 +1,18 @@
 """lm-evaluation-harness model "falcon-mamba": loglikelihood, loglikelihood_rolling, generate_until.
 
-After ``pip install "falcon-mamba[eval]"`` (or ``pip install -e ".[dev]"``) lm-eval's own command finds
-the model by name, with no extra step:
+Three ways in, after ``pip install "falcon-mamba[eval]"`` (or ``pip install -e ".[dev]"``):
 
-    lm_eval --model falcon-mamba --model_args pretrained=FOLDER,dtype=bfloat16 \\
-        --tasks hellaswag --batch_size 16
-    falcon-mamba eval harness --model falcon-mamba ...            (the same CLI, also without the hook)
-    python -m falcon_mamba.eval.harness --model falcon-mamba ...  (the same)
+    falcon-mamba eval harness --model falcon-mamba --model_args pretrained=FOLDER,dtype=bfloat16 \\
+        --tasks hellaswag --batch_size 16          (lm-eval's own CLI, with the model registered)
+    python -m falcon_mamba.eval.harness ...        (the same)
+    lm_eval.simple_evaluate(model=FalconMambaLM(pretrained=FOLDER), tasks=[...])   (Python)
 
-lm-eval (0.4.13 checked) reads no plugin entry points: it knows only the models in its own table and
-those registered by code already imported. The install therefore ships a startup hook
-(``falcon_mamba_lm_eval.pth`` -> ``_falcon_mamba_lm_eval.py``) that adds "falcon-mamba" to the registry
-as a lazy ``"falcon_mamba.eval.harness:FalconMambaLM"`` entry right after ``lm_eval.models`` is
-imported; importing this module (``register_model`` below) replaces that entry with the class. The
-``lm_eval.models`` entry point in pyproject.toml is for lm-eval versions that read entry points.
-
-From Python: ``lm_eval.simple_evaluate(model="falcon-mamba", model_args={"pretrained": FOLDER},
-tasks=[...])`` (with the hook installed; else ``import falcon_mamba.eval.harness`` first).
+Importing this module registers "falcon-mamba" in lm-eval's model registry, so after
+``import falcon_mamba.eval.harness`` also ``simple_evaluate(model="falcon-mamba", ...)`` works.
+lm-eval (0.4.13 checked) reads no plugin entry points, so a plain ``lm_eval --model falcon-mamba``
+cannot find the model by itself; the ``lm_eval.models`` entry point in pyproject.toml is for
+lm-eval versions that read them. (No start-up hook is installed: code that would run at every
+Python start of a user's environment is not ours to add.)
 
 Model args: pretrained (folder or Hub id; default: the embedded model), device, dtype, batch_size,
 max_gen_toks (256), chunk_size (tokens per forward chunk, 2048).
@@ -46,7 +42,7 @@ from lm_eval.api.registry import model_registry, register_model
 from tqdm import tqdm
 
 LOGITS_BUDGET = 1 << 27  # fp32 logits elements held at once (512 MB) when scoring a batch
-ALIASES = ("falcon-mamba", "falcon_mamba")  # the names lm-eval's --model accepts (also in the hook)
+ALIASES = ("falcon-mamba", "falcon_mamba")  # the names lm-eval's --model accepts
 
 
 class FalconMambaLM(TemplateLM):
@@ -206,12 +202,11 @@ class FalconMambaLM(TemplateLM):
 
 if __name__ == "__main__":
     # Run as `python -m falcon_mamba.eval.harness`, this file's class is a copy that cannot be imported
-    # by name (__main__.FalconMambaLM); register the importable one lazily, as the startup hook does.
+    # by name (__main__.FalconMambaLM); register the importable one lazily.
     for _alias in ALIASES:
         if _alias not in model_registry:
             model_registry.register(_alias, target="falcon_mamba.eval.harness:FalconMambaLM")
 else:
-    # Upgrades the hook's lazy "falcon_mamba.eval.harness:FalconMambaLM" entries to the class itself.
     register_model(*ALIASES)(FalconMambaLM)
 
 

@@ -64,6 +64,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
+from falcon_mamba.ops.triton_helpers import mask_and
 from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _conv_window, _round
 from falcon_mamba.ops.triton_decode import _ld as _vload  # a masked-or-not vector load
 
@@ -227,7 +228,7 @@ def _gemv_kernel(
             if HAS_RES:
                 v += tl.load(res_ptr + k, mask=mk, other=0.0).to(tl.float32)
             if WRITE_H:
-                tl.store(hout_ptr + k, v, mask=mk & first)
+                tl.store(hout_ptr + k, v, mask=mask_and(mk, first))
             v = _round(v, ROUND_IN)
             ssq += v * v
         rstd = tl.rsqrt(tl.sum(ssq, axis=0) / K + eps)

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_mamba.ops.triton_helpers import mask_and
+
 LOG2E = 1.4426950408889634
 
 # Launch defaults (tuned on the H100; see benchmarks/NOTES.md).
@@ -134,7 +136,7 @@ def _scan_fwd_kernel(
             Y = tl.zeros((T, BD), tl.float32)
         for i in tl.static_range(T):
             ok = (t0 + i) < t_end
-            m = md & ok
+            m = mask_and(md, ok)
             xv = tl.load(x_p, mask=m, other=0.0).to(tl.float32)
             v = tl.load(dt_p, mask=m, other=0.0).to(tl.float32)
             if HAS_DTB:
@@ -276,7 +278,7 @@ def _scan_bwd_kernel(
         while i < CHKS:
             t = (tstart + i).to(tl.int64)
             ok = t < L
-            m = md & ok
+            m = mask_and(md, ok)
             xv = tl.load(x_ptr + b * sx_b + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
             v = tl.load(dt_ptr + b * sdt_b + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
             if HAS_DTB:
@@ -304,7 +306,7 @@ def _scan_bwd_kernel(
             i = CHKS - 1 - j
             t = (tstart + i).to(tl.int64)
             ok = t < L
-            m = md & ok
+            m = mask_and(md, ok)
             xv = tl.load(x_ptr + b * sx_b + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
             v = tl.load(dt_ptr + b * sdt_b + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
             if HAS_DTB:
@@ -326,7 +328,7 @@ def _scan_bwd_kernel(
             h_prev = h_start
             for k in tl.static_range(N):
                 h_t = tl.where(nn == k, tl.load(scr_base + (i * N + k) * BD)[None, :], h_t)
-                hp_k = tl.load(scr_base + ((i - 1) * N + k) * BD, mask=i > 0, other=0.0)
+                hp_k = tl.load(scr_base + ((i - 1) * N + k) * BD, mask=mask_and(md, i > 0), other=0.0)
                 h_prev = tl.where((nn == k) & (i > 0), hp_k[None, :], h_prev)
             if HAS_RST:
                 r = tl.load(rst_ptr + b * sr_b + t * sr_l, mask=ok, other=0)
@@ -361,8 +363,8 @@ def _scan_bwd_kernel(
             ddtb_acc += dv
             tl.store(dx_ptr + (b * L + t) * D + d, dxv.to(dx_ptr.dtype.element_ty), mask=m)
             tl.store(ddt_ptr + (b * L + t) * D + d, dv.to(ddt_ptr.dtype.element_ty), mask=m)
-            tl.atomic_add(db_ptr + (b * L + t) * N + n, dB, mask=mn & ok)
-            tl.atomic_add(dc_ptr + (b * L + t) * N + n, dC, mask=mn & ok)
+            tl.atomic_add(db_ptr + (b * L + t) * N + n, dB, mask=mask_and(mn, ok))
+            tl.atomic_add(dc_ptr + (b * L + t) * N + n, dC, mask=mask_and(mn, ok))
             g = g * a  # dL/dh_{t-1} through the decay ...
             if HAS_RST:
                 g = tl.where(r != 0, 0.0, g)  # ... unless t started a new document
