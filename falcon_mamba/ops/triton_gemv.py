@@ -64,9 +64,9 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_helpers import mask_and
 from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _conv_window, _round
 from falcon_mamba.ops.triton_decode import _ld as _vload  # a masked-or-not vector load
+from falcon_mamba.ops.triton_helpers import mask_and
 
 
 @triton.jit
