@@ -164,6 +164,9 @@ def test_ssm_step_quantized_dt(rng):
     check_ssm_quant_dt(2, 40, 5, 24, 4, 32, torch.float32, rng, rb=8)
     check_ssm_quant_dt(1, 20, 4, 23, 4, 32, torch.bfloat16, rng, norm=False, conv=True)
     check_ssm_quant_dt(1, 24, 4, 40, 4, 32, torch.float32, rng, rb=16)  # two groups, group index per column
+    # two groups inside one 64-wide slice (each group's scale repeated over its columns), the second
+    # partial (R 50 of 64): as the 7B's 256-wide slice of two g128 groups
+    check_ssm_quant_dt(1, 24, 4, 50, 4, 32, torch.float32, rng)
     check_ssm_quant_dt(5, 20, 4, 24, 4, 32, torch.float32, rng)
 
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
 BLOCK = 4096
 
@@ -67,5 +68,5 @@ def greedy_tokens(logits: torch.Tensor, out: torch.Tensor | None = None,
         assert ring.stride(1) == 1
         hist = dict(hist_ptr=ring, pos_ptr=pos, s_hist=ring.stride(0), HCAP=ring.shape[1], HIST=True)
     _argmax_kernel[(B,)](logits, out, logits.stride(0), V=V, BLOCK=min(BLOCK, triton.next_power_of_2(V)),
-                         num_warps=8, **pdl.launch_kwargs(logits.device), **hist)
+                         num_warps=8, **pdl.launch_kwargs(logits.device), **hist, **LAUNCH_OPTIONS)
     return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
+
 BLOCK_L = 32
 BLOCK_D = 128
 WARPS = 4
@@ -114,7 +116,7 @@ def conv_fwd(x_BLD, weight_DK, bias_D, conv_state_BKD=None, silu=True, reset_BL=
         rst.stride(0) if rst is not None else 0, rst.stride(1) if rst is not None else 0,
         w.stride(0),
         K=K, BL=BLOCK_L, BD=BLOCK_D, HAS_BIAS=bias_D is not None, HAS_STATE=st is not None,
-        HAS_RST=rst is not None, SILU=silu, num_warps=WARPS,
+        HAS_RST=rst is not None, SILU=silu, num_warps=WARPS, **LAUNCH_OPTIONS,
     )
     return y
 

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 from falcon_mamba.ops.triton_scan import _softplus
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -142,10 +143,20 @@ def _dt_tile(w_ptr, sc_ptr, zp_ptr, d, md, r0, R, swd, sws, BD: tl.constexpr, RB
         j = r0 // 2 + tl.arange(0, RB // 2)
         b = tl.load(w_ptr + d[:, None] * swd + j[None, :], mask=md[:, None] & (2 * j < R)[None, :], other=0)
         code = tl.reshape(tl.join(b & 15, b >> 4), (BD, RB))  # (BD, RB/2, 2) -> k = 2j, 2j + 1
-        m = md[:, None] & mr[None, :]
-        g = d[:, None] * sws + (r // WG)[None, :]
+        # scale and zero point per (row, group), repeated over the group's GW columns by a broadcast:
+        # gathering them per column instead ((BD, RB) loads at r // WG) made Triton 3.9 lay the whole
+        # step out around those loads (lanes along r), which spilled (benchmarks/results/
+        # triton-3.6-vs-3.9-sm90a.txt). Columns past R in the last group get its scale and zero point,
+        # not 0: their codes and their q are 0, so they add (0 - zp) * sc * 0 = 0 all the same.
+        GW: tl.constexpr = RB if RB < WG else WG
+        NG: tl.constexpr = RB // GW
+        gi = r0 // WG + tl.arange(0, NG)
+        g = d[:, None] * sws + gi[None, :]
+        m = md[:, None] & (gi * WG < R)[None, :]
         zp = tl.load(zp_ptr + g, mask=m, other=0).to(tl.float32)
         sc = tl.load(sc_ptr + g, mask=m, other=0.0).to(tl.float32)
+        zp = tl.reshape(tl.broadcast_to(zp[:, :, None], (BD, NG, GW)), (BD, RB))
+        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BD, NG, GW)), (BD, RB))
         return (code.to(tl.float32) - zp) * sc
     else:
         return tl.load(w_ptr + d[:, None] * swd + r[None, :], mask=md[:, None] & mr[None, :],
@@ -312,7 +323,7 @@ def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True) -> torch.Tenso
         conv_state_BKD, x_BD, weight_DK, bias_D if bias_D is not None else weight_DK, y, D,
         conv_state_BKD.stride(0), conv_state_BKD.stride(1), x_BD.stride(0), y.stride(0),
         weight_DK.stride(0), K=K, BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=2,
-        **pdl.launch_kwargs(x_BD.device))
+        **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS)
     return y
 
 
@@ -396,6 +407,7 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         CONV_IN=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
         ROUND_X=_ROUND.get(x_BD.dtype, 0), WQ=WQ, WG=wq.group if WQ == 4 else 1,
         num_warps=warps, **pdl.launch_kwargs(x_BD.device), **_pairs_kwargs(pairs_out, Bsz, D, y.dtype),
+        **LAUNCH_OPTIONS,
     )
     return y
 
@@ -431,7 +443,7 @@ def rms_rows(x, weight, eps, *, residual=None, x_out=None, round_in=None, round_
         num_warps=((RMS_WARPS_B1 if M == 1 else RMS_WARPS) if BH * BR >= 2048
                    else (4 if BH * BR >= 512 else 1)),
         **pdl.launch_kwargs(x.device), **_pairs_kwargs(pairs_out, M, H, out_dtype),
-        **({"idx_ptr": rows, "IDX": True} if rows is not None else {}),
+        **({"idx_ptr": rows, "IDX": True} if rows is not None else {}), **LAUNCH_OPTIONS,
     )
     return y.reshape(*lead, H)
 
@@ -457,5 +469,5 @@ def gemv(x_1K: torch.Tensor, w_NK: torch.Tensor, bn=None, bk=None, num_warps=Non
     bn = bn or GEMV_BN
     _gemv_kernel[(triton.cdiv(N, bn),)](x, w_NK, y, N, w_NK.stride(0), K=K, BN=bn, BK=bk or GEMV_BK,
                                         num_warps=num_warps or GEMV_WARPS,
-                                        num_stages=num_stages or GEMV_STAGES)
+                                        num_stages=num_stages or GEMV_STAGES, **LAUNCH_OPTIONS)
     return y

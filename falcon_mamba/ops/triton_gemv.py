@@ -66,7 +66,7 @@ from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.triton_decode import _ROUND, _conv_in, _conv_window, _round
 from falcon_mamba.ops.triton_decode import _ld as _vload  # a masked-or-not vector load
-from falcon_mamba.ops.triton_helpers import mask_and
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
 
 
 @triton.jit
@@ -737,14 +737,14 @@ def fused_gemv(weight: GemvWeight, x: torch.Tensor, *, residual: torch.Tensor | 
         CONV=conv is not None, CK=CK, HAS_CB=has_cb, CIN=cin,
         SPLIT=split, LAST=last, ROUND_OUT=round_out, XSPLIT=cfg.xsplit and words,
         RSTD_IN=rstd is not None, NEPI=norm_out is not None, NGRID=grid_n if norm_out is not None else 1,
-        num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev), **LAUNCH_OPTIONS,
     )
     if split > 1 and not last:
         RB = 1024
         _reduce_kernel[(triton.cdiv(N, RB),)](part, N, y, *cargs, SPLIT=split, BLOCK=RB, ROUND_OUT=round_out,
                                               CONV=conv is not None, CK=CK,
                                               HAS_CB=conv is not None and has_cb, num_warps=4,
-                                              **pdl.launch_kwargs(dev))
+                                              **pdl.launch_kwargs(dev), **LAUNCH_OPTIONS)
     if norm_out is not None:
         return y, nargs[0]
     if xproj is not None and conv is not None:

@@ -43,6 +43,7 @@ from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.triton_decode import _pair_index
 from falcon_mamba.ops.triton_gemv import _finish, _split8
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
 
 def _word_asm(pack: int) -> str:
@@ -332,6 +333,6 @@ def gemv_i4x2(weight, x: torch.Tensor, y: torch.Tensor, round_out: int, cfg,
         **(dict(zip(("cst_ptr", "cw_ptr", "cb_ptr", "xc_ptr", "D", "s_ck", "s_cw"), conv[0]), CONV=True,
                     CK=conv[1], HAS_CB=conv[2]) if conv is not None else {}),
         **xargs, PRE=cfg.pre,
-        num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev),
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl.launch_kwargs(dev), **LAUNCH_OPTIONS,
     )
     return y

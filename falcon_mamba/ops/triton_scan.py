@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_mamba.ops.triton_helpers import mask_and
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
 
 LOG2E = 1.4426950408889634
 
@@ -434,7 +434,8 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     NP = _np2(N)
     common = dict(N=N, NP=NP, BD=block_d, T=unroll, CHKS=CHK, HAS_Z=z is not None, HAS_D=Dv is not None,
                   HAS_DTB=dt_bias is not None, HAS_RST=rst is not None,
-                  DEFER=FWD_DEFER if defer is None else defer, num_warps=num_warps or FWD_WARPS)
+                  DEFER=FWD_DEFER if defer is None else defer, num_warps=num_warps or FWD_WARPS,
+                  **LAUNCH_OPTIONS)
     strides = (x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
                Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), y.stride(0), y.stride(1),
                rst.stride(0) if rst is not None else 0, rst.stride(1) if rst is not None else 0)
@@ -456,7 +457,7 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     # 2) carry the states across chunks (hloc becomes each chunk's initial state; hT the final one)
     _scan_carry_kernel[(triton.cdiv(D, CARRY_BLOCK_D), Bsz)](
         hloc, dsum, A, h0 if h0 is not None else hT, hT, D, NC,
-        N=N, NP=NP, BD=CARRY_BLOCK_D, HAS_H0=h0 is not None, num_warps=1)
+        N=N, NP=NP, BD=CARRY_BLOCK_D, HAS_H0=h0 is not None, num_warps=1, **LAUNCH_OPTIONS)
     # 3) every chunk again from its initial state: the outputs (and the saved states)
     _scan_fwd_kernel[grid](
         *ins, hloc, rr, y, hT, chk, dsum, L, D, CL, NC * D * N, D * N, *strides,
@@ -499,7 +500,7 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT):
         N=N, NP=NP, BD=BWD_BLOCK_D, CHKS=CHK,
         HAS_Z=z is not None, HAS_D=Dv is not None, HAS_DTB=dt_bias is not None,
         HAS_RST=rst is not None, HAS_DHT=dhT is not None,
-        num_warps=BWD_WARPS,
+        num_warps=BWD_WARPS, **LAUNCH_OPTIONS,
     )
     return (dx, ddt, dA.sum(0), dB, dC, dD.sum(0) if Dv is not None else None, dz,
             ddtb.sum(0) if dt_bias is not None else None, dh0)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
+
 DOT_MAX_M = 64
 
 
@@ -161,9 +163,10 @@ def _gemv_launch(x, qweight, scales, zeros, bits, group, K, cfg):
     stride_sn = scales.stride(0) if bits == 4 else 0
     _qgemv[(triton.cdiv(N, block_n), split)](
         x, qweight, scales, zp, out, N, K, KP, k_per_split, qweight.stride(0), stride_sn, out.stride(0),
-        BITS=bits, GROUP=group or 1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        BITS=bits, GROUP=group or 1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **LAUNCH_OPTIONS)
     if split > 1:
-        _sum_splits[(triton.cdiv(N, 1024),)](out, y, N, S=split, BLOCK=1024, num_warps=4)
+        _sum_splits[(triton.cdiv(N, 1024),)](out, y, N, S=split, BLOCK=1024, num_warps=4, **LAUNCH_OPTIONS)
     return y
 
 
@@ -178,7 +181,7 @@ def _dot_launch(x, qweight, scales, zeros, bits, group, K, cfg):
     _qmm_dot[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
         x, qweight, scales, zp, out, M, N, K, KP, x.stride(0), qweight.stride(0), stride_sn, out.stride(0),
         BITS=bits, GROUP=group or 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=x.dtype == torch.float32, num_warps=warps)
+        IEEE=x.dtype == torch.float32, num_warps=warps, **LAUNCH_OPTIONS)
     return out
 
 
