@@ -94,6 +94,10 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.f
 
         return quant_mod.load_quantized(folder, config, dtype, device)
     files = _weight_files(folder)
+    if not config.tie_word_embeddings and "lm_head.weight" not in files and _tie_unstated(folder):
+        # transformers 4.x leaves tie_word_embeddings out of config.json when it holds its default
+        # (true) and then stores no lm_head: such a folder is a tied model
+        config = config.replace(tie_word_embeddings=True)
     with torch.device("meta"):
         model = FalconMamba(config)
     want = expected_shapes(model)
@@ -104,6 +108,12 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.f
     model.eval()
     model.source = str(folder)
     return model
+
+
+def _tie_unstated(folder: Path) -> bool:
+    """Whether config.json leaves tie_word_embeddings unsaid (ModelConfig then reads Falcon Mamba as
+    untied, the 7B's setting)."""
+    return "tie_word_embeddings" not in json.loads((folder / "config.json").read_text())
 
 
 def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int, ...]],

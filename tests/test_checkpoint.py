@@ -159,6 +159,23 @@ def test_tokenizer_vocab_must_fit(saved):
     check_fits(tok, 65024)
 
 
+def test_tie_left_out_of_config_json(tmp_path):
+    # transformers 4.x writes a tied Falcon Mamba without the key (its default is true) and without
+    # lm_head: that folder loads as tied; with lm_head stored, the missing key still means untied
+    torch.manual_seed(0)
+    for tied in (True, False):
+        model = fm.FalconMamba(fm.get_preset("tiny").replace(tie_word_embeddings=tied)).eval()
+        folder = fm.save_model(model, tmp_path / f"m{tied}")
+        cfg = json.loads((folder / "config.json").read_text())
+        del cfg["tie_word_embeddings"]
+        (folder / "config.json").write_text(json.dumps(cfg))
+        back = fm.load_model(folder)
+        assert back.config.tie_word_embeddings == tied
+        ids = torch.randint(0, model.config.vocab_size, (1, 9))
+        with torch.no_grad():
+            assert torch.equal(back(ids)[0], model(ids)[0])
+
+
 def test_info_on_transformers_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.FalconMambaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,
