@@ -209,21 +209,24 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _regressed(a: dict, b: dict) -> list[str]:
-    """Why b (the newer Triton) is worse than a for one kernel, if it is."""
-    why = []
+def _regressed(a: dict, b: dict) -> tuple[list[str], list[str]]:
+    """How b (the newer Triton) is worse than a for one kernel: (regressions, minor ones). A regression:
+    any more spills or stack, occupancy down by a quarter or more, >25% (and 16+) more registers,
+    >25% (and 64+) more SASS. Minor: fewer resident warps by a smaller step (a few registers more)."""
+    major, minor = [], []
     for m in ("spill", "stack"):
         if (b[m] or 0) > (a[m] or 0):
-            why.append(f"{m} {_fmt(a[m])} -> {_fmt(b[m])}")
+            major.append(f"{m} {_fmt(a[m])} -> {_fmt(b[m])}")
+    regs = f"regs {a['regs']} -> {b['regs']}"
     if a["occ"] and b["occ"] and b["occ"] < a["occ"]:
-        why.append(f"occupancy {a['occ']} -> {b['occ']} warps/SM (regs {a['regs']} -> {b['regs']})")
+        occ = f"occupancy {a['occ']} -> {b['occ']} warps/SM ({regs}"
+        occ += f", smem {a['smem']} -> {b['smem']})" if b["smem"] > a["smem"] else ")"
+        (major if b["occ"] <= 0.75 * a["occ"] else minor).append(occ)
     elif a["regs"] and b["regs"] and b["regs"] > 1.25 * a["regs"] and b["regs"] - a["regs"] >= 16:
-        why.append(f"regs {a['regs']} -> {b['regs']}")
-    if b["smem"] > a["smem"] and b["occ"] is not None and a["occ"] is not None and b["occ"] < a["occ"]:
-        why.append(f"smem {a['smem']} -> {b['smem']}")
+        major.append(regs)
     if a["sass"] and b["sass"] and b["sass"] > 1.25 * a["sass"] and b["sass"] - a["sass"] >= 64:
-        why.append(f"SASS {a['sass']} -> {b['sass']} instructions")
-    return why
+        major.append(f"SASS {a['sass']} -> {b['sass']} instructions")
+    return major, minor
 
 
 def compare(a: dict, b: dict) -> str:
@@ -236,7 +239,7 @@ def compare(a: dict, b: dict) -> str:
             + __doc__.split("Columns: ")[1].strip().replace("\n", " "))
     lines = [head, "", f"{'case (first of its specialisation) [kernel] warps':<84} "
              + " ".join(f"{m:>11}" for m in METRICS)]
-    notes, missing = [], []
+    notes, small, missing = [], [], []
     for r in a["kernels"]:
         s = bk.get(r["ids"][0])
         more = f" +{len(r['ids']) - 1}" if len(r["ids"]) > 1 else ""
@@ -245,13 +248,17 @@ def compare(a: dict, b: dict) -> str:
             missing.append(label)
             continue
         cells = " ".join(f"{_fmt(r[m]) + '/' + _fmt(s[m]):>11}" for m in METRICS)
-        why = _regressed(r, s)
-        flag = " <-" if why else ""
+        major, minor = _regressed(r, s)
+        flag = " <-" if major else (" <" if minor else "")
         lines.append(f"{label[:84]:<84} {cells}{flag}")
-        if why:
-            notes.append(f"- {label}: " + "; ".join(why))
-    lines += ["", f"Regressions under {b['triton']} (more spills or stack, lower occupancy, >25% more "
-              f"registers or SASS): {len(notes)}"] + (notes or ["- none"])
+        if major:
+            notes.append(f"- {label}: " + "; ".join(major + minor))
+        elif minor:
+            small.append(f"- {label}: " + "; ".join(minor))
+    lines += ["", f"Regressions under {b['triton']} (<-: more spills or stack, occupancy down by a quarter "
+              f"or more, >25% more registers or SASS): {len(notes)}"] + (notes or ["- none"])
+    lines += ["", f"Minor (<: one occupancy step lower, a few registers more): {len(small)}"]
+    lines += small or ["- none"]
     if missing:
         lines += ["", "Not in the second run (a case it did not have):"]
         lines += [f"- {m}" for m in missing]
