@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--system", default=None, help="a system message read at the start of the session")
     add_sampling_arguments(p, max_new_tokens=512)
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per prefill chunk (default 2048)")
+    from falcon_mamba.decode.modes import add_decode_arguments
+
+    add_decode_arguments(p)
 
 
 class ChatSession:
@@ -33,8 +36,10 @@ class ChatSession:
     after the prompt, so the state always equals "the rendered conversation, read" whether the
     answer ended with EOS, a stop string or Ctrl-C."""
 
-    def __init__(self, model, tokenizer, params, system: str | None = None, chunk_size: int | None = None):
+    def __init__(self, model, tokenizer, params, system: str | None = None, chunk_size: int | None = None,
+                 decode=None):
         self.model = model
+        self.decode = decode  # DecodeOptions (None: the defaults)
         self.tok = tokenizer
         self.system = system
         self.chunk_size = chunk_size
@@ -83,8 +88,7 @@ class ChatSession:
         """One turn: on_piece(text) for each piece of the answer. Returns (answer, interrupted).
         Ctrl-C while the prompt is read drops the turn (KeyboardInterrupt propagates, session
         unchanged); Ctrl-C during the answer keeps the partial answer."""
-        from falcon_mamba.generate import decode
-        from falcon_mamba.sampling import random_seed
+        from falcon_mamba.generate import generate
 
         msgs = self.messages + [{"role": "user", "content": user_text}]
         prompt = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
@@ -92,18 +96,19 @@ class ChatSession:
         if not prompt.startswith(self.read_text):
             state, self.read_text = None, ""  # the template rewrote the past: read it all again
         new_ids = self.tok.encode(prompt[len(self.read_text):])
-        logits, after_prompt = self._read(new_ids, state)
-        answer, interrupted = "", False
-        if logits is not None:
-            results = []
-            seed = self.params.seed if self.params.seed is not None else random_seed()
+        answer, interrupted, after_prompt = "", False, state
+        if new_ids:
+            stream = generate(self.model, self.tok, new_ids, params=self.params, state=state, stream=True,
+                              chunk_size=self.chunk_size, decode=self.decode)
             try:
-                for _, piece in decode(self.model, self.tok, logits, after_prompt.clone(), self.params,
-                                       [new_ids], [seed], results):
+                for piece in stream:
                     answer += piece
                     on_piece(piece)
             except KeyboardInterrupt:
                 interrupted = True
+            after_prompt = stream.result.prompt_state
+            if after_prompt is None:  # stopped before the message was read: drop the turn
+                raise KeyboardInterrupt
         msgs = msgs + [{"role": "assistant", "content": answer}]
         closed = self.tok.apply_chat_template(msgs, add_generation_prompt=False)
         rest = closed[len(prompt):] if closed.startswith(prompt) else answer
@@ -120,7 +125,9 @@ def run(args) -> int:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     model, tok = load_model_and_tokenizer(args)
-    session = ChatSession(model, tok, params, args.system, args.chunk_size)
+    from falcon_mamba.decode.modes import options_from_args
+
+    session = ChatSession(model, tok, params, args.system, args.chunk_size, options_from_args(args))
     tty = sys.stdin.isatty()
     print(f"chat with {args.model}. {COMMANDS}", file=sys.stderr)
     out = sys.stdout

@@ -30,8 +30,10 @@ def add_arguments(p) -> None:
                    help="most sequences served at once (state slots), if the budget allows")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; past that: 429 with Retry-After")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens read per engine step, between decode steps")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens of one request read per engine step, between decode steps")
+    p.add_argument("--prefill-budget", type=int, default=2048,
+                   help="prompt tokens of all requests read per engine step (batched in few launches)")
     p.add_argument("--max-context", type=int, default=1 << 20,
                    help="prompt + max_tokens limit per request (400 above it)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
@@ -45,6 +47,9 @@ def add_arguments(p) -> None:
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on Ctrl-C/SIGTERM before cancellation")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from falcon_mamba.decode.modes import add_decode_arguments
+
+    add_decode_arguments(p)
 
 
 def _size(text: str, what: str) -> int:
@@ -72,6 +77,7 @@ def _check(args) -> dict:
 
     for name, v, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                          ("--max-queue", args.max_queue, 0), ("--prefill-chunk", args.prefill_chunk, 1),
+                         ("--prefill-budget", args.prefill_budget, 1),
                          ("--max-context", args.max_context, 2),
                          ("--default-max-tokens", args.default_max_tokens, 1)):
         if v < low:
@@ -106,7 +112,10 @@ def run(args) -> int:
     except ImportError as e:
         raise UserError(f"serving needs the 'serve' extra ({e.name} is missing): "
                         "pip install 'falcon-mamba[serve]'") from None
+    from falcon_mamba.decode.modes import options_from_args
+
     sizes = _check(args)
+    decode = options_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -126,13 +135,14 @@ def run(args) -> int:
     slots = slots_for_budget(model.config, dtype, budget, args.max_batch)
     engine = Engine(model, tok, EngineConfig(
         num_slots=slots, max_waiting=args.max_queue, prefill_chunk=args.prefill_chunk,
-        max_context=args.max_context, cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir,
-        cache_disk_bytes=sizes["disk"]))
+        prefill_budget=max(args.prefill_budget, args.prefill_chunk), max_context=args.max_context,
+        cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir, cache_disk_bytes=sizes["disk"],
+        decode=decode))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_id = args.served_model_name or Path(str(getattr(model, "source", ref))).name or "falcon-mamba"
     settings = ServerSettings(model_id, api_key=api_key, max_body_bytes=sizes["body"],
                               default_max_tokens=args.default_max_tokens)
-    engine.start()
+    engine.start(warm_up=True)  # /health answers 503 "warming up" until the decode graphs are captured
     log.info("serving %s on http://%s:%d/v1 (%s, %s, %s ops; %d state slots of %.3g MiB%s)", model_id,
              args.host, args.port, device, str(dtype).removeprefix("torch."), ops.backend_name(device),
              slots, slot_bytes(model.config, dtype) / 2**20, "; API key required" if api_key else "")

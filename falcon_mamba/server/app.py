@@ -1,6 +1,6 @@
 """The HTTP layer: OpenAI-compatible routes over an Engine. No model logic here.
 
-    GET  /health                 200 {"status": "ok"} (503 while shutting down); never needs a key
+    GET  /health                 200 {"status": "ok"}; 503 while warming up or shutting down; no key
     GET  /metrics                Prometheus text
     GET  /v1/models[/{id}]
     POST /v1/completions         prompt: string | [string] | [int] | [[int]]
@@ -185,6 +185,8 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings):
     async def health():
         if engine.closing or not engine.is_alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
+        if not engine.ready:  # capturing the decode graphs: requests queue until then
+            return JSONResponse({"status": "warming up"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
