@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import falcon_mamba as fm
 from falcon_mamba.data.prepare import prepare
 from falcon_mamba.train import train
 from falcon_mamba.train.metrics import read_metrics
@@ -89,3 +90,24 @@ def test_mfu_line_names_its_peak(data_dir, tmp_path):
     train(tiny_cfg(steps=1), data_dir, tmp_path / "b", progress=False, export=False, log=lines.append)
     assert any(line.startswith("MFU against none on the CPU") for line in lines)
     assert all(r["mfu"] is None for r in read_metrics(tmp_path / "b") if "tok_s" in r)
+
+
+def test_fused_adamw_gives_the_same_update(rng):
+    """The fused AdamW (the default on a GPU) and the default one take the same steps."""
+    from falcon_mamba.train.optim import build_optimizer
+
+    cfg = tiny_cfg()
+    models = [fm.FalconMamba(cfg.model.replace(vocab_size=64)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = models[0].lm_head.weight.detach().clone()
+    opts = [build_optimizer(models[0], cfg), build_optimizer(models[1], cfg, fused=True)]
+    assert not opts[0].defaults["fused"] and opts[1].defaults["fused"]
+    ids = torch.randint(0, 64, (2, 9), generator=rng)
+    for _ in range(3):
+        for m, o in zip(models, opts):
+            m(ids)[0].logsumexp(-1).mean().backward()
+            o.step()
+            o.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert not torch.equal(models[0].lm_head.weight, start)  # the steps did move the weights
