@@ -6,7 +6,7 @@
     print(result.val_bpb)
 
 Files: config (TrainConfig, --set), recipes (presets), schedule (lr, batch ramp), optim (AdamW
-groups), objective (the loss module), loop (train), checkpoint (atomic training state), distributed
+groups), objective (the loss module) and linear_ce (its fused lm_head + cross-entropy), loop (train), checkpoint (atomic training state), distributed
 (DDP / FSDP2), evaluate (val loss, bits/byte), metrics (JSONL, progress bar), build (model, export).
 """
 
