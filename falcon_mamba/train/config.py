@@ -49,7 +49,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
     activation_checkpointing: bool = False
     fused_loss: bool = True  # lm_head + cross-entropy chunked (train/linear_ce.py): no (B, L, V) logits
-    loss_chunk: int = 0  # tokens per chunk of the fused loss; 0 = ~2^26 logits per chunk
+    loss_chunk: int = 0  # tokens per chunk of the fused loss; 0 = ~2^27 logits per chunk
     # ---- fine-tuning --------------------------------------------------------------------------
     init_from: str = ""  # an HF-format model folder to start from (its vocab wins)
     lora_rank: int = 0  # 0: full fine-tuning
