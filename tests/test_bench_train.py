@@ -43,3 +43,18 @@ def test_bench_train_tiny_smoke(tmp_path, capsys):
     assert cli["mfu"] == pytest.approx(cli["mfu_at_bench_rate"], rel=1e-3)  # it was given our rate
     assert "| `falcon-mamba train` on the Mamba shape (its own log) |" in out
     assert "Mamba / Transformer tok/s:" in out and "`falcon-mamba train` / benchmark:" in out
+
+
+def test_bench_train_7b_path_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    """The 7b shape's path (activation checkpointing, accumulation, no CLI row) on tiny sizes."""
+    import benchmarks.bench_train as bt
+
+    monkeypatch.setitem(bt.SHAPES, "7b", dict(bt.SHAPES["tiny"], checkpointing=True, accum=2))
+    assert bt.main(["--shape", "7b", "--models", "mamba,transformer", "--warmup", "0", "--steps", "1",
+                    "--device", "cpu", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    rec = json.loads(captured.out.strip().splitlines()[-1])
+    assert rec["cli"] is None and rec["checkpointing"] and rec["tokens_per_step"] == 2 * 64 * 2
+    assert "would not fit" in captured.err and "activation checkpointing" in captured.out
+    for r in rec["rows"]:
+        assert r["tok_s"] == pytest.approx(256 / r["step_s"]) and 5.0 < r["losses"][0] < 7.5
