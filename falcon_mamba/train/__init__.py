@@ -6,8 +6,9 @@
     print(result.val_bpb)
 
 Files: config (TrainConfig, --set), recipes (presets), schedule (lr, batch ramp), optim (AdamW
-groups), objective (the loss module), loop (train), checkpoint (atomic training state), distributed
-(DDP / FSDP2), evaluate (val loss, bits/byte), metrics (JSONL, progress bar), build (model, export).
+groups), objective (the loss module), linear_ce (its fused lm_head + cross-entropy), loop (train),
+checkpoint (atomic training state), distributed (DDP / FSDP2), evaluate (val loss, bits/byte),
+metrics (JSONL, progress bar), flops (FLOPs per token, the MFU peak), build (model, export).
 """
 
 from falcon_mamba.train.config import TrainConfig, apply_overrides

@@ -48,6 +48,8 @@ class TrainConfig:
     device: str = "auto"
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
     activation_checkpointing: bool = False
+    fused_loss: bool = True  # lm_head + cross-entropy chunked (train/linear_ce.py): no (B, L, V) logits
+    loss_chunk: int = 0  # tokens per chunk of the fused loss; 0 = ~2^27 logits per chunk
     # ---- fine-tuning --------------------------------------------------------------------------
     init_from: str = ""  # an HF-format model folder to start from (its vocab wins)
     lora_rank: int = 0  # 0: full fine-tuning
@@ -59,7 +61,7 @@ class TrainConfig:
     eval_tokens: int = 0  # validation targets per source per eval; 0 = the whole split
     save_every: int = 200  # 0: only at the end
     time_budget_s: float = 0.0  # > 0: after warm-up, lower `steps` (if needed) to fit this many seconds
-    peak_tflops: float = 0.0  # for MFU; 0 = known GPUs' bf16 peak, none on CPU
+    peak_tflops: float = 0.0  # for MFU; 0 = the bf16 matmul rate measured at the start (CUDA), none on CPU
 
     def __post_init__(self) -> None:
         choices = {"ramp_lr_scaling": ("sqrt", "linear", "none"), "schedule": ("wsd", "cosine", "constant"),
@@ -99,7 +101,7 @@ class TrainConfig:
 
 # Fields that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_tokens", "save_every", "peak_tflops", "device",
-                     "time_budget_s", "activation_checkpointing", "parallel"}
+                     "time_budget_s", "activation_checkpointing", "parallel", "fused_loss", "loss_chunk"}
 
 
 def _convert(value: str, typ, key: str):

@@ -143,7 +143,7 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
     model = build_model(cfg, model_fn)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    objective = LMObjective(model).to(env.device)
+    objective = LMObjective(model, cfg.fused_loss, cfg.loss_chunk).to(env.device)
     module = wrap(objective, model, cfg.parallel, env)
     optimizer = build_optimizer(module, cfg)
     sampler = Sampler(data, cfg.seq_len, cfg.seed, cfg.mixture, cfg.steps)
@@ -175,7 +175,8 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
         f"{env.device}, {'bf16 autocast' if use_bf16 else 'fp32'}; {cfg.steps} steps")
 
     fpt = flops_per_token(model, cfg.seq_len)
-    peak = peak_flops(env.device, cfg.peak_tflops)
+    peak, peak_what = peak_flops(env.device, cfg.peak_tflops)
+    log(f"MFU against {peak_what}")
     metrics = MetricsWriter(out_dir, env.is_main)
     bar = Progress(cfg.steps, start, progress and env.is_main)
     tokens = _tokens_before(cfg, start)
