@@ -126,14 +126,30 @@ class _Stream:
         return all(r.finished for r in self.reqs)
 
     async def events(self):
-        """Yield (choice index, Delta) until every sequence has finished."""
+        """Yield (choice index, Delta) until every sequence has finished. Deltas that queued up
+        while the client was being served (a busy event loop) are merged per choice, so a stream
+        that falls behind catches up with one SSE event instead of one per token."""
         open_ = sum(r.n for r in self.reqs)
         while open_:
-            base, deltas = await self.queue.get()
-            for d in deltas:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            merged: dict[int, Delta] = {}
+            for base, deltas in batch:
+                for d in deltas:
+                    m = merged.get(base + d.index)
+                    if m is None:
+                        merged[base + d.index] = Delta(d.index, d.text, list(d.token_ids), list(d.logprobs),
+                                                       d.finish_reason, d.error)
+                    else:
+                        m.text += d.text
+                        m.token_ids += d.token_ids
+                        m.logprobs += d.logprobs
+                        m.finish_reason, m.error = d.finish_reason or m.finish_reason, d.error or m.error
+            for idx, d in merged.items():
                 if d.finish_reason is not None:
                     open_ -= 1
-                yield base + d.index, d
+                yield idx, d
 
     def usage(self) -> dict:
         prompt = sum(r.prompt_len for r in self.reqs)
