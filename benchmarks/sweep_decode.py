@@ -340,14 +340,16 @@ def main() -> int:
     ap.add_argument("--skip-model", action="store_true", help="kernels only")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {','.join(SHAPES)}")
     ap.add_argument("--skip-kernels", action="store_true", help="decode modes only")
-    ap.add_argument("--modes", default="cublas,triton,triton_cx,fused,chain,auto")
+    ap.add_argument("--modes", default="cublas,triton,triton_cx,auto")
     ap.add_argument("--formats", default="bf16,int8,int4g128")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("sweep_decode needs a CUDA GPU", file=sys.stderr)
         return 2
     if not args.qmm_tune:
-        os.environ["FALCON_MAMBA_QMM_TUNE"] = "0"
+        from falcon_mamba.quant import triton_qmm
+
+        triton_qmm.configure(tune=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rec = {"env": env(), "args": vars(args)}
     t0 = time.time()

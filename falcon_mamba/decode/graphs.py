@@ -59,6 +59,10 @@ class DecodeGraphs:
         self._logits: dict[int, torch.Tensor] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._b1: tuple[Mode, bool] | None = None  # the batch-1 (mode, pdl) once chosen
+        if self.fast:  # the quantized kernels' own tuner keeps its choices in the same cache
+            from falcon_mamba.quant import triton_qmm
+
+            triton_qmm.configure(cache_dir=tuning.cache_dir(self.options.tuning_cache))
         self.timings: dict[str, float] = {}  # batch-1 candidates' ms per step (when timed)
         self.errors: dict[str, str] = {}  # batch-1 candidates that failed or disagreed
         self.tuned_from_cache = False
