@@ -290,6 +290,15 @@ def test_a_run_killed_mid_save_keeps_the_previous_checkpoint(data_dir, tmp_path)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000004"]
 
 
+def test_keeps_the_newest_checkpoints(data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(tiny_cfg(steps=4, save_every=1, keep_checkpoints=2), data_dir, run, progress=False, export=False,
+          log=lambda *a: None)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000003",
+                                                                       "step-00000004"]
+    assert load_checkpoint(run / "checkpoints" / "step-00000003")["step"] == 3
+
+
 def test_damaged_checkpoint_is_a_clear_error(data_dir, tmp_path):
     run = tmp_path / "r"
     train(tiny_cfg(steps=1), data_dir, run, progress=False, export=False, log=lambda *a: None)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 2,
         "model.state_size": 4, "seq_len": 24, "global_batch": 12, "micro_batch": 2, "steps": 5,
         "warmup_steps": 2, "lr": 1e-2, "eval_tokens": 256, "batch_ramp_start": 6, "batch_ramp_steps": 2,
-        "batch_ramp_increment": 6}
+        "batch_ramp_increment": 6, "peak_tflops": 1.0}
 STOP = 2  # the sharded checkpoint the resume tests start from
 
 
@@ -209,17 +209,28 @@ def _assert_same_run(ref_dir, run_dir, rtol, what):
 
 def test_two_processes_match_one(runs):
     from falcon_mamba.train.checkpoint import load_checkpoint
+    from falcon_mamba.train.metrics import read_metrics
 
     tmp = runs["tmp"]
     for kind in ("ddp", "fsdp"):
         _assert_same_run(tmp / "one", tmp / kind, 1e-5, kind)
         assert load_checkpoint(tmp / kind)["world_size"] == 2
-    # exported HF folders: the whole model gathered from the shards
+        # tokens/s counts every process's tokens; MFU divides by every process's peak
+        for a, b in zip(read_metrics(tmp / "one"), read_metrics(tmp / kind)):
+            if "mfu" in a:
+                assert a["mfu"] / a["tok_s"] == pytest.approx(2 * b["mfu"] / b["tok_s"], rel=1e-9)
+    # exported HF folders: the whole model gathered from the shards at the end of the run, and by
+    # `train --export-only` in one process from a checkpoint two processes wrote
     import falcon_mamba as fm
+    from falcon_mamba.cli import main
 
     a, b = fm.load_model(tmp / "one" / "model"), fm.load_model(tmp / "fsdp" / "model")
     x = torch.randint(0, a.config.vocab_size, (1, 12))
     assert (a(x)[0] - b(x)[0]).abs().max().item() < 1e-4
+    assert main(["train", "--data", str(runs["data"]), "--out", str(tmp / "fsdp_stop"), "--export-only"]) == 0
+    exported = fm.load_model(tmp / "fsdp_stop" / "model").state_dict()
+    saved = load_checkpoint(tmp / "fsdp_stop")["model"]
+    assert set(exported) == set(saved) and all(torch.equal(exported[k], saved[k]) for k in saved)
 
 
 def test_fsdp_mixed_precision_matches_bf16_autocast(runs):
