@@ -299,6 +299,21 @@ def test_keeps_the_newest_checkpoints(data_dir, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "step-00000003")["step"] == 3
 
 
+def test_prune_keeps_what_latest_leads_to(tmp_path):
+    """A run killed between the rename and the pointer leaves step-N past `latest`; one killed
+    mid-write leaves step-N.tmp: neither survives, nor checkpoints older than the newest `keep`."""
+    from falcon_mamba.train.checkpoint import prune
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000001", "step-00000002", "step-00000003", "step-00000004", "step-00000004.tmp"):
+        (root / name).mkdir(parents=True)
+    (root / "latest").write_text("step-00000003\n")
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    prune(tmp_path, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003"]
+
+
 def test_damaged_checkpoint_is_a_clear_error(data_dir, tmp_path):
     run = tmp_path / "r"
     train(tiny_cfg(steps=1), data_dir, run, progress=False, export=False, log=lambda *a: None)

@@ -117,19 +117,22 @@ def wrap(module: nn.Module, inner: nn.Module, parallel: str, env: Env, bf16: boo
         ids = [env.device.index] if env.device.type == "cuda" else None
         # Gradients as views of the all-reduce buckets: one copy of the gradients, not two.
         return DDP(module, device_ids=ids, gradient_as_bucket_view=True)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # The mesh names the run's device type (FSDP2's default would take CUDA whenever it exists).
+    mesh = init_device_mesh(env.device.type, (env.world,))
     for unit in shard_modules(inner):
         if bf16:
             parts = low_precision_parts(unit)
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for part in parts:
-                fully_shard(part, mp_policy=policy)
+                fully_shard(part, mesh=mesh, mp_policy=policy)
             if unit not in parts:
-                fully_shard(unit)
+                fully_shard(unit, mesh=mesh)
         else:
-            fully_shard(unit)
-    fully_shard(module)
+            fully_shard(unit, mesh=mesh)
+    fully_shard(module, mesh=mesh)
     return module
 
 
