@@ -108,8 +108,8 @@ def has_legacy(out_dir: str | Path) -> bool:
 
 def _legacy_error(out_dir: Path) -> UserError:
     return UserError(f"{out_dir / LEGACY} is a checkpoint of the single-file format of an earlier "
-                     f"falcon-mamba (before sharded checkpoints); continue or export it with that version, "
-                     f"or start a new --out")
+                     "falcon-mamba (before sharded checkpoints); continue or export it with that version, "
+                     "or start a new --out")
 
 
 def latest_dir(out_dir: str | Path) -> Path | None:
