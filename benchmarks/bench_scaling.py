@@ -16,10 +16,10 @@ training loop a user runs (falcon_mamba.train.train; no checkpoint or export is 
 Each point is one torchrun launch of this file (``--worker``) with ``--nproc_per_node N``; NCCL's
 environment is left as the machine sets it. The data are random token ids written as a prepared data
 folder (the text does not change the speed). Per run: tokens/s over the steps after ``--warmup``
-(from metrics.jsonl: tokens / elapsed time), MFU (against N x the GPU's bf16 peak), step time and
-each GPU's peak allocated memory. Output in --out (default $OUT, else benchmarks/results):
-scaling-<gpu>-<commit>.json (rewritten after every run, so a cut-off call keeps what it finished)
-and .png; the table is printed, then one JSON line.
+(from metrics.jsonl: tokens / elapsed time), MFU (the loop's: against N x the bf16 matmul rate it
+measures at the start), step time and each GPU's peak allocated memory. Output in --out (default
+$OUT, else benchmarks/results): scaling-<gpu>-<commit>.json (rewritten after every run, so a
+cut-off call keeps what it finished) and .png; the table is printed, then one JSON line.
 """
 
 from __future__ import annotations
