@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="save a checkpoint after STEP and exit (time-limited sessions; --resume continues)")
     p.add_argument("--export-only", action="store_true",
-                   help="only export the checkpoint in --out to --out/model (HF format)")
+                   help="only export the latest checkpoint in --out to --out/model (HF format; one process)")
     p.add_argument("--export-dtype", default="float32", help="weights dtype of the exported model")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl still written)")
@@ -32,11 +32,10 @@ def export_only(out: str, dtype) -> int:
     from falcon_mamba.train.checkpoint import load_checkpoint
     from falcon_mamba.train.config import TrainConfig
 
-    payload = load_checkpoint(out)
+    payload = load_checkpoint(out)  # the whole model, from the shards of any number of processes
     cfg = TrainConfig.from_dict(payload["config"])
-    state = {k.removeprefix("model."): v for k, v in payload["model"].items()}
     folder = Path(payload["data"]["folder"])
-    path = export_model(cfg, state, Path(out) / "model", folder, dtype)
+    path = export_model(cfg, payload["model"], Path(out) / "model", folder, dtype)
     print(f"exported step {payload['step']} to {path}")
     return 0
 

@@ -50,6 +50,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fused_loss: bool = True  # lm_head + cross-entropy chunked (train/linear_ce.py): no (B, L, V) logits
     loss_chunk: int = 0  # tokens per chunk of the fused loss; 0 = ~2^27 logits per chunk
+    # Reduce gradients after every micro-batch, not once per step: FSDP2 then keeps only sharded
+    # gradients (4 bytes per parameter / processes instead of 4 unsharded), for more traffic.
+    sync_every_micro_batch: bool = False
     # ---- fine-tuning --------------------------------------------------------------------------
     init_from: str = ""  # an HF-format model folder to start from (its vocab wins)
     lora_rank: int = 0  # 0: full fine-tuning
@@ -60,6 +63,7 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     eval_tokens: int = 0  # validation targets per source per eval; 0 = the whole split
     save_every: int = 200  # 0: only at the end
+    keep_checkpoints: int = 1  # complete checkpoints kept in OUT/checkpoints (the newest ones)
     time_budget_s: float = 0.0  # > 0: after warm-up, lower `steps` (if needed) to fit this many seconds
     peak_tflops: float = 0.0  # for MFU; 0 = the bf16 matmul rate measured at the start (CUDA), none on CPU
 
@@ -70,7 +74,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("seq_len", "global_batch", "micro_batch", "steps", "batch_ramp_increment"):
+        for name in ("seq_len", "global_batch", "micro_batch", "steps", "batch_ramp_increment",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_ramp_start and not 0 < self.batch_ramp_start <= self.global_batch:
@@ -101,7 +106,8 @@ class TrainConfig:
 
 # Fields that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_tokens", "save_every", "peak_tflops", "device",
-                     "time_budget_s", "activation_checkpointing", "parallel", "fused_loss", "loss_chunk"}
+                     "time_budget_s", "activation_checkpointing", "parallel", "fused_loss", "loss_chunk",
+                     "sync_every_micro_batch", "keep_checkpoints"}
 
 
 def _convert(value: str, typ, key: str):
