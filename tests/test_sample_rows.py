@@ -55,6 +55,14 @@ if ts is not None:
         tl.store(h_ptr + offs, h.to(tl.int64))
         tl.store(g_ptr + offs, ts._gumbel(offs, ka, kb))
 
+    @triton.jit
+    def _bisect_kernel(x_ptr, T, k, p_mass, use_k, use_p, lo, out_ptr, V: tl.constexpr, BLOCK: tl.constexpr):
+        m = tl.max(tl.load(x_ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < V, other=float("-inf")))
+        c2 = 1.4426950408889634 / T
+        key = ts._bisect(x_ptr, x_ptr, 1.0, False, m, c2, lo, ts._key(m), k, use_k != 0, p_mass, use_p != 0,
+                         V, BLOCK, False)
+        tl.store(out_ptr, ts._unkey(key))
+
 
 # ---------------------------------------------------------------- the definition, written directly
 
@@ -155,6 +163,31 @@ def test_kernel_hash_equals_torch_hash():
         torch.testing.assert_close(g.cpu(), gumbel(ids, a, b), rtol=2e-6, atol=2e-6)
 
 
+def test_kernel_bisection_finds_exact_thresholds(rng):
+    """_bisect alone: the smallest x whose strictly-greater count is < k (the k-th largest, ties
+    counted), or whose strictly-greater mass is < p_mass, exactly, on rows with ties and -inf."""
+    triton_sample()
+    V = 300
+    for case in range(6):
+        x = torch.randn(V, generator=rng) * (0.2 if case % 2 else 3.0)
+        x[::17] = x[5]  # ties
+        x[::29] = -INF
+        xs = x.sort(descending=True).values
+        lo = int(torch.tensor(-INF).view(torch.int32)) ^ 0x7FFFFFFF
+        lo = lo - 2**32 if lo >= 2**31 else lo
+        k = [1, 3, 16, 17, 150, 299][case]
+        out = torch.empty(1, device=DEV)
+        _bisect_kernel[(1,)](x.to(DEV), 1.0, k, 0.0, 1, 0, lo, out, V=V, BLOCK=512)
+        assert out.item() == xs[k - 1].item(), (case, k)
+        T = 0.7
+        w = ((x.double() - x.max()) / T).exp()
+        above = torch.stack([w[x > v].sum() for v in x])  # mass strictly above each value
+        target = float(above.sort().values[V // (case + 2)]) * 0.999 + 1e-9  # between two steps
+        out_p = torch.empty(1, device=DEV)
+        _bisect_kernel[(1,)](x.to(DEV), T, 0, target, 0, 1, lo, out_p, V=V, BLOCK=512)
+        assert out_p.item() == x[above < target].min().item(), case
+
+
 # ---------------------------------------------------------------- parameters
 
 def test_rows_from_params_clamp_and_set_row():
@@ -216,10 +249,12 @@ def mixed_batch(rng, V, dtype=torch.float32, scale=2.0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_path_equals_the_definition(rng, dtype, monkeypatch):
-    """The torch path (candidates, exact thresholds, noise only where it can win) picks exactly the
-    definition's token, over several steps (pos advances, seen grows), with tiny candidate stages
-    so that nuclei reach past them."""
-    monkeypatch.setattr(S, "CANDIDATES", (4, 16))
+    """The torch path (candidates, bins, noise only where it can win) picks exactly the definition's
+    token, over several steps (pos advances, seen grows), with few candidates and small bins so
+    that nuclei reach past the candidates and the bins recurse."""
+    monkeypatch.setattr(S, "CANDIDATES", 4)
+    monkeypatch.setattr(S, "BINS", 8)
+    monkeypatch.setattr(S, "LEAF", 6)
     x, rows = mixed_batch(rng, 401, dtype)
     for step in range(3):
         want, want_st = spec_batch(x, rows)
@@ -234,24 +269,24 @@ def test_torch_path_equals_the_definition(rng, dtype, monkeypatch):
 
 
 def test_torch_path_on_a_real_vocab_size(rng):
-    """V = 65,024 with peaked rows: noise only for the tokens that can still beat the top one (a
-    handful), the same tokens as the definition."""
+    """V = 65,024: the same tokens as the definition; on a steep row, noise only for the tokens that
+    can still beat the top one (z >= g_top - GUMBEL_MAX), on a flatter one for the whole row."""
     V = 65024
-    x = torch.randn(3, V, generator=rng) * 4
-    params = [SP(temperature=1.0), SP(temperature=0.7, top_p=0.9),
+    x = torch.randn(4, V, generator=rng) * torch.tensor([[8.0], [2.0], [4.0], [4.0]])
+    params = [SP(temperature=1.0), SP(temperature=1.0), SP(temperature=0.7, top_p=0.9),
               SP(temperature=1.0, top_k=50, top_p=0.9, min_p=0.01)]
-    rows = SamplerRows.from_params(params, [5, 6, 7], "cpu", V)
+    rows = SamplerRows.from_params(params, [5, 6, 7, 8], "cpu", V)
+    want = [spec_row(x[b], None, p.temperature, p.top_k, p.top_p, p.min_p, 1.0, 5 + b, 0)[0]
+            for b, p in enumerate(params)]
     scored = []
     real = S.gumbel
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(S, "gumbel", lambda ids, a, b: scored.append(ids.numel()) or real(ids, a, b))
         tok, _, _ = run(S.sample_rows_torch, x, rows)
-    rows.pos.sub_(1)
-    want, _ = zip(*[spec_row(x[b], None, *(getattr(rows, f)[b].item() for f in
-                                           ("temperature", "top_k", "top_p", "min_p", "penalty", "seed",
-                                            "pos"))) for b in range(3)])
-    assert tok.tolist() == list(want)
-    assert max(scored) < V // 2, scored  # temperature only: the tokens within GUMBEL_MAX of the top
+    assert tok.tolist() == want
+    z0 = x[0] - x[0].max()  # g_top >= -2.9, so the cut is above -GUMBEL_MAX - 2.9
+    assert 0 < scored[0] <= int((z0 >= -S.GUMBEL_MAX - 2.9).sum()) < V // 4, scored
+    assert scored[1] == V  # most tokens can win: noise for all, no compaction
 
 
 def test_greedy_is_argmax_and_all_inf_rows_fail_alone(rng):
@@ -354,7 +389,7 @@ def explained(x_V, seen_V, params, tok_kernel, tok_ref):
     return False
 
 
-def compare_kernel(x, rows, steps=1, block=None):
+def compare_kernel(x, rows, steps=1, **kw):
     """Run the kernel and the torch path side by side on copies of rows; same tokens (or explained
     near-ties), statuses, logprobs, pos and seen."""
     ts = triton_sample()
@@ -366,7 +401,7 @@ def compare_kernel(x, rows, steps=1, block=None):
         vals = [getattr(rt, f).tolist() for f in ("temperature", "top_k", "top_p", "min_p", "penalty", "seed",
                                                    "pos")]
         seen = None if rt.seen is None else rt.seen.clone()
-        tk, lk, sk = run(ts.sample_rows_triton, xk, rk, block=block)
+        tk, lk, sk = run(ts.sample_rows_triton, xk, rk, **kw)
         tt, lt, st = run(S.sample_rows_torch, x, rt)
         assert sk.tolist() == st.tolist()
         for b in torch.nonzero(tk != tt)[:, 0].tolist():
@@ -384,12 +419,29 @@ def compare_kernel(x, rows, steps=1, block=None):
     assert mismatches <= max(1, steps * x.shape[0] // 20), mismatches
 
 
-@pytest.mark.parametrize("dtype, V, block", [(torch.float32, 333, 128), (torch.bfloat16, 333, 512)])
-def test_kernel_equals_torch_path_mixed_rows(rng, dtype, V, block):
+@pytest.mark.parametrize("dtype, V, block, max_reject", [(torch.float32, 333, 128, None),
+                                                         (torch.bfloat16, 333, 512, 1)])
+def test_kernel_equals_torch_path_mixed_rows(rng, dtype, V, block, max_reject):
     """Every option alone and combined, rows of different options in one launch, blocks that end
-    inside the row (V = 333 with 128-wide blocks), two steps."""
+    inside the row (V = 333 with 128-wide blocks), two steps; max_reject=1: every rejected draw
+    goes to the bisection."""
     x, rows = mixed_batch(rng, V, dtype)
-    compare_kernel(x, rows, steps=2, block=block)
+    compare_kernel(x, rows, steps=2, block=block, max_reject=max_reject)
+
+
+def test_kernel_thresholds_on_flat_rows(rng):
+    """Flat rows and small kept sets, where the first draw almost always lands outside the kept set:
+    the draw / test chain and (max_reject=1) the bisection must find the exact thresholds."""
+    V = 257
+    params = [SP(temperature=1.0, top_k=2), SP(temperature=1.0, top_k=9), SP(temperature=1.0, top_p=0.04),
+              SP(temperature=1.0, top_p=0.3), SP(temperature=1.0, top_k=20, top_p=0.2),
+              SP(temperature=0.5, top_k=6, top_p=0.6, min_p=0.9), SP(temperature=1.0, top_k=30, min_p=0.8),
+              SP(temperature=1.0, top_p=0.1, repetition_penalty=3.0)]
+    x = torch.randn(len(params), V, generator=rng) * 0.3
+    rows = SamplerRows.from_params(params, list(range(len(params))), "cpu", V,
+                                   seen_ids=[torch.randperm(V, generator=rng)[:100].tolist()] * len(params))
+    compare_kernel(x, rows, steps=2, block=256, max_reject=1)
+    compare_kernel(x, rows, steps=1, block=256)
 
 
 def test_kernel_extreme_values(rng):
@@ -436,7 +488,7 @@ def test_kernel_extreme_values(rng):
     assert x[13, tok[13]] > 0 and tok[13] % 2 == 1  # seen positives divided, seen negatives -inf
     assert x[14, tok[14]] > 0
     assert lp[2].item() == pytest.approx(-math.log(2)) and lp[3].item() == pytest.approx(-math.log(2))
-    compare_kernel(x, rows, steps=2, block=128)
+    compare_kernel(x, rows, steps=2, block=128, max_reject=2)
 
 
 def test_kernel_rows_are_independent(rng):

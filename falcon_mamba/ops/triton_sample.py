@@ -318,9 +318,10 @@ def _sample_kernel(x_ptr, sx, temp_ptr, topk_ptr, topp_ptr, minp_ptr, pen_ptr, s
 
 def sample_rows_triton(logits_BV: torch.Tensor, rows: SamplerRows, tokens_out: torch.Tensor,
                        logprob_out: torch.Tensor, status_out: torch.Tensor, block: int | None = None,
-                       num_warps: int | None = None) -> None:
-    """sample_rows as one launch of B programs (see ops/sample.py). block / num_warps override the
-    tuned defaults (BLOCK, NUM_WARPS); the tests use small blocks to cross block edges."""
+                       num_warps: int | None = None, max_reject: int | None = None) -> None:
+    """sample_rows as one launch of B programs (see ops/sample.py). block / num_warps / max_reject
+    override the defaults (BLOCK, NUM_WARPS, MAX_REJECT): the benchmark sweeps them; the tests use
+    small blocks to cross block edges and max_reject=1 to reach the bisection more often."""
     check_args(logits_BV, rows, tokens_out, logprob_out, status_out)
     assert logits_BV.stride(1) == 1, "logits (B, V), rows contiguous"
     B, V = logits_BV.shape
@@ -339,5 +340,5 @@ def sample_rows_triton(logits_BV: torch.Tensor, rows: SamplerRows, tokens_out: t
                          rows.min_p, rows.penalty, rows.seed, rows.pos, seen,
                          seen.stride(0) if has_seen else 0,
                          tokens_out, logprob_out, status_out, V=V, BLOCK=blk, HAS_SEEN=has_seen,
-                         MAX_REJECT=MAX_REJECT, num_warps=num_warps or NUM_WARPS,
+                         MAX_REJECT=max_reject or MAX_REJECT, num_warps=num_warps or NUM_WARPS,
                          **pdl.launch_kwargs(logits_BV.device))
