@@ -253,6 +253,8 @@ def sample_rows(logits_BV: torch.Tensor, rows: SamplerRows, tokens_out: torch.Te
     On CUDA: one Triton kernel launch; no host synchronisation, no allocation (CUDA-graph safe),
     deterministic. Elsewhere: the torch path (reads the parameters on the host)."""
     check_args(logits_BV, rows, tokens_out, logprob_out, status_out)
+    if logits_BV.shape[0] == 0:
+        return
     if logits_BV.is_cuda:
         from falcon_mamba.ops.triton_sample import sample_rows_triton
 

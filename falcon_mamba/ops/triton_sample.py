@@ -25,8 +25,10 @@ How a row is computed, in passes over its V logits (BLOCK at a time, 64-bit row 
   most ~32 probes and fewer where the data is sparse (the top of a row: thresholds near the top are
   found in ~15-20). Finding the threshold on x and mapping it through z is exact because z is a
   non-decreasing function of x (ties that the division creates are all kept together).
-- top-k with top-p: top-p's normaliser is the mass of the top-k set, so its threshold is found
-  first (a count-only bisection), then the draw / test chain for top-p over it.
+- top-k with top-p: top-p's normaliser is the mass of the top-k set, which lies between the mass
+  of z >= z_c (once c is in the top k) and the whole row's; the test decides with these bounds
+  where it can (always for the top token, mostly for the next few at top_p ~0.9), and otherwise
+  finds the top-k threshold by a count-only bisection and the set's mass in one more pass.
 
 The masses are fp32 sums in another order than the torch path's (fp64, sorted): a token whose
 top-p mass f(z_v) is within ~1e-5 of p may be kept by one and not the other; every other kept-set
@@ -34,13 +36,17 @@ decision is exact, and the same (seed, pos, logits) give the same token as the t
 such near-ties and at score near-ties (~1e-6: the logs are libdevice's __nv_logf, not the CPU's).
 
 Cost estimate at V = 65,024 (fp32 logits, resident in L2: the lm_head wrote them just before), one
-program (one SM) per row, 16 warps: pass 1 ~20 instructions per logit ~ 5 us; a draw ~70 (hash 18,
-two logs ~40, division ~8) ~ 17 us; a test or probe pass ~15-20 ~ 4-5 us. So at batch 1:
-greedy ~5 us, temperature ~22 us, temperature + top-p ~27 us (+~22 us per rejection, rare for
-top_p >= 0.8), top-k + top-p ~ 5 + 17 x 4.5 (probes) + 22 ~ 100 us. Against a ~4 ms decode step
-that is 0.5-0.7% for temperature + top-p. At batch 64 the rows run on 64 SMs at once, so about the
-same times; at batch 256 two rows share an SM and 256 x 260 KB no longer fit in L2: roughly 2-3x.
-These are estimates for benchmarks/bench_sampler.py to check on the GPU.
+program (one SM, 16 warps: 128 thread-instructions a clock) per row, instructions per logit: pass 1
+~20 (~5 us); a draw ~90 (the two accurate logs ~40, the hash 18, the division ~9: ~24 us); a test
+~25 (~6 us); a probe ~15 (~4 us, near the SM's L2 read rate). At batch 1: greedy ~5 us,
+temperature ~30 us, temperature + top-p ~35-40 us (+~30 us per rejected draw: a draw lands outside
+the nucleus with probability ~1 - top_p), top-k + top-p ~40 us where the bounds decide and
+~115 us where the top-k set's mass is needed (~18 probes x 4 us). Against a ~4 ms decode step:
+~0.9% for temperature + top-p. Batch 64: one row per SM, so about the same times. Batch 256: two
+rows per SM (1024 x 8 warps) and 67 MB of fp32 logits, past the 50 MB L2: roughly twice the batch-1
+times. benchmarks/bench_sampler.py measures them. If the draw dominates,
+the outer log (of E, where absolute error is what counts) can be the fast lg2.approx: ~20% of the
+draw, at the cost of score differences of ~4e-6 against the torch path.
 """
 
 from __future__ import annotations
@@ -53,9 +59,23 @@ from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
 from falcon_mamba.ops.sample import SamplerRows, check_args
 
-BLOCK = 2048
-NUM_WARPS = 16
+# Four logits per thread and block: more spills registers (ptxas for sm_90: 2048 x 16 warps and
+# 1024 x 8 use ~116 registers, 2048 x 8 and 4096 x 16 spill). One row per SM while the batch fits
+# the SMs; past that, 8 warps so that two programs share an SM (2 x 256 threads x 118 registers).
+BLOCK, NUM_WARPS = 2048, 16
+BLOCK_WIDE_BATCH, NUM_WARPS_WIDE_BATCH = 1024, 8
 MAX_REJECT = 3  # draw / test rounds before a bisection finds the exact threshold
+_SMS: dict = {}
+
+
+def default_config(B: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a launch of B rows."""
+    if device.type == "cuda":
+        if device not in _SMS:
+            _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        if B > _SMS[device]:
+            return BLOCK_WIDE_BATCH, NUM_WARPS_WIDE_BATCH
+    return BLOCK, NUM_WARPS
 
 
 # ---------------------------------------------------------------- pure helpers (the spec's hash)
@@ -186,21 +206,38 @@ def _pass_draw(x_row, seen_row, pen, use_pen, m, T, ka, kb, z_gt, z_ge, zsum_ge,
 
 
 @triton.jit
-def _pass_above(x_row, seen_row, pen, use_pen, m, T, zc, need_mass, V: tl.constexpr,
+def _pass_above(x_row, seen_row, pen, use_pen, m, T, zc, need_mass, incl, V: tl.constexpr,
                 BLOCK: tl.constexpr, HAS_SEEN: tl.constexpr):
-    """-> (#{z > zc}, sum of e^z over z > zc when need_mass): is the candidate with z = zc kept?"""
+    """-> (#{z > zc}, and when need_mass the e^z mass of z > zc and of z == zc); incl: count and
+    weigh z >= zc instead. Is the candidate with z = zc kept?"""
     cnt = tl.zeros((BLOCK,), tl.int32)
     mass = tl.zeros((BLOCK,), tl.float32)
+    mass_eq = tl.zeros((BLOCK,), tl.float32)
     for c0 in tl.range(0, V, BLOCK, num_stages=2):
         offs = c0 + tl.arange(0, BLOCK)
         msk = offs < V
         x, xp = _load_x(x_row, seen_row, offs, msk, pen, use_pen, HAS_SEEN)
         z = _zval(xp, m, T)
-        gt = msk & (z > zc)
+        eq = msk & (z == zc)
+        gt = (msk & (z > zc)) | (eq & incl)
         cnt += gt.to(tl.int32)
         if need_mass:
-            mass += tl.where(gt, tl.exp(z), 0.0)
-    return tl.sum(cnt, axis=0), tl.sum(mass, axis=0)
+            e = tl.exp(z)
+            mass += tl.where(gt, e, 0.0)
+            mass_eq += tl.where(eq, e, 0.0)
+    return tl.sum(cnt, axis=0), tl.sum(mass, axis=0), tl.sum(mass_eq, axis=0)
+
+
+@triton.jit
+def _topk_set(x_row, seen_row, pen, use_pen, m, T, c2, k, V: tl.constexpr, BLOCK: tl.constexpr,
+              HAS_SEEN: tl.constexpr):
+    """-> (tau_k, the e^z mass of z >= tau_k): top-p's normaliser under top-k, by a count-only
+    bisection for the k-th largest x (z is non-decreasing in x) and one pass for the mass."""
+    lo = _key(tl.full((), float("-inf"), tl.float32))
+    xk = _bisect(x_row, seen_row, pen, use_pen, m, c2, lo, _key(m), k, True, 0.0, False, V, BLOCK, HAS_SEEN)
+    tau_k = _zval(_unkey(xk), m, T)
+    cnt, z_s, z_eq = _pass_above(x_row, seen_row, pen, use_pen, m, T, tau_k, True, True, V, BLOCK, HAS_SEEN)
+    return tau_k, z_s
 
 
 @triton.jit
@@ -275,34 +312,45 @@ def _sample_kernel(x_ptr, sx, temp_ptr, topk_ptr, topp_ptr, minp_ptr, pen_ptr, s
         p = tl.maximum(p, 1e-45)  # > 0: the top tokens are always kept
         c2 = 1.4426950408889634 / T  # log2(e) / T (inf for a tiny T: then only x == m weighs)
         z_ge = tl.where(mp > 0, tl.log(mp), float("-inf"))
-        zsum_ge = tl.full((), float("-inf"), tl.float32)
-        if use_k & use_p:  # top-p over the top-k set needs its threshold first
-            xk = _bisect(x_row, seen_row, pen, use_pen, m, c2, _key(tl.full((), float("-inf"), tl.float32)),
-                         _key(m), k, use_k, 0.0, use_p & False, V, BLOCK, HAS_SEEN)
-            tau_k = _zval(_unkey(xk), m, T)
-            z_ge = tl.maximum(z_ge, tau_k)
-            zsum_ge = tau_k
-        chain_k = use_k & (use_p == 0)
         z_gt = tl.full((), float("-inf"), tl.float32)
-        c, z_sum = _pass_draw(x_row, seen_row, pen, use_pen, m, T, ka, kb, z_gt, z_ge, zsum_ge, use_p,
+        # the first draw; for top-p also the mass of the row: top-p's normaliser, or under top-k
+        # an upper bound on it (the top-k set's mass is found only when a decision needs it)
+        c, z_all = _pass_draw(x_row, seen_row, pen, use_pen, m, T, ka, kb, z_gt, z_ge, z_gt, use_p,
                               z_ge > float("-inf"), V, BLOCK, HAS_SEEN)
-        p_mass = p * z_sum
-        pending = chain_k | use_p
+        p_mass = p * z_all
+        exact = use_k == 0  # p_mass is p times the exact normaliser
+        pending = use_k | use_p
         n_rej = 0
         while pending:
             xc, xcp = _load_x(x_row, seen_row, c, True, pen, use_pen, HAS_SEEN)
             zc = _zval(xcp, m, T)
-            cnt, mass = _pass_above(x_row, seen_row, pen, use_pen, m, T, zc, use_p, V, BLOCK, HAS_SEEN)
-            kept = (((cnt < k) | (chain_k == 0)) & ((mass < p_mass) | (use_p == 0))) | (zc >= 0.0)
+            cnt, mass, mass_eq = _pass_above(x_row, seen_row, pen, use_pen, m, T, zc, use_p, False, V,
+                                             BLOCK, HAS_SEEN)
+            in_k = (cnt < k) | (use_k == 0)
+            # kept by top-p for sure: the normaliser is at least the mass of z >= zc (all in the
+            # top-k set once c is); dropped for sure: mass >= p x the row's mass, an upper bound
+            surely = mass < p * (mass + mass_eq)
+            if use_p & (exact == 0) & in_k & (surely == 0) & (mass < p_mass):
+                tau_k, z_s = _topk_set(x_row, seen_row, pen, use_pen, m, T, c2, k, V, BLOCK, HAS_SEEN)
+                p_mass = p * z_s
+                z_ge = tl.maximum(z_ge, tau_k)
+                exact = use_k | True
+            in_p = surely | (exact & (mass < p_mass)) | (use_p == 0)
+            kept = (in_k & in_p) | (zc >= 0.0)
             if kept == 0:
                 n_rej += 1
                 z_gt = zc
                 if n_rej >= MAX_REJECT:
-                    xt = _bisect(x_row, seen_row, pen, use_pen, m, c2, _key(xcp) + 1, _key(m), k, chain_k,
+                    if use_p & (exact == 0):
+                        tau_k, z_s = _topk_set(x_row, seen_row, pen, use_pen, m, T, c2, k, V, BLOCK, HAS_SEEN)
+                        p_mass = p * z_s
+                        z_ge = tl.maximum(z_ge, tau_k)
+                        exact = use_k | True
+                    xt = _bisect(x_row, seen_row, pen, use_pen, m, c2, _key(xcp) + 1, _key(m), k, use_k,
                                  p_mass, use_p, V, BLOCK, HAS_SEEN)
                     z_ge = tl.maximum(z_ge, _zval(_unkey(xt), m, T))
-                c, z_unused = _pass_draw(x_row, seen_row, pen, use_pen, m, T, ka, kb, z_gt, z_ge, zsum_ge,
-                                         use_p & False, True, V, BLOCK, HAS_SEEN)
+                c, z_unused = _pass_draw(x_row, seen_row, pen, use_pen, m, T, ka, kb, z_gt, z_ge, z_gt,
+                                         False, True, V, BLOCK, HAS_SEEN)
             pending = (kept == 0) & (n_rej < MAX_REJECT)
         tok = c
 
@@ -335,10 +383,11 @@ def sample_rows_triton(logits_BV: torch.Tensor, rows: SamplerRows, tokens_out: t
     seen = rows.seen if has_seen else rows.pos  # any pointer: never read without HAS_SEEN
     if has_seen:
         assert seen.stride(1) == 1
-    blk = block or min(BLOCK, triton.next_power_of_2(V))
+    blk, warps = default_config(B, logits_BV.device)
+    blk = block or min(blk, triton.next_power_of_2(V))
     _sample_kernel[(B,)](logits_BV, logits_BV.stride(0), rows.temperature, rows.top_k, rows.top_p,
                          rows.min_p, rows.penalty, rows.seed, rows.pos, seen,
                          seen.stride(0) if has_seen else 0,
                          tokens_out, logprob_out, status_out, V=V, BLOCK=blk, HAS_SEEN=has_seen,
-                         MAX_REJECT=max_reject or MAX_REJECT, num_warps=num_warps or NUM_WARPS,
+                         MAX_REJECT=max_reject or MAX_REJECT, num_warps=num_warps or warps,
                          **pdl.launch_kwargs(logits_BV.device))
