@@ -299,7 +299,7 @@ def keep_threshold(z_V: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
         tau = t if t is not None else _nucleus_floor_binned(z_V, e, top_p, total)
     if min_p > 0:
         tau = max(tau, float(torch.tensor(min_p, dtype=torch.float32).log()))
-    return tau
+    return min(tau, 0.0)  # the top tokens are always kept
 
 
 def _nucleus_floor(vals: torch.Tensor, top_p: float, total: float, above: float,
@@ -410,7 +410,7 @@ def sample_rows_torch(logits_BV: torch.Tensor, rows: SamplerRows, tokens_out: to
             status.append(1)
             continue
         status.append(0)
-        if T[b] == 0:
+        if not T[b] > 0:  # 0 (or, from an unvalidated table, negative or NaN): greedy, as the kernel
             toks.append(top_l[b])
             continue
         z = row_z(xp[b], m_l[b], T[b])

@@ -309,9 +309,9 @@ def _sample_kernel(x_ptr, sx, temp_ptr, topk_ptr, topp_ptr, minp_ptr, pen_ptr, s
         ka, kb = _row_keys(seed, pos)
         use_k = (k > 0) & (k < V)
         use_p = p < 1.0
-        p = tl.maximum(p, 1e-45)  # > 0: the top tokens are always kept
         c2 = 1.4426950408889634 / T  # log2(e) / T (inf for a tiny T: then only x == m weighs)
-        z_ge = tl.where(mp > 0, tl.log(mp), float("-inf"))
+        # min-p's floor, never above the top tokens (which every filter keeps: see `kept` below)
+        z_ge = tl.minimum(tl.where(mp > 0, tl.log(mp), float("-inf")), 0.0)
         z_gt = tl.full((), float("-inf"), tl.float32)
         # the first draw; for top-p also the mass of the row: top-p's normaliser, or under top-k
         # an upper bound on it (the top-k set's mass is found only when a decision needs it)
