@@ -491,10 +491,11 @@ def test_kernel_extreme_values(rng):
     compare_kernel(x, rows, steps=2, block=128, max_reject=2)
 
 
-def test_kernel_rows_are_independent(rng):
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+def test_rows_are_independent(rng, path):
     """A row's token depends only on its logits, parameters, seed and pos: each row of a mixed batch
     gets what it gets alone, and the batch's results do not change when other rows do."""
-    ts = triton_sample()
+    fn = S.sample_rows_torch if path == "torch" else triton_sample().sample_rows_triton
     V = 150
     x, rows = mixed_batch(rng, V)
     rows = rows.to(DEV)
@@ -504,12 +505,14 @@ def test_kernel_rows_are_independent(rng):
     def sub(idx):
         return SamplerRows(**{f: (None if v is None else v[idx].clone()) for f, v in vars(rows).items()})
 
-    full = run(ts.sample_rows_triton, x, sub(list(range(x.shape[0]))))[0]
+    full = run(fn, x, sub(list(range(x.shape[0]))))[0]
     for b in pick:
-        assert run(ts.sample_rows_triton, x[b:b + 1], sub([b]))[0].item() == full[b].item()
+        assert run(fn, x[b:b + 1], sub([b]))[0].item() == full[b].item()
     other = x.clone()
     other[[0, 2, 3]] = torch.randn(3, V, generator=rng).to(DEV)
-    assert torch.equal(run(ts.sample_rows_triton, other, sub(list(range(x.shape[0]))))[0][pick], full[pick])
+    assert torch.equal(run(fn, other, sub(list(range(x.shape[0]))))[0][pick], full[pick])
+    rows.pos.add_(1)  # the next draw differs (for most rows)
+    assert not torch.equal(run(fn, x, sub(list(range(x.shape[0]))))[0], full)
 
 
 @pytest.mark.cuda
