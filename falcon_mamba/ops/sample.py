@@ -39,10 +39,12 @@ step h is a bijection of v. 23 bits, not 24: ((h >> 8) + 0.5) / 2**24 rounds to 
 the largest h, and g would be +inf. The largest g is GUMBEL_MAX ~ 16.64, so a token more than ~19.5
 nats below the top token can never be drawn (its probability is below 4e-9 of the top's).
 
-This torch path is the spec and the CPU path: exact thresholds from torch.topk candidates (a full
-sort only when the nucleus reaches past 1,024 tokens), and noise only for the tokens that can still
-win: s_v <= z_v + GUMBEL_MAX, and the top token (always kept) scores g_top, so only tokens with
-z_v >= g_top - GUMBEL_MAX are scored.
+This torch path is the spec and the CPU path: exact thresholds without sorting the row (top-k from
+torch.topk; top-p from the CANDIDATES most likely tokens, or else by binning the row's mass by z),
+and noise only for the tokens that can still win: s_v <= z_v + GUMBEL_MAX, and the top token
+(always kept) scores g_top, so only tokens with z_v >= g_top - GUMBEL_MAX are scored (compacted
+when they are few, the whole row otherwise). The penalty is applied before the max, so a row whose
+every finite logit a penalty of 1e3 sends to -inf also gets status 1.
 
 Legend: B batch (rows), V vocab.
 """
