@@ -3,8 +3,7 @@
 and as the replay of a captured CUDA graph (triton.testing.do_bench, median; do_bench flushes L2
 before each run, so the first pass reads the logits from HBM), and as one graph of 20 calls back to
 back ("in L2": the decode step's case, where lm_head has just written the logits), beside a
-one-pass floor (torch's row max over the same logits) and the old host-side path (sampling.sample,
-which synchronises). Prints a table, then one JSON line.
+one-pass floor (torch's row max over the same logits). Prints a table, then one JSON line.
 
     PYTHONPATH=. python3 benchmarks/bench_sampler.py [--dtype fp32|bf16] [--logits peaked|flat]
         [--sweep] [--out FILE]        # --sweep: BLOCK x num_warps as well as the defaults
@@ -78,7 +77,6 @@ def gpu_bench(args):
     import triton.testing
 
     from falcon_mamba.ops import triton_sample
-    from falcon_mamba.sampling import make_generators, sample
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     dev = DEVICE
@@ -128,18 +126,11 @@ def gpu_bench(args):
                        "row_max_floor_us": round(floor, 2), "share_of_4ms_step": round(warm / 4000, 4)}
                 if block is None:
                     rec["token_mismatches_vs_torch_path"] = mismatches
-                if block is None and name != "greedy" and B in (1, 64):
-                    gens = make_generators(0, B, dev)
-                    prev = [list(range(0, V, 300))] * B
-                    rec["old_sampling_sample_us"] = round(bench(lambda x=x, p=params, gens=gens, prev=prev:
-                                                                sample(x, p, gens, prev)), 1)
                 records.append(rec)
                 print(f"{name:<28} B={B:<4} block={rec['block']:<5} warps={rec['num_warps']:<3} "
                       f"eager {eager:7.1f} us  graph {replay:7.1f} us  in L2 {warm:7.1f} us "
                       f"({100 * warm / 4000:.2f}% of 4 ms)"
                       f"  row-max floor {floor:6.1f} us"
-                      + (f"  old sample() {rec['old_sampling_sample_us']:.0f} us"
-                         if "old_sampling_sample_us" in rec else "")
                       + (f"  mismatches {mismatches}/{B}" if block is None else ""), flush=True)
     return {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "logits": args.logits,
             "triton": triton.__version__, "results": records}

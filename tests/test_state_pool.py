@@ -108,12 +108,13 @@ def test_sampling_rows_are_set_per_row():
     params = [SamplingParams(temperature=0.5, top_k=10**9, top_p=0.9, min_p=0.1, repetition_penalty=1.2),
               SamplingParams(temperature=0.0)]
     pool.set_sampling(1, params, [7, 8], [[3, 5, 3], [4]])
-    assert pool.temperature[1:3].tolist() == [0.5, 0.0] and pool.top_k[1:3].tolist() == [0, 0]
-    assert pool.penalty[1:3].tolist() == pytest.approx([1.2, 1.0]) and pool.seed[1:3].tolist() == [7, 8]
-    assert pool.pos[1:3].tolist() == [0, 0]
-    assert pool.seen[1].nonzero()[:, 0].tolist() == [3, 5] and not pool.seen[2].any()
+    t = pool.sampling
+    assert t.temperature[1:3].tolist() == [0.5, 0.0] and t.top_k[1:3].tolist() == [0, 0]
+    assert t.penalty[1:3].tolist() == pytest.approx([1.2, 1.0]) and t.seed[1:3].tolist() == [7, 8]
+    assert t.pos[1:3].tolist() == [0, 0]
+    assert t.seen[1].nonzero()[:, 0].tolist() == [3, 5] and not t.seen[2].any()
     rows = pool.sampler_rows(1, 2)
-    assert rows.temperature.data_ptr() == pool.temperature[1:].data_ptr()
+    assert rows.temperature.data_ptr() == t.temperature[1:].data_ptr()
 
 
 def test_decode_on_the_pool_rows_equals_each_sequence_alone(rng):

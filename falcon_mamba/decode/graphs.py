@@ -166,10 +166,11 @@ class DecodeGraphs:
 
     def _zero_row0(self) -> None:
         p = self.pool
-        for t in (p.state.conv[:, 0], p.state.ssm[:, 0], p.tokens[:1], p.temperature[:1], p.pos[:1],
-                  p.seen[:1]):
-            t.zero_()
-        p.penalty[:1].fill_(1.0)
+        t = p.sampling
+        for x in (p.state.conv[:, 0], p.state.ssm[:, 0], p.tokens[:1], t.temperature[:1], t.pos[:1],
+                  t.seen[:1]):
+            x.zero_()
+        t.penalty[:1].fill_(1.0)
 
     def _probe(self, graph, logits) -> torch.Tensor:
         """Logits (1, V) fp32 after two greedy replays from a zero state and token 0."""

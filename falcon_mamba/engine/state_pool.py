@@ -75,16 +75,11 @@ class StatePool:
         R = self.num_rows = num_slots + PAD_ROWS
         V = config.vocab_size
         self.state = State.zeros(config, R, dtype, device)  # conv (nL, R, K-1, D), ssm (nL, R, D, N)
+        from falcon_mamba.ops.sample import SamplerRows
+
         dev = self.device
         self.tokens = torch.zeros(R, dtype=torch.long, device=dev)  # each row's next input token
-        self.temperature = torch.zeros(R, dtype=torch.float32, device=dev)
-        self.top_k = torch.zeros(R, dtype=torch.int32, device=dev)
-        self.top_p = torch.ones(R, dtype=torch.float32, device=dev)
-        self.min_p = torch.zeros(R, dtype=torch.float32, device=dev)
-        self.penalty = torch.ones(R, dtype=torch.float32, device=dev)
-        self.seed = torch.zeros(R, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(R, dtype=torch.long, device=dev)
-        self.seen = torch.zeros(R, V, dtype=torch.uint8, device=dev)
+        self.sampling = SamplerRows.empty(R, dev, V)  # each row's parameters, draw counter, seen mask
         self.logprob = torch.zeros(R, dtype=torch.float32, device=dev)
         self.status = torch.zeros(R, dtype=torch.int32, device=dev)
         self._dec: list[Hashable] = []  # row i holds _dec[i]
@@ -117,10 +112,12 @@ class StatePool:
 
     def _per_row(self) -> list[tuple[torch.Tensor, int]]:
         """Every per-row tensor with its row dimension."""
+        import dataclasses
+
         s = self.state
-        return [(s.conv, 1), (s.ssm, 1), (self.tokens, 0), (self.temperature, 0), (self.top_k, 0),
-                (self.top_p, 0), (self.min_p, 0), (self.penalty, 0), (self.seed, 0), (self.pos, 0),
-                (self.seen, 0), (self.logprob, 0), (self.status, 0)]
+        table = [getattr(self.sampling, f.name) for f in dataclasses.fields(self.sampling)]
+        return [(s.conv, 1), (s.ssm, 1), (self.tokens, 0), *[(t, 0) for t in table],
+                (self.logprob, 0), (self.status, 0)]
 
     def _move(self, src: int, dst: int) -> None:
         for t, dim in self._per_row():
@@ -211,36 +208,11 @@ class StatePool:
 
     # ---- sampling tables -----------------------------------------------------------------------
     def sampler_rows(self, first: int, count: int):
-        """rows [first, first + count) of the sampling tables as ops.sample.SamplerRows views."""
-        from falcon_mamba.ops.sample import SamplerRows
-
-        sl = slice(first, first + count)
-        return SamplerRows(temperature=self.temperature[sl], top_k=self.top_k[sl], top_p=self.top_p[sl],
-                           min_p=self.min_p[sl], penalty=self.penalty[sl], seed=self.seed[sl],
-                           pos=self.pos[sl], seen=self.seen[sl])
+        """rows [first, first + count) of the sampling table (ops.sample.SamplerRows views)."""
+        return self.sampling.rows(first, count)
 
     def set_sampling(self, first: int, params: Sequence, seeds: Sequence[int],
                      seen_ids: Sequence[Sequence[int]] | None = None) -> None:
         """Fill rows first.. with each row's SamplingParams and seed; the draw counter starts at 0;
-        seen_ids (per row, where a row has a repetition penalty): the prompt's tokens."""
-        n = len(params)
-        V = self.config.vocab_size
-        sl = slice(first, first + n)
-        pin = self.device.type == "cuda"
-
-        def put(dst: torch.Tensor, values: list, dtype: torch.dtype) -> None:
-            src = torch.tensor(values, dtype=dtype, pin_memory=pin)
-            dst[sl].copy_(src, non_blocking=pin)
-
-        put(self.temperature, [float(p.temperature) for p in params], torch.float32)
-        put(self.top_k, [p.top_k if 0 < p.top_k < V else 0 for p in params], torch.int32)
-        put(self.top_p, [max(float(p.top_p), 1.1754943508222875e-38) for p in params], torch.float32)
-        put(self.min_p, [float(p.min_p) for p in params], torch.float32)
-        put(self.penalty, [float(p.repetition_penalty) for p in params], torch.float32)
-        put(self.seed, [int(s) & 0x7FFFFFFFFFFFFFFF for s in seeds], torch.long)
-        self.pos[sl].zero_()
-        self.seen[sl].zero_()
-        for j, p in enumerate(params):
-            if p.repetition_penalty != 1.0 and seen_ids is not None and len(seen_ids[j]):
-                ids = torch.tensor(list(seen_ids[j]), dtype=torch.long, pin_memory=pin)
-                self.seen[first + j].index_fill_(0, ids.to(self.device, non_blocking=pin), 1)
+        seen_ids (per row, used where a row has a repetition penalty): the prompt's tokens."""
+        self.sampling.set_rows(first, params, seeds, seen_ids)

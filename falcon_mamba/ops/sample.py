@@ -223,9 +223,33 @@ class SamplerRows:
             if seen_ids is not None:
                 _mark(self.seen[i], seen_ids)
 
+    def set_rows(self, first: int, params_list: Sequence[SamplingParams], seeds: Sequence[int],
+                 seen_ids: Sequence | None = None) -> None:
+        """set_row for rows first.. at once (one host-to-device copy per column: what a server
+        does for every step's joining sequences); seen_ids: per row, the prompt's token ids."""
+        n = len(params_list)
+        V = None if self.seen is None else self.seen.shape[1]
+        if self.seen is None and any(p.repetition_penalty != 1 for p in params_list):
+            raise ValueError("this SamplerRows table has no seen table; build it with vocab_size "
+                             "(SamplerRows.empty) to serve rows with a repetition penalty")
+        vals = [row_values(p, sd, 0, V if V is not None else 2**62) for p, sd in zip(params_list, seeds)]
+        pin = self.temperature.is_cuda
+        for j, (name, dt) in enumerate(_DTYPES.items()):
+            src = torch.tensor([v[j] for v in vals], dtype=dt, pin_memory=pin)
+            getattr(self, name)[first:first + n].copy_(src, non_blocking=pin)
+        if self.seen is not None:
+            self.seen[first:first + n].zero_()
+            for i, p in enumerate(params_list):
+                if seen_ids is not None and p.repetition_penalty != 1:
+                    _mark(self.seen[first + i], seen_ids[i])
+
     def head(self, n: int) -> SamplerRows:
         """Views of rows [0:n] (the batch of a step whose rows are the pool's first n)."""
         return self._map(lambda t: t[:n])
+
+    def rows(self, first: int, count: int) -> SamplerRows:
+        """Views of rows [first, first + count)."""
+        return self._map(lambda t: t[first:first + count])
 
     def clone(self) -> SamplerRows:
         return self._map(torch.clone)
