@@ -80,7 +80,8 @@ case "$MODE" in
       > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
   decode15)
-    cuda_tests 300 tests/
+    cuda_tests 290 tests/
+    timeout 60 python3 benchmarks/bench_sampler.py --out "$OUT/results/sampler.json" > "$OUT/sampler.log" 2>&1
     timeout $((585 - SECONDS)) python3 -m falcon_mamba bench decode --out "$OUT/results" \
       --tokenizer .data/shared/tokenizers/falcon --decode-batches 1,64 --decode-tokens 512 \
       --generate-tokens 256 > "$OUT/bench.log" 2>&1
