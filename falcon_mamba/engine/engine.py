@@ -66,6 +66,8 @@ class EngineConfig:
     cache_bytes: int = 0  # prefix cache budget (0: off)
     cache_dir: str | None = None  # spill evicted cache entries here
     cache_disk_bytes: int = 0
+    cache_device: str | None = None  # where cached states live (default: the model's device, so that
+    # keeping and restoring one is a device copy, not a synchronising copy to the host)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
@@ -87,7 +89,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
         self.pool = StatePool(model.config, cfg.num_slots, model.dtype, model.device)
-        self.cache = PrefixCache(cfg.cache_bytes, cfg.cache_dir, cfg.cache_disk_bytes)
+        self.cache = PrefixCache(cfg.cache_bytes, cfg.cache_dir, cfg.cache_disk_bytes,
+                                 device=cfg.cache_device or model.device)
         budget = cfg.prefill_budget if cfg.prefill_budget is not None else 4 * cfg.prefill_chunk
         self.scheduler = Scheduler(cfg.num_slots, cfg.max_waiting, cfg.prefill_chunk, budget,
                                    on_admit=self._on_admit)
