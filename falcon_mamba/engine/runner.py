@@ -134,13 +134,19 @@ class Runner:
         return done
 
     def _initial_states(self, rows: list[int | None]) -> State:
-        """The start state of each batch row: the pool row's, or zeros (None)."""
+        """The start state of each batch row: the pool row's, or zeros (None). One row that
+        continues: a view of its pool row (the forward only reads it). No host synchronisation:
+        the row indices go to the device through pinned memory."""
+        pool = self.pool
+        if len(rows) == 1:
+            r = rows[0]
+            return State(self.model.config, pool.state.conv[:, r:r + 1], pool.state.ssm[:, r:r + 1])
         st = State.zeros(self.model.config, len(rows), self.model.dtype, self.device)
         have = [(b, r) for b, r in enumerate(rows) if r is not None]
-        idx_b = torch.tensor([b for b, _ in have], device=self.device)
-        idx_r = torch.tensor([r for _, r in have], device=self.device)
-        st.conv.index_copy_(1, idx_b, self.pool.state.conv.index_select(1, idx_r))
-        st.ssm.index_copy_(1, idx_b, self.pool.state.ssm.index_select(1, idx_r))
+        idx_b = _to_device([b for b, _ in have], self.device)
+        idx_r = _to_device([r for _, r in have], self.device)
+        st.conv.index_copy_(1, idx_b, pool.state.conv.index_select(1, idx_r))
+        st.ssm.index_copy_(1, idx_b, pool.state.ssm.index_select(1, idx_r))
         return st
 
     # ---- a prompt's first token ----------------------------------------------------------------
@@ -184,6 +190,14 @@ class Runner:
             pend.event = torch.cuda.Event()
             pend.event.record()
         return pend
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 indices on the device without waiting for the queued GPU work (pinned, async)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _batches(works: Seq[PrefillWork]) -> list[list[PrefillWork]]:
