@@ -120,14 +120,16 @@ class Engine:
         return self._ready and self.is_alive
 
     def warm_up(self) -> None:
-        """Capture the decode graphs of every batch bucket up to the slot count (and time the
-        batch-1 modes, or read their choice from the tuning cache) before serving."""
+        """Compile the prefill kernels' variants and capture the decode graphs of every batch
+        bucket up to the slot count (and time the batch-1 modes, or read their choice from the
+        tuning cache) before serving, so that no request pays for them."""
         from falcon_mamba.engine.state_pool import bucket
 
         graphs = self.runner.graphs
         if not graphs.use_graphs:
             return
         with torch.inference_mode():
+            self.runner.warm_prefill()
             n = 1
             while True:
                 graphs.prepare(n)

@@ -100,6 +100,29 @@ class Runner:
             done.extend(self._prefill_batch(group))
         return done
 
+    @torch.inference_mode()
+    def warm_prefill(self) -> None:
+        """Run one of each kind of prefill batch on scratch rows (a lone prompt, a padded batch
+        with document resets, chunks that continue a state alone and gathered), so that Triton
+        compiles those kernel variants now rather than during the first requests. The rows'
+        contents are left as they were."""
+        V = self.model.config.vocab_size
+        top = self.pool.num_rows - 1
+        saved = self.pool.gather([top, top - 1])
+        ids = [(i * 7919) % V for i in range(48)]
+        cases = [[PrefillWork(ids[:17], None, False, True)],
+                 [PrefillWork(ids[:40], None, False, True), PrefillWork(ids[:9], None, False, True),
+                  PrefillWork(ids[:33], None, False, False, ) ],
+                 [PrefillWork(ids[:32], top, True, False)],
+                 [PrefillWork(ids[:32], top, True, True), PrefillWork(ids[:32], top - 1, True, True)]]
+        for works in cases:
+            for w in works:
+                if w.row is None and not w.is_last:
+                    w.row = top
+            self.prefill(works)
+        self.pool.write_rows(top - 1, State(saved.config, saved.conv[:, 1:], saved.ssm[:, 1:]))
+        self.pool.write_rows(top, State(saved.config, saved.conv[:, :1], saved.ssm[:, :1]))
+
     def _prefill_batch(self, group: list[PrefillWork]) -> list[tuple[PrefillWork, torch.Tensor, State]]:
         L = max(len(w.ids) for w in group)
         ids = torch.zeros(len(group), L, dtype=torch.long)
