@@ -92,6 +92,10 @@ def build(shape: str, dtype: torch.dtype, device: str, seed: int = 0):
     return model
 
 
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -99,6 +103,14 @@ def sync():
 
 def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """transformers' activation checkpointing (the newer method names where they exist)."""
+    verb = "enable" if on else "disable"
+    fn = (getattr(model, f"activation_checkpointing_{verb}", None)
+          or getattr(model, f"gradient_checkpointing_{verb}"))
+    fn(**({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}))
 
 
 def train_step(model, ids) -> float:
@@ -182,6 +194,7 @@ def part_train(rep: Report, shape: str, device: str, dtype, batch: int, hf_lens:
                acc_lens: list[int], steps: int, hf_steps: int, checkpointing: bool, plain_too: bool) -> None:
     """Training steps of one model: transformers' path at hf_lens, then the same model object
     accelerated at acc_lens (and without checkpointing at the longest, with plain_too)."""
+    log(f"building {shape} ({dtype}, {device})")
     model = build(shape, dtype, device)
     model.train()
     n = params(model)
@@ -189,7 +202,7 @@ def part_train(rep: Report, shape: str, device: str, dtype, batch: int, hf_lens:
     ids = torch.randint(0, model.config.vocab_size, (batch, max(acc_lens + hf_lens)), generator=g).to(device)
     mode = "activation checkpointing" if checkpointing else "no checkpointing"
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     data = {"shape": shape, "parameters": n, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
             "mode": mode, "by_seq_len": {}}
     rows = []
@@ -197,12 +210,14 @@ def part_train(rep: Report, shape: str, device: str, dtype, batch: int, hf_lens:
     # transformers' path: one small warm-up step, not a full one (one full step is the slow part).
     train_step(model, ids[:1, :16])
     for L in hf_lens:
+        log(f"transformers' path, {batch} x {L}")
         t, loss = time_train(model, ids[:, :L], hf_steps, 0)
         data["by_seq_len"][L] = {"transformers_s_per_step": t, "transformers_tok_s": batch * L / t,
                                  "loss_transformers": loss}
         rows.append((f"{what} x {L}: transformers", f"{batch * L / t:,.0f} tok/s", f"{t:.3f} s/step"))
     fh.accelerate(model)
     for L in acc_lens:
+        log(f"accelerated, {batch} x {L}")
         t, loss = time_train(model, ids[:, :L], steps, 1)
         d = data["by_seq_len"].setdefault(L, {})
         d |= {"accelerated_s_per_step": t, "accelerated_tok_s": batch * L / t, "loss_accelerated": loss}
@@ -214,7 +229,7 @@ def part_train(rep: Report, shape: str, device: str, dtype, batch: int, hf_lens:
         rows.append((f"{what} x {L}: accelerated", f"{batch * L / t:,.0f} tok/s", note))
     if plain_too:
         L = max(acc_lens)
-        model.gradient_checkpointing_disable()
+        set_checkpointing(model, False)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t, _ = time_train(model, ids[:, :L], steps, 1)
@@ -234,6 +249,7 @@ def part_train(rep: Report, shape: str, device: str, dtype, batch: int, hf_lens:
 
 
 def part_decode(rep: Report, batches: list[int], prompt_len: int, short: int, long: int) -> None:
+    log("building 7b (bf16, cuda)")
     model = build("7b", torch.bfloat16, "cuda").eval()
     n = params(model)
     g = torch.Generator().manual_seed(1)
@@ -241,11 +257,13 @@ def part_decode(rep: Report, batches: list[int], prompt_len: int, short: int, lo
                for b in batches}
     hf = {}
     for b in batches:
+        log(f"generate, transformers' path, batch {b}")
         hf[b] = decode_rate(model, prompts[b], short, long)
     fh.accelerate(model)
     data, rows = {"shape": "7b", "parameters": n, "prompt_len": prompt_len,
                   "tokens_timed": long - short}, []
     for b in batches:
+        log(f"generate, accelerated, batch {b}")
         r_acc, toks = decode_rate(model, prompts[b], short, long)
         r_hf, toks_hf = hf[b]
         same = (toks == toks_hf).float().mean().item()
