@@ -1,7 +1,7 @@
 """Real llama.cpp (llama-cpp-python) loads every GGUF outtype we write, tokenizes like us, renders
 the embedded chat template like us, and computes the logits we compute. OPT-IN:
 
-    pip install -e ".[gguf-test]"                   # builds llama.cpp from source (~13 min here)
+    pip install -e ".[gguf-test]"                   # builds llama.cpp from source (31 min here)
     pytest --llama-cpp tests/test_gguf_llama.py     # FALCON_MAMBA_RECORD_GGUF=FILE.json records
 
 Why opt-in: PyPI has no prebuilt llama-cpp-python wheel for Linux (``pip download
@@ -16,8 +16,12 @@ What is compared, per outtype (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0):
   is llama.cpp's arithmetic, which rounds the activations to the weights' type (f16, bf16) or to
   8-bit blocks (the quantized types) for its dot products;
 - "vs ours": our model as loaded (the error of the format plus the above);
-- the argmax wherever our top-2 margin clears twice the bound, and a greedy continuation through
-  llama.cpp's recurrent state (token-for-token with ours on the file's weights for f32).
+- a greedy continuation of 8 tokens through llama.cpp's recurrent state (its decode path, not the
+  batch evaluation above): token for token with ours on the file's weights for f32, recorded for
+  the other types (a near-tie may go either way once the activations are rounded).
+Bounds: relative L2 error of the logits vs file, ~3x the recorded run's (f32 6e-7, f16 5e-4,
+bf16 4e-3, the 8/5/4-bit types 0.9-1.7e-2), and for f32 max |diff| <= 1e-4 (measured 1.1e-6 on
+logits of std 0.2, 2.5e-5 on the embedded model's of std ~3).
 """
 
 import json
@@ -38,10 +42,9 @@ pytestmark = pytest.mark.llama_cpp
 
 TEXT = ("The quick brown fox jumps over 12345 lazy dogs, then 3.14159 more! Ça va? "
         "日本語のテキスト — and code: def f(x): return x**2\n\nNew paragraph.")
-# max |logit difference| vs our model on the file's weights (logit std ~0.2 on the tiny model,
-# ~3 on the embedded one): bounds ~3x the measured values of the recorded run.
-BOUND_VS_FILE = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2, "q8_0": 3e-2, "q5_1": 3e-2, "q5_0": 3e-2,
-                 "q4_1": 3e-2, "q4_0": 3e-2}
+# relative L2 error of the logits vs our model on the file's weights (see the docstring)
+BOUND_VS_FILE = {"f32": 1e-5, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 5e-2, "q5_1": 5e-2, "q5_0": 5e-2,
+                 "q4_1": 5e-2, "q4_0": 5e-2}
 RECORD: dict = {"files": {}}
 
 
@@ -109,25 +112,20 @@ def _compare(llama_cpp, label, folder, path, outtype, ids, tok):
     file_model = _file_model(folder, path, eps=1e-5)
     on_file = _logits(file_model, ids)
     gen_file = _greedy(file_model, tok, ids)
-    bound = BOUND_VS_FILE[outtype]
+    rel_file = float(np.linalg.norm(theirs - on_file) / np.linalg.norm(on_file))
     d_file = float(np.abs(theirs - on_file).max())
-    top2 = np.sort(on_file, -1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 2 * bound
-    rec = {"max_abs_diff_vs_file": d_file, "max_abs_diff_vs_ours": float(np.abs(theirs - ours).max()),
-           "rel_l2_vs_file": float(np.linalg.norm(theirs - on_file) / np.linalg.norm(on_file)),
+    rec = {"rel_l2_vs_file": rel_file, "max_abs_diff_vs_file": d_file,
            "rel_l2_vs_ours": float(np.linalg.norm(theirs - ours) / np.linalg.norm(ours)),
+           "max_abs_diff_vs_ours": float(np.abs(theirs - ours).max()), "logit_std": float(ours.std()),
+           "argmax_agreement_vs_file": float((theirs.argmax(-1) == on_file.argmax(-1)).mean()),
            "argmax_agreement_vs_ours": float((theirs.argmax(-1) == ours.argmax(-1)).mean()),
-           "argmax_agreement_vs_file_clear_margin":
-               float((theirs.argmax(-1) == on_file.argmax(-1))[clear].mean()),
-           "clear_margin_positions": int(clear.sum()), "positions": len(ids),
-           "greedy_8_equal_vs_file": gen_theirs == gen_file, "greedy_8": gen_theirs,
+           "positions": len(ids), "greedy_8_equal_vs_file": gen_theirs == gen_file, "greedy_8": gen_theirs,
            "bytes": path.stat().st_size}
     RECORD["files"].setdefault(label, {})[outtype] = rec
     assert len(gen_theirs) == 8 and all(0 <= t < file_model.config.vocab_size for t in gen_theirs)
-    assert d_file <= bound, (outtype, d_file)
-    assert clear.sum() > len(ids) // 4, outtype
-    assert (theirs.argmax(-1) == on_file.argmax(-1))[clear].all(), outtype
+    assert rel_file <= BOUND_VS_FILE[outtype], (outtype, rel_file)
     if outtype == "f32":
+        assert d_file <= 1e-4, d_file
         assert gen_theirs == gen_file
     return rec
 
@@ -248,6 +246,6 @@ def test_zz_record(llama_cpp):
                    "models": {"tiny-falcon-tokenizer": "random Falcon Mamba, hidden 64, 2 layers, d_inner "
                               "128, vocab 65024 (Falcon tokenizer), a chat template",
                               "embedded-default-model": "falcon_mamba/default_model (7.7M, 8k BPE)"},
-                   "bounds_max_abs_diff_vs_file": BOUND_VS_FILE})
+                   "bounds_rel_l2_vs_file": BOUND_VS_FILE})
     with open(out, "w", encoding="utf-8") as f:
         json.dump(RECORD, f, indent=2)
