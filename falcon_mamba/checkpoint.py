@@ -78,17 +78,24 @@ def expected_shapes(model: FalconMamba) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
-               device: torch.device | str = "cpu") -> FalconMamba:
+               device: torch.device | str = "cpu", adapter: str | os.PathLike | None = None,
+               check_adapter_base: bool = True) -> FalconMamba:
     """Load an HF-format folder or Hub id into a FalconMamba in eval mode.
 
     dtype applies to the weights; A_log, D and the dt bias stay fp32. Missing, unexpected or
-    mis-shaped tensors raise one UserError naming them all.
+    mis-shaped tensors raise one UserError naming them all. ``adapter``: a PEFT LoRA adapter
+    folder (adapter_config.json + adapter_model.safetensors), merged into the weights
+    (falcon_mamba.hf.adapter); an adapter made for another base is a UserError
+    (``check_adapter_base=False`` skips the comparison of base names, not of shapes).
     """
     dtype = parse_dtype(dtype)
     device = check_device_dtype(device, dtype)
     folder = resolve_model_dir(ref)
     config = ModelConfig.from_json_file(folder / "config.json")
     quant = folder / "quantization.json"
+    if quant.is_file() and adapter is not None:
+        raise UserError(f"{folder} is quantized; merge the adapter into the high-precision model "
+                        "(load_model(base, adapter=...), save_model), then quantize that")
     if quant.is_file():
         from falcon_mamba import quant as quant_mod  # a quantized folder has its own loader
 
@@ -101,9 +108,25 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.f
         folder, files, want, device, config.tie_word_embeddings,
         lambda name, t: torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
     assign_tensors(model, tensors)
+    if adapter is not None:
+        from falcon_mamba.hf.adapter import load_adapter
+
+        load_adapter(model, adapter, base_ref=ref, check_base_name=check_adapter_base)
     model.eval()
     model.source = str(folder)
     return model
+
+
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The dtype of the embeddings in a checkpoint folder (what "as stored" means), None when the
+    folder has no embeddings tensor."""
+    folder = Path(folder)
+    path = _weight_files(folder).get("backbone.embeddings.weight")
+    if path is None:
+        return None
+    with _open(path) as f:
+        code = f.get_slice("backbone.embeddings.weight").get_dtype()
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(code)
 
 
 def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int, ...]],

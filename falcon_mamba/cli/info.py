@@ -6,11 +6,12 @@ import json
 import platform
 
 NAME = "info"
-HELP = "print versions, device, op backend and (with --model) the model's config and parameter count"
+HELP = "print versions, device, op backend and the model's config and parameter count"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="model folder or Hub id")
+    p.add_argument("--model", help="model folder or Hub id (default: the small model embedded in the "
+                                   "package, when this install has it)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -19,7 +20,7 @@ def run(args) -> int:
     import torch
 
     import falcon_mamba
-    from falcon_mamba import ops
+    from falcon_mamba import default_model, ops
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = {
@@ -36,11 +37,13 @@ def run(args) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    if args.model:
+    # info is a diagnostic: an install without the embedded model still prints the rest
+    ref = args.model or (default_model.path() if default_model.available() else None)
+    if ref is not None:
         from falcon_mamba.config import ModelConfig
         from falcon_mamba.hub import resolve_model_dir
 
-        folder = resolve_model_dir(args.model)
+        folder = resolve_model_dir(ref)
         cfg = ModelConfig.from_json_file(folder / "config.json")
         info["model"] = str(folder)
         info["config"] = cfg.to_hf_dict()

@@ -17,7 +17,8 @@ HELP = "write an int8 (per channel) or int4 (per group) weight-only quantized co
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="model folder or Hub id (high precision)")
+    p.add_argument("--model", default=None, help="model folder or Hub id, high precision (default: the "
+                                                 "small model embedded in the package)")
     p.add_argument("--bits", type=int, required=True, choices=(8, 4), help="8 or 4")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along the input features: 32, 64 or 128 (default 128)")
@@ -53,8 +54,10 @@ def run(args) -> int:
     from falcon_mamba.quant import quantizable_modules, quantize_model, save_quantized
     from falcon_mamba.quant.folder import CONFIG_NAME, check_bits
 
+    from falcon_mamba import default_model
+
     group = check_bits(args.bits, args.group_size)
-    folder = resolve_model_dir(args.model)
+    folder = resolve_model_dir(args.model or default_model.path())
     if (folder / CONFIG_NAME).is_file():
         raise UserError(f"{folder} is already quantized ({CONFIG_NAME} is there); quantize the "
                         "original high-precision folder instead")

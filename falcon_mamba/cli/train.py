@@ -20,7 +20,9 @@ def add_arguments(p) -> None:
                    help="save a checkpoint after STEP and exit (time-limited sessions; --resume continues)")
     p.add_argument("--export-only", action="store_true",
                    help="only export the latest checkpoint in --out to --out/model (HF format; one process)")
-    p.add_argument("--export-dtype", default="float32", help="weights dtype of the exported model")
+    p.add_argument("--export-dtype", default=None,
+                   help="weights dtype of the exported model (default: the dtype init_from stores, "
+                        "float32 for a model trained from scratch)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl still written)")
 
@@ -28,14 +30,14 @@ def add_arguments(p) -> None:
 def export_only(out: str, dtype) -> int:
     from pathlib import Path
 
-    from falcon_mamba.train.build import export_model
+    from falcon_mamba.train.build import base_dtype, export_model
     from falcon_mamba.train.checkpoint import load_checkpoint
     from falcon_mamba.train.config import TrainConfig
 
     payload = load_checkpoint(out)  # the whole model, from the shards of any number of processes
     cfg = TrainConfig.from_dict(payload["config"])
     folder = Path(payload["data"]["folder"])
-    path = export_model(cfg, payload["model"], Path(out) / "model", folder, dtype)
+    path = export_model(cfg, payload["model"], Path(out) / "model", folder, dtype or base_dtype(cfg))
     print(f"exported step {payload['step']} to {path}")
     return 0
 
@@ -46,7 +48,7 @@ def run(args) -> int:
     from falcon_mamba.dtypes import parse_dtype
     from falcon_mamba.train import apply_overrides, get_recipe, train
 
-    dtype = parse_dtype(args.export_dtype)
+    dtype = None if args.export_dtype is None else parse_dtype(args.export_dtype)
     if args.export_only:
         return export_only(args.out, dtype)
     cfg = apply_overrides(get_recipe(args.preset), args.set)

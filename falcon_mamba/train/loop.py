@@ -30,7 +30,14 @@ from falcon_mamba.data.sampler import Sampler
 from falcon_mamba.data.shards import ShardSet
 from falcon_mamba.errors import UserError
 from falcon_mamba.train import checkpoint as ckpt
-from falcon_mamba.train.build import build_model, export_model, resolve_config
+from falcon_mamba.train.build import (
+    base_dtype,
+    build_model,
+    check_adapter_export,
+    export_adapter,
+    export_model,
+    resolve_config,
+)
 from falcon_mamba.train.config import RESUMABLE_CHANGES, TrainConfig
 from falcon_mamba.train.distributed import (
     Env,
@@ -59,6 +66,7 @@ class RunResult:
     val_bpb: float | None
     model_dir: Path | None
     config: TrainConfig
+    adapter_dir: Path | None = None  # the PEFT adapter folder of an adapter-only run
 
 
 def _tokens_before(cfg: TrainConfig, step: int) -> int:
@@ -117,23 +125,28 @@ def steps_for_budget(cfg: TrainConfig, step: int, seconds_per_row: float, second
 
 def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
           model_fn: Callable | None = None, progress: bool = True, export: bool = True,
-          export_dtype: torch.dtype = torch.float32, stop_at: int | None = None,
-          log: Callable = print, save_checkpoints: bool = True) -> RunResult:
+          export_dtype: torch.dtype | None = None, stop_at: int | None = None,
+          log: Callable = print, save_checkpoints: bool = True, adapter_only: bool = False) -> RunResult:
     """Run (or resume) a training run; see the module docstring. ``model_fn(model_config)``
     replaces FalconMamba (the benchmark's Transformer); such runs are not exported. ``stop_at``:
     save a checkpoint after that step and return (``resume=True`` continues the same run).
-    ``save_checkpoints=False`` writes no checkpoint at all (benchmarks)."""
+    ``save_checkpoints=False`` writes no checkpoint at all (benchmarks). ``export_dtype``: the
+    exported weights' dtype (default: the dtype ``init_from`` stores, else float32).
+    ``adapter_only`` (LoRA runs): export OUT/adapter, a PEFT LoRA adapter folder, instead of the
+    merged model OUT/model."""
     env = setup(cfg.device)
     try:
         return _train(cfg, Path(data_dir), Path(out_dir), env, resume, model_fn, progress, export,
                       export_dtype, stop_at, log if env.is_main else (lambda *a, **k: None),
-                      save_checkpoints)
+                      save_checkpoints, adapter_only)
     finally:
         teardown(env)
 
 
 def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, export_dtype, stop_at,
-           log, save_checkpoints) -> RunResult:
+           log, save_checkpoints, adapter_only=False) -> RunResult:
+    if adapter_only:
+        check_adapter_export(cfg)  # before any work: a refused export would waste the run
     data = ShardSet(data_dir)
     if data.has_mask and not cfg.init_from:
         log("note: chat data with a fresh model; loss only on assistant tokens")
@@ -317,14 +330,19 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
     if step > start or payload is None:  # a finished run resumed again has nothing new to save
         save(step)
     metrics.close()
-    model_dir = None
+    model_dir = adapter_dir = None
     if export and model_fn is None:
         model_state = _full_model_state(model, env)  # every process takes part; rank 0 gets it
         if env.is_main:
-            model_dir = export_model(cfg, model_state, out_dir / "model", data.folder, export_dtype)
-            log(f"exported {model_dir}")
+            if adapter_only:
+                adapter_dir = export_adapter(cfg, model_state, out_dir / "adapter")
+                log(f"exported the PEFT adapter {adapter_dir}")
+            else:
+                dtype = export_dtype or base_dtype(cfg)
+                model_dir = export_model(cfg, model_state, out_dir / "model", data.folder, dtype)
+                log(f"exported {model_dir} ({str(dtype).removeprefix('torch.')})")
     result = RunResult(out_dir, step, tokens, per_step_loss, None if val is None else val["val_loss"],
-                       None if val is None else val["val_bpb"], model_dir, cfg)
+                       None if val is None else val["val_bpb"], model_dir, cfg, adapter_dir)
     if env.is_main:
         summary = {"steps": step, "tokens": tokens, "train_loss": per_step_loss,
                    "val_loss": result.val_loss, "val_bpb": result.val_bpb, "parameters": n_params,
