@@ -87,7 +87,7 @@ case "$MODE" in
       --generate-tokens 256 > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
   serve15)
-    timeout 585 python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+    timeout ${SERVE_LIMIT:-585} python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
       --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
       --out "$OUT/results/serve.json" > "$OUT/bench.log" 2>&1 ;;
   sampler)

@@ -57,11 +57,14 @@ def env_info() -> dict:
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d")}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
+    # the device machine's copy of the tree has no current git history: the caller names the commit
+    info["commit"] = os.environ.get("FALCON_MAMBA_COMMIT")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=ROOT, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["commit"] = None
     try:
         info["load_average_1m"] = os.getloadavg()[0]
     except OSError:
