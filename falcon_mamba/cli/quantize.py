@@ -48,13 +48,12 @@ def run(args) -> int:
     from pathlib import Path
 
     import falcon_mamba as fm
+    from falcon_mamba import default_model
     from falcon_mamba.dtypes import parse_dtype
     from falcon_mamba.errors import UserError
     from falcon_mamba.hub import resolve_model_dir
     from falcon_mamba.quant import quantizable_modules, quantize_model, save_quantized
     from falcon_mamba.quant.folder import CONFIG_NAME, check_bits
-
-    from falcon_mamba import default_model
 
     group = check_bits(args.bits, args.group_size)
     folder = resolve_model_dir(args.model or default_model.path())
