@@ -19,11 +19,13 @@ GPU (random weights, bf16, the paths a transformers user runs):
 Why transformers' path is timed at shorter lengths: its torch scan indexes one time step of a
 (B, D, L, N) tensor per step, and the backward of each index allocates and adds a zero tensor of
 the whole (B, D, L, N) shape, so a backward pass moves O(B D N L^2) bytes: measured on the CPU
-(one layer, H 128, batch 4), 0.4 / 1.3 / 4.8 / 64.6 s for L = 64 / 128 / 256 / 512. At 8 x 2048 on
-the 1.5B shape that is ~17 TB per layer, minutes per step (8 x 512: ~3 TB per layer, about a
-minute). The speed-up therefore grows with the length; the figures at equal lengths (8 x 256) are
-the fair comparison, and a lower bound for longer rows.
-Each part first checks that both paths agree (loss, greedy tokens). A part that would overrun the
+(one layer, H 128, batch 4), 0.4 / 1.3 / 4.8 / 64.6 s for L = 64 / 128 / 256 / 512. On the
+1.5B shape each of the L steps writes at least two zero tensors of B x 4096 x L x 16 fp32 per layer:
+>= 17.6 TB per layer at 8 x 2048 (>= 3 minutes a step at 4 TB/s), >= 1.1 TB at 8 x 512. The
+speed-up therefore grows with the length; the figures at equal lengths (8 x 256) are the fair
+comparison, and a lower bound for longer rows.
+
+Each part also records whether both paths agree (the loss, the greedy tokens). A part that would overrun the
 time budget (--budget-s) is skipped and says so; the JSON is rewritten after every part, so a
 killed run keeps what it measured. Prints a table, then one JSON line.
 """
