@@ -11,7 +11,7 @@ GPU (random weights, bf16, the paths a transformers user runs):
 - ``generate`` decode at the 7B shapes (H 4096, 64 layers, D 8192, vocab 65024), greedy, batch 1
   and 64: tok/s from two generate calls of different lengths (their difference is pure decode);
 - a training step of the ~1.5B shape (H 2048, 48 layers, D 4096, N 16, dt rank 128, vocab 65024),
-  batch 8: transformers' path at 8 x 512, the accelerated model at 8 x 512 and 8 x 2048, all with
+  batch 8: transformers' path at 8 x 256, the accelerated model at 8 x 256 and 8 x 2048, all with
   activation checkpointing (transformers' scan materialises (B, D, L, N) fp32 tensors per layer,
   4.3 GB each at 8 x 2048, so without it the model does not fit), and the accelerated one at
   8 x 2048 without it too.
@@ -19,10 +19,13 @@ GPU (random weights, bf16, the paths a transformers user runs):
 Why transformers' path is timed at shorter lengths: its torch scan indexes one time step of a
 (B, D, L, N) tensor per step, and the backward of each index allocates and adds a zero tensor of
 the whole (B, D, L, N) shape, so a backward pass moves O(B D N L^2) bytes: measured on the CPU
-(one layer, H 128, batch 4), 0.4 / 1.3 / 4.8 / 64.6 s for L = 64 / 128 / 256 / 512. At 8 x 2048 on
-the 1.5B shape that is ~17 TB per layer, minutes per step. The speed-up therefore grows with the
-length; the figures at equal lengths are the fair comparison.
-Each part first checks that both paths agree (loss, greedy tokens). A part that would overrun the
+(one layer, H 128, batch 4), 0.4 / 1.3 / 4.8 / 64.6 s for L = 64 / 128 / 256 / 512. On the
+1.5B shape each of the L steps writes at least two zero tensors of B x 4096 x L x 16 fp32 per layer:
+>= 17.6 TB per layer at 8 x 2048 (>= 3 minutes a step at 4 TB/s), >= 1.1 TB at 8 x 512. The
+speed-up therefore grows with the length; the figures at equal lengths (8 x 256) are the fair
+comparison, and a lower bound for longer rows.
+
+Each part also records whether both paths agree (the loss, the greedy tokens). A part that would overrun the
 time budget (--budget-s) is skipped and says so; the JSON is rewritten after every part, so a
 killed run keeps what it measured. Prints a table, then one JSON line.
 """
@@ -284,9 +287,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=230.0, help="skip parts that would overrun it")
     ap.add_argument("--batch", type=int, default=None, help="training batch (CPU 4, GPU 8)")
     ap.add_argument("--hf-seq-lens", default=None,
-                    help="training lengths of transformers' path (CPU 64,128; GPU 512)")
+                    help="training lengths of transformers' path (CPU 64,128; GPU 256)")
     ap.add_argument("--seq-lens", default=None,
-                    help="training lengths of the accelerated model (CPU 64,128; GPU 512,2048)")
+                    help="training lengths of the accelerated model (CPU 64,128; GPU 256,2048)")
     ap.add_argument("--steps", type=int, default=None, help="timed accelerated steps (CPU 2, GPU 3)")
     ap.add_argument("--hf-steps", type=int, default=1, help="timed steps of transformers' path")
     ap.add_argument("--decode-batches", default="1,64", help="GPU decode batch sizes")
@@ -309,8 +312,8 @@ def main() -> int:
         if not rep.skip("decode-7b", 60):
             part_decode(rep, batches, prompt_len=16, short=4, long=68)
         if not rep.skip("train-1.5b", 100):
-            part_train(rep, "1.5b", "cuda", torch.bfloat16, args.batch or 8, lens(args.hf_seq_lens, "512"),
-                       lens(args.seq_lens, "512,2048"), args.steps or 3, args.hf_steps,
+            part_train(rep, "1.5b", "cuda", torch.bfloat16, args.batch or 8, lens(args.hf_seq_lens, "256"),
+                       lens(args.seq_lens, "256,2048"), args.steps or 3, args.hf_steps,
                        checkpointing=True, plain_too=True)
     rep.finish()
     return 0
