@@ -10,7 +10,8 @@ HELP = "print versions, device, op backend and (with --model) the model's config
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="model folder or Hub id")
+    p.add_argument("--model", help="model folder or Hub id; checked as loading would check it (config, "
+                                   "weight files, every tensor's name and shape): exit 2 if it cannot load")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -20,8 +21,9 @@ def run(args) -> int:
 
     import falcon_mamba
     from falcon_mamba import ops
+    from falcon_mamba.dtypes import parse_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(parse_device(args.device))
     info = {
         "falcon_mamba": falcon_mamba.__version__,
         "python": platform.python_version(),
@@ -37,11 +39,10 @@ def run(args) -> int:
     except ImportError:
         info["triton"] = None
     if args.model:
-        from falcon_mamba.config import ModelConfig
-        from falcon_mamba.hub import resolve_model_dir
+        from falcon_mamba.checkpoint import check_folder
 
-        folder = resolve_model_dir(args.model)
-        cfg = ModelConfig.from_json_file(folder / "config.json")
+        # Everything loading checks but the weights' data: a folder nothing can load is an error.
+        folder, cfg = check_folder(args.model)
         info["model"] = str(folder)
         info["config"] = cfg.to_hf_dict()
         info["parameters"] = cfg.num_parameters
