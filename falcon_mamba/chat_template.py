@@ -154,13 +154,15 @@ _KINDS = {
 }
 
 
-def render(template: ChatTemplate, variables: dict, *, timeout_s: float = TIME_LIMIT_S,
-           max_chars: int = MAX_OUTPUT_CHARS) -> str:
-    """Render a template with variables (messages, add_generation_prompt, bos_token, ...)."""
+def render(template: ChatTemplate, variables: dict, *, timeout_s: float | None = None,
+           max_chars: int | None = None) -> str:
+    """Render a template with variables (messages, add_generation_prompt, bos_token, ...); the
+    limits default to TIME_LIMIT_S and MAX_OUTPUT_CHARS."""
     if template.is_fallback:
         return _render_here(template.source, variables)
+    max_chars = MAX_OUTPUT_CHARS if max_chars is None else max_chars
     reply = _WORKER.render({"template": template.source, "vars": variables, "max_chars": max_chars},
-                           timeout_s)
+                           TIME_LIMIT_S if timeout_s is None else timeout_s)
     if "text" in reply:
         return reply["text"]
     kind, message = reply.get("error"), reply.get("message", "")
