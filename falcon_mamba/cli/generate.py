@@ -215,6 +215,8 @@ def run(args) -> int:
         from falcon_mamba.state import check_state_path
 
         check_state_path(args.state_out, "--state-out")
+    if args.state_in and Path(args.state_in).is_dir():
+        raise UserError(f"--state-in {args.state_in}: is a folder, not a state file")
     if args.state_in and not Path(args.state_in).is_file():
         raise UserError(f"--state-in {args.state_in}: state file not found")
     text = read_prompt(args)
