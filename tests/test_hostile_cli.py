@@ -207,7 +207,7 @@ def test_info_model_exits_2_on_folders_nothing_can_load(capsys, tmp_path):
         (_folder(tmp_path, "eos-big", {"eos_token_id": 10**9}), "eos_token_id"),
         (_folder(tmp_path, "shape", {"intermediate_size": 256}), "shape"),
         (_folder(tmp_path, "index-list", weights=None,
-                 extra={"model.safetensors.index.json": json.dumps({"weight_map": ["a", "b"]})}), "weight_map"),
+                 extra={"model.safetensors.index.json": json.dumps({"weight_map": ["a"]})}), "weight_map"),
         (_folder(tmp_path, "index-escape", weights=None,
                  extra={"model.safetensors.index.json": json.dumps(index)}), "not a file of this folder"),
         (_folder(tmp_path, "deep", extra={"config.json": "[" * 100000}), "not valid JSON"),
@@ -346,7 +346,7 @@ PY = f"{sys.executable} -m falcon_mamba"
 
 def test_closed_or_full_stdout_and_closed_stdin():
     r = _sh(f"{PY} generate hi --max-new-tokens 4 > /dev/full")
-    assert r.returncode == 1 and b"Traceback" not in r.stderr and b"Exception ignored" not in r.stderr, r.stderr
+    assert r.returncode == 1 and b"Exception ignored" not in r.stderr, r.stderr
     assert r.stderr.decode().strip().splitlines() == ["falcon-mamba generate: error: No space left on device"]
     r = _sh(f"{PY} info >&-")
     assert r.returncode == 0 and r.stderr == b"", r.stderr

@@ -45,8 +45,8 @@ def test_template_eos_is_the_one_trained_no_second_eos(tok):
 def test_sharegpt_and_prompt_completion_formats(tok):
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
             {"role": "assistant", "content": "A"}]
-    share = parse_example({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
-                                             {"from": "gpt", "value": "A"}]})
+    share = parse_example({"conversations": [{"from": "system", "value": "S"},
+                                             {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]})
     assert share.messages == msgs
     conv = parse_example({"prompt": msgs[:2], "completion": msgs[2:]})
     assert encode_example(tok, conv) == encode_example(tok, parse_example({"messages": msgs}))
