@@ -145,6 +145,19 @@ def _parse_json(data: bytes):
         raise P.APIError(400, f"the request body is not valid JSON ({str(e)[:200]})") from None
 
 
+def check_fits(engine: Engine, n_prompts: int, n: int) -> None:
+    """400, not 429, for a request that could never be queued whole, however long it waited."""
+    cfg = engine.config
+    if n > cfg.num_slots:
+        raise P.APIError(400, f"n={n} is more than this server's {cfg.num_slots} state slots; "
+                              "ask for fewer choices", param="n")
+    at_once = cfg.num_slots // n  # requests that fit in an idle server's slots
+    if n_prompts - at_once > cfg.max_waiting:
+        raise P.APIError(400, f"{n_prompts} prompts x n={n} can never be queued at once here "
+                              f"({cfg.num_slots} state slots, {cfg.max_waiting} waiting places); "
+                              "send fewer prompts per request", param="prompt")
+
+
 class _Stream:
     """The deltas of one or more engine requests (one per prompt), as an asyncio queue."""
 
@@ -160,15 +173,7 @@ class _Stream:
         return put
 
     def submit(self, prompts: list[list[int]], job: P.Job) -> None:
-        cfg = self.engine.config
-        if job.n > cfg.num_slots:
-            raise P.APIError(400, f"n={job.n} is more than this server's {cfg.num_slots} state slots; "
-                                  "ask for fewer choices", param="n")
-        at_once = cfg.num_slots // job.n  # requests that fit in an idle server's slots
-        if len(prompts) - at_once > cfg.max_waiting:
-            raise P.APIError(400, f"{len(prompts)} prompts x n={job.n} can never be queued at once "
-                                  f"here ({cfg.num_slots} state slots, {cfg.max_waiting} waiting "
-                                  "places); send fewer prompts per request", param="prompt")
+        check_fits(self.engine, len(prompts), job.n)
         try:
             for i, ids in enumerate(prompts):
                 params = job.params
@@ -330,6 +335,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings):
         job = (P.parse_chat(body, settings.default_max_tokens) if chat
                else P.parse_completion(body, min(16, settings.default_max_tokens)))
         _check_model(job.model)
+        check_fits(engine, 1 if chat else len(job.prompts), job.n)  # before the work of tokenizing
         if chat and chat_stops:
             job.params = dataclasses.replace(job.params, stop=tuple(job.params.stop) + chat_stops)
         return job, _tokenize(job)
