@@ -6,8 +6,8 @@ is used, plain text with role headers that any base model can continue (see chat
 
     User: {message}\n\nAssistant: {answer}\n\n ...   (a system message comes first as "System: ...")
 
-Long texts are tokenized in pieces cut where the tokenizer itself splits (a line break before a
-non-space character, checked on the text around the cut), so the tokenizer's per-character
+Long texts are tokenized in pieces cut where the tokenizer itself splits (a line break between
+non-space characters, checked on the text around the cut), so the tokenizer's per-character
 bookkeeping (offsets, strings: ~90 bytes a character) never exists for more than one piece.
 """
 
@@ -25,7 +25,10 @@ from falcon_mamba.hub import resolve_model_dir
 FALLBACK_CHAT_TEMPLATE = CT.FALLBACK
 PIECE_CHARS = 1 << 16  # text tokenized at once, at most (plus the distance to a safe cut)
 _WINDOW = 256  # characters either side of a cut that must tokenize the same cut or not
-_CUT = re.compile(r"\n(?=\S)")
+# A line break between two non-spaces: a whitespace run at the end of a piece would tokenize
+# differently (its lookahead sees the end of the text), a single newline does not. Without one
+# (text that is a single line), a space between two non-spaces.
+_CUTS = (re.compile(r"(?<=\S)\n(?=\S)"), re.compile(r"(?<=\S) (?=\S)"))
 _MARKER = "\x00ANSWER\x00"
 
 
@@ -76,8 +79,8 @@ class Tokenizer:
 
     def _pieces(self, text: str):
         """text in pieces of about PIECE_CHARS that tokenize, one after the other, exactly as the
-        whole text does: each cut is a line break before a non-space, accepted only when the text
-        around it tokenizes the same in two parts as in one. Without such a cut: one piece."""
+        whole text does: each cut is a line break (else a space) between non-spaces, accepted only
+        when the text around it tokenizes the same in two parts as in one. Without one: one piece."""
         start = 0
         while len(text) - start > 2 * PIECE_CHARS:
             cut = self._safe_cut(text, start + PIECE_CHARS)
@@ -89,13 +92,16 @@ class Tokenizer:
 
     def _safe_cut(self, text: str, at: int) -> int | None:
         limit = min(len(text), at + PIECE_CHARS)
-        for m in _CUT.finditer(text, at, limit):
-            cut = m.end()
-            left, right = text[max(0, cut - _WINDOW):cut], text[cut:cut + _WINDOW]
-            whole = self._tok.encode(left + right, add_special_tokens=False).ids
-            if whole == (self._tok.encode(left, add_special_tokens=False).ids
-                         + self._tok.encode(right, add_special_tokens=False).ids):
-                return cut
+        for pattern in _CUTS:
+            for tried, m in enumerate(pattern.finditer(text, at, limit)):
+                if tried == 64:  # a tokenizer that splits elsewhere: try the next kind of cut
+                    break
+                cut = m.end() if pattern is _CUTS[0] else m.start()
+                left, right = text[max(0, cut - _WINDOW):cut], text[cut:cut + _WINDOW]
+                whole = self._tok.encode(left + right, add_special_tokens=False).ids
+                if whole == (self._tok.encode(left, add_special_tokens=False).ids
+                             + self._tok.encode(right, add_special_tokens=False).ids):
+                    return cut
         return None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

@@ -25,7 +25,7 @@ from falcon_mamba.data.shards import FORMAT, ShardWriter, dtype_for_vocab
 from falcon_mamba.errors import UserError
 
 _CHUNK_CHARS = 1 << 20
-_CUT = re.compile(r"\n(?=\S)")
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 @dataclass
@@ -132,8 +132,8 @@ def read_sources(inputs: list[str], val_fraction: float = 0.02, text_field: str 
 
 
 def _chunks(text: str):
-    """Cut long text at a newline followed by a non-space, so the cut never splits a token
-    (byte-level pre-tokenizers do not merge across such a boundary)."""
+    """Cut long text after a newline between two non-spaces, so the cut never changes a token
+    (byte-level pre-tokenizers split there, and a whitespace run is never left at a chunk's end)."""
     start = 0
     while len(text) - start > _CHUNK_CHARS:
         m = _CUT.search(text, start + _CHUNK_CHARS)

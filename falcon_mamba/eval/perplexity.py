@@ -110,13 +110,13 @@ class NLLScorer:
             self.on_chunk(len(chunk))
 
 
-_SAFE_CUT = re.compile(r"\n(?=\S)")
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 def _last_safe_cut(text: str) -> int:
-    """The position after the last line break that a non-space follows: tokenizers split there
-    (a whitespace run that the cut would halve tokenizes differently), so the blocks' tokens are
-    the whole text's. 0 if there is none."""
+    """The position after the last line break between two non-spaces: byte-level tokenizers split
+    there (a whitespace run at a block's end would tokenize differently: its lookahead sees the
+    end of the text), so the blocks' tokens are the whole text's. 0 if there is none."""
     last = 0
     for m in _SAFE_CUT.finditer(text, max(0, len(text) - (1 << 16))):
         last = m.end()
