@@ -60,7 +60,7 @@ def test_index_must_name_files_of_the_folder(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(BASE))
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "model.safetensors").write_bytes((default_model.path() / "model.safetensors").read_bytes())
+    (tmp_path / "other" / "model.safetensors").symlink_to(default_model.path() / "model.safetensors")
     for fname in ("../other/model.safetensors", "/etc/passwd", str(tmp_path / "other" / "model.safetensors")):
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": fname}}))
         with pytest.raises(UserError, match="not a file of this folder"):
@@ -123,7 +123,8 @@ def test_temp_files_of_a_killed_writer_are_removed_at_the_next_write(tmp_path):
     """A real kill -9 in the middle of writing a folder and a state file."""
     code = ("import sys, time; from pathlib import Path; from falcon_mamba import atomic; "
             "d = Path(sys.argv[1]); t = atomic.temp_dir_beside(d / 'out'); (t / 'half').write_text('x'); "
-            "atomic.temp_name_beside(d / 's.state').write_text('half'); print('ready', flush=True); time.sleep(60)")
+            "atomic.temp_name_beside(d / 's.state').write_text('half'); print('ready', flush=True); "
+            "time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.stdout.readline().strip() == b"ready"
@@ -164,7 +165,7 @@ def _toks(cache=[]):  # noqa: B006 - loaded once for the hypothesis examples
 def test_eval_blocks_cut_where_tokenizers_split(tmp_path):
     from falcon_mamba.eval.perplexity import iter_text_blocks
 
-    text = "".join(("line %d\n" % i) + ("\n" * (i % 4)) + (" " * (i % 3)) for i in range(3000))
+    text = "".join(f"line {i}\n" + ("\n" * (i % 4)) + (" " * (i % 3)) for i in range(3000))
     f = tmp_path / "t.txt"
     f.write_text(text)
     blocks = [b for b, _ in iter_text_blocks(f, block_bytes=997)]
