@@ -159,7 +159,7 @@ _MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", 
                                   "content": st.text(max_size=30) | _JSON})
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=6),
        model_ok=st.booleans(), prompt=st.text(max_size=40) | st.lists(st.integers(-5, 70000), max_size=5),
        messages=st.lists(_MESSAGE, max_size=3), chat=st.booleans())
