@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -174,24 +173,27 @@ def test_eval_blocks_cut_where_tokenizers_split(tmp_path):
         assert sum((tok.encode(b) for b in blocks), []) == tok.encode(text)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset is Linux's")
 def test_long_prompt_memory_is_bounded():
-    """Peak memory of tokenizing 1.2M characters: in pieces, far below the whole text's ~90 bytes a
-    character (measured in a fresh process: the peak RSS is a high-water mark)."""
+    """Peak memory of tokenizing 1.2M characters: in pieces, far below the whole text's ~250 bytes a
+    character (measured in a fresh process; the peak RSS is reset before each measurement)."""
     code = """
-import resource, sys
+import re
 from falcon_mamba.tokenizer import load_tokenizer
 from falcon_mamba import default_model
+def rss(k): return int(re.search(k + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+def peak(fn):
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak RSS
+    base = rss("VmRSS"); out = fn(); return out, rss("VmHWM") - base
 tok = load_tokenizer(default_model.path())
-text = ("All the world's a stage, and all the men and women merely players.\\n" * 30000)
-def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-base = peak(); ids = tok.encode(text); pieces = peak() - base
-whole = tok._tok.encode(text, add_special_tokens=False).ids
-assert ids == whole
-print(len(text), pieces, peak() - base)
+text = "".join(f"The {i}th player of {i * 7919 % 10007} acts, exits; enters.\\n" for i in range(25000))
+ids, pieces = peak(lambda: tok.encode(text))
+whole_ids, whole = peak(lambda: tok._tok.encode(text, add_special_tokens=False).ids)
+assert ids == whole_ids
+print(len(text), pieces, whole)
 """
-    t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     n, pieces, whole = map(int, r.stdout.split())
-    assert n > 1_000_000 and pieces < 40 * n and whole > 2 * pieces, (n, pieces, whole, time.monotonic() - t0)
+    assert n > 1_000_000 and pieces < 40 * n and whole > 4 * pieces, (n, pieces, whole)
