@@ -164,7 +164,8 @@ def run(args) -> int:
     log.info("serving %s on http://%s:%d/v1 (%s, %s, %s ops; %d state slots of %.3g MiB%s)", model_id,
              args.host, args.port, device, str(dtype).removeprefix("torch."), ops.backend_name(device),
              slots, slot_bytes(model.config, dtype) / 2**20, "; API key required" if api_key else "")
-    log.info("chat requests use %s", tok.describe_chat_template())
+    if tok.has_chat_template:  # the fallback is announced as a warning by the app
+        log.info("chat requests use %s", tok.describe_chat_template())
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use it",
                     args.host)
