@@ -161,16 +161,25 @@ def _toks(cache=[]):  # noqa: B006 - loaded once for the hypothesis examples
     return cache
 
 
-def test_eval_blocks_cut_where_tokenizers_split(tmp_path):
+def test_eval_blocks_and_prepare_chunks_cut_where_tokenizers_split(tmp_path, monkeypatch):
+    import importlib
+
     from falcon_mamba.eval.perplexity import iter_text_blocks
+
+    prepare = importlib.import_module("falcon_mamba.data.prepare")  # the module, not the function
 
     text = "".join(f"line {i}\n" + ("\n" * (i % 4)) + (" " * (i % 3)) for i in range(3000))
     f = tmp_path / "t.txt"
     f.write_text(text)
     blocks = [b for b, _ in iter_text_blocks(f, block_bytes=997)]
     assert "".join(blocks) == text and len(blocks) > 10
+    monkeypatch.setattr(prepare, "_CHUNK_CHARS", 500)
+    chunks = list(prepare._chunks(text))
+    assert "".join(chunks) == text and len(chunks) > 10
     for tok in _toks():
-        assert sum((tok.encode(b) for b in blocks), []) == tok.encode(text)
+        whole = tok._tok.encode(text, add_special_tokens=False).ids
+        assert sum((tok.encode(b) for b in blocks), []) == whole
+        assert sum((e.ids for e in tok._tok.encode_batch(chunks, add_special_tokens=False)), []) == whole
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset is Linux's")
