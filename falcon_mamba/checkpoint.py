@@ -31,10 +31,21 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     index = folder / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise UserError(f"{index}: damaged index ({e})") from None
-        files = {name: folder / fname for name, fname in weight_map.items()}
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{index}: damaged index ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise UserError(f"{index}: damaged index (weight_map must map tensor names to file names)")
+        files = {}
+        real = folder.resolve()
+        for name, fname in weight_map.items():
+            f = folder / fname
+            # A shard is a file of this folder: never a path that reads elsewhere (../, /abs).
+            if Path(fname).is_absolute() or f.resolve().parent != real:
+                raise UserError(f"{index}: shard {fname!r} is not a file of this folder")
+            files[name] = f
         for f in set(files.values()):
             if not f.is_file():
                 raise UserError(f"{f}: shard named in {INDEX_NAME} is missing")
@@ -129,6 +140,45 @@ def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(code)
 
 
+def check_folder(ref: str | os.PathLike) -> tuple[Path, ModelConfig]:
+    """Everything load_model checks, without reading the weights: config.json, the weight files'
+    headers, every tensor's name, shape and dtype. Returns (folder, config); UserError otherwise."""
+    folder = resolve_model_dir(ref)
+    config = ModelConfig.from_json_file(folder / "config.json")
+    quantized = (folder / "quantization.json").is_file()
+    files = _weight_files(folder)
+    if quantized:
+        from falcon_mamba.quant.folder import quantized_shapes
+
+        want = quantized_shapes(folder, config)
+    else:
+        with torch.device("meta"):
+            want = expected_shapes(FalconMamba(config))
+    names = set(files) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    problems = []
+    missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
+    if missing:
+        problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for name in want:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for path, keys in by_file.items():
+        with _open(path) as f:
+            for name in keys:
+                sl = f.get_slice(name)
+                shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+                if shape != want[name]:
+                    problems.append(f"{name} has shape {shape}, expected {want[name]}")
+                elif dt not in ("F32", "BF16", "F16") and not quantized:
+                    problems.append(f"{name} is {dt}, not a float dtype")
+    if problems:
+        raise UserError(f"{folder}: checkpoint does not fit the config: {'; '.join(problems)}")
+    return folder, config
+
+
 def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int, ...]],
                  device: torch.device, tied: bool, target_dtype) -> dict[str, torch.Tensor]:
     """Read the tensors named in ``want`` (name -> shape) from their files, each cast to
@@ -180,15 +230,31 @@ def assign_tensors(model: FalconMamba, tensors: dict[str, torch.Tensor]) -> None
         model.lm_head.weight = model.backbone.embeddings.weight
 
 
+MAX_SIZE = 1 << 60  # bytes: an exbibyte; a larger size is a typo
+
+
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 1024**3), ("MIB", 1024**2), ("KIB", 1024), ("GB", 10**9),
-                       ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    """'4GiB', '512MB', '1e3KiB', '1024' -> bytes. ValueError for anything else, for NaN and
+    infinite values, and for sizes over MAX_SIZE."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        s = str(size).strip().upper()
+        mult = 1
+        for unit, m in (("GIB", 1024**3), ("MIB", 1024**2), ("KIB", 1024), ("GB", 10**9),
+                        ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if s.endswith(unit):
+                s, mult = s[: -len(unit)].strip(), m
+                break
+        if len(s) > 40:
+            raise ValueError(f"cannot read {size!r} as a size")
+        f = float(s)  # ValueError for junk
+        if f != f or abs(f) == float("inf") or abs(f) * mult > MAX_SIZE:
+            raise ValueError(f"size {size!r} is out of range")
+        n = int(f * mult)
+    if abs(n) > MAX_SIZE:
+        raise ValueError(f"size {size!r} is out of range")
+    return n
 
 
 def save_model(model: FalconMamba, out: str | os.PathLike,
@@ -233,7 +299,8 @@ def save_model(model: FalconMamba, out: str | os.PathLike,
             (tmp / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if tokenizer_dir is not None:
-            for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "chat_template.jinja"):
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copyfile(src, tmp / fname)

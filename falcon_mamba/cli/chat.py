@@ -43,23 +43,10 @@ class ChatSession:
         self.tok = tokenizer
         self.system = system
         self.chunk_size = chunk_size
-        self.params = dataclasses.replace(params, stop=tuple(params.stop) + self._template_stops())
+        # Where the template closes an assistant turn: a stop string, so the model does not go on
+        # to write the user's next turn itself.
+        self.params = dataclasses.replace(params, stop=tuple(params.stop) + tokenizer.end_of_turn_stops())
         self.reset()
-
-    def _template_stops(self) -> tuple[str, ...]:
-        """Where the template closes an assistant turn: a stop string, so the model does not go on
-        to write the user's next turn itself."""
-        if not self.tok.has_chat_template:
-            return ("\nUser:",)  # the fallback template's next turn
-        marker = "\x00ANSWER\x00"
-        try:
-            text = self.tok.apply_chat_template(
-                [{"role": "user", "content": "u"}, {"role": "assistant", "content": marker}],
-                add_generation_prompt=False)
-        except Exception:  # a template that cannot render this: rely on EOS
-            return ()
-        closing = text.split(marker, 1)[-1].strip()
-        return (closing,) if closing else ()
 
     def reset(self) -> None:
         self.state = None
@@ -67,14 +54,19 @@ class ChatSession:
         self.read_text = ""  # the rendering of self.messages the state has read
 
     def save(self, path: str) -> None:
+        from falcon_mamba.state import check_state_path
+
+        check_state_path(path, "/save")
         (self.state or self.model.new_state(1)).save(path)
 
     def load(self, path: str) -> None:
+        """Replace the session by a saved state; on any error the session is unchanged."""
         import falcon_mamba as fm
 
-        self.state = fm.load_state(path, self.model)
-        if self.state.batch_size != 1:
-            raise fm.UserError(f"{path}: holds {self.state.batch_size} rows; a chat needs one")
+        state = fm.load_state(path, self.model)
+        if state.batch_size != 1:
+            raise fm.UserError(f"{path}: holds {state.batch_size} rows; a chat needs one")
+        self.state = state
         self.messages, self.read_text = [], ""
 
     def _read(self, ids: list[int], state):
@@ -128,8 +120,8 @@ def run(args) -> int:
     from falcon_mamba.decode.modes import options_from_args
 
     session = ChatSession(model, tok, params, args.system, args.chunk_size, options_from_args(args))
-    tty = sys.stdin.isatty()
-    print(f"chat with {args.model}. {COMMANDS}", file=sys.stderr)
+    tty = sys.stdin is not None and sys.stdin.isatty()
+    print(f"chat with {args.model}, using {tok.describe_chat_template()}. {COMMANDS}", file=sys.stderr)
     out = sys.stdout
 
     def show(piece: str) -> None:
@@ -139,8 +131,11 @@ def run(args) -> int:
     while True:
         try:
             line = input("> " if tty else "")
-        except EOFError:
+        except (EOFError, RuntimeError):  # RuntimeError: stdin is closed
             break
+        except UnicodeDecodeError:
+            print("error: that line is not UTF-8 text; it was dropped", file=sys.stderr)
+            continue
         except KeyboardInterrupt:
             print(file=sys.stderr)
             break
@@ -176,6 +171,9 @@ def run(args) -> int:
             _, interrupted = session.ask(line, show)
         except KeyboardInterrupt:
             print("\n(interrupted while reading the message; it was dropped)", file=sys.stderr)
+            continue
+        except UserError as e:  # e.g. the template refuses this message: the session goes on
+            print(f"error: {e}", file=sys.stderr)
             continue
         out.write("\n")
         out.flush()

@@ -26,8 +26,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from falcon_mamba import default_model
+    from falcon_mamba.cli.train import check_run_folder
+    from falcon_mamba.errors import UserError
     from falcon_mamba.train import apply_overrides, get_recipe, train
 
+    if args.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 (full fine-tuning) or more, got {args.lora_rank}")
+    check_run_folder(args.out)
     model = args.model or str(default_model.path())
     cfg = get_recipe("sft-lora" if args.lora_rank else "sft")
     cfg = cfg.replace(init_from=model, **({"lora_rank": args.lora_rank} if args.lora_rank else {}))

@@ -87,17 +87,39 @@ def read_prompt(args) -> str:
             raise UserError(f"{args.prompt_file}: cannot read the prompt file "
                             f"({e.strerror or type(e).__name__})") from None
     elif args.prompt == "-":
-        try:
-            text = sys.stdin.read()
-        except UnicodeDecodeError:
-            raise UserError("stdin is not UTF-8 text") from None
+        text = read_stdin_text()
     elif args.prompt is not None:
         text = args.prompt
     else:
         raise UserError("no prompt: give PROMPT, --prompt-file FILE, or - to read stdin")
     if not text:
         raise UserError("empty prompt: give at least one character of text")
+    from falcon_mamba.tokenizer import check_text
+
+    check_text(text, "the prompt")
     return text
+
+
+def read_stdin_text() -> str:
+    """All of stdin as UTF-8 text, strictly (Python's own stdin may turn bad bytes into
+    surrogates under a C locale and accept them silently). UserError when stdin is closed or not
+    UTF-8."""
+    from falcon_mamba.errors import UserError
+
+    if sys.stdin is None:
+        raise UserError("stdin is closed: pipe the prompt in, or give it as an argument")
+    stream = getattr(sys.stdin, "buffer", None)
+    try:
+        if stream is None:  # a text stream put in place of stdin (tests, embedding programs)
+            return sys.stdin.read()
+        data = stream.read()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read stdin ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise UserError(f"stdin is not UTF-8 text (bad byte at offset {e.start}); convert it first, "
+                        "e.g. with iconv") from None
 
 
 def load_model_and_tokenizer(args):
@@ -106,13 +128,13 @@ def load_model_and_tokenizer(args):
 
     import falcon_mamba as fm
     from falcon_mamba import default_model
-    from falcon_mamba.dtypes import parse_dtype
+    from falcon_mamba.dtypes import parse_device, parse_dtype
     from falcon_mamba.tokenizer import check_fits
 
+    device = parse_device(args.device)
     if not args.model:
         args.model = str(default_model.path())  # a UserError naming --model when none is installed
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    default = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = fm.load_model(args.model, parse_dtype(args.dtype, default), device)
     tok = fm.load_tokenizer(args.model)
     check_fits(tok, model.config.vocab_size)
@@ -132,9 +154,38 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
+MAX_SEED = (1 << 63) - 1
+MAX_TOKENS = 1 << 31
+
+
+def check_sampling_flags(args) -> None:
+    """Ranges the flags' types do not say: every accepted value must be computable."""
+    import math
+
+    from falcon_mamba.errors import UserError
+
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    if not 0 <= args.max_new_tokens <= MAX_TOKENS:
+        raise UserError(f"--max-new-tokens must be in [0, {MAX_TOKENS}], got {args.max_new_tokens}")
+    if not 0 <= args.top_k <= MAX_TOKENS:
+        raise UserError(f"--top-k must be in [0, {MAX_TOKENS}] (0 = off), got {args.top_k}")
+    for flag, v in (("--temperature", args.temperature), ("--top-p", args.top_p),
+                    ("--min-p", args.min_p), ("--repetition-penalty", args.repetition_penalty)):
+        if not math.isfinite(v):
+            raise UserError(f"{flag} must be a finite number, got {v}")
+    if any(not 0 <= t < 1 << 31 for t in args.stop_token_id):
+        raise UserError("--stop-token-id must be a token id (0 or more)")
+    for text in args.stop:
+        from falcon_mamba.tokenizer import check_text
+
+        check_text(text, "--stop")
+
+
 def sampling_params(args, **extra):
     from falcon_mamba.sampling import SamplingParams
 
+    check_sampling_flags(args)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -153,6 +204,7 @@ def format_bytes(n: int) -> str:
 
 def run(args) -> int:
     import time
+    from pathlib import Path
 
     import torch
 
@@ -161,11 +213,19 @@ def run(args) -> int:
     from falcon_mamba.errors import UserError
     from falcon_mamba.generate import DEFAULT_CHUNK_SIZE, encode_prompt, engine_for, generate, peak_memory
 
-    text = read_prompt(args)
     params = sampling_params(args, logprobs=args.logprobs)  # validate flags before loading
     decode = options_from_args(args)
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
+    if args.state_out:  # before the prompt is read and the text generated, not after
+        from falcon_mamba.state import check_state_path
+
+        check_state_path(args.state_out, "--state-out")
+    if args.state_in and Path(args.state_in).is_dir():
+        raise UserError(f"--state-in {args.state_in}: is a folder, not a state file")
+    if args.state_in and not Path(args.state_in).is_file():
+        raise UserError(f"--state-in {args.state_in}: state file not found")
+    text = read_prompt(args)
     model, tok = load_model_and_tokenizer(args)
     state = None
     if args.state_in:

@@ -42,13 +42,37 @@ def export_only(out: str, dtype) -> int:
     return 0
 
 
+RUN_FILES = ("checkpoint.pt", "train_config.json", "metrics.jsonl")
+
+
+def check_run_folder(out: str, flag: str = "--out") -> None:
+    """A run folder is new, empty, or an earlier run (it holds one of RUN_FILES): training writes
+    model/ and its own files there, so any other folder could lose its contents."""
+    from pathlib import Path
+
+    from falcon_mamba.errors import UserError
+    from falcon_mamba.outputs import check_output_folder
+
+    check_output_folder(out, command="train", flag=flag,
+                        is_previous=lambda d: any((d / f).is_file() for f in RUN_FILES))
+    if Path(out).is_dir() and (Path(out) / "model").exists() and not (Path(out) / "model").is_dir():
+        raise UserError(f"{flag} {out}: {out}/model is a file; training exports the model there")
+
+
 def run(args) -> int:
     import json
 
     from falcon_mamba.dtypes import parse_dtype
+    from falcon_mamba.errors import UserError
     from falcon_mamba.train import apply_overrides, get_recipe, train
 
     dtype = None if args.export_dtype is None else parse_dtype(args.export_dtype)
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UserError(f"--stop-at must be a step number of at least 1, got {args.stop_at}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if not args.print_config:
+        check_run_folder(args.out)
     if args.export_only:
         return export_only(args.out, dtype)
     cfg = apply_overrides(get_recipe(args.preset), args.set)

@@ -84,6 +84,18 @@ class TrainConfig:
             raise UserError("decay_shape=exp needs min_lr_ratio > 0 (e.g. 1/256, as Falcon Mamba)")
         if not 0 <= self.decay_fraction <= 1:
             raise UserError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        ranges = {"lr": (0, 10, False), "beta1": (0, 1, True), "beta2": (0, 1, True),
+                  "adam_eps": (0, 1, False), "min_lr_ratio": (0, 1, True), "weight_decay": (0, 10, True),
+                  "grad_clip": (0, 1e6, True), "lora_alpha": (0, 1e6, False),
+                  "time_budget_s": (0, 1e9, True), "peak_tflops": (0, 1e9, True)}
+        for name, (low, high, closed) in ranges.items():
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (low <= v if closed else low < v) or not v <= high:
+                raise UserError(f"{name} must be {'>=' if closed else '>'} {low} and <= {high}, got {v!r}")
+        for name in ("warmup_steps", "batch_ramp_steps", "log_every", "eval_every", "eval_tokens",
+                     "save_every", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
 
     @property
     def exp_needs_floor(self) -> bool:
@@ -127,9 +139,12 @@ def _convert(value: str, typ, key: str):
         return _convert(value, args[0], key)
     if typ is float:
         try:
-            return float(value)
+            f = float(value)
         except ValueError:
             raise UserError(f"--set {key}={value}: expected a number") from None
+        if f != f or abs(f) == float("inf"):
+            raise UserError(f"--set {key}={value}: expected a finite number")
+        return f
     if typ is int:
         try:
             f = float(value)  # accepts 1e4 as well as 10000
@@ -137,6 +152,14 @@ def _convert(value: str, typ, key: str):
             f = float("nan")
         if f != f or abs(f) == float("inf") or f != int(f):
             raise UserError(f"--set {key}={value}: expected an integer")
+        if abs(f) > 2**53:  # past float precision: read it exactly, or refuse it
+            try:
+                n = int(value)
+            except ValueError:
+                raise UserError(f"--set {key}={value}: expected an integer") from None
+            if abs(n) >= 1 << 63:
+                raise UserError(f"--set {key}={value}: out of range")
+            return n
         return int(f)
     return value
 
