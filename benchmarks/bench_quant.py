@@ -11,7 +11,7 @@ Random weights, built directly on the GPU. For each variant it measures, all ins
             and lm_head, each with its own weights (no L2 reuse across layers), batch 1;
             time per token, effective GB/s of weight bytes, and the speed-up over bf16
   step      model.step (the plain per-op decode step) captured in one CUDA graph: tokens/s
-  fused     decode_graph.GraphDecoder (the fused decode kernels), when present: tokens/s
+  fused     the kernel loop (decode/loop.py: the graphed fused decode step): tokens/s
   error     relative error of one decode step's logits against the bf16 model
 The bf16 ceiling from ENGINEERING.md (3.01 TB/s copy bandwidth) is printed beside the linear times.
 Prints a table, then one JSON line.
@@ -38,7 +38,7 @@ from falcon_mamba.quant.qlinear import QuantLinear  # noqa: E402
 
 BANDWIDTH = 3.01e12  # bytes/s, H100 copy bandwidth measured in ENGINEERING.md
 KINDS = ("in_proj", "x_proj", "dt_proj", "out_proj")
-DECODE_MODES: dict[int, dict] = {}  # id(model) -> the GraphDecoder's chosen mode (time_fused)
+DECODE_MODES: dict[int, dict] = {}  # id(model) -> the kernel loop's chosen mode (time_fused)
 
 
 def env() -> dict:
@@ -146,31 +146,23 @@ def time_step(model) -> float:
 
 
 @torch.no_grad()
-def time_fused(model) -> float | None:
-    """tok/s of decode_graph.GraphDecoder (fused kernels, one CUDA graph per step; its fast_step
-    calls the projections as modules, so quantized layers run their own kernels)."""
-    try:
-        from falcon_mamba.decode_graph import GraphDecoder
-    except ImportError:
-        return None
-    return _time_fused(model, GraphDecoder)
+def time_fused(model) -> float:
+    """tok/s of the kernel loop (the graphed fused decode step; it calls the projections as
+    modules, so quantized layers run their own kernels)."""
+    from falcon_mamba.decode.loop import KernelLoop
+    from falcon_mamba.decode.modes import DecodeOptions
 
-
-def _time_fused(model, GraphDecoder) -> float:
-    state = model.new_state(1)
-    dec = GraphDecoder(model)
-    tok = torch.zeros(1, dtype=torch.long, device=model.device)
-    dec.greedy(tok, state, 3)
+    loop = KernelLoop(model, 1, DecodeOptions(tuning_cache=""))
+    loop.run(3)
     torch.cuda.synchronize()
     n = 300  # tokens timed (50 left ~0.5% run-to-run noise on a 1.6x ratio)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    dec.greedy(tok, state, n)
+    loop.run(n)
     end.record()
     end.synchronize()
-    slot = dec._slots.get(1)
-    if slot is not None:  # the decode mode the autotune kept, and every candidate's ms per step
-        DECODE_MODES[id(model)] = {"mode": slot.mode, "pdl": slot.pdl, "candidates_ms": slot.timings}
+    # the decode mode the autotune kept, and every candidate's ms per step
+    DECODE_MODES[id(model)] = loop.mode
     return n / (start.elapsed_time(end) / 1e3)
 
 
@@ -187,7 +179,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=64, help="layers of the 7B shape to build (64 = full)")
     ap.add_argument("--groups", default="128", help="int4 group sizes to measure, e.g. 128,64,32")
-    ap.add_argument("--no-fused", action="store_true", help="skip the GraphDecoder measurement")
+    ap.add_argument("--no-fused", action="store_true", help="skip the kernel-loop measurement")
     ap.add_argument("--json", help="also write the JSON record to this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():

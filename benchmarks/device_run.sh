@@ -12,7 +12,13 @@
 #   benchmarks/device_run.sh profile    # per-kernel time of the graphed decode step, bf16/int8/int4
 #   benchmarks/device_run.sh quantcheck # the GEMV / decode cuda tests, then bench_quant (64 layers)
 #   benchmarks/device_run.sh final      # the whole cuda suite, then bench_quant (64 layers)
-# The test modes carry .whl (pytest-xdist + execnet wheels) and .data/shared (../shared's tokenizers).
+#   benchmarks/device_run.sh decode15   # the whole cuda suite, then `bench decode` (kernel loop,
+#                                       # fm.generate greedy/sampled, transformers) at batch 1 and 64
+#   benchmarks/device_run.sh serve15    # the OpenAI server on a random 7B folder: 1/16/64/256 streaming
+#                                       # clients, then 32 streams beside a 100k-token prompt
+#   benchmarks/device_run.sh sampler    # the sampler kernel's cuda tests and bench_sampler.py
+# Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
+# and .data/shared (../shared's tokenizers).
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
 set -u
 MODE=${1:-verify}
@@ -24,14 +30,15 @@ mkdir -p "$OUT/results"
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/env.txt" 2>&1
 
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || echo "no wheels in .whl" >> "$OUT/env.txt"
+export PYTHONPATH=/tmp/site:. FALCON_MAMBA_SHARED=$PWD/.data/shared
+
 cuda_tests() {  # cuda_tests LIMIT_S FILES...: 8 pytest processes (the suite is compile-bound)
   local limit=$1
   shift
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || { echo "no pytest-xdist wheels in .whl" >> "$OUT/tests.txt"; return 1; }
   cp "$OUT/env.txt" "$OUT/tests.txt"
-  PYTHONPATH=/tmp/site:. FALCON_MAMBA_SHARED=$PWD/.data/shared timeout "$limit" \
-    python3 -m pytest -q -n 8 -rA --tb=short --durations=10 -m cuda "$@" >> "$OUT/tests.txt" 2>&1
+  timeout "$limit" python3 -m pytest -q -n 8 -rA --tb=short --durations=10 -m cuda "$@" >> "$OUT/tests.txt" 2>&1
   echo "exit $?" >> "$OUT/tests.txt"
 }
 
@@ -71,6 +78,21 @@ case "$MODE" in
     cuda_tests 330 tests/
     timeout $((585 - SECONDS)) python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
+  decode15)
+    cuda_tests 290 tests/
+    timeout 60 python3 benchmarks/bench_sampler.py --out "$OUT/results/sampler.json" > "$OUT/sampler.log" 2>&1
+    timeout $((585 - SECONDS)) python3 -m falcon_mamba bench decode --out "$OUT/results" \
+      --tokenizer .data/shared/tokenizers/falcon --decode-batches 1,64 --decode-tokens 512 \
+      --generate-tokens 256 > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
+  serve15)
+    timeout ${SERVE_LIMIT:-585} python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+      --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
+      --out "$OUT/results/serve.json" > "$OUT/bench.log" 2>&1 ;;
+  sampler)
+    cuda_tests 200 tests/test_sample_rows.py tests/test_engine.py
+    timeout $((585 - SECONDS)) python3 benchmarks/bench_sampler.py > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
   profile)
     timeout 500 python3 benchmarks/profile_decode.py --layers 16 --out "$OUT/results/profile.json" \

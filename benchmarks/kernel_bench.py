@@ -144,19 +144,16 @@ def graph_profile(rows):
 
     from falcon_mamba.cli._bench_util import build_ours
     from falcon_mamba.config import get_preset
-    from falcon_mamba.decode_graph import GraphDecoder
+    from falcon_mamba.decode.loop import KernelLoop
 
     model = build_ours(get_preset("falcon-mamba-7b"), torch.bfloat16, torch.device("cuda"))
-    dec = GraphDecoder(model)
     for B in (1, 64):
-        state = model.new_state(B)
-        tok = torch.randint(0, 65024, (B,), device="cuda")
-        dec.greedy(tok, state, 3)
-        slot = dec.slot(B)
+        loop = KernelLoop(model, B)
+        loop.run(3)
         reps = 5
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
-                slot.replay()
+                loop.graphs.step(B)
             torch.cuda.synchronize()
         agg = {}
         for e in prof.events():
@@ -166,12 +163,10 @@ def graph_profile(rows):
                 c[0] += e.device_time / reps
                 c[1] += 1
         total = sum(v[0] for v in agg.values())
-        rows.append({"kernel": f"graph step B={B} total kernel time", "us": total,
-                     "autotune_ms": slot.timings, "triton_gemv": slot.gemv})
+        rows.append({"kernel": f"graph step B={B} total kernel time", "us": total, **loop.mode})
         for k, (us, cnt) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:10]:
             rows.append({"kernel": f"  B={B} {k}", "us": us, "launches_per_step": cnt / reps})
-        del state
-        dec._slots.clear()
+        del loop
 
 
 def prefill_profile(rows, L=16384):

@@ -184,7 +184,8 @@ def _prefill_cases(L: int = 16384) -> None:
 # ---- decode at batch B (fast_step without the GEMV modes, model.step) -------------------------
 
 def _batched_decode_cases(B: int = 64) -> None:
-    from falcon_mamba.ops import triton_argmax, triton_decode
+    from falcon_mamba.ops import triton_decode, triton_sample
+    from falcon_mamba.ops.sample import SamplerRows
 
     @case(f"decode B={B} embeddings gather + first norm")
     def _():
@@ -213,20 +214,31 @@ def _batched_decode_cases(B: int = 64) -> None:
     def _():
         triton_decode.rms_rows(E(B, H, dtype=F32), E(H), EPS, residual=E(B, H), out_dtype=BF)
 
-    @case(f"decode B={B} greedy argmax (token ring)")
-    def _():
-        triton_argmax.greedy_tokens(E(B, V, dtype=F32), E(B, dtype=torch.int64),
-                                    history=(E(B, 256, dtype=torch.int64), E(B, dtype=torch.int32)))
+    def sample(Bs, seen=False, **kw):
+        rows = SamplerRows(temperature=E(Bs, dtype=F32), top_k=E(Bs, dtype=torch.int32),
+                           top_p=E(Bs, dtype=F32), min_p=E(Bs, dtype=F32), penalty=E(Bs, dtype=F32),
+                           seed=E(Bs, dtype=torch.int64), pos=E(Bs, dtype=torch.int64),
+                           seen=E(Bs, V, dtype=torch.uint8) if seen else None)
+        triton_sample.sample_rows_triton(E(Bs, V, dtype=F32), rows, E(Bs, dtype=torch.int64),
+                                         E(Bs, dtype=F32), E(Bs, dtype=torch.int32), **kw)
 
-    @case("decode B=1 greedy argmax")
+    @case("decode B=1 sampler (one program per row, 16 warps)")
     def _():
-        triton_argmax.greedy_tokens(E(1, V, dtype=F32), E(1, dtype=torch.int64))
+        sample(1)
+
+    @case(f"decode B={B} sampler with repetition penalties (seen table)")
+    def _():
+        sample(B, seen=True)
+
+    @case("decode B=256 sampler (more rows than SMs: two programs per SM)")
+    def _():
+        sample(256, block=triton_sample.BLOCK_WIDE_BATCH, num_warps=triton_sample.NUM_WARPS_WIDE_BATCH)
 
 
 # ---- batch-1 GEMV modes (decode_step.fast_step gemv / fused / conv_fold / xproj_merge, chain) ---
 
 def _batch1_cases() -> None:
-    from falcon_mamba.decode_step import XP_SSM_BLOCK_D
+    from falcon_mamba.decode.step import XP_SSM_BLOCK_D
     from falcon_mamba.ops import triton_decode
     from falcon_mamba.ops.triton_gemv import fused_gemv, packed_int4
 

@@ -1,15 +1,20 @@
 """Load test for an OpenAI-compatible server: many concurrent streaming clients; reports
 throughput and latency percentiles (time to first token, inter-token latency, end to end).
-Prints a table, then one JSON line.
+Prints a table per scenario, then one JSON line.
 
     # against a running server
     PYTHONPATH=. python3 benchmarks/load_test.py --url http://127.0.0.1:8000 --clients 64 --requests 256
     # or start `falcon-mamba serve` on a model folder, or on a random model of the given shape
     PYTHONPATH=. python3 benchmarks/load_test.py --model DIR ...
     PYTHONPATH=. python3 benchmarks/load_test.py --random tiny --out benchmarks/results/serve-load-....json
+    # the serving benchmark of the README: 7B shapes (random bf16 weights, the Falcon tokenizer),
+    # 1, 16, 64 and 256 streaming clients, then 32 streams beside one 100k-token prompt
+    PYTHONPATH=. python3 benchmarks/load_test.py --random 7b --sweep 1,16,64,256 --mixed 32:100000 \
+        --procs 8 --out bench.json
 
 Every request streams (stream_options.include_usage) and is sent with ignore_eos, so every
-answer has exactly --max-tokens tokens. The clients are asyncio tasks on one httpx pool.
+answer has exactly --max-tokens tokens. The clients are asyncio tasks on httpx pools, spread over
+--procs processes (one Python process cannot parse 20k SSE events a second) that start together.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ sys.path.insert(0, ROOT)
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128),
     "small": dict(hidden_size=256, num_hidden_layers=8, intermediate_size=512),
+    "7b": "falcon-mamba-7b",  # the preset, bf16, built on the GPU
 }
 WORDS = ("state model token stream answer river mountain question engine memory window light "
          "garden number window letter paper music signal").split()
@@ -51,11 +57,14 @@ def env_info() -> dict:
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d")}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
+    # the device machine's copy of the tree has no current git history: the caller names the commit
+    info["commit"] = os.environ.get("FALCON_MAMBA_COMMIT")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=ROOT, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["commit"] = None
     try:
         info["load_average_1m"] = os.getloadavg()[0]
     except OSError:
@@ -63,19 +72,27 @@ def env_info() -> dict:
     return info
 
 
-def random_model_dir(shape: str, folder: str) -> str:
-    """A random-weight model (fp32) with the Falcon tokenizer, saved as an HF folder."""
+def random_model_dir(shape: str, folder: str, tokenizer_dir: str | None = None) -> str:
+    """A random-weight model with the Falcon tokenizer, saved as an HF folder (fp32 for the small
+    shapes; the 7B preset in bf16, initialised on the GPU where there is one)."""
     import torch
 
     from falcon_mamba.checkpoint import save_model
-    from falcon_mamba.config import ModelConfig
+    from falcon_mamba.config import ModelConfig, get_preset
     from falcon_mamba.model import FalconMamba
 
     shared = os.environ.get("FALCON_MAMBA_SHARED") or os.path.join(ROOT, "..", "shared")
+    tokenizer_dir = tokenizer_dir or os.path.join(shared, "tokenizers", "falcon")
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=65024, **SHAPES[shape])
     out = os.path.join(folder, shape)
-    save_model(FalconMamba(cfg).eval(), out, tokenizer_dir=os.path.join(shared, "tokenizers", "falcon"))
+    if isinstance(SHAPES[shape], str):
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(dev):
+            model = FalconMamba(get_preset(SHAPES[shape])).to_dtype(torch.bfloat16).eval()
+    else:
+        model = FalconMamba(ModelConfig(vocab_size=65024, **SHAPES[shape])).eval()
+    save_model(model, out, tokenizer_dir=tokenizer_dir)
+    del model
     return out
 
 
@@ -138,35 +155,48 @@ async def one_request(client, url, model, prompt, max_tokens, temperature, heade
                 times.append(time.perf_counter())
     end = time.perf_counter()
     return {"status": status, "ttft": times[0] - t0 if times else None, "e2e": end - t0,
-            "itl": [b - a for a, b in zip(times, times[1:])],
+            "itl": [b - a for a, b in zip(times, times[1:])], "t0": t0, "end": end, "times": times,
             "tokens": (usage or {}).get("completion_tokens", 0),
             "prompt_tokens": (usage or {}).get("prompt_tokens", 0)}
 
 
-async def run_load(url, model, clients, requests, prompt_words, max_tokens, api_key, temperature=0.7,
-                   seed=0) -> dict:
+async def _clients(url, model, clients, prompts, max_tokens, api_key, temperature, start_at) -> list:
     import httpx
 
-    rng = random.Random(seed)
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) + f" #{i}" for i in range(requests)]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
     results = []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         async def worker():
             while not queue.empty():
                 p = queue.get_nowait()
                 results.append(await one_request(client, url, model, p, max_tokens, temperature, headers))
 
-        t0 = time.perf_counter()
+        if start_at:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
         await asyncio.gather(*[worker() for _ in range(clients)])
-        wall = time.perf_counter() - t0
+    return results
+
+
+def _proc_main(args) -> list:
+    return asyncio.run(_clients(*args))
+
+
+def _prompts(requests, prompt_words, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) + f" #{i}" for i in range(requests)]
+
+
+def summarize(results: list, clients: int, requests: int, max_tokens: int, temperature: float,
+              wall: float) -> dict:
     ok = [r for r in results if r["status"] == 200]
     gen = sum(r["tokens"] for r in ok)
-    summary = {
+    for r in results:
+        r.pop("times", None)
+    return {
         "clients": clients, "requests": requests, "ok": len(ok),
         "errors": {str(s): sum(1 for r in results if r["status"] == s)
                    for s in {r["status"] for r in results} if s != 200},
@@ -177,7 +207,99 @@ async def run_load(url, model, clients, requests, prompt_words, max_tokens, api_
         "itl_s": percentiles([x for r in ok for x in r["itl"]]),
         "e2e_s": percentiles([r["e2e"] for r in ok]),
     }
-    return summary
+
+
+def run_load(url, model, clients, requests, prompt_words, max_tokens, api_key, temperature=0.7,
+             seed=0, procs: int = 1) -> dict:
+    """`requests` requests from `clients` concurrent streaming clients spread over `procs` client
+    processes that start together; throughput over the wall time of the whole load."""
+    prompts = _prompts(requests, prompt_words, seed)
+    procs = max(1, min(procs, clients))
+    if procs == 1:
+        t0 = time.perf_counter()
+        results = asyncio.run(_clients(url, model, clients, prompts, max_tokens, api_key, temperature, 0))
+        return summarize(results, clients, requests, max_tokens, temperature, time.perf_counter() - t0)
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    start_at = time.time() + 3.0  # every process starts its clients at once
+    jobs = [(url, model, clients // procs + (i < clients % procs), prompts[i::procs], max_tokens, api_key,
+             temperature, start_at) for i in range(procs)]
+    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as ex:
+        parts = list(ex.map(_proc_main, jobs))
+    results = [r for part in parts for r in part]
+    ok = [r for r in results if r["status"] == 200]
+    # perf_counter is system-wide (CLOCK_MONOTONIC) on Linux: one clock across the processes
+    wall = (max(r["end"] for r in ok) - min(r["t0"] for r in ok)) if ok else 0.0
+    return summarize(results, clients, requests, max_tokens, temperature, wall)
+
+
+def run_mixed(url, model, streams: int, long_tokens: int, api_key, vocab: int, procs: int,
+              stream_tokens: int = 2048) -> dict:
+    """`streams` clients decode; 2 s after they start one more request sends a `long_tokens`-token
+    prompt (random token ids). Reports the streams' inter-token percentiles over the time the long
+    prompt is read against the same streams without it, and the long prompt's read rate (tokens /
+    its time to first token). The streams decode `stream_tokens` tokens, enough to outlast it."""
+    import threading
+
+    import httpx
+
+    rng = random.Random(7)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # Warm-up: a prompt of a few chunks compiles the kernels of chunks that continue a state (a
+    # server pays that once, at its first long prompt).
+    warm = [rng.randrange(vocab) for _ in range(672)]
+    httpx.post(url + "/v1/completions", json={"model": model, "prompt": warm, "max_tokens": 1},
+               headers=headers, timeout=300)
+    alone = run_load(url, model, streams, streams, 24, 256, api_key, 0.0, seed=5, procs=procs)
+    ids = [rng.randrange(vocab) for _ in range(long_tokens)]
+    out = {}
+
+    def long_request():
+        time.sleep(5.0)  # the client processes start their streams 3 s after the call, then decode
+        body = {"model": model, "prompt": ids, "max_tokens": 1, "stream": False}
+        out["t0"] = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=900)
+        out["t1"] = time.perf_counter()
+        out["status"] = r.status_code
+
+    th = threading.Thread(target=long_request)
+    th.start()
+    beside, results = _run_load_raw(url, model, streams, streams, 24, stream_tokens, api_key, procs)
+    th.join()
+    lo, hi = out.get("t0", 0), out.get("t1", 0)
+    window = [b - a for r in results if r["status"] == 200
+              for a, b in zip(r["times"], r["times"][1:]) if lo <= b <= hi]
+    itl_window = percentiles(window)
+    secs = hi - lo
+    last_token = max((t for r in results if r["status"] == 200 for t in r["times"]), default=0)
+    return {"streams": streams, "long_prompt_tokens": long_tokens, "stream_tokens": stream_tokens,
+            "itl_alone_s": alone["itl_s"], "itl_beside_long_prompt_s": itl_window,
+            "itl_samples_beside": len(window),
+            "itl_p99_ratio": itl_window["p99"] / alone["itl_s"]["p99"] if window and alone["itl_s"]["p99"]
+            else None,
+            "streams_outlasted_prompt": last_token >= hi,
+            "long_prompt_status": out.get("status"), "long_prompt_seconds": secs,
+            "long_prompt_tok_per_s": long_tokens / secs if secs > 0 else None,
+            "throughput_alone_tok_s": alone["throughput_output_tok_s"],
+            "throughput_beside_tok_s": beside["throughput_output_tok_s"]}
+
+
+def _run_load_raw(url, model, clients, requests, prompt_words, max_tokens, api_key, procs):
+    """run_load's summary and its raw per-request results."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    prompts = _prompts(requests, prompt_words, 5)
+    procs = max(1, min(procs, clients))
+    start_at = time.time() + 3.0
+    jobs = [(url, model, clients // procs + (i < clients % procs), prompts[i::procs], max_tokens, api_key,
+             0.0, start_at) for i in range(procs)]
+    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as ex:
+        results = [r for part in ex.map(_proc_main, jobs) for r in part]
+    ok = [r for r in results if r["status"] == 200]
+    wall = (max(r["end"] for r in ok) - min(r["t0"] for r in ok)) if ok else 0.0
+    return summarize([dict(r) for r in results], clients, requests, max_tokens, 0.0, wall), results
 
 
 def print_table(s: dict) -> None:
@@ -205,6 +327,15 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=64, help="state slots of a started server")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of a started server")
+    ap.add_argument("--procs", type=int, default=1, help="client processes (default 1)")
+    ap.add_argument("--sweep", default=None, metavar="N,N,...",
+                   help="run one scenario per client count (requests = 3 x clients, at least 8)")
+    ap.add_argument("--mixed", default=None, metavar="STREAMS:TOKENS",
+                   help="then STREAMS decoding clients beside one TOKENS-token prompt")
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer of a --random model "
+                                                         "(default ../shared/tokenizers/falcon)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for a started server (repeatable)")
     ap.add_argument("--out", help="also write the JSON record to this file")
     ap.add_argument("--note", default="", help="free text stored with the result")
     args = ap.parse_args(argv)
@@ -216,8 +347,9 @@ def main(argv=None) -> int:
         if args.url:
             url = args.url.rstrip("/")
         else:
-            folder = args.model or random_model_dir(args.random, tmp.name)
-            extra = ["--max-batch", str(args.slots), "--max-queue", str(args.requests)]
+            folder = args.model or random_model_dir(args.random, tmp.name, args.tokenizer_dir)
+            extra = ["--max-batch", str(args.slots), "--max-queue", str(max(args.requests, 4 * args.slots)),
+                     *args.server_arg]
             if args.threads:
                 extra += ["--threads", str(args.threads)]
             server = ServerProcess(folder, extra)
@@ -227,17 +359,35 @@ def main(argv=None) -> int:
                                 "banner": server.banner}
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = args.model_id or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
-        # Warm-up: the first forward pass pays one-time costs (imports, allocator).
-        asyncio.run(run_load(url, model, 2, 2, args.prompt_words, 4, args.api_key, seed=1))
-        s = asyncio.run(run_load(url, model, args.clients, args.requests, args.prompt_words,
-                                 args.max_tokens, args.api_key, args.temperature))
+        # Warm-up: the first forward passes pay one-time costs (imports, allocator, new shapes).
+        run_load(url, model, 2, 2, args.prompt_words, 4, args.api_key, seed=1)
+        levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.clients]
+        scenarios = []
+        for n in levels:
+            reqs = args.requests if not args.sweep else max(8, 3 * n)
+            s = run_load(url, model, n, reqs, args.prompt_words, args.max_tokens, args.api_key,
+                         args.temperature, procs=args.procs)
+            print_table(s)
+            scenarios.append(s)
+        if args.mixed:
+            streams, tokens = (int(x) for x in args.mixed.split(":"))
+            vocab = 65024
+            m = run_mixed(url, model, streams, tokens, args.api_key, vocab, args.procs)
+            beside = (m["itl_beside_long_prompt_s"]["p99"] or 0) * 1e3
+            print(f"mixed: {streams} streams, inter-token p99 {m['itl_alone_s']['p99'] * 1e3:.1f} ms alone, "
+                  f"{beside:.1f} ms beside a {tokens:,}-token prompt (x{m['itl_p99_ratio'] or 0:.2f}); "
+                  f"the prompt read at {m['long_prompt_tok_per_s'] or 0:,.0f} tok/s "
+                  f"(status {m['long_prompt_status']})")
+            record["mixed"] = m
     finally:
         if server is not None:
             server.stop()
         tmp.cleanup()
-    record.update(s)
+    if len(scenarios) == 1:
+        record.update(scenarios[0])
+    else:
+        record["scenarios"] = scenarios
     record["env"] = env_info()
-    print_table(s)
     line = json.dumps(record)
     if args.out:
         with open(args.out, "w") as f:

@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 benchmarks/profile_decode.py [--layers 16] [--formats bf16,int8,int4] [--out F.json]
 
 For each weight format: a random Falcon Mamba 7B-shaped model with --layers layers (int8 / int4 g128
-through quantize_model), decode_graph.GraphDecoder (its autotuned mode and the timings of every
+through quantize_model), the kernel loop (decode/loop.py: its autotuned mode and the timings of every
 candidate mode), then 20 graphed greedy steps under torch.profiler: every kernel's time per step
 (summed over layers and divided by them: us per layer), launches per step, and the step's total.
 """
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from falcon_mamba.config import PRESETS  # noqa: E402
-from falcon_mamba.decode_graph import GraphDecoder  # noqa: E402
+from falcon_mamba.decode.loop import KernelLoop  # noqa: E402
 from falcon_mamba.model import FalconMamba  # noqa: E402
 from falcon_mamba.quant import quantize_model  # noqa: E402
 
@@ -31,20 +31,17 @@ STEPS = 20
 
 @torch.no_grad()
 def profile(model, layers: int) -> dict:
-    state = model.new_state(1)
-    dec = GraphDecoder(model)
-    tok = torch.zeros(1, dtype=torch.long, device=model.device)
-    dec.greedy(tok, state, 3)
-    slot = dec._slots[1]
+    loop = KernelLoop(model, 1)
+    loop.run(3)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    dec.greedy(tok, state, 100)
+    loop.run(100)
     end.record()
     end.synchronize()
     step_ms = start.elapsed_time(end) / 100
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        dec.greedy(tok, state, STEPS)
+        loop.run(STEPS)
         torch.cuda.synchronize()
     per = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
@@ -52,7 +49,8 @@ def profile(model, layers: int) -> dict:
             per[ev.name][0] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
             per[ev.name][1] += 1
     rows = sorted(((n, t / STEPS, c / STEPS) for n, (t, c) in per.items()), key=lambda r: -r[1])
-    return {"mode": slot.mode, "pdl": slot.pdl, "timings_ms": slot.timings, "step_ms": step_ms,
+    m = loop.mode
+    return {"mode": m["mode"], "pdl": m.get("pdl"), "timings_ms": m.get("candidates_ms"), "step_ms": step_ms,
             "kernels": [{"name": n[:90], "us_per_step": t, "launches_per_step": c, "us_per_layer": t / layers}
                         for n, t, c in rows],
             "critical_path": critical_path(prof, layers)}

@@ -18,9 +18,9 @@ position) on the default/tuned tile and the first three grid tiles, ahead of the
 Configs are visited round-robin over (shape, format), so the time budget cuts the tails evenly.
 
 Part 2, the decode step of a 7B-shaped model with --layers layers (random weights; bf16, int8,
-int4 g128 via quantize_model): decode_graph.GraphDecoder with FALCON_MAMBA_GEMV = cublas, triton,
-triton_cx, fused (ms/step over 50 greedy replays) and auto (the mode it picks and its own timings); the
-fused logits against model.step's. triton_qmm's own tuner is off unless --qmm-tune (it compiles
+int4 g128 via quantize_model): the kernel loop (decode/loop.py) with each forced mode (cublas, triton,
+triton_cx; ms/step over 50 greedy replays) and auto (the mode it picks and its own timings); the
+step's logits against model.step's. triton_qmm's own tuner is off unless --qmm-tune (it compiles
 ~20 configs per shape). Prints tables, writes JSON to --out.
 """
 
@@ -269,11 +269,12 @@ def sweep_kernels(budget_s: float, gen, shapes=None, formats=None) -> dict:
 
 
 @torch.no_grad()
-def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "chain", "auto"),
+def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "auto"),
                  formats=("bf16", "int8", "int4g128")) -> dict:
-    """Each (format, mode) as its own GraphDecoder: ms/step over 50 greedy replays."""
+    """Each (format, mode) as its own kernel loop: ms/step over 50 greedy replays."""
     from falcon_mamba.config import PRESETS
-    from falcon_mamba.decode_graph import GraphDecoder
+    from falcon_mamba.decode.loop import KernelLoop
+    from falcon_mamba.decode.modes import DecodeOptions
     from falcon_mamba.model import FalconMamba
     from falcon_mamba.quant import quantize_model
 
@@ -292,32 +293,29 @@ def decode_modes(layers: int, modes=("cublas", "triton", "triton_cx", "fused", "
         for t in tokens:
             ref = model.step(torch.tensor([t], device="cuda"), st_ref)
         for mode in modes:
-            os.environ["FALCON_MAMBA_GEMV"] = mode
             try:
-                dec = GraphDecoder(model)
-                st = model.new_state(1)
+                loop = KernelLoop(model, 1, DecodeOptions(mode=mode, tuning_cache=""))
                 for t in tokens:
-                    logits = dec.step(torch.tensor([t], device="cuda"), st)
+                    loop.pool.tokens[0] = t
+                    logits = loop.graphs.step(1)[:1].float()
                 err = ((logits - ref).abs().max() / ref.abs().max()).item()
-                tok = torch.zeros(1, dtype=torch.long, device="cuda")
-                dec.greedy(tok, st, 3)
+                loop.run(3)
                 torch.cuda.synchronize()
                 n = 50
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
-                dec.greedy(tok, st, n)
+                loop.run(n)
                 e.record()
                 e.synchronize()
                 ms = s.elapsed_time(e) / n
-                slot = dec.slot(1)
+                m = loop.mode
                 rec[mode] = {"ms_per_step": ms, "tok_s": 1e3 / ms, "logits_rel_err_vs_step": err,
-                             "chosen": slot.mode + ("+pdl" if slot.pdl else ""),
-                             "autotune_ms": dict(slot.timings), "autotune_errors": dict(slot.errors)}
+                             "chosen": m["mode"] + ("+pdl" if m["pdl"] else ""),
+                             "autotune_ms": dict(m["candidates_ms"]), "autotune_errors": dict(m["errors"])}
             except Exception as e:
                 rec[mode] = {"error": f"{type(e).__name__}: {e}"[:300],
                              "trace": traceback.format_exc()[-1500:]}
             torch.cuda.synchronize()
-        os.environ.pop("FALCON_MAMBA_GEMV", None)
         out[fmt] = rec
         print(f"\ndecode step, {layers} layers, {fmt}:")
         for mode, r in rec.items():
@@ -342,14 +340,16 @@ def main() -> int:
     ap.add_argument("--skip-model", action="store_true", help="kernels only")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {','.join(SHAPES)}")
     ap.add_argument("--skip-kernels", action="store_true", help="decode modes only")
-    ap.add_argument("--modes", default="cublas,triton,triton_cx,fused,chain,auto")
+    ap.add_argument("--modes", default="cublas,triton,triton_cx,auto")
     ap.add_argument("--formats", default="bf16,int8,int4g128")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("sweep_decode needs a CUDA GPU", file=sys.stderr)
         return 2
     if not args.qmm_tune:
-        os.environ["FALCON_MAMBA_QMM_TUNE"] = "0"
+        from falcon_mamba.quant import triton_qmm
+
+        triton_qmm.configure(tune=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rec = {"env": env(), "args": vars(args)}
     t0 = time.time()

@@ -6,7 +6,7 @@ after the PDL wait; for every format the SSM step's channels per program and the
 
 A random Falcon Mamba 7B-shaped model (--layers layers; int8 / int4 g128 through quantize_model);
 for each variant: the int4 tiles (triton_gemv.TUNED, GemvConfig.pre) and triton_decode's batch-1
-constants set in this process, GraphDecoder with the mode and PDL forced, 200 greedy steps timed by
+constants set in this process, the kernel loop with the mode and PDL forced, 200 greedy steps timed by
 CUDA events (3 repeats, best); each format's first variant is timed again last.
 """
 
@@ -25,14 +25,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from profile_decode import in_format, random_7b  # noqa: E402
 
-from falcon_mamba import decode_step as S  # noqa: E402
-from falcon_mamba.decode_graph import GraphDecoder  # noqa: E402
+from falcon_mamba.decode import step as S  # noqa: E402
+from falcon_mamba.decode.loop import KernelLoop  # noqa: E402
+from falcon_mamba.decode.modes import DecodeOptions  # noqa: E402
 from falcon_mamba.ops import triton_decode as D  # noqa: E402
 from falcon_mamba.ops import triton_gemv as G  # noqa: E402
 from falcon_mamba.ops import triton_gemv_i4 as I  # noqa: E402
 
 # (label, mode, first block before the PDL wait in (in_proj, out_proj, lm_head) (None: as tuned),
-# module constants set for the variant: D triton_decode, S decode_step, I triton_gemv_i4)
+# module constants set for the variant: D triton_decode, S decode/step.py, I triton_gemv_i4)
 T = (None, None, None)
 VARIANTS = {
     "int4": [
@@ -63,16 +64,14 @@ MODULES = {"D": D, "S": S, "I": I}
 
 
 @torch.no_grad()
-def step_ms(model) -> float:
-    dec = GraphDecoder(model)
-    state = model.new_state(1)
-    tok = torch.zeros(1, dtype=torch.long, device="cuda")
-    dec.greedy(tok, state, 5)
+def step_ms(model, mode: str) -> float:
+    loop = KernelLoop(model, 1, DecodeOptions(mode=mode, pdl="on", tuning_cache=""))
+    loop.run(5)
     best = float("inf")
     for _ in range(3):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        dec.greedy(tok, state, 200)
+        loop.run(200)
         b.record()
         b.synchronize()
         best = min(best, a.elapsed_time(b) / 200)
@@ -86,7 +85,6 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     base = random_7b(args.layers)
-    os.environ["FALCON_MAMBA_PDL"] = "1"
     keys = {k: G.TUNED[k] for k in (("int4g128", 16384, 4096, False), ("int4g128", 4096, 8192, False),
                                     ("int4g128", 65024, 4096, False))}
     kin, kout, klm = keys
@@ -97,13 +95,12 @@ def main() -> int:
     for fmt in args.formats.split(","):
         model = in_format(base, fmt)
         for label, mode, (pin, pout, plm), consts in VARIANTS[fmt]:
-            os.environ["FALCON_MAMBA_GEMV"] = mode
             for k, v in {**defaults, **consts}.items():
                 setattr(MODULES[k[0]], k[2:], v)
             for k, pre in ((kin, pin), (kout, pout), (klm, plm)):
                 G.TUNED[k] = keys[k] if pre is None else replace(keys[k], pre=pre)
             try:
-                ms = step_ms(model)
+                ms = step_ms(model, mode)
                 rec = {"format": fmt, "label": label, "ms": ms, "us_per_layer": ms * 1e3 / args.layers}
             except Exception as e:  # recorded, not fatal
                 first = str(e).splitlines()[0][:200] if str(e) else ""

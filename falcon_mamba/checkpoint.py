@@ -31,10 +31,21 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     index = folder / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise UserError(f"{index}: damaged index ({e})") from None
-        files = {name: folder / fname for name, fname in weight_map.items()}
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{index}: damaged index ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise UserError(f"{index}: damaged index (weight_map must map tensor names to file names)")
+        files = {}
+        real = folder.resolve()
+        for name, fname in weight_map.items():
+            f = folder / fname
+            # A shard is a file of this folder: never a path that reads elsewhere (../, /abs).
+            if Path(fname).is_absolute() or f.resolve().parent != real:
+                raise UserError(f"{index}: shard {fname!r} is not a file of this folder")
+            files[name] = f
         for f in set(files.values()):
             if not f.is_file():
                 raise UserError(f"{f}: shard named in {INDEX_NAME} is missing")
@@ -78,17 +89,24 @@ def expected_shapes(model: FalconMamba) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
-               device: torch.device | str = "cpu") -> FalconMamba:
+               device: torch.device | str = "cpu", adapter: str | os.PathLike | None = None,
+               check_adapter_base: bool = True) -> FalconMamba:
     """Load an HF-format folder or Hub id into a FalconMamba in eval mode.
 
     dtype applies to the weights; A_log, D and the dt bias stay fp32. Missing, unexpected or
-    mis-shaped tensors raise one UserError naming them all.
+    mis-shaped tensors raise one UserError naming them all. ``adapter``: a PEFT LoRA adapter
+    folder (adapter_config.json + adapter_model.safetensors), merged into the weights
+    (falcon_mamba.hf.adapter); an adapter made for another base is a UserError
+    (``check_adapter_base=False`` skips the comparison of base names, not of shapes).
     """
     dtype = parse_dtype(dtype)
     device = check_device_dtype(device, dtype)
     folder = resolve_model_dir(ref)
     config = ModelConfig.from_json_file(folder / "config.json")
     quant = folder / "quantization.json"
+    if quant.is_file() and adapter is not None:
+        raise UserError(f"{folder} is quantized; merge the adapter into the high-precision model "
+                        "(load_model(base, adapter=...), save_model), then quantize that")
     if quant.is_file():
         from falcon_mamba import quant as quant_mod  # a quantized folder has its own loader
 
@@ -105,6 +123,10 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = torch.f
         folder, files, want, device, config.tie_word_embeddings,
         lambda name, t: torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
     assign_tensors(model, tensors)
+    if adapter is not None:
+        from falcon_mamba.hf.adapter import load_adapter
+
+        load_adapter(model, adapter, base_ref=ref, check_base_name=check_adapter_base)
     model.eval()
     model.source = str(folder)
     return model
@@ -114,6 +136,60 @@ def _tie_unstated(folder: Path) -> bool:
     """Whether config.json leaves tie_word_embeddings unsaid (ModelConfig then reads Falcon Mamba as
     untied, the 7B's setting)."""
     return "tie_word_embeddings" not in json.loads((folder / "config.json").read_text())
+
+
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The dtype of the embeddings in a checkpoint folder (what "as stored" means), None when the
+    folder has no embeddings tensor."""
+    folder = Path(folder)
+    path = _weight_files(folder).get("backbone.embeddings.weight")
+    if path is None:
+        return None
+    with _open(path) as f:
+        code = f.get_slice("backbone.embeddings.weight").get_dtype()
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(code)
+
+
+def check_folder(ref: str | os.PathLike) -> tuple[Path, ModelConfig]:
+    """Everything load_model checks, without reading the weights: config.json, the weight files'
+    headers, every tensor's name, shape and dtype. Returns (folder, config); UserError otherwise."""
+    folder = resolve_model_dir(ref)
+    config = ModelConfig.from_json_file(folder / "config.json")
+    quantized = (folder / "quantization.json").is_file()
+    files = _weight_files(folder)
+    if (not quantized and not config.tie_word_embeddings and "lm_head.weight" not in files
+            and _tie_unstated(folder)):  # as load_model: a transformers 4.x tied folder
+        config = config.replace(tie_word_embeddings=True)
+    if quantized:
+        from falcon_mamba.quant.folder import quantized_shapes
+
+        want = quantized_shapes(folder, config)
+    else:
+        with torch.device("meta"):
+            want = expected_shapes(FalconMamba(config))
+    names = set(files) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    problems = []
+    missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
+    if missing:
+        problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for name in want:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for path, keys in by_file.items():
+        with _open(path) as f:
+            for name in keys:
+                sl = f.get_slice(name)
+                shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+                if shape != want[name]:
+                    problems.append(f"{name} has shape {shape}, expected {want[name]}")
+                elif dt not in ("F32", "BF16", "F16") and not quantized:
+                    problems.append(f"{name} is {dt}, not a float dtype")
+    if problems:
+        raise UserError(f"{folder}: checkpoint does not fit the config: {'; '.join(problems)}")
+    return folder, config
 
 
 def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int, ...]],
@@ -167,15 +243,31 @@ def assign_tensors(model: FalconMamba, tensors: dict[str, torch.Tensor]) -> None
         model.lm_head.weight = model.backbone.embeddings.weight
 
 
+MAX_SIZE = 1 << 60  # bytes: an exbibyte; a larger size is a typo
+
+
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 1024**3), ("MIB", 1024**2), ("KIB", 1024), ("GB", 10**9),
-                       ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    """'4GiB', '512MB', '1e3KiB', '1024' -> bytes. ValueError for anything else, for NaN and
+    infinite values, and for sizes over MAX_SIZE."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        s = str(size).strip().upper()
+        mult = 1
+        for unit, m in (("GIB", 1024**3), ("MIB", 1024**2), ("KIB", 1024), ("GB", 10**9),
+                        ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if s.endswith(unit):
+                s, mult = s[: -len(unit)].strip(), m
+                break
+        if len(s) > 40:
+            raise ValueError(f"cannot read {size!r} as a size")
+        f = float(s)  # ValueError for junk
+        if f != f or abs(f) == float("inf") or abs(f) * mult > MAX_SIZE:
+            raise ValueError(f"size {size!r} is out of range")
+        n = int(f * mult)
+    if abs(n) > MAX_SIZE:
+        raise ValueError(f"size {size!r} is out of range")
+    return n
 
 
 def save_model(model: FalconMamba, out: str | os.PathLike,
@@ -220,7 +312,8 @@ def save_model(model: FalconMamba, out: str | os.PathLike,
             (tmp / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if tokenizer_dir is not None:
-            for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "chat_template.jinja"):
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copyfile(src, tmp / fname)

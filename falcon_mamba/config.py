@@ -17,6 +17,12 @@ from pathlib import Path
 from falcon_mamba.errors import UserError
 
 MODEL_TYPES = ("falcon_mamba", "mamba")
+# Limits that keep every accepted config computable (sizes and their products far past any real
+# model: the 7B has hidden 4096, 64 layers, 7.3e9 parameters), so a hostile config.json fails here
+# with its field named instead of overflowing an allocation later.
+_MAX = {"hidden_size": 1 << 20, "num_hidden_layers": 1 << 12, "intermediate_size": 1 << 22,
+        "vocab_size": 1 << 31, "state_size": 1 << 12, "conv_kernel": 1 << 8, "time_step_rank": 1 << 20}
+MAX_PARAMETERS = 1 << 44
 _ARCHITECTURES = {"falcon_mamba": "FalconMambaForCausalLM", "mamba": "MambaForCausalLM"}
 
 
@@ -48,13 +54,33 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.time_step_rank == 0:
             object.__setattr__(self, "time_step_rank", math.ceil(self.hidden_size / 16))
-        for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
-                     "state_size", "conv_kernel", "time_step_rank"):
+        for name, high in _MAX.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+            if value > high:
+                raise UserError(f"config field {name} is {value}, over the limit of {high}")
         if self.conv_kernel < 2:
             raise UserError(f"conv_kernel must be at least 2, got {self.conv_kernel}")
+        for name in ("layer_norm_epsilon", "mixer_rms_eps"):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or not 0 < value < 1):
+                raise UserError(f"config field {name} must be a number in (0, 1), got {value!r}")
+        for name in ("time_step_min", "time_step_max", "time_step_floor", "time_step_scale",
+                     "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise UserError(f"config field {name} must be a finite number, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value < self.vocab_size):
+                raise UserError(f"config field {name} must be a token id in [0, {self.vocab_size}) "
+                                f"or null, got {value!r}")
+        if self.num_parameters > MAX_PARAMETERS:
+            raise UserError(f"this config has {self.num_parameters:.3g} parameters, over the limit of "
+                            f"{MAX_PARAMETERS:.3g}; check hidden_size, intermediate_size and vocab_size")
 
     @property
     def model_type(self) -> str:
@@ -129,50 +155,72 @@ class ModelConfig:
         if model_type not in MODEL_TYPES:
             raise UserError(f"{source}: model_type {model_type!r} is not supported "
                             f"(expected one of {', '.join(MODEL_TYPES)})")
-        try:
-            hidden = int(d["hidden_size"])
-            # intermediate_size wins over expand (the 7B config's expand=16 is wrong).
-            inter = d.get("intermediate_size") or int(d.get("expand", 2)) * hidden
-            rank = d.get("time_step_rank", "auto")
-            rank = math.ceil(hidden / 16) if rank in (None, "auto") else int(rank)
-            act = d.get("hidden_act", "silu")
-            if act != "silu":
-                raise UserError(f"{source}: hidden_act {act!r} is not supported (only silu)")
-            if d.get("residual_in_fp32") is False:
-                raise UserError(f"{source}: residual_in_fp32=false is not supported")
-            eos = d.get("eos_token_id", 0)
-            if isinstance(eos, list):
-                eos = eos[0] if eos else None
-            tie_default = model_type == "mamba"
-            return cls(
-                hidden_size=hidden,
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                intermediate_size=int(inter),
-                vocab_size=int(d["vocab_size"]),
-                state_size=int(d.get("state_size", 16)),
-                conv_kernel=int(d.get("conv_kernel", 4)),
-                time_step_rank=rank,
-                use_bias=bool(d.get("use_bias", False)),
-                use_conv_bias=bool(d.get("use_conv_bias", True)),
-                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
-                mixer_rms_eps=float(d.get("mixer_rms_eps", 1e-6)),
-                bcdt_rms=model_type == "falcon_mamba",
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
-                bos_token_id=d.get("bos_token_id", 0),
-                eos_token_id=eos,
-                pad_token_id=d.get("pad_token_id", 0),
-                time_step_min=float(d.get("time_step_min", 0.001)),
-                time_step_max=float(d.get("time_step_max", 0.1)),
-                time_step_floor=float(d.get("time_step_floor", 1e-4)),
-                time_step_scale=float(d.get("time_step_scale", 1.0)),
-                initializer_range=float(d.get("initializer_range", 0.1)),
-            )
-        except KeyError as e:
-            raise UserError(f"{source}: missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, UserError):
-                raise
-            raise UserError(f"{source}: bad value ({e})") from None
+        def as_int(name, v):
+            if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+                v = int(v)  # 256.0 is 256; 256.9 is refused, never truncated
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise UserError(f"{source}: {name} must be an integer, got {v!r}")
+            return v
+
+        def integer(name, default=None):
+            return as_int(name, d.get(name, default))
+
+        def number(name, default):
+            v = d.get(name, default)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise UserError(f"{source}: {name} must be a finite number, got {v!r}")
+            return float(v)
+
+        def token_id(name, default):
+            v = d.get(name, default)
+            if isinstance(v, list):  # several EOS ids: the first is ours
+                v = v[0] if v else None
+            return None if v is None else as_int(name, v)
+
+        for name in ("hidden_size", "num_hidden_layers", "vocab_size"):
+            if name not in d:
+                raise UserError(f"{source}: missing field {name!r}")
+        hidden = integer("hidden_size")
+        # intermediate_size wins over expand (the 7B config's expand=16 is wrong).
+        if d.get("intermediate_size") is not None:
+            inter = integer("intermediate_size")
+        else:
+            inter = integer("expand", 2) * hidden
+        rank = d.get("time_step_rank", "auto")
+        rank = math.ceil(hidden / 16) if rank in (None, "auto") else integer("time_step_rank")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"{source}: hidden_act {act!r} is not supported (only silu)")
+        if d.get("residual_in_fp32") is False:
+            raise UserError(f"{source}: residual_in_fp32=false is not supported")
+        for name in ("use_bias", "use_conv_bias", "tie_word_embeddings"):
+            if name in d and not isinstance(d[name], bool):
+                raise UserError(f"{source}: {name} must be true or false, got {d[name]!r}")
+        tie_default = model_type == "mamba"
+        # from here on, __post_init__ checks ranges and raises UserError naming the field
+        return cls(
+            hidden_size=hidden,
+            num_hidden_layers=integer("num_hidden_layers"),
+            intermediate_size=inter,
+            vocab_size=integer("vocab_size"),
+            state_size=integer("state_size", 16),
+            conv_kernel=integer("conv_kernel", 4),
+            time_step_rank=rank,
+            use_bias=d.get("use_bias", False),
+            use_conv_bias=d.get("use_conv_bias", True),
+            layer_norm_epsilon=number("layer_norm_epsilon", 1e-5),
+            mixer_rms_eps=number("mixer_rms_eps", 1e-6),
+            bcdt_rms=model_type == "falcon_mamba",
+            tie_word_embeddings=d.get("tie_word_embeddings", tie_default),
+            bos_token_id=token_id("bos_token_id", 0),
+            eos_token_id=token_id("eos_token_id", 0),
+            pad_token_id=token_id("pad_token_id", 0),
+            time_step_min=number("time_step_min", 0.001),
+            time_step_max=number("time_step_max", 0.1),
+            time_step_floor=number("time_step_floor", 1e-4),
+            time_step_scale=number("time_step_scale", 1.0),
+            initializer_range=number("initializer_range", 0.1),
+        )
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:
@@ -181,8 +229,12 @@ class ModelConfig:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"{path}: not found; a model folder needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot be read ({e.strerror})") from None
         if not isinstance(d, dict):
             raise UserError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(d, source=str(path))

@@ -26,14 +26,28 @@ def parse_dtype(value: str | torch.dtype | None, default: torch.dtype = torch.fl
         raise UserError(f"unknown dtype {value!r}; use float32, bfloat16 or float16") from None
 
 
+def parse_device(value: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """A device name from a user -> torch.device; None: cuda when available, else cpu. UserError
+    for an unknown name, a CUDA device on a machine without one, or an index past the GPUs."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"{flag} {value!r}: unknown device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {value}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise UserError(f"{flag} {value!r}: only cpu and cuda devices are supported")
+    return device
+
+
 def check_device_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.device:
     """Fail with a clear message when the device does not exist or cannot run a matmul in dtype."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    device = parse_device(device, "device")
     try:
         a = torch.ones(4, 4, dtype=dtype, device=device)
         torch.nn.functional.linear(a, a)

@@ -10,12 +10,19 @@ Follows llama.cpp's own converter for Mamba-1 (REFERENCE.md section 7):
 - tensors ``token_embd``, ``output_norm``, ``output`` (left out when tied to the embeddings) and per
   block ``attn_norm``, ``ssm_in``, ``ssm_conv1d`` (weight squeezed to (D, K), bias), ``ssm_x``,
   ``ssm_dt`` (weight, bias), ``ssm_a`` = -exp(A_log), ``ssm_d``, ``ssm_out``;
-- 1-D tensors, ``ssm_a``/``ssm_d`` and the conv are F32; the 2-D weights take the outtype (f32,
-  f16, or q8_0, where a row length that is not a multiple of 32 falls back to F16 as llama.cpp's
-  converter does);
+- 1-D tensors, ``ssm_a``/``ssm_d`` and the conv are F32; the 2-D weights take the outtype: f32,
+  f16, bf16, q8_0, or the 4/5-bit block types q4_0, q4_1, q5_0, q5_1 (32 weights per block; a row
+  length that is not a multiple of 32 falls back to F16, as llama.cpp's quantizer does). With a
+  4/5-bit outtype the output head (``output``, or ``token_embd`` when tied to it) is Q8_0:
+  llama-quantize keeps the head at Q6_K for these types, which gguf-py cannot write;
 - a GPT-2 style BPE vocabulary: tokens by id, token types (special added tokens CONTROL, ids the
   tokenizer lacks "[PADi]" UNUSED), merges, BOS/EOS/PAD ids and the pre-tokenizer name llama.cpp
-  uses for it ("falcon" for the Falcon tokenizer, "gpt-2" for a plain byte-level one).
+  uses for it ("falcon" for the Falcon tokenizer, "gpt-2" for a plain byte-level one and for this
+  package's own BPE tokenizers, byte-level + Digits, see ``_digits_split_is_implied``);
+- ``tokenizer.chat_template``: the model's chat template (tokenizer_config.json's
+  ``chat_template``, a string or the named list transformers writes, or ``chat_template.jinja``),
+  else the fallback template ``falcon-mamba chat`` uses for a model without one, so llama.cpp and
+  LM Studio render chats as we do.
 
 Tensors are read from the checkpoint and written one at a time: a 7B export never holds the model
 in memory. The file is written next to its destination and renamed into place.
@@ -37,7 +44,8 @@ import torch
 from falcon_mamba.config import ModelConfig
 from falcon_mamba.errors import UserError
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # the output head stays Q8_0 with these
 ARCH = "mamba"
 CONTEXT_LENGTH = 2**20  # llama.cpp's converter writes this arbitrary value for Mamba
 
@@ -64,11 +72,68 @@ def _pre_tokenizer_name(tj: dict, path: Path) -> str:
         split = steps[3].get("pattern", {}).get("Regex")
         if split == "[0-9][0-9][0-9]":
             return "falcon"  # punctuation runs, byte-level, digit runs cut in threes
-    if types == ["ByteLevel"] and steps[0].get("use_regex", True):
+    byte_level = steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space", False)
+    if types == ["ByteLevel"] and byte_level:
         return "gpt-2"
+    if types == ["ByteLevel", "Digits"] and byte_level and _digits_split_is_implied(tj, steps[1]):
+        return "gpt-2"  # falcon_mamba.data.bpe's tokenizers, the embedded model's included
     raise UserError(f"{path}: this tokenizer's pre-tokenizer ({' + '.join(map(str, types))}) is not one "
                     "this exporter can name for llama.cpp; pass tokenizer_pre= (--tokenizer-pre) with "
                     "llama.cpp's name for it")
+
+
+def _numeric(ch: str) -> bool:
+    """Rust's char::is_numeric (Nd, Nl, No), what the tokenizers Digits pre-tokenizer splits on."""
+    import unicodedata
+
+    return unicodedata.category(ch)[0] == "N"
+
+
+def _digits_split_is_implied(tj: dict, digits: dict) -> bool:
+    """Whether GPT-2's split alone (llama.cpp "gpt-2") gives the same tokens as ByteLevel followed
+    by Digits, checked on the merges.
+
+    Digits cuts the byte-level pieces between numeric and other characters (individual_digits:
+    around every numeric character). A BPE trained on those pieces never learned a merge across
+    such a cut, and when no merge joins symbols across one, BPE cannot create a token across it:
+    running it on the uncut piece gives the concatenation of the cut pieces' tokens (merges on
+    the two sides of an unmergeable junction commute). So the mapping is exact exactly when no
+    merge's result mixes numeric and other characters (individual_digits: no merge result holds a
+    numeric character at all). Digits sees the byte-mapped text, where the continuation bytes
+    0xB2, 0xB3, 0xB9, 0xBC-0xBE are the numeric characters ² ³ ¹ ¼ ½ ¾; the check uses those
+    same characters, so it covers them too."""
+    individual = digits.get("individual_digits", False)
+    for m in (tj.get("model") or {}).get("merges", []):
+        joined = m.replace(" ", "") if isinstance(m, str) else "".join(m)
+        kinds = {_numeric(c) for c in joined}
+        if (individual and True in kinds) or len(kinds) > 1:
+            return False
+    return True
+
+
+def chat_template(tokenizer_json: str | os.PathLike) -> tuple[str | list, bool]:
+    """(the template to embed, whether it is the model's own): tokenizer_config.json's
+    chat_template (a string, or transformers' list of {"name", "template"}), else
+    chat_template.jinja beside it, else falcon_mamba.tokenizer's fallback template."""
+    from falcon_mamba.tokenizer import FALLBACK_CHAT_TEMPLATE
+
+    folder = Path(tokenizer_json).parent
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            value = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise UserError(f"{tc}: not valid JSON ({e})") from None
+        if isinstance(value, str) and value:
+            return value, True
+        if isinstance(value, list) and value:
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in value):
+                raise UserError(f"{tc}: chat_template is a list but not of {{'name', 'template'}} objects")
+            return value, True
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8"), True
+    return FALLBACK_CHAT_TEMPLATE, False
 
 
 def vocab_metadata(tokenizer_json: str | os.PathLike, vocab_size: int,
@@ -136,18 +201,19 @@ def _to_gguf_array(hf_name: str, t: torch.Tensor) -> np.ndarray:
     return t.contiguous().cpu().numpy()
 
 
-def _storage_type(gguf_name: str, shape: tuple[int, ...], outtype: str):
+def _storage_type(gguf_name: str, shape: tuple[int, ...], outtype: str, head: bool = False):
+    """The GGML type of one tensor; ``head``: it is the output head (output, or the tied
+    token_embd)."""
     import gguf as G
 
-    F32, F16, Q8 = G.GGMLQuantizationType.F32, G.GGMLQuantizationType.F16, G.GGMLQuantizationType.Q8_0
+    Q = G.GGMLQuantizationType
     if len(shape) == 1 or not gguf_name.endswith(".weight") or "ssm_conv1d" in gguf_name:
-        return F32
-    if outtype == "f32":
-        return F32
-    if outtype == "f16":
-        return F16
-    block = G.GGML_QUANT_SIZES[Q8][0]
-    return Q8 if shape[-1] % block == 0 else F16  # q8_0 blocks run along rows of 32
+        return Q.F32
+    if outtype in ("f32", "f16", "bf16"):
+        return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}[outtype]
+    qtype = Q.Q8_0 if head and outtype in LOW_BIT else Q[outtype.upper()]
+    block = G.GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else Q.F16  # blocks run along rows of 32
 
 
 def _encode(arr: np.ndarray, qtype) -> np.ndarray:
@@ -185,9 +251,10 @@ def export_gguf(model_ref: str | os.PathLike, out: str | os.PathLike, outtype: s
                 name: str | None = None, progress: bool = False) -> Path:
     """Write the HF-format model folder ``model_ref`` as a GGUF file llama.cpp loads.
 
-    outtype: f32 | f16 | q8_0 (2-D weights; the rest is F32). tokenizer: a tokenizer.json (default:
-    the one in the model folder). Raises UserError for quantized folders (export the original),
-    shapes llama.cpp cannot take, and unknown outtypes.
+    outtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0 (2-D weights; the rest is F32).
+    tokenizer: a tokenizer.json (default: the one in the model folder); its folder's chat template
+    is embedded. Raises UserError for quantized folders (export the original), shapes llama.cpp
+    cannot take, and unknown outtypes.
     """
     import gguf as G
 
@@ -198,10 +265,12 @@ def export_gguf(model_ref: str | os.PathLike, out: str | os.PathLike, outtype: s
     folder = resolve_model_dir(model_ref)
     if (folder / "quantization.json").is_file():
         raise UserError(f"{folder} is a falcon-mamba quantized folder; export the original "
-                        "high-precision folder (use --outtype q8_0 for an 8-bit GGUF)")
+                        "high-precision folder (use --outtype q8_0 or q4_0 for an 8- or 4-bit GGUF)")
     config = ModelConfig.from_json_file(folder / "config.json")
     check_exportable(config)
-    vocab = vocab_metadata(tokenizer or folder / "tokenizer.json", config.vocab_size, tokenizer_pre)
+    tokenizer = Path(tokenizer or folder / "tokenizer.json")
+    vocab = vocab_metadata(tokenizer, config.vocab_size, tokenizer_pre)
+    template, _ = chat_template(tokenizer)
     shapes, get = _folder_tensors(folder)
     names = gguf_tensor_names(config)
     missing = sorted(set(names) - set(shapes))
@@ -218,8 +287,8 @@ def export_gguf(model_ref: str | os.PathLike, out: str | os.PathLike, outtype: s
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
     os.close(fd)
-    ftype = {"f32": G.LlamaFileType.ALL_F32, "f16": G.LlamaFileType.MOSTLY_F16,
-             "q8_0": G.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    ftype = (G.LlamaFileType.ALL_F32 if outtype == "f32"
+             else G.LlamaFileType[f"MOSTLY_{outtype.upper()}"])
     try:
         w = G.GGUFWriter(tmp, ARCH)
         w.add_name(name or folder.name)
@@ -246,6 +315,7 @@ def export_gguf(model_ref: str | os.PathLike, out: str | os.PathLike, outtype: s
             if tid is not None:
                 getattr(w, f"add_{key}_token_id")(tid)
         w.add_add_bos_token(False)  # as falcon-mamba's tokenizer.encode: no BOS unless asked
+        w.add_chat_template(template)
 
         # Pass 1 declares every tensor (name, shape, type, size); pass 2 streams the data.
         plan = []
@@ -253,7 +323,8 @@ def export_gguf(model_ref: str | os.PathLike, out: str | os.PathLike, outtype: s
             shape = shapes[hf]
             if hf.endswith("conv1d.weight"):
                 shape = (shape[0], shape[-1])
-            qtype = _storage_type(gg, shape, outtype)
+            head = gg == "output.weight" or (gg == "token_embd.weight" and config.tie_word_embeddings)
+            qtype = _storage_type(gg, shape, outtype, head)
             plan.append((hf, gg, shape, qtype))
             w.add_tensor_info(gg, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         w.write_header_to_file()

@@ -116,7 +116,8 @@ class Backbone(nn.Module):
 
 
 class FalconMamba(nn.Module):
-    """The causal LM. ``forward(input_ids, state=None) -> (logits, state)``."""
+    """The causal LM. ``forward(input_ids, state=None) -> (logits, state)``; ``hidden`` -> (lm_head's
+    input, state), for losses that apply the lm_head themselves."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -179,10 +180,13 @@ class FalconMamba(nn.Module):
     def new_state(self, batch_size: int) -> State:
         return State.zeros(self.config, batch_size, self.dtype, self.device)
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.backbone.norm_f(h)
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        """The fp32 residual stream (..., H) -> norm_f's output in the model dtype: lm_head's input."""
         # self.dtype, not lm_head.weight.dtype: a quantized lm_head has no dense weight.
-        return self.lm_head(h.to(self.dtype)).float()
+        return self.backbone.norm_f(h).to(self.dtype)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self._final(h)).float()
 
     def _fused_add_norm(self):
         """The Triton backend module when the residual add + block norm can be one kernel (CUDA,
@@ -204,6 +208,22 @@ class FalconMamba(nn.Module):
         state after the last token. ``state`` (from a previous call) is read, not modified.
         ``reset_BL`` (B, L) bool marks the first token of each new document in packed sequences
         (training): the state is dropped there, so no information crosses a document boundary."""
+        h, new_state = self._backbone(input_ids, state, reset_BL)
+        if last_only:
+            h = h[:, -1:]
+        return self._head(h), new_state
+
+    def hidden(self, input_ids: torch.Tensor, state: State | None = None,
+               reset_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """As forward, but -> lm_head's input (B, L, H) in the model dtype instead of the logits, so
+        that a loss can apply the lm_head itself (train/linear_ce.py) without (B, L, V) logits:
+        ``forward(ids)[0] == lm_head(hidden(ids)[0]).float()``."""
+        h, new_state = self._backbone(input_ids, state, reset_BL)
+        return self._final(h), new_state
+
+    def _backbone(self, input_ids: torch.Tensor, state: State | None,
+                  reset_BL: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        """input_ids (B, L) -> the residual stream after the last block (B, L, H) fp32, and the state."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         h = self.backbone.embeddings(input_ids)
@@ -227,10 +247,8 @@ class FalconMamba(nn.Module):
             ssms.append(ssm)
         if fused and out is not None:
             h = h + out  # the last layer's residual add
-        if last_only:
-            h = h[:, -1:]
         seen = (0 if state is None else state.tokens_seen) + input_ids.shape[1]
-        return self._head(h), State(self.config, torch.stack(convs), torch.stack(ssms), seen)
+        return h, State(self.config, torch.stack(convs), torch.stack(ssms), seen)
 
     @torch.no_grad()
     def step(self, token_ids_B: torch.Tensor, state: State) -> torch.Tensor:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from falcon_mamba import atomic
 from falcon_mamba.config import ModelConfig
 from falcon_mamba.errors import UserError
 
 _FORMAT = "falcon-mamba-state/1"
+# Values a state of a real run never reaches (they stay within a few thousand); larger ones
+# overflow float32 within a step and reach the sampler as inf/NaN.
+MAX_ABS_VALUE = 1e9
 
 
 @dataclass
@@ -81,27 +84,31 @@ class State:
         tensors = {"conv": self.conv.contiguous().cpu(), "ssm": self.ssm.contiguous().cpu()}
         meta = {"format": _FORMAT, "config": json.dumps(self.config.to_hf_dict(), sort_keys=True),
                 "tokens_seen": str(self.tokens_seen), "sha256": _digest(tensors)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        check_state_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.remove_stale_temps(path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot write the state file here ({e.strerror})") from None
+        tmp = atomic.temp_name_beside(path)
         try:
             save_file(tensors, tmp, metadata=meta)
-            os.chmod(tmp, _file_mode())  # safetensors writes 0600; a saved state is an ordinary file
+            os.chmod(tmp, atomic.file_mode())  # safetensors writes 0600; a saved state is an ordinary file
             os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise UserError(f"{path}: cannot write the state file ({e.strerror or e})") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
 
-def _file_mode() -> int:
-    """0666 minus the process umask, read without os.umask's set-and-restore (not thread-safe)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o644
+def check_state_path(path: str | os.PathLike, flag: str = "state file") -> Path:
+    """Fail now, before any work, when a state could not be saved at path: a folder, a path under
+    a file, or a folder this process cannot write."""
+    from falcon_mamba.outputs import check_output_file
+
+    return check_output_file(path, flag)
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -115,6 +122,22 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _check_header_shapes(path: Path, f, config: ModelConfig) -> None:
+    """Shapes and dtypes from the header, before any data is read: a header claiming a huge batch
+    must not make us allocate it."""
+    nL, K, D, N = (config.num_hidden_layers, config.conv_kernel, config.intermediate_size,
+                   config.state_size)
+    conv, ssm = f.get_slice("conv"), f.get_slice("ssm")
+    cs, ss = tuple(conv.get_shape()), tuple(ssm.get_shape())
+    if (len(cs) != 4 or len(ss) != 4 or cs[0] != nL or cs[2:] != (K - 1, D) or ss[0] != nL
+            or ss[2:] != (D, N) or cs[1] != ss[1] or cs[1] < 1):
+        raise UserError(f"{path}: this state does not fit the model (shapes {cs}, {ss}; the model "
+                        f"needs ({nL}, B, {K - 1}, {D}) and ({nL}, B, {D}, {N})); load it with the "
+                        "model that wrote it")
+    if ssm.get_dtype() != "F32" or conv.get_dtype() not in ("F32", "BF16", "F16"):
+        raise UserError(f"{path}: damaged state file (dtypes {conv.get_dtype()}, {ssm.get_dtype()})")
+
+
 def _config_key(config: ModelConfig) -> dict:
     # Only the fields that shape the state and its meaning; token ids and init ranges don't matter.
     d = config.to_hf_dict()
@@ -123,11 +146,15 @@ def _config_key(config: ModelConfig) -> dict:
 
 
 def load_state(path: str | os.PathLike, model_or_config, device: torch.device | str | None = None) -> State:
-    """Read a state written by State.save; it must come from a model with the same config."""
-    from safetensors import SafetensorError, safe_open
+    """Read a state written by State.save; it must come from a model with the same config. The
+    header (format, config, tensor names, shapes, dtypes) is checked before any data is read, the
+    data (checksum, finite, in range) before it is used: every problem is one UserError."""
+    from safetensors import safe_open
 
     config = getattr(model_or_config, "config", model_or_config)
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a state file")
     if not path.is_file():
         raise UserError(f"{path}: state file not found")
     try:
@@ -135,35 +162,33 @@ def load_state(path: str | os.PathLike, model_or_config, device: torch.device | 
             meta = f.metadata() or {}
             if meta.get("format") != _FORMAT:
                 raise UserError(f"{path}: not a falcon-mamba state file")
+            saved = _saved_config(path, meta)
+            if _config_key(saved) != _config_key(config):
+                raise UserError(f"{path}: this state was made by another model "
+                                f"({saved.model_type}, {saved.num_hidden_layers} layers, hidden "
+                                f"{saved.hidden_size}); load it with that model")
+            if sorted(f.keys()) != ["conv", "ssm"]:
+                raise UserError(f"{path}: damaged state file (tensors {sorted(f.keys())[:4]})")
+            _check_header_shapes(path, f, config)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"{path}: damaged state file ({e})") from None
-    try:
-        saved = ModelConfig.from_hf_dict(json.loads(meta["config"]), source=str(path))
-    except (KeyError, json.JSONDecodeError):
-        raise UserError(f"{path}: damaged state file (bad config header)") from None
-    if _config_key(saved) != _config_key(config):
-        raise UserError(f"{path}: this state was made by another model "
-                        f"({saved.model_type}, {saved.num_hidden_layers} layers, hidden "
-                        f"{saved.hidden_size}); load it with that model")
-    if set(tensors) != {"conv", "ssm"}:
-        raise UserError(f"{path}: damaged state file (tensors {sorted(tensors)})")
+    except UserError:
+        raise
+    except Exception as e:  # SafetensorError, OSError, ValueError...: not a readable file
+        raise UserError(f"{path}: damaged state file ({type(e).__name__}: {str(e)[:200]})") from None
     conv, ssm = tensors["conv"], tensors["ssm"]
-    nL, K, D, N = (config.num_hidden_layers, config.conv_kernel, config.intermediate_size,
-                   config.state_size)
-    if (conv.dim() != 4 or ssm.dim() != 4 or conv.shape[0] != nL or conv.shape[2:] != (K - 1, D)
-            or ssm.shape[0] != nL or ssm.shape[2:] != (D, N) or conv.shape[1] != ssm.shape[1]):
-        raise UserError(f"{path}: damaged state file (shapes {tuple(conv.shape)}, {tuple(ssm.shape)})")
     if "sha256" in meta and meta["sha256"] != _digest(tensors):
         raise UserError(f"{path}: damaged state file (checksum mismatch)")
     try:
         seen = int(meta.get("tokens_seen", "0"))
+        if not 0 <= seen < 1 << 63:
+            raise ValueError
     except ValueError:
         raise UserError(f"{path}: damaged state file (bad tokens_seen header)") from None
     if not (torch.isfinite(ssm).all() and torch.isfinite(conv.float()).all()):
         raise UserError(f"{path}: damaged state file (it holds NaN or infinite values)")
+    if ssm.abs().max() > MAX_ABS_VALUE or conv.float().abs().max() > MAX_ABS_VALUE:
+        raise UserError(f"{path}: damaged state file (values over {MAX_ABS_VALUE:g}, which no run "
+                        "produces and which overflow at the next token)")
     # Given a model, the state lands on its device with the conv state in its dtype, ready to use.
     model_dtype = getattr(model_or_config, "dtype", None)
     if device is None:
@@ -172,3 +197,13 @@ def load_state(path: str | os.PathLike, model_or_config, device: torch.device | 
         conv = conv.to(model_dtype)
     state = State(config, conv, ssm.float(), seen)
     return state.to(device) if device is not None else state
+
+
+def _saved_config(path: Path, meta: dict) -> ModelConfig:
+    try:
+        header = json.loads(meta["config"])
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+        return ModelConfig.from_hf_dict(header, source=str(path))
+    except (KeyError, ValueError, RecursionError):
+        raise UserError(f"{path}: damaged state file (bad config header)") from None

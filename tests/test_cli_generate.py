@@ -133,7 +133,7 @@ def _bad_inputs(tmp_path, model_dir):
         ([*m, "--prompt-file", tmp_path / "latin1.txt"], "not UTF-8"),
         ([*m, "hi", "--prompt-file", tmp_path / "latin1.txt"], "not both"),
         ([*m, "hi", "--temperature", -1], "temperature"),
-        ([*m, "hi", "--max-new-tokens", -5], "max_new_tokens"),
+        ([*m, "hi", "--max-new-tokens", -5], "--max-new-tokens"),
         ([*m, "hi", "--top-p", 0], "top_p"),
         ([*m, "hi", "--top-p", 1.5], "top_p"),
         ([*m, "hi", "--chunk-size", 0], "chunk-size"),

@@ -116,7 +116,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     good = tmp_path / "g.txt"
     good.write_text(make_text(3), encoding="utf-8")
     made = prepare([str(good)], tmp_path / "made", "bpe:300", log=lambda *a: None)
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="exists, is not empty"):
         prepare([str(good)], made, "bpe:300", log=lambda *a: None)
 
 

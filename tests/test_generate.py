@@ -199,26 +199,28 @@ def test_repetition_penalty_reduces_repeats(lm, tok):
 
 # ---- stops and streaming with a scripted model ----------------------------------------------------
 class ScriptedModel:
-    """Emits a fixed token sequence whatever the input (one row): for exact stop/UTF-8 tests."""
+    """Emits a fixed token sequence whatever the input (one row): for exact stop/UTF-8 tests. The
+    prompt's logits give script[0], the k-th decode step script[k]."""
 
     def __init__(self, script, vocab_size=65024):
         self.config = ModelConfig(hidden_size=8, num_hidden_layers=1, intermediate_size=8,
                                   vocab_size=vocab_size, state_size=2)
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.script = list(script)
+        self.k = 0
 
-    def _logits(self, k):
-        out = torch.zeros(1, self.config.vocab_size)
-        out[0, self.script[min(k, len(self.script) - 1)]] = 50.0
+    def _logits(self, k, rows=1):
+        out = torch.zeros(rows, self.config.vocab_size)
+        out[:, self.script[min(k, len(self.script) - 1)]] = 50.0
         return out
 
-    def __call__(self, ids, state=None, last_only=False):
-        new = State.zeros(self.config, ids.shape[0])  # tokens_seen counts generated tokens
-        return self._logits(0)[:, None], new
+    def __call__(self, ids, state=None, last_only=False, reset_BL=None):
+        self.k = 0
+        return self._logits(0, ids.shape[0])[:, None], State.zeros(self.config, ids.shape[0])
 
     def step(self, tokens, state):
-        state.tokens_seen += 1
-        return self._logits(state.tokens_seen)
+        self.k += 1
+        return self._logits(self.k, tokens.shape[0])
 
 
 TEXT = "日本語😀 and 🦙, héllo ✓ — done.<|endoftext|>after"

@@ -124,44 +124,65 @@ def test_metadata_and_vocab(tiny, tmp_path):
     assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (0, 11)
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+# Per outtype: the 2-D weights' type, and the largest error of a weight relative to the tensor's
+# largest magnitude: half a step of the format (a block's step is max/8 for q4_0, (max-min)/15 for
+# q4_1, ...), a whole step for q4_0 / q5_0, whose codes -8..7 (-16..15) fall one step short of
+# the block's largest magnitude when it is positive.
+TYPES = {"f32": ("F32", 0), "f16": ("F16", 1e-3), "bf16": ("BF16", 4e-3), "q8_0": ("Q8_0", 1e-2),
+         "q5_1": ("Q5_1", 4e-2), "q5_0": ("Q5_0", 7e-2), "q4_1": ("Q4_1", 8e-2), "q4_0": ("Q4_0", 0.13)}
+
+
+def values(ti):
+    """A tensor of the file as float32, in PyTorch's shape (ggml lists ne0 first)."""
+    name = ti.tensor_type.name
+    if name in ("F32", "F16"):
+        data = ti.data.view(np.float32 if name == "F32" else np.float16)
+    else:
+        size = gguf.GGML_QUANT_SIZES[ti.tensor_type][1]
+        data = gguf.quants.dequantize(ti.data.reshape(-1, size), ti.tensor_type)
+    return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(list(reversed(ti.shape)))
+
+
+@pytest.mark.parametrize("outtype", list(TYPES))
 def test_tensors(tiny, tmp_path, outtype):
     folder, model = tiny
     _, t = _read(export_gguf(folder, tmp_path / f"m-{outtype}.gguf", outtype=outtype))
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     assert len(t) == 3 + 10 * 2  # token_embd, output_norm, output, 10 per block
-    want_2d = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[outtype]
+    want_2d, tol = TYPES[outtype]
     assert t["token_embd.weight"].tensor_type.name == want_2d
+    assert t["blk.1.ssm_in.weight"].tensor_type.name == want_2d
+    # 4/5-bit files keep the head at 8 bits (llama-quantize: Q6_K, which gguf-py cannot write).
+    low_bit = outtype in ("q5_1", "q5_0", "q4_1", "q4_0")
+    assert t["output.weight"].tensor_type.name == ("Q8_0" if low_bit else want_2d)
     assert [int(x) for x in t["blk.1.ssm_in.weight"].shape] == [64, 256]  # ggml order: ne0 first
     assert [int(x) for x in t["blk.0.ssm_conv1d.weight"].shape] == [4, 128]
     assert [int(x) for x in t["blk.0.ssm_a"].shape] == [16, 128]
     for name in ("blk.0.ssm_a", "blk.0.ssm_d", "blk.0.ssm_conv1d.weight", "blk.0.ssm_dt.bias",
                  "blk.1.attn_norm.weight", "output_norm.weight"):
         assert t[name].tensor_type.name == "F32", name
-    # dt rank 4 is not a multiple of q8_0's 32-wide blocks: F16 there, as llama.cpp's converter does.
-    assert t["blk.0.ssm_dt.weight"].tensor_type.name == ("F16" if outtype == "q8_0" else want_2d)
+    # dt rank 4 is not a multiple of the 32-wide blocks: F16 there, as llama.cpp's quantizer does.
+    blocks = want_2d.startswith("Q")
+    assert t["blk.0.ssm_dt.weight"].tensor_type.name == ("F16" if blocks else want_2d)
 
-    def values(name):
-        ti = t[name]
-        if ti.tensor_type.name == "Q8_0":
-            data = gguf.quants.dequantize(ti.data.reshape(-1, 34), ti.tensor_type)
-        else:
-            data = ti.data.view(np.float32 if ti.tensor_type.name == "F32" else np.float16)
-        return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(list(reversed(ti.shape)))
-
-    tol = {"f32": 0, "f16": 1e-3, "q8_0": 1e-2}[outtype]
     pairs = {"token_embd.weight": sd["backbone.embeddings.weight"], "output.weight": sd["lm_head.weight"],
              "blk.1.ssm_x.weight": sd["backbone.layers.1.mixer.x_proj.weight"],
+             "blk.0.ssm_in.weight": sd["backbone.layers.0.mixer.in_proj.weight"],
              "blk.0.ssm_out.weight": sd["backbone.layers.0.mixer.out_proj.weight"],
              "blk.0.ssm_a": -torch.exp(sd["backbone.layers.0.mixer.A_log"]),
              "blk.0.ssm_conv1d.weight": sd["backbone.layers.0.mixer.conv1d.weight"][:, 0],
              "blk.1.ssm_d": sd["backbone.layers.1.mixer.D"],
              "blk.1.ssm_dt.bias": sd["backbone.layers.1.mixer.dt_proj.bias"]}
     for name, want in pairs.items():
-        got = values(name)
+        got = values(t[name])
         scale = want.abs().max().item()
+        bound = TYPES["q8_0"][1] if name == "output.weight" and low_bit else tol
+        bound = 0 if t[name].tensor_type.name == "F32" else bound
         assert got.shape == want.shape, name
-        assert (got - want).abs().max().item() <= tol * scale + 1e-7, name
+        err = (got - want).abs().max().item()
+        assert err <= bound * scale + 1e-7, (name, err / scale)
+        if bound:  # the rounding is there (a wrong tensor would fail the bound)
+            assert err > 0, name
 
 
 def test_tied_mamba_model_has_no_output_and_no_bcdt_norms(tmp_path):
@@ -180,7 +201,8 @@ def test_bad_input(tiny, tmp_path, capsys):
         export_gguf(folder, tmp_path / "x.gguf", outtype="q4_k")
     assert main(["convert", "--model", str(folder), "--to", "gguf", "--outtype", "bf8",
                  "--out", str(tmp_path / "x.gguf")]) == 2
-    assert "unknown GGUF outtype 'bf8'; choose one of f32, f16, q8_0" in capsys.readouterr().err
+    assert ("unknown GGUF outtype 'bf8'; choose one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"
+            in capsys.readouterr().err)
     assert main(["convert", "--model", str(folder), "--to", "onnx", "--out", str(tmp_path / "x")]) == 2
     assert "unknown target format" in capsys.readouterr().err
     from falcon_mamba.quant import quantize_model, save_quantized
@@ -199,3 +221,99 @@ def test_cli_convert(tiny, tmp_path, capsys):
     assert "q8_0" in capsys.readouterr().out
     f, _ = _read(tmp_path / "m.gguf")
     assert f["general.file_type"] == 7  # MOSTLY_Q8_0
+
+
+def _with_tokenizer_files(src, dst, **files):
+    """A copy of the model folder src at dst with extra/replaced tokenizer files."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name, text in files.items():
+        (dst / name.replace("__", ".")).write_text(text, encoding="utf-8")
+    return dst
+
+
+def test_chat_template_written(tiny, tmp_path):
+    """tokenizer.chat_template: the model's own template in each of the layouts transformers
+    writes; the fallback `falcon-mamba chat` uses when there is none."""
+    from falcon_mamba.tokenizer import FALLBACK_CHAT_TEMPLATE
+
+    folder, _ = tiny
+    own = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    tool = "{{ tools }}" + own
+    cases = {
+        "string": ({"tokenizer_config__json": json.dumps({"chat_template": own})}, {"": own}),
+        "list": ({"tokenizer_config__json": json.dumps({"chat_template": [
+            {"name": "default", "template": own}, {"name": "tool_use", "template": tool}]})},
+                 {"": own, ".tool_use": tool, "s": ["tool_use"]}),  # + tokenizer.chat_templates
+        "jinja": ({"chat_template__jinja": own, "tokenizer_config__json": "{}"}, {"": own}),
+        "none": ({"tokenizer_config__json": "{}"}, {"": FALLBACK_CHAT_TEMPLATE}),
+    }
+    for case, (files, want) in cases.items():
+        m = _with_tokenizer_files(folder, tmp_path / case, **files)
+        f, _ = _read(export_gguf(m, tmp_path / f"{case}.gguf", outtype="f16"))
+        got = {k.removeprefix("tokenizer.chat_template"): v for k, v in f.items()
+               if k.startswith("tokenizer.chat_template")}
+        assert got == want, case
+
+
+def test_embedded_default_model_exports(tmp_path, capsys):
+    """The embedded model (our own 8k BPE: byte-level + Digits) exports with llama.cpp's "gpt-2"
+    pre-tokenizer; `convert` takes it when --model is left out."""
+    from falcon_mamba import default_model
+
+    out = tmp_path / "default-q4_0.gguf"
+    assert main(["convert", "--to", "gguf", "--outtype", "q4_0", "--out", str(out)]) == 0
+    assert "q4_0" in capsys.readouterr().out
+    f, t = _read(out)
+    cfg = fm.load_model(default_model.path()).config
+    assert f["tokenizer.ggml.pre"] == "gpt-2" and len(f["tokenizer.ggml.tokens"]) == cfg.vocab_size == 8192
+    assert f["general.file_type"] == 2  # MOSTLY_Q4_0
+    assert len(t) == 3 + 10 * cfg.num_hidden_layers
+    assert t["blk.3.ssm_in.weight"].tensor_type.name == "Q4_0"
+    assert t["output.weight"].tensor_type.name == "Q8_0"
+
+
+TRICKY = ("Call 555-0199 or 2024/12/01 at 10:30, pay $1,234.56 (12% off) x²+y³=z¹, ¼ ½ ¾ cups; "
+          "日本語のテキスト 中文 한국어 — naïve café «quote» 🚀🎉 ٣٤٥ ४५६\n\tdef f(x1, y22):\n"
+          "    return x1**2 + 0x1F  # v1.2.3-rc4\n\n\n  spaces   and\ttabs 007 Agent 99 ")
+
+
+def test_own_bpe_maps_exactly_to_gpt2_pre_tokenizer():
+    """A byte-level BPE trained with a Digits pre-tokenizer after ByteLevel (falcon_mamba.data.bpe)
+    tokenizes exactly as with GPT-2's split alone, which is what llama.cpp's "gpt-2" runs: the
+    Digits cuts are implied by the merges (gguf._digits_split_is_implied). Checked on the
+    embedded model's tokenizer over text full of digits, numeric Latin-1 characters (² ¼ ...,
+    whose UTF-8 bytes Digits also cuts at), other scripts and whitespace."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from falcon_mamba import default_model
+    from tests.test_data import make_text
+
+    path = str(default_model.path() / "tokenizer.json")
+    ours = Tokenizer.from_file(path)
+    gpt2 = Tokenizer.from_file(path)
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    corpus = (TRICKY + "".join(make_text(s, 40) for s in range(3))
+              + " ".join(str(n) for n in range(0, 3000, 7)))
+    # The two pre-tokenizers do cut differently, so the equality below is the merges' doing.
+    assert ours.pre_tokenizer.pre_tokenize_str(TRICKY) != gpt2.pre_tokenizer.pre_tokenize_str(TRICKY)
+    for text in [corpus] + corpus.split("\n"):
+        want = ours.encode(text, add_special_tokens=False).ids
+        assert gpt2.encode(text, add_special_tokens=False).ids == want, text
+
+
+def test_digits_mapping_refused_when_merges_cross_digits(tmp_path):
+    """A byte-level + Digits tokenizer whose merges join a digit to a letter (it was not trained
+    with the Digits split) cannot be named "gpt-2": a clear error, not a silently different
+    tokenization."""
+    from falcon_mamba import default_model
+    from falcon_mamba.gguf import vocab_metadata
+
+    tj = json.loads((default_model.path() / "tokenizer.json").read_text(encoding="utf-8"))
+    assert vocab_metadata(default_model.path() / "tokenizer.json", 8192)["pre"] == "gpt-2"
+    tj["model"]["merges"].append(["a", "1"])
+    tj["model"]["vocab"]["a1"] = 8191  # reuse the last id: the vocab size stays
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    with pytest.raises(UserError, match="ByteLevel \\+ Digits"):
+        vocab_metadata(tmp_path / "tokenizer.json", 8192)

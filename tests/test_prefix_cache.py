@@ -61,8 +61,12 @@ def test_lru_within_byte_budget(rng):
 
 
 def test_spill_to_disk_and_back(rng, tmp_path):
-    d = tmp_path / "spill"
-    c = PrefixCache(int(1.5 * entry_bytes(2)), spill_dir=d, max_disk_bytes=10**6)
+    user = tmp_path / "spill"
+    user.mkdir()
+    (user / "notes.txt").write_text("the user's own file")
+    c = PrefixCache(int(1.5 * entry_bytes(2)), spill_dir=user, max_disk_bytes=10**6)
+    d = c.spill_dir  # a private subfolder: the user's folder is never emptied
+    assert d.parent == user and d.name.startswith("falcon-mamba-spill.")
     s1, s2, s3 = rand_state(rng), rand_state(rng), rand_state(rng)
     keep1 = s1.clone()
     c.put([1, 1], s1)
@@ -78,6 +82,24 @@ def test_spill_to_disk_and_back(rng, tmp_path):
     assert c.lookup([2, 2, 0]) is None and c.lookup([1, 1, 0])[0] == 2
     c.close()
     assert not d.exists()
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+def test_stale_spill_folders_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"falcon-mamba-spill.{dead}.abc123.tmp"
+    stale.mkdir()
+    (stale / "state-1.safetensors").write_bytes(b"x")
+    other = tmp_path / "falcon-mamba-spill.keep"  # not our pattern: left alone
+    other.mkdir()
+    c = PrefixCache(1 << 20, spill_dir=tmp_path, max_disk_bytes=1 << 20)
+    assert not stale.exists() and other.exists()
+    c.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["falcon-mamba-spill.keep"]
 
 
 def test_concurrent_put_and_lookup(rng):
@@ -156,8 +178,9 @@ def test_next_turn_reads_only_new_tokens(engines, rng):
     # The next turn: everything so far (the answer included) plus a new message.
     turn2 = turn1 + o1["ids"] + torch.randint(0, CFG.vocab_size, (6,), generator=rng).tolist()
     r2, o2 = _serve(cached, turn2, p)
-    # The state after the answer has read turn1 and all answer tokens but the last.
-    assert r2.num_cached == len(turn1) + len(o1["ids"]) - 1
+    # The state after the answer has read turn1 and every answer token: the decode step after the
+    # last token was already running when the engine saw the answer end (engine.py), and fed it.
+    assert r2.num_cached == len(turn1) + len(o1["ids"])
     _, ref = _serve(plain, turn2, p)
     got_lp = torch.tensor([x.logprob for x in o2["lp"]])
     ref_lp = torch.tensor([x.logprob for x in ref["lp"]])

@@ -74,9 +74,9 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 5e-2), torch.float16:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64), (4, 128)])
 def test_cuda_qlinear_matches_dequantized(rng, monkeypatch, dtype, bits, group):
-    from falcon_mamba.quant import QuantLinear
+    from falcon_mamba.quant import QuantLinear, triton_qmm
 
-    monkeypatch.setenv("FALCON_MAMBA_QMM_TUNE", "0")  # the default configs; tuning is tested below
+    monkeypatch.setitem(triton_qmm._settings, "tune", False)  # the default configs; tuning is tested below
     for N, K in [(288, 8192), (8192, 256), (1000, 300), (4096, 4096)]:
         lin = torch.nn.Linear(K, N, bias=False)
         with torch.no_grad():
@@ -92,9 +92,12 @@ def test_cuda_qlinear_matches_dequantized(rng, monkeypatch, dtype, bits, group):
 
 
 @pytest.mark.cuda
-def test_cuda_tuning_picks_a_config_and_keeps_results(rng):
+def test_cuda_tuning_picks_a_config_and_keeps_results(rng, tmp_path, monkeypatch):
+    from falcon_mamba.decode import tuning
     from falcon_mamba.quant import formats
     from falcon_mamba.quant import triton_qmm as T
+
+    monkeypatch.setitem(T._settings, "cache_dir", tmp_path)
 
     w = torch.randn(4096, 1024, generator=rng)
     t = {k: v.cuda() for k, v in formats.quantize_weight(w, 4, 128).items()}
@@ -112,6 +115,12 @@ def test_cuda_tuning_picks_a_config_and_keeps_results(rng):
         w_ref = deq if M == 1 else deq.to(x.dtype).float()
         assert_close(y, x.float() @ w_ref.T, 3e-2, 5e-2, f"tuned M={M} {cfg}")
         assert torch.equal(y, y2)
+        # kept on disk: a new process (here: an empty in-memory table) reads it back
+        (key,) = T._tuned
+        assert tuning.load(tmp_path, x.device, T._disk_key(key))["config"] == list(cfg)
+        T._tuned.clear()
+        T.qmatmul(x, t["qweight"], t["scales"], t["zeros"], 4, 128, 1024)
+        assert T._tuned[key] == cfg
 
 
 @pytest.mark.cuda

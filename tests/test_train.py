@@ -4,9 +4,11 @@ checkpoints (resume, kill mid-save, config mismatch) and export."""
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 import falcon_mamba as fm
 from falcon_mamba.errors import UserError
 from falcon_mamba.train import apply_overrides, get_recipe, train
-from falcon_mamba.train.checkpoint import load_checkpoint
+from falcon_mamba.train.checkpoint import load_checkpoint, read_tensors
 from falcon_mamba.train.metrics import read_metrics
 from falcon_mamba.train.objective import LMObjective
 from falcon_mamba.train.optim import param_groups
@@ -228,47 +230,104 @@ def test_resume_refuses_another_config(data_dir, tmp_path):
           log=lambda *a: None)
 
 
+def _read_lines(stream, q: queue.Queue) -> None:
+    for line in stream:
+        q.put(line)
+
+
 def test_a_run_killed_mid_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    """Two processes (torchrun, FSDP2) each write their shards of the step-4 save and are killed
+    before it commits: step 2 (saved by one process) stays the latest, intact; a one-process resume
+    removes the half-written folder and finishes."""
     run = tmp_path / "run"
     cfg = tiny_cfg(steps=4, save_every=2)
     train(cfg, data_dir, run, stop_at=2, progress=False, log=lambda *a: None)
     before = load_checkpoint(run)
-    assert before["step"] == 2
+    assert before["step"] == 2 and before["world_size"] == 1
     sets = [f"--set={k}={v}" for k, v in {
         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 2,
         "model.state_size": 4, "seq_len": 24, "global_batch": 4, "micro_batch": 2, "warmup_steps": 2,
-        "lr": 3e-3, "eval_tokens": 256, "save_every": 2}.items()]
-    env = dict(os.environ, FALCON_MAMBA_TEST_PAUSE_SAVE_AFTER_BYTES="2000", OMP_NUM_THREADS="1",
+        "lr": 3e-3, "eval_tokens": 256, "save_every": 2, "parallel": "fsdp"}.items()]
+    env = dict(os.environ, FALCON_MAMBA_TEST_PAUSE_SAVE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "falcon_mamba", "train", "--preset", "tiny", "--data",
-                             str(data_dir), "--out", str(run), "--steps", "4", "--resume", "--no-progress",
-                             *sets], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "falcon_mamba", "train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run),
+           "--steps", "4", "--resume", "--no-progress", *sets]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stderr, lines), daemon=True).start()
+    pids, seen = [], []
     try:
-        deadline = time.time() + 90
-        line = ""
-        while "save paused" not in line and time.time() < deadline and proc.poll() is None:
-            line = proc.stderr.readline()
-        assert "save paused" in line, f"the save hook never fired (rc {proc.poll()})"
-        temps = list(run.glob("checkpoint.pt.tmp-*"))
-        assert temps and temps[0].stat().st_size > 0  # killed with a half-written temp file
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        deadline = time.time() + 120
+        while len(pids) < 2 and time.time() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                if proc.poll() is not None:
+                    break
+                continue
+            seen.append(line)
+            if "save paused" in line:
+                pids.append(int(line.split("pid")[-1]))
+        assert len(pids) == 2, f"the save hook did not fire on both ranks (rc {proc.poll()}): {seen[-20:]}"
+        tmp = run / "checkpoints" / "step-00000004.tmp"
+        shards = sorted(p.name for p in tmp.iterdir())
+        assert shards == ["__0_0.distcp", "__1_0.distcp"], shards  # each rank wrote its own; no metadata
+        assert all((tmp / s).stat().st_size > 0 for s in shards)
+        for pid in pids:  # both ranks die mid-save (torchrun's workers run in their own sessions)
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
     after = load_checkpoint(run)  # intact, and still the previous one
-    assert after["step"] == 2
+    assert after["step"] == 2 and (run / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     for k, v in before["model"].items():
         assert torch.equal(v, after["model"][k])
     res = train(cfg, data_dir, run, resume=True, progress=False, log=lambda *a: None)
     assert res.steps == 4 and load_checkpoint(run)["step"] == 4
-    assert not list(run.glob("checkpoint.pt.tmp-*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000004"]
 
 
-def test_damaged_checkpoint_is_a_clear_error(tmp_path):
-    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+def test_keeps_the_newest_checkpoints(data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(tiny_cfg(steps=4, save_every=1, keep_checkpoints=2), data_dir, run, progress=False, export=False,
+          log=lambda *a: None)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000003",
+                                                                       "step-00000004"]
+    assert load_checkpoint(run / "checkpoints" / "step-00000003")["step"] == 3
+
+
+def test_prune_keeps_what_latest_leads_to(tmp_path):
+    """A run killed between the rename and the pointer leaves step-N past `latest`; one killed
+    mid-write leaves step-N.tmp: neither survives, nor checkpoints older than the newest `keep`."""
+    from falcon_mamba.train.checkpoint import prune
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000001", "step-00000002", "step-00000003", "step-00000004", "step-00000004.tmp"):
+        (root / name).mkdir(parents=True)
+    (root / "latest").write_text("step-00000003\n")
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    prune(tmp_path, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003"]
+
+
+def test_damaged_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(tiny_cfg(steps=1), data_dir, run, progress=False, export=False, log=lambda *a: None)
+    (run / "checkpoints" / "step-00000001" / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(UserError, match="not a readable training checkpoint"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(run)
+    (run / "checkpoints" / "latest").write_text("step-00000009\n")
+    with pytest.raises(UserError, match="not a complete checkpoint folder"):
+        train(tiny_cfg(steps=2), data_dir, run, resume=True, progress=False, log=lambda *a: None)
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="single-file format"):
+        train(tiny_cfg(steps=2), data_dir, legacy, resume=True, progress=False, log=lambda *a: None)
 
 
 def test_activation_checkpointing_gives_the_same_step(data_dir, tmp_path):
@@ -330,4 +389,7 @@ def test_bf16_autocast_keeps_fp32_master_weights(data_dir, tmp_path):
     assert math.isfinite(res.train_loss)
     payload = load_checkpoint(tmp_path / "r")
     assert all(v.dtype == torch.float32 for v in payload["model"].values())
-    assert all(s["exp_avg"].dtype == torch.float32 for s in payload["optimizer"]["state"].values())
+    moments = {k: v for k, v in read_tensors(tmp_path / "r", "optim.state.").items()
+               if k.endswith(("exp_avg", "exp_avg_sq"))}
+    assert len(moments) == 2 * len(payload["model"])
+    assert all(v.dtype == torch.float32 for v in moments.values())

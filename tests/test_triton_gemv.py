@@ -1,5 +1,5 @@
-"""The batch-1 GEMV kernels (ops/triton_gemv.py) against torch math, and the fused decode step
-(decode_graph.fast_step(fused=True)) against model.step. Interpreter on CPU; cuda-marked 7B shapes."""
+"""The batch-1 GEMV kernels (ops/triton_gemv.py) against torch math, and the decode step's GEMV
+modes (decode/step.py fast_step) against model.step. Interpreter on CPU; cuda-marked 7B shapes."""
 
 import os
 
@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from falcon_mamba import FalconMamba, get_preset  # noqa: E402
-from falcon_mamba.decode_step import fast_step, fused_supported  # noqa: E402
+from falcon_mamba.decode.step import fast_step  # noqa: E402
 from falcon_mamba.ops import fused_reference, reference  # noqa: E402
 from falcon_mamba.ops.triton_gemv import GemvConfig, GemvWeight, fused_gemv  # noqa: E402
 from falcon_mamba.quant import quantize_model  # noqa: E402
@@ -250,9 +250,9 @@ def _check_step_mode(preset, quant, rng, conv_patch=None, **mode):
 
 @pytest.mark.parametrize("preset,quant", [("tiny-odd", None), ("tiny-mamba", None), ("tiny-odd", (8, None)),
                                           ("tiny-mamba", (4, 32))])
-def test_fused_fast_step_matches_model_step(preset, quant, rng):
-    model = _check_step_mode(preset, quant, rng, fused=True)
-    assert fused_supported(model)
+def test_gemv_fast_step_matches_model_step(preset, quant, rng):
+    """The "triton" mode (every batch-1 projection by the Triton GEMV) vs model.step."""
+    _check_step_mode(preset, quant, rng, gemv=True)
 
 
 @pytest.mark.parametrize("preset,quant", [("tiny-odd", None), ("tiny-mamba", None), ("tiny-odd", (8, None)),
@@ -260,22 +260,10 @@ def test_fused_fast_step_matches_model_step(preset, quant, rng):
 def test_conv_folded_fast_step_matches_model_step(preset, quant, rng, monkeypatch):
     """The "triton_gemv_cx" mode (conv step inside x_proj's GEMV and the SSM kernel) vs model.step;
     the conv_step op is never called."""
-    from falcon_mamba.decode_step import conv_fold_supported
+    from falcon_mamba.decode.step import conv_fold_supported
 
     model = _check_step_mode(preset, quant, rng, conv_patch=monkeypatch, gemv=True, conv_fold=True)
     assert conv_fold_supported(model)
-
-
-def test_fused_mode_env_rejects_unsupported(monkeypatch):
-    from falcon_mamba.decode_graph import GraphDecoder
-    from falcon_mamba.errors import UserError
-
-    model = _model("tiny")
-    model.backbone.layers[0].mixer.out_proj.bias = torch.nn.Parameter(torch.zeros(64, device=DEV))
-    assert not fused_supported(model)
-    monkeypatch.setenv("FALCON_MAMBA_GEMV", "fused")
-    with pytest.raises(UserError, match="fused"):
-        GraphDecoder(model, use_graph=False).slot(1)
 
 
 # ---- GPU: 7B shapes -------------------------------------------------------------------------------
@@ -334,19 +322,18 @@ def default_config_for(fmt):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("quant,forced,mode", [
-    *[(q, f, m) for q in (None, (8, None), (4, 128))
-      for f, m in (("triton_cx", "triton_gemv_cx"), ("triton", "triton_gemv"))],
-    ((4, 128), "triton_xp", "triton_gemv_xp")])
-def test_gemv_modes_step_7b_widths_cuda(quant, forced, mode, rng, monkeypatch):
+@pytest.mark.parametrize("quant,mode", [
+    *[(q, m) for q in (None, (8, None), (4, 128)) for m in ("triton_cx", "triton")],
+    ((4, 128), "triton_xp")])
+def test_gemv_modes_step_7b_widths_cuda(quant, mode, rng):
     """The GEMV decode modes at the 7B's hidden/inner widths (2 layers, small vocab, bf16), graphed,
     against model.step over several steps: with int4 g128 the packed kernel runs in_proj (with the
     conv step as its epilogue in triton_gemv mode; and x_proj as more programs of that launch in
     triton_gemv_xp mode) and out_proj, reading the pair layout written by the norm and SSM kernels."""
     from falcon_mamba.config import ModelConfig
-    from falcon_mamba.decode_graph import GraphDecoder
+    from falcon_mamba.decode.modes import DecodeOptions
+    from tests.test_decode_graphs import PoolStepper
 
-    monkeypatch.setenv("FALCON_MAMBA_GEMV", forced)
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=4096, intermediate_size=8192, num_hidden_layers=2, vocab_size=4096,
                       time_step_rank=256)
@@ -354,17 +341,18 @@ def test_gemv_modes_step_7b_widths_cuda(quant, forced, mode, rng, monkeypatch):
         model = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
     if quant is not None:
         quantize_model(model, bits=quant[0], group_size=quant[1])
-    dec = GraphDecoder(model)
     ids = torch.randint(0, cfg.vocab_size, (1, 5), generator=rng).cuda()
     with torch.no_grad():
         _, state = model(ids)
+    dec = PoolStepper(model, state, DecodeOptions(mode=mode))
     twin = state.clone()
     tok = torch.randint(0, cfg.vocab_size, (1,), generator=rng).cuda()
     for _ in range(4):
-        logits = dec.step(tok, state)
+        logits = dec.step(tok)
         ref = model.step(tok, twin)
         assert_close(logits, ref, 3e-2, 5e-2, f"{mode} logits {quant}")
         tok = ref.argmax(-1)
-    assert dec.slot(1).mode == mode
-    assert_close(state.conv, twin.conv, 3e-2, 5e-2, "conv state")
-    assert_close(state.ssm, twin.ssm, 3e-2, 5e-2, "ssm state")
+    assert dec.graphs.batch1_choice()[0].name == mode and dec.graphs.use_graphs
+    got = dec.state()
+    assert_close(got.conv, twin.conv, 3e-2, 5e-2, "conv state")
+    assert_close(got.ssm, twin.ssm, 3e-2, 5e-2, "ssm state")

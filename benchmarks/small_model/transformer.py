@@ -126,6 +126,10 @@ class TransformerLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, reset_BL: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) -> logits (B, L, V) fp32."""
+        return self.lm_head(self.hidden(input_ids, reset_BL)).float()
+
+    def hidden(self, input_ids: torch.Tensor, reset_BL: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) -> lm_head's input (B, L, H), for the fused loss (as FalconMamba.hidden)."""
         B, L = input_ids.shape
         idx = torch.arange(L, device=input_ids.device).expand(B, L)
         if reset_BL is None:
@@ -139,4 +143,4 @@ class TransformerLM(nn.Module):
         x = self.embeddings(input_ids)
         for blk in self.layers:
             x = blk(x, pos, mask)
-        return self.lm_head(self.norm_f(x)).float()
+        return self.norm_f(x)

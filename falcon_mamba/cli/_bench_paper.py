@@ -121,13 +121,13 @@ def curve_ours(model, device, positions, n_tokens, chunk: int, deadline: float, 
     """Decode speed and peak memory at each position, ours (graphed greedy decode, batch 1)."""
     V = model.config.vocab_size
     use_graph = device.type == "cuda"
-    from falcon_mamba.decode_graph import GraphDecoder
+    from falcon_mamba.decode.loop import KernelLoop
 
     state = model.new_state(1)
     tok = torch.randint(0, V, (1,), device=device)
     if use_graph:
-        dec = GraphDecoder(model)
-        dec.greedy(tok, state, 2)  # capture
+        loop = KernelLoop(model, 1)
+        loop.run(2)  # capture
     pos = state.tokens_seen
     points = []
     for P, n in zip(positions, n_tokens):
@@ -143,7 +143,10 @@ def curve_ours(model, device, positions, n_tokens, chunk: int, deadline: float, 
         reset_peak(device)
         t0 = time.perf_counter()
         if use_graph:
-            dec.greedy(tok, state, n)
+            loop.load(state, tok)
+            loop.run(n)
+            state = loop.pool.read(0)  # the state the decode advanced, for the next prefill
+            state.tokens_seen = pos + n
         else:
             with torch.no_grad():
                 t_ = tok

@@ -43,37 +43,50 @@ def prefill_ceiling(config, matmul_rate: float | None) -> float | None:
 # ---- ours ------------------------------------------------------------------------------------
 
 def decode_ours(model, batch: int, n_tokens: int, device: torch.device, graphs: bool = True) -> dict:
-    """Greedy decode of n_tokens per row from an empty state: tokens/s over all rows."""
-    V = model.config.vocab_size
-    state = model.new_state(batch)
-    tok = torch.randint(0, V, (batch,), device=device)
-    if device.type == "cuda":
-        from falcon_mamba.decode_graph import GraphDecoder
+    """The kernel loop (decode/loop.py): n_tokens greedy steps per row from an empty state, back to
+    back: tokens/s over all rows."""
+    from falcon_mamba.decode.loop import KernelLoop
+    from falcon_mamba.decode.modes import DecodeOptions
 
-        dec = GraphDecoder(model, use_graph=graphs)
-        t0 = time.perf_counter()
-        dec.greedy(tok, state, 3)  # capture the graph, compile the kernels
-        sync(device)
-        setup = time.perf_counter() - t0
-        reset_peak(device)
-        t0 = time.perf_counter()
-        out = dec.greedy(tok, state, n_tokens)
-        sync(device)
-        dt = time.perf_counter() - t0
-        assert out.shape == (batch, n_tokens)
-        slot = dec.slot(batch)
-        return {"batch": batch, "tokens": n_tokens, "seconds": dt, "tok_per_s": batch * n_tokens / dt,
-                "setup_s": setup, "peak_gib": peak_bytes(device) / 2 ** 30, "graphs": graphs,
-                "mode": slot.mode, "pdl": slot.pdl, "autotune_ms_per_step": slot.timings,
-                "autotune_errors": slot.errors}
-    with torch.no_grad():
-        model.step(tok, state)
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            tok = model.step(tok, state).argmax(-1)
-        dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loop = KernelLoop(model, batch, DecodeOptions(cuda_graphs=graphs))
+    loop.run(3)  # capture the graph, compile the kernels (and time the batch-1 modes)
+    sync(device)
+    setup = time.perf_counter() - t0
+    reset_peak(device)
+    t0 = time.perf_counter()
+    out = loop.run(n_tokens)
+    sync(device)
+    dt = time.perf_counter() - t0
+    assert out.shape == (batch, n_tokens)
     return {"batch": batch, "tokens": n_tokens, "seconds": dt, "tok_per_s": batch * n_tokens / dt,
-            "graphs": False}
+            "setup_s": setup, "peak_gib": peak_bytes(device) / 2 ** 30, **loop.mode}
+
+
+def generate_ours(model, tokenizer, batch: int, n_tokens: int, device: torch.device, sampled: bool) -> dict:
+    """fm.generate() on `batch` prompts of 16 random tokens, n_tokens each (EOS ignored), after a
+    warm-up call of the same shape (so the figure is a warm process's, as a server's is):
+    decode tok/s (from each row's first token to its last) and wall tok/s (the whole call)."""
+    from falcon_mamba.generate import generate
+
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, V, (16,), generator=g).tolist() for _ in range(batch)]
+    kw = dict(max_new_tokens=n_tokens, ignore_eos=True, seed=1, details=True)
+    kw.update(temperature=0.8, top_p=0.95) if sampled else kw.update(temperature=0.0)
+    generate(model, tokenizer, prompts, **{**kw, "max_new_tokens": 4})  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    res = generate(model, tokenizer, prompts, **kw)
+    sync(device)
+    wall = time.perf_counter() - t0
+    decode_s = max(r.decode_seconds for r in res)
+    n = sum(len(r.token_ids) for r in res)
+    assert n == batch * n_tokens, n
+    return {"batch": batch, "tokens": n_tokens, "sampled": sampled,
+            "sampling": "temperature 0.8, top_p 0.95" if sampled else "greedy",
+            "decode_tok_per_s": (n - batch) / decode_s if decode_s > 0 else None,
+            "wall_tok_per_s": n / wall, "wall_s": wall}
 
 
 def prefill_ours(model, length: int, device: torch.device, reps: int = 3) -> dict:

@@ -1,7 +1,9 @@
 """`falcon-mamba bench`: speed and memory on this GPU, ours against transformers, with plots.
 
 Parts (any of them; default decode prefill):
-  decode      graphed greedy decode at each --decode-batches, and transformers' generate
+  decode      the kernel loop (graphed greedy steps back to back) at each --decode-batches;
+              fm.generate() greedy and sampled at the same batches (needs --tokenizer); and
+              transformers' generate
   prefill     parallel prefill at --prefill-lengths (ours, Mistral-7B-shaped transformer) and
               transformers' FalconMamba at --hf-prefill-length (its prefill is a Python loop)
   chunked     a --long-prompt prompt (1M) prefilled in --chunk chunks, under the memory cap
@@ -39,6 +41,10 @@ def add_arguments(p) -> None:
                    help="tiny transformer baseline (CPU smoke runs)")
     p.add_argument("--decode-batches", type=_ints, default=[1, 64])
     p.add_argument("--decode-tokens", type=int, default=512)
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a tokenizer of the preset's vocabulary (e.g. the Falcon tokenizer's folder): "
+                        "adds fm.generate() rows to the decode part")
+    p.add_argument("--generate-tokens", type=int, default=256, help="tokens per row of the generate() rows")
     p.add_argument("--hf-decode-tokens", type=int, default=8)
     p.add_argument("--prefill-lengths", type=_ints, default=[2048, 16384])
     p.add_argument("--hf-prefill-length", type=int, default=1024)
@@ -108,6 +114,13 @@ def run(args) -> int:
                 rows.append(speed.decode_ours(model, 1, min(32, args.decode_tokens), device, graphs=False))
             return rows
         section(raw, "decode_ours", dec, log)
+        if args.tokenizer:
+            from falcon_mamba.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(args.tokenizer)
+            section(raw, "generate_ours", lambda: [
+                speed.generate_ours(model, tok, b, args.generate_tokens, device, sampled)
+                for b in args.decode_batches for sampled in (False, True)], log)
     if "prefill" in parts:
         section(raw, "prefill_ours", lambda: [speed.prefill_ours(model, n, device)
                                               for n in args.prefill_lengths], log)
@@ -210,6 +223,12 @@ def _assemble(res, raw, config, args, copy_bw, mm_rate, speed) -> None:
             name = system if r.get("graphs", True) or system != "ours" else "ours (no graphs)"
             rows.append({"system": name, "batch": r["batch"], "tok_per_s": r["tok_per_s"],
                          "ceiling_tok_per_s": c, "fraction_of_ceiling": _frac(r["tok_per_s"], c)})
+    for r in raw.get("generate_ours") if ok("generate_ours") else []:
+        c = speed.decode_ceiling(config, r["batch"], copy_bw)
+        v = r["decode_tok_per_s"]
+        rows.append({"system": f"fm.generate {r['sampling']}", "batch": r["batch"], "tok_per_s": v,
+                     "wall_tok_per_s": r["wall_tok_per_s"], "ceiling_tok_per_s": c,
+                     "fraction_of_ceiling": _frac(v, c)})
     if rows:
         res["decode"] = {"rows": rows, "copy_bytes_per_s": copy_bw,
                          "bytes_per_step_b1": speed.decode_bytes_per_step(config, 1)}
@@ -249,6 +268,13 @@ def _targets(res, raw) -> dict:
             t["decode_b1_tok_per_s>=180"] = {"value": r["tok_per_s"], "met": r["tok_per_s"] >= 180}
         if r["system"] == "ours" and r["batch"] == 64:
             t["decode_b64_tok_per_s>=6000"] = {"value": r["tok_per_s"], "met": r["tok_per_s"] >= 6000}
+    gen = {(r["batch"], r["system"]): r["tok_per_s"] for r in (res.get("decode") or {}).get("rows", [])}
+    g1, s1 = gen.get((1, "fm.generate greedy")), gen.get((1, "fm.generate temperature 0.8, top_p 0.95"))
+    if g1 and s1:
+        t["generate_b1_sampled>=0.95x_greedy"] = {"value": s1 / g1, "met": s1 >= 0.95 * g1}
+    k64, s64 = gen.get((64, "ours")), gen.get((64, "fm.generate temperature 0.8, top_p 0.95"))
+    if k64 and s64:
+        t["generate_b64_sampled>=0.85x_kernel_loop"] = {"value": s64 / k64, "met": s64 >= 0.85 * k64}
     par = None
     for r in (res.get("prefill") or {}).get("rows", []):
         if r["system"] == "ours" and r["length"] == 16384:
@@ -284,8 +310,9 @@ def _summary(res) -> str:
                      f"{c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     for r in (res.get("decode") or {}).get("rows", []):
         f = r.get("fraction_of_ceiling")
-        lines.append(f"decode  {r['system']:<26} B={r['batch']:<4} {r['tok_per_s']:>10.1f} tok/s"
-                     + (f"  ({f:.0%} of {r['ceiling_tok_per_s']:.0f})" if f else ""))
+        lines.append(f"decode  {r['system']:<40} B={r['batch']:<4} {r['tok_per_s']:>10.1f} tok/s"
+                     + (f"  ({f:.0%} of {r['ceiling_tok_per_s']:.0f})" if f else "")
+                     + (f"  wall {r['wall_tok_per_s']:.1f}" if r.get("wall_tok_per_s") else ""))
     for r in (res.get("prefill") or {}).get("rows", []):
         f = r.get("fraction_of_ceiling")
         lines.append(f"prefill {r['system']:<32} L={r['length']:<7} {r['seconds']:>8.3f} s "

@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--system", default=None, help="a system message read at the start of the session")
     add_sampling_arguments(p, max_new_tokens=512)
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per prefill chunk (default 2048)")
+    from falcon_mamba.decode.modes import add_decode_arguments
+
+    add_decode_arguments(p)
 
 
 class ChatSession:
@@ -33,28 +36,17 @@ class ChatSession:
     after the prompt, so the state always equals "the rendered conversation, read" whether the
     answer ended with EOS, a stop string or Ctrl-C."""
 
-    def __init__(self, model, tokenizer, params, system: str | None = None, chunk_size: int | None = None):
+    def __init__(self, model, tokenizer, params, system: str | None = None, chunk_size: int | None = None,
+                 decode=None):
         self.model = model
+        self.decode = decode  # DecodeOptions (None: the defaults)
         self.tok = tokenizer
         self.system = system
         self.chunk_size = chunk_size
-        self.params = dataclasses.replace(params, stop=tuple(params.stop) + self._template_stops())
+        # Where the template closes an assistant turn: a stop string, so the model does not go on
+        # to write the user's next turn itself.
+        self.params = dataclasses.replace(params, stop=tuple(params.stop) + tokenizer.end_of_turn_stops())
         self.reset()
-
-    def _template_stops(self) -> tuple[str, ...]:
-        """Where the template closes an assistant turn: a stop string, so the model does not go on
-        to write the user's next turn itself."""
-        if not self.tok.has_chat_template:
-            return ("\nUser:",)  # the fallback template's next turn
-        marker = "\x00ANSWER\x00"
-        try:
-            text = self.tok.apply_chat_template(
-                [{"role": "user", "content": "u"}, {"role": "assistant", "content": marker}],
-                add_generation_prompt=False)
-        except Exception:  # a template that cannot render this: rely on EOS
-            return ()
-        closing = text.split(marker, 1)[-1].strip()
-        return (closing,) if closing else ()
 
     def reset(self) -> None:
         self.state = None
@@ -62,14 +54,19 @@ class ChatSession:
         self.read_text = ""  # the rendering of self.messages the state has read
 
     def save(self, path: str) -> None:
+        from falcon_mamba.state import check_state_path
+
+        check_state_path(path, "/save")
         (self.state or self.model.new_state(1)).save(path)
 
     def load(self, path: str) -> None:
+        """Replace the session by a saved state; on any error the session is unchanged."""
         import falcon_mamba as fm
 
-        self.state = fm.load_state(path, self.model)
-        if self.state.batch_size != 1:
-            raise fm.UserError(f"{path}: holds {self.state.batch_size} rows; a chat needs one")
+        state = fm.load_state(path, self.model)
+        if state.batch_size != 1:
+            raise fm.UserError(f"{path}: holds {state.batch_size} rows; a chat needs one")
+        self.state = state
         self.messages, self.read_text = [], ""
 
     def _read(self, ids: list[int], state):
@@ -83,8 +80,7 @@ class ChatSession:
         """One turn: on_piece(text) for each piece of the answer. Returns (answer, interrupted).
         Ctrl-C while the prompt is read drops the turn (KeyboardInterrupt propagates, session
         unchanged); Ctrl-C during the answer keeps the partial answer."""
-        from falcon_mamba.generate import decode
-        from falcon_mamba.sampling import random_seed
+        from falcon_mamba.generate import generate
 
         msgs = self.messages + [{"role": "user", "content": user_text}]
         prompt = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
@@ -92,18 +88,19 @@ class ChatSession:
         if not prompt.startswith(self.read_text):
             state, self.read_text = None, ""  # the template rewrote the past: read it all again
         new_ids = self.tok.encode(prompt[len(self.read_text):])
-        logits, after_prompt = self._read(new_ids, state)
-        answer, interrupted = "", False
-        if logits is not None:
-            results = []
-            seed = self.params.seed if self.params.seed is not None else random_seed()
+        answer, interrupted, after_prompt = "", False, state
+        if new_ids:
+            stream = generate(self.model, self.tok, new_ids, params=self.params, state=state, stream=True,
+                              chunk_size=self.chunk_size, decode=self.decode)
             try:
-                for _, piece in decode(self.model, self.tok, logits, after_prompt.clone(), self.params,
-                                       [new_ids], [seed], results):
+                for piece in stream:
                     answer += piece
                     on_piece(piece)
             except KeyboardInterrupt:
                 interrupted = True
+            after_prompt = stream.result.prompt_state
+            if after_prompt is None:  # stopped before the message was read: drop the turn
+                raise KeyboardInterrupt
         msgs = msgs + [{"role": "assistant", "content": answer}]
         closed = self.tok.apply_chat_template(msgs, add_generation_prompt=False)
         rest = closed[len(prompt):] if closed.startswith(prompt) else answer
@@ -120,9 +117,11 @@ def run(args) -> int:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
     model, tok = load_model_and_tokenizer(args)
-    session = ChatSession(model, tok, params, args.system, args.chunk_size)
-    tty = sys.stdin.isatty()
-    print(f"chat with {args.model}. {COMMANDS}", file=sys.stderr)
+    from falcon_mamba.decode.modes import options_from_args
+
+    session = ChatSession(model, tok, params, args.system, args.chunk_size, options_from_args(args))
+    tty = sys.stdin is not None and sys.stdin.isatty()
+    print(f"chat with {args.model}, using {tok.describe_chat_template()}. {COMMANDS}", file=sys.stderr)
     out = sys.stdout
 
     def show(piece: str) -> None:
@@ -132,8 +131,11 @@ def run(args) -> int:
     while True:
         try:
             line = input("> " if tty else "")
-        except EOFError:
+        except (EOFError, RuntimeError):  # RuntimeError: stdin is closed
             break
+        except UnicodeDecodeError:
+            print("error: that line is not UTF-8 text; it was dropped", file=sys.stderr)
+            continue
         except KeyboardInterrupt:
             print(file=sys.stderr)
             break
@@ -169,6 +171,9 @@ def run(args) -> int:
             _, interrupted = session.ask(line, show)
         except KeyboardInterrupt:
             print("\n(interrupted while reading the message; it was dropped)", file=sys.stderr)
+            continue
+        except UserError as e:  # e.g. the template refuses this message: the session goes on
+            print(f"error: {e}", file=sys.stderr)
             continue
         out.write("\n")
         out.flush()

@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 NAME = "convert"
-HELP = "export a model to GGUF (llama.cpp, LM Studio): --to gguf --outtype f32|f16|q8_0"
+HELP = "export a model to GGUF (llama.cpp, LM Studio): --to gguf --outtype f32|f16|bf16|q8_0|q4_0|..."
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="model folder or Hub id (HF format, high precision)")
+    p.add_argument("--model", default=None, help="model folder or Hub id, HF format, high precision "
+                                                 "(default: the small model embedded in the package)")
     p.add_argument("--to", required=True, help="target format: gguf")
-    p.add_argument("--outtype", default="f16", help="f32, f16 or q8_0 for the 2-D weights (default f16)")
+    p.add_argument("--outtype", default="f16",
+                   help="2-D weights: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (default f16)")
     p.add_argument("--out", required=True, help="output file, e.g. model-q8_0.gguf")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json to embed (default: the one in the model folder)")
@@ -31,9 +33,11 @@ def run(args) -> int:
         import gguf  # noqa: F401
     except ImportError:
         raise UserError("GGUF export needs the gguf package: pip install 'falcon-mamba[gguf]'") from None
+    from falcon_mamba import default_model
     from falcon_mamba.gguf import export_gguf
 
-    out = export_gguf(args.model, args.out, outtype=args.outtype.lower(), tokenizer=args.tokenizer,
-                      tokenizer_pre=args.tokenizer_pre, progress=sys.stderr.isatty())
+    out = export_gguf(args.model or default_model.path(), args.out, outtype=args.outtype.lower(),
+                      tokenizer=args.tokenizer, tokenizer_pre=args.tokenizer_pre,
+                      progress=sys.stderr.isatty())
     print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB, {args.outtype.lower()})")
     return 0

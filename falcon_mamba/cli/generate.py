@@ -66,6 +66,9 @@ def add_arguments(p) -> None:
                    help="print prompt tok/s, generation tok/s and peak memory on stderr")
     g.add_argument("--progress", action="store_true",
                    help="show the prompt progress bar even when stderr is not a terminal")
+    from falcon_mamba.decode.modes import add_decode_arguments
+
+    add_decode_arguments(p)
 
 
 def read_prompt(args) -> str:
@@ -84,17 +87,39 @@ def read_prompt(args) -> str:
             raise UserError(f"{args.prompt_file}: cannot read the prompt file "
                             f"({e.strerror or type(e).__name__})") from None
     elif args.prompt == "-":
-        try:
-            text = sys.stdin.read()
-        except UnicodeDecodeError:
-            raise UserError("stdin is not UTF-8 text") from None
+        text = read_stdin_text()
     elif args.prompt is not None:
         text = args.prompt
     else:
         raise UserError("no prompt: give PROMPT, --prompt-file FILE, or - to read stdin")
     if not text:
         raise UserError("empty prompt: give at least one character of text")
+    from falcon_mamba.tokenizer import check_text
+
+    check_text(text, "the prompt")
     return text
+
+
+def read_stdin_text() -> str:
+    """All of stdin as UTF-8 text, strictly (Python's own stdin may turn bad bytes into
+    surrogates under a C locale and accept them silently). UserError when stdin is closed or not
+    UTF-8."""
+    from falcon_mamba.errors import UserError
+
+    if sys.stdin is None:
+        raise UserError("stdin is closed: pipe the prompt in, or give it as an argument")
+    stream = getattr(sys.stdin, "buffer", None)
+    try:
+        if stream is None:  # a text stream put in place of stdin (tests, embedding programs)
+            return sys.stdin.read()
+        data = stream.read()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read stdin ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise UserError(f"stdin is not UTF-8 text (bad byte at offset {e.start}); convert it first, "
+                        "e.g. with iconv") from None
 
 
 def load_model_and_tokenizer(args):
@@ -103,13 +128,13 @@ def load_model_and_tokenizer(args):
 
     import falcon_mamba as fm
     from falcon_mamba import default_model
-    from falcon_mamba.dtypes import parse_dtype
+    from falcon_mamba.dtypes import parse_device, parse_dtype
     from falcon_mamba.tokenizer import check_fits
 
+    device = parse_device(args.device)
     if not args.model:
         args.model = str(default_model.path())  # a UserError naming --model when none is installed
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    default = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = fm.load_model(args.model, parse_dtype(args.dtype, default), device)
     tok = fm.load_tokenizer(args.model)
     check_fits(tok, model.config.vocab_size)
@@ -129,9 +154,38 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
+MAX_SEED = (1 << 63) - 1
+MAX_TOKENS = 1 << 31
+
+
+def check_sampling_flags(args) -> None:
+    """Ranges the flags' types do not say: every accepted value must be computable."""
+    import math
+
+    from falcon_mamba.errors import UserError
+
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    if not 0 <= args.max_new_tokens <= MAX_TOKENS:
+        raise UserError(f"--max-new-tokens must be in [0, {MAX_TOKENS}], got {args.max_new_tokens}")
+    if not 0 <= args.top_k <= MAX_TOKENS:
+        raise UserError(f"--top-k must be in [0, {MAX_TOKENS}] (0 = off), got {args.top_k}")
+    for flag, v in (("--temperature", args.temperature), ("--top-p", args.top_p),
+                    ("--min-p", args.min_p), ("--repetition-penalty", args.repetition_penalty)):
+        if not math.isfinite(v):
+            raise UserError(f"{flag} must be a finite number, got {v}")
+    if any(not 0 <= t < 1 << 31 for t in args.stop_token_id):
+        raise UserError("--stop-token-id must be a token id (0 or more)")
+    for text in args.stop:
+        from falcon_mamba.tokenizer import check_text
+
+        check_text(text, "--stop")
+
+
 def sampling_params(args, **extra):
     from falcon_mamba.sampling import SamplingParams
 
+    check_sampling_flags(args)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -149,16 +203,29 @@ def format_bytes(n: int) -> str:
 
 
 def run(args) -> int:
+    import time
+    from pathlib import Path
+
     import torch
 
     import falcon_mamba as fm
+    from falcon_mamba.decode.modes import options_from_args
     from falcon_mamba.errors import UserError
-    from falcon_mamba.generate import DEFAULT_CHUNK_SIZE, encode_prompt, generate, peak_memory
+    from falcon_mamba.generate import DEFAULT_CHUNK_SIZE, encode_prompt, engine_for, generate, peak_memory
 
-    text = read_prompt(args)
     params = sampling_params(args, logprobs=args.logprobs)  # validate flags before loading
+    decode = options_from_args(args)
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UserError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
+    if args.state_out:  # before the prompt is read and the text generated, not after
+        from falcon_mamba.state import check_state_path
+
+        check_state_path(args.state_out, "--state-out")
+    if args.state_in and Path(args.state_in).is_dir():
+        raise UserError(f"--state-in {args.state_in}: is a folder, not a state file")
+    if args.state_in and not Path(args.state_in).is_file():
+        raise UserError(f"--state-in {args.state_in}: state file not found")
+    text = read_prompt(args)
     model, tok = load_model_and_tokenizer(args)
     state = None
     if args.state_in:
@@ -167,6 +234,12 @@ def run(args) -> int:
             raise UserError(f"{args.state_in}: holds {state.batch_size} rows; generate needs a "
                             "state of one row")
     ids = encode_prompt(tok, text, model.config.vocab_size)
+    # The decoder's start-up (CUDA-graph capture; the batch-1 mode timed or read from the tuning
+    # cache) before the clock of --stats starts: it is paid once per process, not per token.
+    t0 = time.perf_counter()
+    engine = engine_for(model, tok, 1, decode)
+    engine.warm_up()
+    ready_s = time.perf_counter() - t0
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
 
@@ -180,7 +253,7 @@ def run(args) -> int:
         bar = tqdm(total=len(ids), unit="tok", desc="reading prompt", file=sys.stderr,
                    dynamic_ncols=True, leave=False)
     stream = generate(model, tok, ids, params=params, state=state, stream=True,
-                      prefill=args.prefill, chunk_size=args.chunk_size,
+                      prefill=args.prefill, chunk_size=args.chunk_size, decode=decode,
                       progress=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
@@ -209,4 +282,10 @@ def run(args) -> int:
               f"({rate(n_gen, res.decode_seconds)}), finish: {res.finish_reason}", file=sys.stderr)
         print(f"peak memory: {format_bytes(mem)} ({what}); state: {format_bytes(res.state.nbytes)}; "
               f"seed: {res.seed}", file=sys.stderr)
+        graphs = engine.runner.graphs
+        how = (f"CUDA graphs, batch-1 mode {graphs.batch1_choice()[0].name}"
+               + (" (tuning cache)" if graphs.tuned_from_cache else "") if graphs.use_graphs else
+               "eager" + (" fused kernels" if graphs.fast else " model.step"))
+        print(f"decoder: {how}; ready in {ready_s:.2f} s (start-up, not in the figures above)",
+              file=sys.stderr)
     return 0

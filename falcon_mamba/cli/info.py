@@ -6,11 +6,14 @@ import json
 import platform
 
 NAME = "info"
-HELP = "print versions, device, op backend and (with --model) the model's config and parameter count"
+HELP = "print versions, device, op backend and the model's config and parameter count"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="model folder or Hub id")
+    p.add_argument("--model", help="model folder or Hub id (default: the small model embedded in the "
+                                   "package, when this install has it); checked as loading would check "
+                                   "it (config, weight files, every tensor's name and shape): exit 2 if it "
+                                   "cannot load")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -19,9 +22,10 @@ def run(args) -> int:
     import torch
 
     import falcon_mamba
-    from falcon_mamba import ops
+    from falcon_mamba import default_model, ops
+    from falcon_mamba.dtypes import parse_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(parse_device(args.device))
     info = {
         "falcon_mamba": falcon_mamba.__version__,
         "python": platform.python_version(),
@@ -36,12 +40,13 @@ def run(args) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    if args.model:
-        from falcon_mamba.config import ModelConfig
-        from falcon_mamba.hub import resolve_model_dir
+    # info is a diagnostic: an install without the embedded model still prints the rest
+    ref = args.model or (default_model.path() if default_model.available() else None)
+    if ref is not None:
+        from falcon_mamba.checkpoint import check_folder
 
-        folder = resolve_model_dir(args.model)
-        cfg = ModelConfig.from_json_file(folder / "config.json")
+        # Everything loading checks but the weights' data: a folder nothing can load is an error.
+        folder, cfg = check_folder(ref)
         info["model"] = str(folder)
         info["config"] = cfg.to_hf_dict()
         info["parameters"] = cfg.num_parameters

@@ -21,13 +21,28 @@ def add_arguments(p) -> None:
     p.add_argument("--doc-separator", default=None,
                    help=r"cut text files into documents at this string, e.g. '\n\n\n' (default: 1 per file)")
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="shard id dtype")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty --out folder (never one that holds an input)")
+
+
+def unescape_separator(text: str) -> str:
+    r"""'\n\n' -> two newlines: Python's backslash escapes, the other characters as given."""
+    from falcon_mamba.errors import UserError
+
+    try:
+        sep = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--doc-separator {text!r}: bad backslash escape ({e.reason}); write e.g. "
+                        r"'\n\n\n' or '\x0c'") from None
+    if not sep:
+        raise UserError("--doc-separator must not be empty")
+    return sep
 
 
 def run(args) -> int:
     from falcon_mamba.data.prepare import prepare
 
-    sep = args.doc_separator.encode().decode("unicode_escape") if args.doc_separator else None
+    sep = unescape_separator(args.doc_separator) if args.doc_separator is not None else None
     out = prepare(args.files, args.out, args.tokenizer, val_fraction=args.val_fraction,
                   text_field=args.text_field, chat=args.chat, doc_separator=sep, dtype=args.dtype,
                   overwrite=args.overwrite)

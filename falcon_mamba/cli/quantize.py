@@ -17,11 +17,16 @@ HELP = "write an int8 (per channel) or int4 (per group) weight-only quantized co
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="model folder or Hub id (high precision)")
+    p.add_argument("--model", default=None, help="model folder or Hub id, high precision (default: the "
+                                                 "small model embedded in the package)")
     p.add_argument("--bits", type=int, required=True, choices=(8, 4), help="8 or 4")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along the input features: 32, 64 or 128 (default 128)")
-    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or an earlier quantize output (replaced); any "
+                        "other folder only with --overwrite, and never one that holds --model")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that is not an earlier quantize output")
     p.add_argument("--dtype", default=None,
                    help="dtype of the tensors kept in high precision (default: as stored in --model)")
     p.add_argument("--device", default="cpu", help="where to compute the rounding (cpu or cuda)")
@@ -47,6 +52,7 @@ def run(args) -> int:
     from pathlib import Path
 
     import falcon_mamba as fm
+    from falcon_mamba import default_model
     from falcon_mamba.dtypes import parse_dtype
     from falcon_mamba.errors import UserError
     from falcon_mamba.hub import resolve_model_dir
@@ -54,13 +60,16 @@ def run(args) -> int:
     from falcon_mamba.quant.folder import CONFIG_NAME, check_bits
 
     group = check_bits(args.bits, args.group_size)
-    folder = resolve_model_dir(args.model)
+    folder = resolve_model_dir(args.model or default_model.path())
     if (folder / CONFIG_NAME).is_file():
         raise UserError(f"{folder} is already quantized ({CONFIG_NAME} is there); quantize the "
                         "original high-precision folder instead")
-    out = Path(args.out)
-    if out.resolve() == folder.resolve():
+    from falcon_mamba.outputs import check_output_folder
+
+    if Path(args.out).expanduser().resolve() == folder.resolve():
         raise UserError("--out is the --model folder; write the quantized copy to another folder")
+    out = check_output_folder(args.out, [folder], overwrite=args.overwrite, command="quantize",
+                              is_previous=lambda d: (d / CONFIG_NAME).is_file())
     if args.dtype is None:
         stored = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(_stored_dtype(folder) or "")
         dtype = parse_dtype(stored or "float32")

@@ -30,8 +30,10 @@ def add_arguments(p) -> None:
                    help="most sequences served at once (state slots), if the budget allows")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; past that: 429 with Retry-After")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens read per engine step, between decode steps")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens of one request read per engine step, between decode steps")
+    p.add_argument("--prefill-budget", type=int, default=2048,
+                   help="prompt tokens of all requests read per engine step (batched in few launches)")
     p.add_argument("--max-context", type=int, default=1 << 20,
                    help="prompt + max_tokens limit per request (400 above it)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
@@ -40,11 +42,19 @@ def add_arguments(p) -> None:
     p.add_argument("--prefix-cache-memory", default="1GiB",
                    help="memory for cached conversation states (0 turns the cache off)")
     p.add_argument("--prefix-cache-dir", default=None,
-                   help="spill evicted cache states to this folder (emptied at start and exit)")
+                   help="spill evicted cache states to a private subfolder of this folder (removed "
+                        "at exit; nothing else in the folder is touched)")
     p.add_argument("--prefix-cache-disk", default="10GiB", help="disk budget of --prefix-cache-dir")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on Ctrl-C/SIGTERM before cancellation")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers (slow clients are dropped)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body (408 after)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from falcon_mamba.decode.modes import add_decode_arguments
+
+    add_decode_arguments(p)
 
 
 def _size(text: str, what: str) -> int:
@@ -53,8 +63,9 @@ def _size(text: str, what: str) -> int:
 
     try:
         n = _parse_size(text)
-    except ValueError:
-        raise UserError(f"{what}: cannot read {text!r} as a size; write e.g. 512MiB or 4GiB") from None
+    except (ValueError, OverflowError):
+        raise UserError(f"{what}: cannot read {text!r} as a size (up to 1 EiB); write e.g. 512MiB "
+                        "or 4GiB") from None
     if n < 0:
         raise UserError(f"{what} must not be negative")
     return n
@@ -72,12 +83,34 @@ def _check(args) -> dict:
 
     for name, v, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                          ("--max-queue", args.max_queue, 0), ("--prefill-chunk", args.prefill_chunk, 1),
+                         ("--prefill-budget", args.prefill_budget, 1),
                          ("--max-context", args.max_context, 2),
                          ("--default-max-tokens", args.default_max_tokens, 1)):
         if v < low:
             raise UserError(f"{name} must be at least {low}, got {v}")
     if args.port > 65535:
         raise UserError(f"--port must be at most 65535, got {args.port}")
+    for name, v, high in (("--max-batch", args.max_batch, 1 << 16), ("--max-queue", args.max_queue, 1 << 20),
+                          ("--prefill-chunk", args.prefill_chunk, 1 << 20),
+                          ("--max-context", args.max_context, 1 << 40),
+                          ("--default-max-tokens", args.default_max_tokens, 1 << 31)):
+        if v > high:
+            raise UserError(f"{name} must be at most {high}, got {v}")
+    import math
+
+    for name, v, high in (("--shutdown-grace", args.shutdown_grace, 86400),
+                          ("--header-timeout", args.header_timeout, 86400),
+                          ("--body-timeout", args.body_timeout, 86400)):
+        if not math.isfinite(v) or v < 0 or v > high:
+            raise UserError(f"{name} must be a number of seconds in [0, {high}], got {v}")
+    if args.header_timeout == 0 or args.body_timeout == 0:
+        raise UserError("--header-timeout and --body-timeout must be more than 0 seconds")
+    if args.prefix_cache_dir is not None:
+        from pathlib import Path
+
+        d = Path(args.prefix_cache_dir)
+        if d.exists() and not d.is_dir():
+            raise UserError(f"--prefix-cache-dir {d}: is a file; give a folder")
     return {
         "state": None if args.state_memory == "auto" else _size(args.state_memory, "--state-memory"),
         "body": _size(args.max_body, "--max-body"),
@@ -94,7 +127,7 @@ def run(args) -> int:
 
     from falcon_mamba import ops
     from falcon_mamba.checkpoint import load_model
-    from falcon_mamba.dtypes import parse_dtype
+    from falcon_mamba.dtypes import parse_device, parse_dtype
     from falcon_mamba.engine.engine import Engine, EngineConfig
     from falcon_mamba.engine.state_pool import slot_bytes, slots_for_budget
     from falcon_mamba.errors import UserError
@@ -106,7 +139,10 @@ def run(args) -> int:
     except ImportError as e:
         raise UserError(f"serving needs the 'serve' extra ({e.name} is missing): "
                         "pip install 'falcon-mamba[serve]'") from None
+    from falcon_mamba.decode.modes import options_from_args
+
     sizes = _check(args)
+    decode = options_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -115,7 +151,7 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("falcon_mamba.serve")
     ref = args.model or _default_model()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = load_model(ref, dtype=dtype, device=device)
     tok = load_tokenizer(ref)
@@ -126,16 +162,20 @@ def run(args) -> int:
     slots = slots_for_budget(model.config, dtype, budget, args.max_batch)
     engine = Engine(model, tok, EngineConfig(
         num_slots=slots, max_waiting=args.max_queue, prefill_chunk=args.prefill_chunk,
-        max_context=args.max_context, cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir,
-        cache_disk_bytes=sizes["disk"]))
+        prefill_budget=max(args.prefill_budget, args.prefill_chunk), max_context=args.max_context,
+        cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir, cache_disk_bytes=sizes["disk"],
+        decode=decode))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_id = args.served_model_name or Path(str(getattr(model, "source", ref))).name or "falcon-mamba"
     settings = ServerSettings(model_id, api_key=api_key, max_body_bytes=sizes["body"],
-                              default_max_tokens=args.default_max_tokens)
-    engine.start()
+                              default_max_tokens=args.default_max_tokens,
+                              header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+    engine.start(warm_up=True)  # /health answers 503 "warming up" until the decode graphs are captured
     log.info("serving %s on http://%s:%d/v1 (%s, %s, %s ops; %d state slots of %.3g MiB%s)", model_id,
              args.host, args.port, device, str(dtype).removeprefix("torch."), ops.backend_name(device),
              slots, slot_bytes(model.config, dtype) / 2**20, "; API key required" if api_key else "")
+    if tok.has_chat_template:  # the fallback is announced as a warning by the app
+        log.info("chat requests use %s", tok.describe_chat_template())
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use it",
                     args.host)

@@ -25,13 +25,13 @@ from falcon_mamba.data.shards import FORMAT, ShardWriter, dtype_for_vocab
 from falcon_mamba.errors import UserError
 
 _CHUNK_CHARS = 1 << 20
-_CUT = re.compile(r"\n(?=\S)")
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 @dataclass
 class Doc:
     text: str = ""
-    messages: list | None = None  # chat data
+    example: object = None  # chat data: an sft.Example
 
 
 @dataclass
@@ -76,11 +76,15 @@ def _read_jsonl(path: Path, val_fraction: float, text_field: str, chat: bool) ->
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting too deep
+            raise UserError(f"{path}:{lineno}: not valid JSON ({str(e)[:100]})") from None
         if chat:
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(msgs, list):
-                raise UserError(f"{path}:{lineno}: a chat example needs a 'messages' list")
-            docs.append(Doc(messages=msgs))
+            from falcon_mamba.sft import parse_example
+
+            try:
+                docs.append(Doc(example=parse_example(obj)))
+            except UserError as e:
+                raise UserError(f"{path}:{lineno}: {e}") from None
         else:
             value = obj.get(text_field) if isinstance(obj, dict) else None
             if not isinstance(value, str):
@@ -116,7 +120,8 @@ def read_sources(inputs: list[str], val_fraction: float = 0.02, text_field: str 
         if path.suffix == ".jsonl":
             train, val = _read_jsonl(path, val_fraction, text_field, chat)
         elif chat:
-            raise UserError(f"{path}: chat data must be .jsonl with a 'messages' list per line")
+            raise UserError(f"{path}: chat data must be .jsonl, one example per line ('messages', "
+                            "ShareGPT 'conversations', or 'prompt' + 'completion')")
         else:
             train, val = _read_text(path, val_fraction, doc_separator)
         src.train += train
@@ -127,8 +132,8 @@ def read_sources(inputs: list[str], val_fraction: float = 0.02, text_field: str 
 
 
 def _chunks(text: str):
-    """Cut long text at a newline followed by a non-space, so the cut never splits a token
-    (byte-level pre-tokenizers do not merge across such a boundary)."""
+    """Cut long text after a newline between two non-spaces, so the cut never changes a token
+    (byte-level pre-tokenizers split there, and a whitespace run is never left at a chunk's end)."""
     start = 0
     while len(text) - start > _CHUNK_CHARS:
         m = _CUT.search(text, start + _CHUNK_CHARS)
@@ -141,12 +146,12 @@ def _chunks(text: str):
 
 def _encode_docs(tok, raw, docs: list[Doc]):
     """Yield (ids, nbytes, mask or None) per document; eos appended after each plain document."""
-    from falcon_mamba.sft import encode_chat
+    from falcon_mamba.sft import encode_example
 
     eos = tok.eos_token_id
     for d in docs:
-        if d.messages is not None:
-            ids, mask = encode_chat(tok, d.messages)
+        if d.example is not None:
+            ids, mask = encode_example(tok, d.example)
             yield ids, len(tok.decode(ids).encode("utf-8")), mask
             continue
         ids: list[int] = []
@@ -163,11 +168,14 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str, *, val_fraction:
     """Build a prepared data folder at ``out`` (see the module docstring); returns its path."""
     from tokenizers import Tokenizer as RawTokenizer
 
+    from falcon_mamba.outputs import check_output_folder
     from falcon_mamba.tokenizer import load_tokenizer
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: already exists and is not empty; pass --overwrite or another --out")
+    # Never replace a folder that holds an input (the tokenizer's folder included), even with
+    # --overwrite; a non-empty folder only with --overwrite.
+    files = [spec.partition("=")[2] if "=" in spec else spec for spec in inputs]
+    tok_path = None if tokenizer.startswith("bpe:") else tokenizer
+    out = check_output_folder(out, [*files, tok_path], overwrite=overwrite, command="prepare-data")
     sources = read_sources(inputs, val_fraction, text_field, chat, doc_separator)
     tmp = temp_dir_beside(out)
     try:
@@ -179,16 +187,18 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str, *, val_fraction:
             except ValueError:
                 raise UserError(f"--tokenizer {tokenizer!r}: write bpe:N, N the vocabulary size") from None
             log(f"fitting a {n}-token BPE to the training split ...")
-            texts = [d.text for s in sources for d in s.train if d.messages is None]
+            texts = [d.text for s in sources for d in s.train if d.example is None]
             fit_bpe(texts, n, tmp)
         else:
             src_tok = load_tokenizer(tokenizer)
             shutil.copyfile(src_tok.path, tmp / "tokenizer.json")
-            cfg = src_tok.path.parent / "tokenizer_config.json"
-            if cfg.is_file():
-                shutil.copyfile(cfg, tmp / "tokenizer_config.json")
-        tok = load_tokenizer(tmp / "tokenizer.json")
+            for name in ("tokenizer_config.json", "chat_template.jinja"):
+                if (src_tok.path.parent / name).is_file():
+                    shutil.copyfile(src_tok.path.parent / name, tmp / name)
+        tok = load_tokenizer(tmp)  # the folder: its tokenizer_config.json and chat template too
         raw = RawTokenizer.from_file(str(tmp / "tokenizer.json"))
+        if chat:
+            log(f"chat examples are rendered with {tok.describe_chat_template()}")
         shard_dtype = dtype_for_vocab(tok.vocab_size, dtype)
         meta = {"format": FORMAT, "dtype": shard_dtype, "vocab_size": tok.vocab_size,
                 "eos_token_id": tok.eos_token_id, "chat": chat, "val_fraction": val_fraction,

@@ -84,6 +84,32 @@ class ShardWriter:
         return {"tokens": self.ntokens, "docs": len(self.doc_starts), "bytes": self.nbytes}
 
 
+def _check_meta(path: Path, meta: dict) -> None:
+    """The fields training trusts (a vocab_size of 1e12 would size a 256 TB embedding table)."""
+    def bad(what: str):
+        raise UserError(f"{path}: {what}; prepare the data again")
+
+    dtype = meta.get("dtype")
+    if dtype not in DTYPES:
+        bad(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    v = meta.get("vocab_size")
+    limit = 1 << (16 if dtype == "uint16" else 32)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+        bad(f"vocab_size {v!r} is not a token count in [1, {limit}] (the ids are {dtype})")
+    eos = meta.get("eos_token_id")
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < v):
+        bad(f"eos_token_id {eos!r} is not a token id below vocab_size {v}")
+    sources = meta.get("sources")
+    if not isinstance(sources, dict) or not sources:
+        bad("'sources' must be an object naming the data sources")
+    for name, src in sources.items():
+        for split in ("train", "val"):
+            counts = src.get(split) if isinstance(src, dict) else None
+            if not isinstance(counts, dict) or not all(
+                    isinstance(counts.get(k), int) and counts[k] >= 0 for k in ("tokens", "docs")):
+                bad(f"source {name!r} has no valid {split} token and document counts")
+
+
 class ShardSet:
     """A prepared data folder, opened read-only."""
 
@@ -99,11 +125,13 @@ class ShardSet:
                             f"`falcon-mamba prepare-data --tokenizer T --out {folder} FILE...`")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{meta_path}: not valid JSON ({e}); prepare the data again") from None
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; "
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{meta_path}: not valid JSON ({str(e)[:200]}); prepare the data again") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else None
+            raise UserError(f"{meta_path}: format {got!r} is not {FORMAT!r}; "
                             "prepare the data again with this version")
+        _check_meta(meta_path, meta)
         self.meta = meta
         self.vocab_size: int = meta["vocab_size"]
         self.eos_token_id: int | None = meta.get("eos_token_id")

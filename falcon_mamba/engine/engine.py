@@ -1,5 +1,6 @@
-"""The serving engine: a background thread that runs scheduler steps on the model and hands each
-sequence's new text to the request's sink.
+"""The engine: runs scheduler steps on the model and hands each sequence's new text to its sink.
+The server runs it on a background thread; ``generate()`` runs the same steps in the caller's
+thread (``run_until``), so both decode through one path.
 
     engine = Engine(model, tokenizer, EngineConfig(num_slots=64))
     engine.start()
@@ -8,8 +9,17 @@ sequence's new text to the request's sink.
     engine.cancel(req); engine.shutdown(grace_s=10)
 
 One step (see scheduler.py): release finished slots (their final states go to the prefix cache),
-admit waiting requests into free slots (restoring a cached prefix), read prompt chunks, decode one
-token for every running sequence, sample, detokenize, check stop rules, emit.
+admit waiting requests (restoring a cached prefix or a caller's state), launch one decode step for
+every decoding sequence (a CUDA-graph replay that also samples: decode/graphs.py), read the step's
+prompt chunks in a few batched launches and sample the first token of each prompt that is done,
+queue the copy of the step's tokens to the host, and only then wait for the *previous* step's
+tokens and detokenize, check stop rules and emit them. So the host work of step k overlaps the GPU
+work of step k+1; the price is that a sequence that ended at step k has run one more step, whose
+token is dropped (its state then has read every token it returned, which is what the prefix cache
+and a returned state want).
+
+A row whose sampling fails (no finite logit) ends alone with finish_reason "error"; a step that
+raises fails the requests of that step's work (prefill failures only the prompts being read).
 """
 
 from __future__ import annotations
@@ -19,20 +29,23 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from falcon_mamba.decode.modes import DecodeOptions
 from falcon_mamba.engine import metrics as M
 from falcon_mamba.engine.prefix_cache import PrefixCache
 from falcon_mamba.engine.request import Request, Sequence
-from falcon_mamba.engine.runner import Runner, Sampled
+from falcon_mamba.engine.runner import Pending, PrefillWork, Runner, Sampled
 from falcon_mamba.engine.scheduler import QueueFull, Scheduler, StepPlan
 from falcon_mamba.engine.state_pool import StatePool
 from falcon_mamba.errors import UserError
-from falcon_mamba.generate import check_token_ids, stop_token_ids
-from falcon_mamba.sampling import SamplingParams, make_generators, random_seed
+from falcon_mamba.sampling import SamplingParams, random_seed
+from falcon_mamba.state import State
 from falcon_mamba.streaming import IncrementalDetokenizer, StopMatcher
+from falcon_mamba.tokens import check_token_ids, stop_token_ids
 
 log = logging.getLogger("falcon_mamba.engine")
 
@@ -48,11 +61,14 @@ class EngineConfig:
     num_slots: int = 16  # sequences held at once (state slots)
     max_waiting: int = 64  # requests that may wait for a slot before new ones get QueueFull
     prefill_chunk: int = 512  # prompt tokens per chunk
-    prefill_budget: int | None = None  # prompt tokens per step (default: one chunk)
+    prefill_budget: int | None = None  # prompt tokens per step (default: 4 chunks)
     max_context: int = 1 << 20  # prompt + max_new_tokens limit
     cache_bytes: int = 0  # prefix cache budget (0: off)
     cache_dir: str | None = None  # spill evicted cache entries here
     cache_disk_bytes: int = 0
+    cache_device: str | None = None  # where cached states live (default: the model's device, so that
+    # keeping and restoring one is a device copy, not a synchronising copy to the host)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
 @dataclass
@@ -64,6 +80,7 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Sampled] = field(default_factory=list)  # one per token, when asked
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 class Engine:
@@ -72,29 +89,69 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
         self.pool = StatePool(model.config, cfg.num_slots, model.dtype, model.device)
-        self.cache = PrefixCache(cfg.cache_bytes, cfg.cache_dir, cfg.cache_disk_bytes)
-        self.scheduler = Scheduler(cfg.num_slots, cfg.max_waiting, cfg.prefill_chunk,
-                                   cfg.prefill_budget, on_admit=self._on_admit)
-        self.runner = Runner(model, self.pool)
+        self.cache = PrefixCache(cfg.cache_bytes, cfg.cache_dir, cfg.cache_disk_bytes,
+                                 device=cfg.cache_device or model.device)
+        budget = cfg.prefill_budget if cfg.prefill_budget is not None else 4 * cfg.prefill_chunk
+        self.scheduler = Scheduler(cfg.num_slots, cfg.max_waiting, cfg.prefill_chunk, budget,
+                                   on_admit=self._on_admit)
+        self.runner = Runner(model, self.pool, cfg.decode)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
         self._closing = False
+        self._pending: Pending | None = None
+        self._warm = False
+        self._ready = False
+        self._live: dict = {}  # sequence key -> Sequence, while it holds a row
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._init_metrics()
 
     # ---- public API (any thread) -----------------------------------------------------------
-    def start(self) -> None:
+    def start(self, warm_up: bool = False) -> None:
+        """Run steps on a background thread; warm_up: first capture the decode graphs (``ready``
+        turns True after; requests submitted meanwhile wait in the queue)."""
+        self._warm = warm_up
         self._thread = threading.Thread(target=self._loop, name="falcon-mamba-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def ready(self) -> bool:
+        """The engine thread runs and its decode graphs are captured."""
+        return self._ready and self.is_alive
+
+    def warm_up(self) -> None:
+        """Compile the prefill kernels' variants and capture the decode graphs of every batch
+        bucket up to the slot count (and time the batch-1 modes, or read their choice from the
+        tuning cache) before serving, so that no request pays for them."""
+        from falcon_mamba.engine.state_pool import bucket
+
+        graphs = self.runner.graphs
+        if not graphs.use_graphs:
+            return
+        with torch.inference_mode():
+            self.runner.warm_prefill()
+            n = 1
+            while True:
+                graphs.prepare(n)
+                if bucket(n) >= self.config.num_slots:
+                    break
+                n = bucket(n) + 1
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, n: int = 1,
-               top_logprobs: int = 0, sink=None, request_id: str = "") -> Request:
-        """Queue a request. sink(list[Delta]) is called from the engine thread. Raises UserError
-        (bad request), QueueFull (try later) or ShuttingDown."""
+               top_logprobs: int = 0, sink=None, request_id: str = "", state: State | None = None,
+               want_state: bool = False, chunk: int | None = None, progress=None,
+               tokenizer=None) -> Request:
+        """Queue a request. sink(list[Delta]) is called from the engine's thread. state: a batch-1
+        State the prompt continues from (a caller's context). want_state: each sequence's final
+        state (having read the prompt and every returned token) is kept in seq.extra["state"] and
+        the state after the prompt in request.extra["prompt_state"]; it also allows
+        max_new_tokens = 0 (read the prompt only). chunk: prompt tokens per prefill chunk (default
+        the engine's); progress(n): called with the prompt tokens read by each chunk. tokenizer:
+        the detokenizer's (default the engine's). Raises UserError (bad request), QueueFull (try
+        later) or ShuttingDown."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        if params.max_new_tokens < 1:
+        if params.max_new_tokens < (0 if want_state else 1):
             raise UserError("max_tokens must be at least 1")
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.config.max_context:
@@ -104,16 +161,20 @@ class Engine:
         check_token_ids(prompt_ids, self.model.config.vocab_size)
         if n > self.config.num_slots:
             raise UserError(f"n={n} is more than this server's {self.config.num_slots} state slots")
-        req = Request(list(prompt_ids), params, n=n, request_id=request_id)
+        if state is not None and (state.batch_size != 1 or state.config != self.model.config):
+            raise UserError("a request's start state must be one row of this model's state")
+        req = Request(list(prompt_ids), params, n=n, request_id=request_id, chunk=chunk)
         seed = params.seed if params.seed is not None else random_seed()
-        gens = None if params.greedy else make_generators(seed, n, self.model.device)
-        stop_ids = stop_token_ids(self.tokenizer, self.model, params)
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        stop_ids = stop_token_ids(tok, self.model, params)
         for s in req.seqs:
-            s.extra.update(params=params, top_logprobs=top_logprobs, stop_ids=stop_ids,
-                           generator=gens[s.index] if gens else None,
-                           detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                           stopper=StopMatcher(params.stop))
-        req.extra["sink"] = sink
+            s.extra.update(params=params, top_logprobs=top_logprobs, stop_ids=stop_ids, seed=seed + s.index,
+                           detok=IncrementalDetokenizer(tok, prompt_ids),
+                           stopper=StopMatcher(params.stop), fed=0)
+        req.extra.update(sink=sink, want_state=want_state, seed=seed, progress=progress,
+                         tokens_before=0 if state is None else state.tokens_seen)
+        if state is not None:
+            req.extra["start_state"] = state
         with self._cv:
             self.scheduler.add(req)  # QueueFull propagates
             self._cv.notify()
@@ -139,11 +200,11 @@ class Engine:
         self._closing = True
         deadline = time.monotonic() + grace_s
         with self._cv:
-            while self.scheduler.has_work and time.monotonic() < deadline:
+            while self.busy and time.monotonic() < deadline:
                 self._cv.wait(0.05)
             self.scheduler.cancel_all()
             self._cv.notify()
-            while self.scheduler.has_work and self._thread is not None and self._thread.is_alive():
+            while self.busy and self._thread is not None and self._thread.is_alive():
                 self._cv.wait(0.05)
             self._stop = True
             self._cv.notify()
@@ -160,37 +221,67 @@ class Engine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    # ---- the loop (engine thread) ----------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.has_work or self._pending is not None
+
+    # ---- running steps ---------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self._warm:
+            t0 = time.perf_counter()
+            try:
+                self.warm_up()
+            except Exception:  # serving still works: graphs are then captured on first use
+                log.exception("decode warm-up failed")
+            g = self.runner.graphs
+            log.info("decoder ready in %.1f s (graphs for %d batch sizes%s)", time.perf_counter() - t0,
+                     len(g.buckets), f"; batch 1: {g.batch1_choice()[0].name}" if g.use_graphs else "")
+        self._ready = True
         while True:
             with self._cv:
-                while not self._stop and not self.scheduler.has_work:
+                while not self._stop and not self.busy:
                     self._cv.wait()
                 if self._stop:
                     return
-                plan = self.scheduler.schedule()
-            t0 = time.perf_counter()
-            try:
-                self._execute(plan)
-            except Exception:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
-                self._fail(plan)
-            with self._cv:
-                self.scheduler.complete(plan)
-                self._cv.notify_all()  # shutdown() waits on this condition
-            if plan.has_compute:
-                self.m_steps.observe(time.perf_counter() - t0)
+            self.run_step()
+
+    def run_until(self, done: Callable[[], bool]) -> None:
+        """Run steps in this thread until done() (then until nothing is left in flight): the
+        synchronous driver of generate()."""
+        with torch.inference_mode():
+            while self.busy and not done():
+                self.run_step()
+            while self.busy:
+                self.run_step()
+
+    def run_step(self) -> None:
+        with self._cv:
+            plan = self.scheduler.schedule()
+        t0 = time.perf_counter()
+        try:
+            self._execute(plan)
+        except Exception as e:  # a failed step fails its requests, not the server
+            log.exception("engine step failed")
+            self._fail(plan, f"{type(e).__name__}: {e}")
+        with self._cv:
+            self.scheduler.complete(plan)
+            self._cv.notify_all()  # shutdown() waits on this condition
+        if plan.has_compute:
+            self.m_steps.observe(time.perf_counter() - t0)
 
     def _on_admit(self, req: Request) -> None:
+        if "start_state" in req.extra:
+            return  # a caller's context: the prompt is read on top of it, never from the cache
         hit = self.cache.lookup(req.prompt_ids)
         if hit is not None:
             req.num_computed = req.num_cached = hit[0]
-            req.extra["restore"] = hit[1]
+            req.extra["start_state"] = hit[1]
             self.m_cached_tokens.inc(hit[0])
 
     def _execute(self, plan: StepPlan) -> None:
         now = time.monotonic()
+        pool = self.pool
         for req in plan.dropped:
             self._emit(req, [Delta(s.index, finish_reason=s.finish_reason) for s in req.seqs])
             self._request_done(req, now)
@@ -198,43 +289,131 @@ class Engine:
             self._release(s, now)
         for req in plan.admitted:
             self.m_queue_time.observe(now - req.arrival)
-            for s in req.seqs:
-                self.pool.alloc(s.key)
-            restore = req.extra.pop("restore", None)
-            if restore is not None:
-                self.pool.write(req.seqs[0].key, restore)
-        for chunk in plan.prefill:
-            logits_1V = self.runner.prefill(chunk)
-            if logits_1V is None:
-                continue
-            req = chunk.request
             head = req.seqs[0].key
-            self.pool.copy(head, [s.key for s in req.seqs[1:]])
+            pool.park(head)
+            start = req.extra.get("start_state")
+            if start is not None:
+                pool.write(head, start.to(pool.device) if start.device != pool.device else start)
+        # 1. the decode step of every decoding sequence (before the prompts: it scribbles on the
+        #    scratch rows that joining sequences take below)
+        n = pool.num_decoding
+        assert n == len(plan.decode), (n, len(plan.decode))
+        if n:
+            self.runner.decode(n)
+            self.m_batch.observe(n)
+            for key in pool.decode_keys():
+                self._live[key].extra["fed"] += 1
+        # 2. this step's prompt chunks, batched; prompts that are done join the decode rows
+        if plan.prefill:
+            self._prefill(plan)
+        # 3. the step's results go to the host behind it; 4. the previous step's are handled now
+        keys = pool.decode_keys()
+        top = max((self._live[k].extra["top_logprobs"] for k in keys), default=0)
+        pending = self.runner.readback(keys, top) if keys else None
+        prev, self._pending = self._pending, pending
+        if prev is not None:
+            self._process(prev)
+
+    def _prefill(self, plan: StepPlan) -> None:
+        pool = self.pool
+        works = []
+        for chunk in plan.prefill:
+            req = chunk.request
+            row = pool.row(req.seqs[0].key)
+            continues = chunk.start > 0 or "start_state" in req.extra
+            works.append(PrefillWork(req.prompt_ids[chunk.start:chunk.end], row, continues, chunk.is_last,
+                                     tag=chunk))
+        try:
+            done = self.runner.prefill(works)
+        except Exception as e:  # noqa: BLE001 - the prompts fail, the decoding streams go on
+            log.exception("prefill failed")
+            for w in works:
+                self._fail_request(w.tag.request, f"{type(e).__name__}: {e}")
+            return
+        for w in works:
+            cb = w.tag.request.extra.get("progress")
+            if cb is not None:
+                cb(len(w.ids))
+        first = pool.num_decoding
+        logits, params, seeds, seen = [], [], [], []
+        t = time.monotonic()
+        for w, logits_V, state in done:
+            req = w.tag.request
+            if req.cancelled:
+                continue
+            if req.extra.get("want_state"):
+                req.extra["prompt_state"] = self._with_seen(
+                    State(state.config, state.conv.clone(), state.ssm.clone()), req, 0)
             if self.cache.enabled:
-                self.cache.put(req.prompt_ids, self.pool.read(head, self.cache.device))
-            sampled = self.runner.sample(logits_1V.expand(req.n, -1), req.seqs)
-            t = time.monotonic()
-            self.m_ttft.observe(t - req.arrival)
-            req.extra["t_first"] = t
-            deltas = [self._advance(s, x, t) for s, x in zip(req.seqs, sampled)]
-            self._emit(req, deltas)
-        if plan.decode:
-            logits_BV, rows = self.runner.decode(plan.decode)
-            self.m_batch.observe(len(rows))
-            sampled = self.runner.sample(logits_BV, rows)
-            t = time.monotonic()
-            by_req: dict[int, tuple[Request, list[Delta]]] = {}
-            for s, x in zip(rows, sampled):
-                if s.request.cancelled:
-                    continue
-                by_req.setdefault(s.request.uid, (s.request, []))[1].append(self._advance(s, x, t))
-            for req, deltas in by_req.values():
+                dev = self.cache.device
+                self.cache.put(req.prompt_ids, state.to(dev) if state.device != dev
+                               else State(state.config, state.conv.clone(), state.ssm.clone()))
+            p: SamplingParams = req.params
+            if p.max_new_tokens == 0:  # read the prompt only
+                deltas = []
+                for s in req.seqs:
+                    s.extra["state"] = req.extra["prompt_state"]
+                    s.finish("length")
+                    deltas.append(Delta(s.index, finish_reason="length"))
                 self._emit(req, deltas)
+                continue
+            row0 = pool.join([s.key for s in req.seqs])
+            for s in req.seqs:
+                self._live[s.key] = s
+                pool.write_rows(pool.row(s.key), state)
+                logits.append(logits_V)
+                params.append(p)
+                seeds.append(s.extra["seed"])
+                seen.append(req.prompt_ids)
+            req.extra["t_prefilled"] = t
+            assert row0 == first + len(params) - req.n
+        if logits:
+            pool.set_sampling(first, params, seeds, seen)
+            self.runner.sample_joined(first, torch.stack(logits))
+
+    def _with_seen(self, state: State, req: Request, generated: int) -> State:
+        state.tokens_seen = req.extra["tokens_before"] + req.prompt_len + generated
+        return state
+
+    def _process(self, pend: Pending) -> None:
+        """Hand the tokens of a finished step to their sequences."""
+        pend.wait()
+        toks, lps, status = pend.tokens.tolist(), pend.logprob.tolist(), pend.status.tolist()
+        tops = None
+        if pend.top_values is not None:
+            tops = (pend.top_values.tolist(), pend.top_ids.tolist())
+        t = time.monotonic()
+        by_req: dict[int, tuple[Request, list[Delta]]] = {}
+        for i, key in enumerate(pend.keys):
+            s = self._live.get(key)
+            if s is None or s.finished or s.request.cancelled:
+                continue  # ended at an earlier step: this step's token is the one extra
+            if status[i] != 0:
+                s.finish("error")
+                d = Delta(s.index, finish_reason="error",
+                          error="the model produced no finite logit for this sequence")
+            else:
+                x = Sampled(toks[i])
+                params: SamplingParams = s.extra["params"]
+                if params.logprobs:
+                    x.logprob = lps[i]
+                    k = s.extra["top_logprobs"]
+                    if k and tops is not None:
+                        x.top = list(zip(tops[1][i][:k], tops[0][i][:k]))
+                d = self._advance(s, x, t)
+            by_req.setdefault(s.request.uid, (s.request, []))[1].append(d)
+        for req, deltas in by_req.values():
+            self._emit(req, deltas)
 
     def _advance(self, s: Sequence, x: Sampled, t: float) -> Delta:
         """Append one sampled token to a sequence and decide whether it ends it."""
         last_t = s.extra.get("t_last")
-        if last_t is not None:
+        if last_t is None:
+            req = s.request
+            if "t_first" not in req.extra:
+                req.extra["t_first"] = t
+                self.m_ttft.observe(t - req.arrival)
+        else:
             self.m_tpot.observe(t - last_t)
         s.extra["t_last"] = t
         s.output_ids.append(x.token)
@@ -265,17 +444,24 @@ class Engine:
         return d
 
     def _keep_final_state(self, s: Sequence) -> None:
-        """Cache a finished answer's state before the client hears of the end, so that a next
-        turn sent at once already finds it. The state has read the prompt and every generated
-        token but the last (which was sampled, not fed)."""
-        if self.cache.enabled and s.finish_reason in ("stop", "length") and len(s.output_ids) > 1:
-            self.cache.put(s.request.prompt_ids + s.output_ids[:-1],
-                           self.pool.read(s.key, self.cache.device))
+        """Keep a finished answer's state (for the caller, and in the prefix cache before the client
+        hears of the end, so that a next turn sent at once already finds it). The step launched
+        before this one fed the sequence's last token: the row has read the prompt and
+        output_ids[:fed] (every returned token)."""
+        if s.finish_reason not in ("stop", "length"):
+            return
+        fed = min(s.extra["fed"], len(s.output_ids))
+        req = s.request
+        if req.extra.get("want_state"):
+            s.extra["state"] = self._with_seen(self.pool.read(s.key), req, fed)
+        if self.cache.enabled and fed > 0:
+            self.cache.put(req.prompt_ids + s.output_ids[:fed], self.pool.read(s.key, self.cache.device))
 
     def _release(self, s: Sequence, now: float) -> None:
-        """A sequence ended: free its slot."""
+        """A sequence ended: free its row."""
         if s.key in self.pool:  # not when the step that admitted it failed
             self.pool.free(s.key)
+        self._live.pop(s.key, None)
         self.m_finished.inc(reason=s.finish_reason)
         req = s.request
         req.extra["released"] = req.extra.get("released", 0) + 1
@@ -301,18 +487,22 @@ class Engine:
             log.exception("request sink failed")
             req.cancel()
 
-    def _fail(self, plan: StepPlan) -> None:
+    def _fail_request(self, req: Request, why: str) -> None:
+        deltas = []
+        for s in req.seqs:
+            if not s.finished:
+                s.finish("error")
+                deltas.append(Delta(s.index, finish_reason="error", error=why))
+        req.cancel()  # so the scheduler gives the slots back
+        self._emit(req, deltas)
+
+    def _fail(self, plan: StepPlan, why: str) -> None:
         reqs = {c.request.uid: c.request for c in plan.prefill}
         reqs.update({s.request.uid: s.request for s in plan.decode})
         reqs.update({r.uid: r for r in plan.admitted})
         for req in reqs.values():
-            deltas = []
-            for s in req.seqs:
-                if not s.finished:
-                    s.finish("error")
-                    deltas.append(Delta(s.index, finish_reason="error"))
-            req.cancel()  # so the scheduler gives the slots back
-            self._emit(req, deltas)
+            self._fail_request(req, why)
+        self._pending = None  # that step's results cannot be trusted
 
     # ---- metrics ---------------------------------------------------------------------------
     def _init_metrics(self) -> None:

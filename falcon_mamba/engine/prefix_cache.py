@@ -9,7 +9,9 @@ whatever the prefix length, so a 100k-token context costs one slot's bytes to ke
   one token must remain to read: the logits of the last prompt token are needed to sample).
 - Entries are least-recently-used within ``max_bytes`` (states plus their token keys); an evicted
   entry is written to ``spill_dir`` when one is given, within ``max_disk_bytes``, and read back on
-  a hit. The spill folder belongs to this process: it is emptied at start and at ``close``.
+  a hit. The files go to a private subfolder of ``spill_dir`` (``falcon-mamba-spill.PID.*.tmp``)
+  that is removed at ``close``; the folder itself and anything else in it are never touched, but
+  for spill subfolders left by processes that no longer run (killed with kill -9), removed at start.
 
 Keys are verified token by token on a hit; hashes only find candidates.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import array
 import os
 import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,6 +31,22 @@ from pathlib import Path
 import torch
 
 from falcon_mamba.state import State, load_state
+
+
+def _private_spill_dir(folder: Path) -> Path:
+    """A new subfolder of folder for this process's spilled states (UserError if folder is a file
+    or cannot be written)."""
+    from falcon_mamba.atomic import remove_stale_temps
+    from falcon_mamba.errors import UserError
+
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--prefix-cache-dir {folder}: is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder / "falcon-mamba-spill")
+        return Path(tempfile.mkdtemp(dir=folder, prefix=f"falcon-mamba-spill.{os.getpid()}.", suffix=".tmp"))
+    except OSError as e:
+        raise UserError(f"--prefix-cache-dir {folder}: cannot write there ({e.strerror})") from None
 
 
 def _prefix_hashes(tokens: Sequence[int]):
@@ -63,10 +82,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.max_disk_bytes = max_disk_bytes if spill_dir else 0
         self.device = torch.device(device)
-        self.spill_dir = Path(spill_dir) if spill_dir else None
-        if self.spill_dir is not None:
-            shutil.rmtree(self.spill_dir, ignore_errors=True)
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.spill_dir = _private_spill_dir(Path(spill_dir)) if spill_dir else None
         self._entries: OrderedDict[tuple[int, int], _Entry] = OrderedDict()  # LRU order
         self._lengths: dict[int, int] = {}  # key length -> how many entries have it
         self._lock = threading.Lock()

@@ -64,6 +64,7 @@ class Request:
     status: Status = Status.WAITING
     num_computed: int = 0
     num_cached: int = 0  # prompt tokens that came from the prefix cache
+    chunk: int | None = None  # prompt tokens per chunk for this request (None: the scheduler's)
     cancelled: bool = False
     seqs: list[Sequence] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,27 +1,37 @@
-"""The runner: executes a step plan on the model. All the torch of the engine is here.
+"""The runner: executes the engine's work on the model. All the torch of the engine is here.
 
-- Prefill: one chunk of one request, ``model.forward(ids, state, last_only=True)`` from the slot's
-  state (None for a fresh prompt's first chunk), the new state copied back into the slot.
-- Decode: ``model.step`` on a contiguous view of the decoding slots (rows 0..n-1 of the pool),
-  which updates them in place; one token per sequence.
-- Sampling: ``falcon_mamba.sampling.sample`` with each sequence's own parameters and generator, so
-  a row's draw does not depend on the other rows; log-probabilities of the raw distribution.
+- Decode: one step of the pool's decoding rows through decode/graphs.py (a CUDA-graph replay on a
+  GPU: the fused step, then the sampler writes each row's next token where the next step reads it).
+  Nothing is read back here.
+- Prefill: the prompt chunks of one engine step, batched: chunks that start a prompt from nothing
+  are left-padded to the batch's length with a document reset at their first token (the reset
+  drops whatever the padding put into the state and the conv window, so each row's final state and
+  last logits are those of its prompt alone), chunks that continue from a state (a prompt's later
+  chunks, a prefix-cache hit, a caller's state) batch with chunks of exactly their length. Few,
+  wide launches instead of one per prompt.
+- Sampling of a prompt's first token: the same sampler, on the rows the prompt's sequences join.
+- Readback: the step's tokens, log-probabilities and statuses are copied to pinned host memory
+  behind the step, with an event; the engine reads them while the GPU already runs the next step.
 
-Legend: B batch (decoding sequences), L chunk length, V vocab, T top-logprobs count.
+Legend: B rows, L chunk length, V vocab, T top-logprobs count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from falcon_mamba.engine.request import Sequence
-from falcon_mamba.engine.scheduler import PrefillChunk
+from falcon_mamba.decode.graphs import DecodeGraphs
+from falcon_mamba.decode.modes import DecodeOptions
 from falcon_mamba.engine.state_pool import StatePool
-from falcon_mamba.model import FalconMamba
-from falcon_mamba.sampling import sample
+from falcon_mamba.state import State
+
+# A batch of prompt chunks may hold at most this many padding tokens per real token (left padding of
+# fresh prompts up to the longest chunk of the batch); past that the chunk starts another batch.
+PAD_RATIO = 0.25
+PAD_SLACK = 32  # ...plus this many padding tokens, so short prompts always batch together
 
 
 @dataclass
@@ -33,54 +43,204 @@ class Sampled:
     top: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
+@dataclass
+class PrefillWork:
+    """One prompt chunk to read: ids, the pool row holding the state it continues (None: from
+    nothing), and whether it ends the prompt (else its state goes back into ``row``)."""
+
+    ids: list[int]
+    row: int | None  # parked row of the request
+    continues: bool  # the chunk starts from the state in `row` (else from a zero state)
+    is_last: bool
+    tag: object = None  # the caller's handle (the engine's chunk)
+
+
+@dataclass
+class Pending:
+    """The host copies of one step's results, valid once ``wait()`` returns. keys[i]: the sequence
+    key of row i at the time of the step."""
+
+    keys: list
+    tokens: torch.Tensor
+    logprob: torch.Tensor
+    status: torch.Tensor
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None
+    extra: dict = field(default_factory=dict)
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
 class Runner:
-    def __init__(self, model: FalconMamba, pool: StatePool):
+    def __init__(self, model, pool: StatePool, options: DecodeOptions | None = None):
         self.model = model
         self.pool = pool
         self.device = model.device
+        self.graphs = DecodeGraphs(model, pool, options)
+        self._step_logits: list[torch.Tensor] = []  # raw logits of this step's rows, in row order
+
+    # ---- decode --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, rows: int) -> None:
+        """One step for the pool's decoding rows [0, rows)."""
+        logits = self.graphs.step(rows)
+        self._step_logits = [logits[:rows]]
+
+    # ---- prefill -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, works: Seq[PrefillWork]) -> list[tuple[PrefillWork, torch.Tensor, State]]:
+        """Read these chunks (batched). Chunks that do not end their prompt have their state written
+        back into their row; for those that do: (work, logits (V,) fp32, their state (1 row, a view
+        of this batch's output: copy it before the next prefill))."""
+        done = []
+        for group in _batches(works):
+            done.extend(self._prefill_batch(group))
+        return done
 
     @torch.inference_mode()
-    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        """Read one chunk into the request's first slot; the last chunk returns logits (1, V)."""
-        req = chunk.request
-        key = req.seqs[0].key
-        ids_1L = torch.tensor([req.prompt_ids[chunk.start:chunk.end]], dtype=torch.long,
-                              device=self.device)
-        state = None if chunk.start == 0 else self.pool.view(key)
-        logits_1LV, new_state = self.model(ids_1L, state=state, last_only=True)
-        self.pool.write(key, new_state)
-        return logits_1LV[:, -1] if chunk.is_last else None
+    def warm_prefill(self) -> None:
+        """Run one of each kind of prefill batch on scratch rows (a lone prompt, a padded batch
+        with document resets, chunks that continue a state alone and gathered), so that Triton
+        compiles those kernel variants now rather than during the first requests (measured on the
+        H200: a first batch of 16 prompts waited 2.2 s for its compiles). The rows' contents are
+        left as they were."""
+        V = self.model.config.vocab_size
+        top = self.pool.num_rows - 1
+        saved = self.pool.gather([top, top - 1])
+        ids = [(i * 7919) % V for i in range(48)]
+        # Triton specialises integer arguments on == 1 and on divisibility by 16: batches of 1, 3
+        # and 16 rows, lengths of 17 and 32
+        cases = [[PrefillWork(ids[:17], None, False, True)], [PrefillWork(ids[:32], None, False, True)],
+                 [PrefillWork(ids[:40], None, False, True), PrefillWork(ids[:9], None, False, True),
+                  PrefillWork(ids[:33], None, False, False)],
+                 [PrefillWork(ids[:32 - i % 5], None, False, True) for i in range(16)],
+                 [PrefillWork(ids[:32], top, True, False)],
+                 [PrefillWork(ids[:32], top, True, True), PrefillWork(ids[:32], top - 1, True, True)]]
+        for works in cases:
+            for w in works:
+                if w.row is None and not w.is_last:
+                    w.row = top
+            self.prefill(works)
+        self.pool.write_rows(top - 1, State(saved.config, saved.conv[:, 1:], saved.ssm[:, 1:]))
+        self.pool.write_rows(top, State(saved.config, saved.conv[:, :1], saved.ssm[:, :1]))
 
-    @torch.inference_mode()
-    def decode(self, seqs: Seq[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
-        """One step for every sequence: (logits (B, V), the sequence of each row)."""
-        by_key = {s.key: s for s in seqs}
-        state, keys = self.pool.batch_view(list(by_key))
-        rows = [by_key[k] for k in keys]
-        tokens_B = torch.tensor([s.output_ids[-1] for s in rows], dtype=torch.long, device=self.device)
-        return self.model.step(tokens_B, state), rows
+    def _prefill_batch(self, group: list[PrefillWork]) -> list[tuple[PrefillWork, torch.Tensor, State]]:
+        L = max(len(w.ids) for w in group)
+        ids = torch.zeros(len(group), L, dtype=torch.long)
+        reset = torch.zeros(len(group), L, dtype=torch.bool)
+        padded = False
+        for b, w in enumerate(group):
+            ids[b, L - len(w.ids):] = torch.as_tensor(w.ids, dtype=torch.long)
+            if len(w.ids) < L:
+                assert not w.continues, "a chunk that continues a state is never padded"
+                reset[b, L - len(w.ids)] = True
+                padded = True
+        state = None
+        if any(w.continues for w in group):
+            rows = [w.row if w.continues else None for w in group]
+            state = self._initial_states(rows)
+        dev = self.device
+        pin = dev.type == "cuda"
+        ids = ids.pin_memory().to(dev, non_blocking=True) if pin else ids
+        reset_BL = None
+        if padded:
+            reset_BL = reset.pin_memory().to(dev, non_blocking=True) if pin else reset
+        logits_B1V, out = self.model(ids, state=state, last_only=True, reset_BL=reset_BL)
+        done = []
+        pool_state = self.pool.state
+        for b, w in enumerate(group):
+            if w.is_last:
+                done.append((w, logits_B1V[b, -1], State(self.model.config, out.conv[:, b:b + 1],
+                                                          out.ssm[:, b:b + 1])))
+            else:
+                pool_state.conv[:, w.row].copy_(out.conv[:, b])
+                pool_state.ssm[:, w.row].copy_(out.ssm[:, b])
+        return done
 
+    def _initial_states(self, rows: list[int | None]) -> State:
+        """The start state of each batch row: the pool row's, or zeros (None). One row that
+        continues: a view of its pool row (the forward only reads it). No host synchronisation:
+        the row indices go to the device through pinned memory."""
+        pool = self.pool
+        if len(rows) == 1:
+            r = rows[0]
+            return State(self.model.config, pool.state.conv[:, r:r + 1], pool.state.ssm[:, r:r + 1])
+        st = State.zeros(self.model.config, len(rows), self.model.dtype, self.device)
+        have = [(b, r) for b, r in enumerate(rows) if r is not None]
+        idx_b = _to_device([b for b, _ in have], self.device)
+        idx_r = _to_device([r for _, r in have], self.device)
+        st.conv.index_copy_(1, idx_b, pool.state.conv.index_select(1, idx_r))
+        st.ssm.index_copy_(1, idx_b, pool.state.ssm.index_select(1, idx_r))
+        return st
+
+    # ---- a prompt's first token ----------------------------------------------------------------
     @torch.inference_mode()
-    def sample(self, logits_BV: torch.Tensor, seqs: Seq[Sequence]) -> list[Sampled]:
-        """One token per row; seq.extra holds 'generator' and 'params' (SamplingParams) and
-        optionally 'top_logprobs' (how many alternatives to report)."""
-        params = [s.extra["params"] for s in seqs]
-        gens = [s.extra.get("generator") for s in seqs]
-        prev = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            prev = [s.request.prompt_ids + s.output_ids for s in seqs]
-        tokens_B = sample(logits_BV, params, gens, prev)
-        out = [Sampled(int(t)) for t in tokens_B.tolist()]
-        want = [i for i, p in enumerate(params) if p.logprobs]
-        if want:
-            idx = torch.tensor(want, device=logits_BV.device)
-            logp = logits_BV.index_select(0, idx).float().log_softmax(-1)
-            chosen = logp.gather(-1, tokens_B.index_select(0, idx)[:, None])[:, 0].tolist()
-            k = max(seqs[i].extra.get("top_logprobs", 0) for i in want)
-            top_v, top_i = logp.topk(k, -1) if k else (None, None)
-            for j, i in enumerate(want):
-                out[i].logprob = chosen[j]
-                ki = seqs[i].extra.get("top_logprobs", 0)
-                if ki:
-                    out[i].top = list(zip(top_i[j, :ki].tolist(), top_v[j, :ki].tolist()))
-        return out
+    def sample_joined(self, first: int, logits_JV: torch.Tensor) -> None:
+        """Draw the first token of the sequences that joined at rows first..first+J-1 (their
+        sampling rows are set) from their prompts' last logits."""
+        from falcon_mamba.ops.sample import sample_rows
+
+        J = logits_JV.shape[0]
+        p = self.pool
+        sl = slice(first, first + J)
+        sample_rows(logits_JV, p.sampler_rows(first, J), p.tokens[sl], p.logprob[sl], p.status[sl])
+        self._step_logits.append(logits_JV)
+
+    # ---- reading results back ------------------------------------------------------------------
+    @torch.inference_mode()
+    def readback(self, keys: list, top_logprobs: int = 0) -> Pending:
+        """Copy the results of rows [0, len(keys)) (this step's decode rows, then the rows that
+        joined) to the host behind the step; top_logprobs > 0 also takes the T most likely tokens
+        of each row's raw distribution."""
+        n = len(keys)
+        p = self.pool
+        cuda = self.device.type == "cuda"
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            if not cuda:
+                return t.clone()
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.copy_(t, non_blocking=True)
+            return out
+
+        pend = Pending(list(keys), host(p.tokens[:n]), host(p.logprob[:n]), host(p.status[:n]))
+        if top_logprobs > 0 and self._step_logits:
+            logits = torch.cat(self._step_logits) if len(self._step_logits) > 1 else self._step_logits[0]
+            logp = logits.float().log_softmax(-1)
+            v, i = logp.topk(min(top_logprobs, logp.shape[-1]), -1)
+            pend.top_values, pend.top_ids = host(v), host(i)
+        self._step_logits = []
+        if cuda:
+            pend.event = torch.cuda.Event()
+            pend.event.record()
+        return pend
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 indices on the device without waiting for the queued GPU work (pinned, async)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _batches(works: Seq[PrefillWork]) -> list[list[PrefillWork]]:
+    """Group chunks into batches: longest first; a chunk joins the first batch it fits (a chunk
+    that continues a state only where it is as long as the batch, a fresh one where its padding
+    keeps the batch's padding within PAD_RATIO of its real tokens + PAD_SLACK)."""
+    groups: list[list[PrefillWork]] = []
+    for w in sorted(works, key=lambda w: -len(w.ids)):
+        for g in groups:
+            L = len(g[0].ids)
+            if w.continues and len(w.ids) != L:
+                continue
+            real = sum(len(x.ids) for x in g) + len(w.ids)
+            if L * (len(g) + 1) - real <= PAD_RATIO * real + PAD_SLACK:
+                g.append(w)
+                break
+        else:
+            groups.append([w])
+    return groups

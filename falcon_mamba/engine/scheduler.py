@@ -139,7 +139,7 @@ class Scheduler:
         budget = self.prefill_budget
         for req in self.prefilling:
             start = req.num_computed
-            end = min(start + self.prefill_chunk, req.prompt_len)
+            end = min(start + (req.chunk or self.prefill_chunk), req.prompt_len)
             if plan.prefill and end - start > budget:
                 break
             plan.prefill.append(PrefillChunk(req, start, end))

@@ -1,15 +1,26 @@
-"""A pool of fixed-size state slots: one State whose batch rows are handed out to sequences.
+"""The state pool: one State whose batch rows hold the sequences being served, plus the per-row
+tables the decode step reads and writes (the next input token, the sampling parameters, the draw
+counter, the seen-token mask, the sampled token's log-probability and status).
 
 Mamba's whole per-sequence memory is one state of fixed size (conv + SSM, about 37 MB for the 7B
 with a bf16 conv state), so the number of sequences a server can hold is just
 ``memory budget // slot_bytes``: no paging, no fragmentation, no eviction mid-answer.
 
-Decode runs on a contiguous view of the first rows, not on a gathered copy: ``batch_view(keys)``
-moves the requested sequences into rows 0..n-1 (a row swap only when the membership changed)
-and returns ``State(conv[:, :n], ssm[:, :n])``, which ``model.step`` updates in place. Each
-layer's slice ``conv[l, :n]`` is contiguous, so no kernel sees a strided state.
+Layout of the R = num_slots + PAD_ROWS rows:
 
-Legend: nL layers, S slots, K conv width, D inner width, N state size.
+    [0, n)           decoding sequences, packed (the decode graph of bucket(n) reads rows [0, bucket(n)))
+    [n, R - m)       free
+    [R - m, R)       parked states: requests still reading their prompt, packed at the top
+
+The decode step for n sequences runs over rows [0, bucket(n)) (decode/graphs.py captures one graph
+per bucket over these very tensors, so a step copies no state). Rows n..bucket(n)-1 are scratch: the
+step writes garbage there, so they must hold nothing live. PAD_ROWS is the largest bucket(n) - n and
+the scheduler holds at most num_slots sequences (decoding + parked), so bucket(n) <= R - m always:
+no parked state is ever inside the decode rows. A sequence joining the decode batch takes row n (its
+prompt's final state is written there directly); one leaving is replaced by the last decoding row
+(one row copy: the rows stay packed). Parked rows are kept packed the same way.
+
+Legend: nL layers, R rows, K conv width, D inner width, N state size, V vocab.
 """
 
 from __future__ import annotations
@@ -22,6 +33,17 @@ from falcon_mamba.config import ModelConfig
 from falcon_mamba.errors import UserError
 from falcon_mamba.state import State
 
+PAD_ROWS = 7  # the largest bucket(n) - n of decode/graphs.py's buckets
+
+
+def bucket(n: int) -> int:
+    """The rows a decode step for n sequences runs over: 1, 2, 4, 8, then multiples of 8."""
+    if n <= 2:
+        return n
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    return (n + 7) // 8 * 8
+
 
 def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of one sequence's state: conv (nL, K-1, D) in the model dtype + SSM (nL, D, N) fp32."""
@@ -32,55 +54,130 @@ def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
 
 def slots_for_budget(config: ModelConfig, dtype: torch.dtype, budget_bytes: int,
                      max_slots: int) -> int:
-    """How many slots fit in budget_bytes, at most max_slots; at least one must fit."""
+    """How many slots fit in budget_bytes (the pool's padding rows included), at most max_slots;
+    at least one must fit."""
     per = slot_bytes(config, dtype)
-    n = min(max_slots, budget_bytes // per)
+    n = min(max_slots, budget_bytes // per - PAD_ROWS)
     if n < 1:
         raise UserError(f"the state memory budget ({budget_bytes:,} bytes) holds no sequence; one "
-                        f"needs {per:,} bytes; raise --state-memory")
+                        f"needs {per:,} bytes (plus {PAD_ROWS} rows of padding); raise --state-memory")
     return int(n)
 
 
 class StatePool:
     def __init__(self, config: ModelConfig, num_slots: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.config = config
         self.num_slots = num_slots
-        self.state = State.zeros(config, num_slots, dtype, device)  # conv (nL,S,K-1,D), ssm (nL,S,D,N)
-        self._row: dict[Hashable, int] = {}
-        self._owner: list[Hashable | None] = [None] * num_slots
+        self.device = torch.device(device)
+        R = self.num_rows = num_slots + PAD_ROWS
+        V = config.vocab_size
+        self.state = State.zeros(config, R, dtype, device)  # conv (nL, R, K-1, D), ssm (nL, R, D, N)
+        from falcon_mamba.ops.sample import SamplerRows
 
+        dev = self.device
+        self.tokens = torch.zeros(R, dtype=torch.long, device=dev)  # each row's next input token
+        self.sampling = SamplerRows.empty(R, dev, V)  # each row's parameters, draw counter, seen mask
+        self.logprob = torch.zeros(R, dtype=torch.float32, device=dev)
+        self.status = torch.zeros(R, dtype=torch.int32, device=dev)
+        self._dec: list[Hashable] = []  # row i holds _dec[i]
+        self._top: list[Hashable] = []  # row R - 1 - i holds _top[i]
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
         return self.state.nbytes
 
     @property
+    def num_decoding(self) -> int:
+        return len(self._dec)
+
+    @property
     def num_used(self) -> int:
-        return len(self._row)
+        return len(self._dec) + len(self._top)
+
+    def decode_keys(self) -> list[Hashable]:
+        """The key of each decoding row, row 0 first."""
+        return list(self._dec)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._row
-
-    def alloc(self, key: Hashable) -> int:
-        if key in self._row:
-            raise KeyError(f"{key!r} already holds a slot")
-        for r, owner in enumerate(self._owner):
-            if owner is None:
-                self._owner[r] = key
-                self._row[key] = r
-                return r
-        raise RuntimeError("state pool is full")  # the scheduler never admits past the slot count
-
-    def free(self, key: Hashable) -> None:
-        self._owner[self._row.pop(key)] = None
+        return key in self._dec or key in self._top
 
     def row(self, key: Hashable) -> int:
-        return self._row[key]
+        if key in self._dec:
+            return self._dec.index(key)
+        return self.num_rows - 1 - self._top.index(key)
 
-    # ---- moving states in and out ------------------------------------------------------------
+    def _per_row(self) -> list[tuple[torch.Tensor, int]]:
+        """Every per-row tensor with its row dimension."""
+        import dataclasses
+
+        s = self.state
+        table = [getattr(self.sampling, f.name) for f in dataclasses.fields(self.sampling)]
+        return [(s.conv, 1), (s.ssm, 1), (self.tokens, 0), *[(t, 0) for t in table],
+                (self.logprob, 0), (self.status, 0)]
+
+    def _move(self, src: int, dst: int) -> None:
+        for t, dim in self._per_row():
+            t.select(dim, dst).copy_(t.select(dim, src))
+
+    def _check_room(self) -> None:
+        if bucket(len(self._dec)) > self.num_rows - len(self._top):
+            raise RuntimeError("state pool over capacity")  # the scheduler never admits past num_slots
+
+    # ---- parked rows (prompts being read) ------------------------------------------------------
+    def park(self, key: Hashable) -> int:
+        """A row at the top for a request still reading its prompt; returns the row."""
+        if key in self:
+            raise KeyError(f"{key!r} already holds a row")
+        if self.num_used >= self.num_slots:
+            raise RuntimeError("state pool is full")  # the scheduler never admits past the slot count
+        self._top.append(key)
+        self._check_room()
+        return self.row(key)
+
+    # ---- decoding rows -------------------------------------------------------------------------
+    def join(self, keys: Sequence[Hashable]) -> int:
+        """Give each key the next decoding row (contiguous, in order); returns the first row. A key
+        that was parked gives its parked row back (the caller writes the joined rows' state)."""
+        first = len(self._dec)
+        for k in keys:
+            if k in self._top:
+                self._unpark(k)
+            elif k in self._dec:
+                raise KeyError(f"{k!r} is already decoding")
+            elif self.num_used >= self.num_slots:
+                raise RuntimeError("state pool is full")
+            self._dec.append(k)
+        self._check_room()
+        return first
+
+    def _unpark(self, key: Hashable) -> None:
+        i = self._top.index(key)
+        last = len(self._top) - 1
+        if i != last:  # the lowest parked row moves up into the hole: parked rows stay packed
+            self._move(self.num_rows - 1 - last, self.num_rows - 1 - i)
+            self._top[i] = self._top[last]
+        self._top.pop()
+
+    def free(self, key: Hashable) -> None:
+        """The key's sequence ended: its row is free (a decoding row is refilled by the last one)."""
+        if key in self._top:
+            self._unpark(key)
+            return
+        i = self._dec.index(key)
+        last = len(self._dec) - 1
+        if i != last:
+            self._move(last, i)
+            self._dec[i] = self._dec[last]
+        self._dec.pop()
+
+    # ---- moving states in and out --------------------------------------------------------------
     def read(self, key: Hashable, device: torch.device | str | None = None) -> State:
-        """A copy of one slot as a batch-1 State (on ``device``, default the pool's)."""
-        r = self._row[key]
+        """A copy of one row's state as a batch-1 State (on ``device``, default the pool's)."""
+        r = self.row(key)
         st = self.state
         conv, ssm = st.conv[:, r:r + 1], st.ssm[:, r:r + 1]
         if device is None or torch.device(device) == st.device:
@@ -89,49 +186,33 @@ class StatePool:
             conv, ssm = conv.to(device), ssm.to(device)
         return State(self.config, conv, ssm)
 
-    def view(self, key: Hashable) -> State:
-        """One slot as a batch-1 State sharing the pool's memory (read it, don't keep it)."""
-        r = self._row[key]
-        return State(self.config, self.state.conv[:, r:r + 1], self.state.ssm[:, r:r + 1])
-
     def write(self, key: Hashable, state: State) -> None:
-        """Copy a batch-1 state into the key's slot."""
+        """Copy a batch-1 state into the key's row."""
         assert state.batch_size == 1, state.batch_size
-        r = self._row[key]
-        self.state.conv[:, r:r + 1].copy_(state.conv)
-        self.state.ssm[:, r:r + 1].copy_(state.ssm)
+        self.write_rows(self.row(key), state)
 
-    def copy(self, src: Hashable, dsts: Sequence[Hashable]) -> None:
-        """Fork: copy one slot into others (n continuations of one prompt)."""
-        if not dsts:
-            return
-        s = self._row[src]
-        idx = torch.tensor([self._row[d] for d in dsts], device=self.state.device)
-        for t in (self.state.conv, self.state.ssm):
-            t.index_copy_(1, idx, t[:, s:s + 1].expand(-1, len(dsts), *t.shape[2:]).contiguous())
+    def write_rows(self, first: int, state: State) -> None:
+        """Copy a state's B rows into rows first..first+B-1."""
+        B = state.batch_size
+        self.state.conv[:, first:first + B].copy_(state.conv)
+        self.state.ssm[:, first:first + B].copy_(state.ssm)
 
-    def batch_view(self, keys: Sequence[Hashable]) -> tuple[State, list[Hashable]]:
-        """Put the given keys in rows 0..n-1 and return (a State viewing those rows, the key of
-        each row). The view shares memory with the pool: model.step on it updates the slots."""
-        n = len(keys)
-        wanted = set(keys)
-        assert len(wanted) == n, "duplicate keys"
-        outsiders = [k for k in keys if self._row[k] >= n]
-        holes = [r for r in range(n) if self._owner[r] not in wanted]
-        assert len(outsiders) == len(holes)
-        if outsiders:
-            src = [self._row[k] for k in outsiders]
-            # Swap each outsider with a hole (a hole may be free or hold a sequence not decoding
-            # now, e.g. one still reading its prompt); the right side is gathered before writing.
-            a = torch.tensor(holes + src, device=self.state.device)
-            b = torch.tensor(src + holes, device=self.state.device)
-            for t in (self.state.conv, self.state.ssm):
-                t[:, a] = t[:, b]
-            for k, r_old, r_new in zip(outsiders, src, holes):
-                other = self._owner[r_new]
-                self._owner[r_new], self._owner[r_old] = k, other
-                self._row[k] = r_new
-                if other is not None:
-                    self._row[other] = r_old
-        st = self.state
-        return State(self.config, st.conv[:, :n], st.ssm[:, :n]), list(self._owner[:n])
+    def gather(self, rows: Sequence[int]) -> State:
+        """The states of these rows as one new State (rows in order)."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        return State(self.config, self.state.conv.index_select(1, idx), self.state.ssm.index_select(1, idx))
+
+    def decode_view(self, rows: int) -> State:
+        """rows [0, rows) as a State sharing the pool's memory (a step on it updates the rows)."""
+        return State(self.config, self.state.conv[:, :rows], self.state.ssm[:, :rows])
+
+    # ---- sampling tables -----------------------------------------------------------------------
+    def sampler_rows(self, first: int, count: int):
+        """rows [first, first + count) of the sampling table (ops.sample.SamplerRows views)."""
+        return self.sampling.rows(first, count)
+
+    def set_sampling(self, first: int, params: Sequence, seeds: Sequence[int],
+                     seen_ids: Sequence[Sequence[int]] | None = None) -> None:
+        """Fill rows first.. with each row's SamplingParams and seed; the draw counter starts at 0;
+        seen_ids (per row, used where a row has a repetition penalty): the prompt's tokens."""
+        self.sampling.set_rows(first, params, seeds, seen_ids)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,8 +110,25 @@ class NLLScorer:
             self.on_chunk(len(chunk))
 
 
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def _last_safe_cut(text: str) -> int:
+    """The position after the last line break between two non-spaces: byte-level tokenizers split
+    there (a whitespace run at a block's end would tokenize differently: its lookahead sees the
+    end of the text), so the blocks' tokens are the whole text's. 0 if there is none."""
+    last = 0
+    for m in _SAFE_CUT.finditer(text, max(0, len(text) - (1 << 16))):
+        last = m.end()
+    if last == 0:
+        for m in _SAFE_CUT.finditer(text):
+            last = m.end()
+    return last
+
+
 def iter_text_blocks(path: str | os.PathLike, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, int]]:
-    """(text, its UTF-8 byte count) blocks of a file, each ending at a line break where possible.
+    """(text, its UTF-8 byte count) blocks of a file, each ending at a line break before a
+    non-space (where tokenizers split) where possible.
     UserError if the file is missing, empty, or not UTF-8 text."""
     path = Path(path)
     if not path.is_file():
@@ -134,13 +152,12 @@ def iter_text_blocks(path: str | os.PathLike, block_bytes: int = BLOCK_BYTES) ->
                 if text:
                     yield text, len(text.encode("utf-8"))
                 return
-            cut = text.rfind("\n") + 1
-            if cut == 0:  # no line break: cut at a space, or read on (bounded)
-                cut = text.rfind(" ") + 1
-                if cut == 0 and len(text) < 8 * block_bytes:
+            cut = _last_safe_cut(text)
+            if cut == 0:  # no safe cut: read on (bounded), then cut anyway
+                if len(text) < 8 * block_bytes:
                     carry = text
                     continue
-                cut = cut or len(text)
+                cut = len(text)
             carry = text[cut:]
             yield text[:cut], len(text[:cut].encode("utf-8"))
 

@@ -78,9 +78,15 @@ def _impl(x: torch.Tensor) -> ModuleType:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """See reference.rms_norm. The backend's kernel where it has one (Triton: one pass over the
-    rows instead of six elementwise kernels in prefill); the reference formula otherwise."""
+    rows instead of six elementwise kernels in prefill); the reference formula otherwise. Under
+    autograd, that forward with norm_autograd's backward (which keeps no fp32 copy of x)."""
     impl = _impl(x)
-    return getattr(impl, "rms_norm", _load("reference").rms_norm)(x, weight, eps)
+    fwd = getattr(impl, "rms_norm", _load("reference").rms_norm)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        from falcon_mamba.ops import norm_autograd
+
+        return norm_autograd.rms_norm(x, weight, eps, fwd)  # training: saves x only (not fp32 copies)
+    return fwd(x, weight, eps)
 
 
 def causal_conv1d(x_BLD, weight_DK, bias_D, conv_state_BKD=None, silu=True, *, reset_BL=None):

@@ -25,7 +25,7 @@ from falcon_mamba.ops.triton_scan import _softplus
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # fused SSM step with dt_proj inside, batch 1 in a CUDA graph on the H100: 32 channels x all 256
 # dt_proj columns per program 3.8 us; 64 x 64-column slices 5.6 us (benchmarks/kernel_bench.py ssm).
-# (decode_step's merged-x_proj int4 mode asks for 16: faster there, slower in the others.)
+# (decode/step.py's merged-x_proj int4 mode asks for 16: faster there, slower in the others.)
 SSM_BLOCK_D = 32
 SSM_WARPS = 4
 SSM_RB = 256  # dt_proj columns per slice (all of the 7B's rank in one)

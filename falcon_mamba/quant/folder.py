@@ -157,14 +157,8 @@ def read_quantization_json(folder: Path, config: ModelConfig) -> dict:
     return meta
 
 
-def load_quantized(folder: str | os.PathLike, config: ModelConfig, dtype: torch.dtype,
-                   device: torch.device | str) -> FalconMamba:
-    """Load a folder written by save_quantized. ``dtype`` applies to the high-precision tensors and
-    the activations; quantized tensors keep their stored types. Missing, unexpected, mis-shaped or
-    mis-typed tensors raise one UserError naming them."""
-    from falcon_mamba.checkpoint import _weight_files, assign_tensors, read_tensors
-
-    folder = Path(folder)
+def _meta_model(folder: Path, config: ModelConfig):
+    """(quantization.json, the model built on the meta device, {name: (shape, dtype)} expected)."""
     meta = read_quantization_json(folder, config)
     bits, group = meta["bits"], meta["group_size"]
     with torch.device("meta"):
@@ -177,6 +171,23 @@ def load_quantized(folder: str | os.PathLike, config: ModelConfig, dtype: torch.
     want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         want.pop("lm_head.weight", None)
+    return meta, model, want
+
+
+def quantized_shapes(folder: str | os.PathLike, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a quantized folder must hold, with their shapes (for checks without loading)."""
+    return {k: v[0] for k, v in _meta_model(Path(folder), config)[2].items()}
+
+
+def load_quantized(folder: str | os.PathLike, config: ModelConfig, dtype: torch.dtype,
+                   device: torch.device | str) -> FalconMamba:
+    """Load a folder written by save_quantized. ``dtype`` applies to the high-precision tensors and
+    the activations; quantized tensors keep their stored types. Missing, unexpected, mis-shaped or
+    mis-typed tensors raise one UserError naming them."""
+    from falcon_mamba.checkpoint import _weight_files, assign_tensors, read_tensors
+
+    folder = Path(folder)
+    meta, model, want = _meta_model(folder, config)
     quant_keys = {f"{m}.{b}" for m in meta["modules"] for b in ("qweight", "scales", "zeros")}
     def target_dtype(name, t):
         if name not in quant_keys:

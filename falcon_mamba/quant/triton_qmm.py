@@ -12,7 +12,10 @@ Larger M (prefill) goes to dequantise + cuBLAS in qlinear.py: there the matmul i
 one dequantisation per call is noise.
 
 Launch parameters are chosen per shape by a small timing search on the first call outside CUDA
-graph capture (``_tune``); during capture, or with FALCON_MAMBA_QMM_TUNE=0, a fixed heuristic is used.
+graph capture (``_tune``); during capture, or after ``configure(tune=False)``, a fixed heuristic is
+used. The choices are kept on disk per GPU and shape (decode/tuning.py) once ``configure(cache_dir=)``
+names the folder (the decoder does, from its DecodeOptions), so a restarted process does not time
+them again.
 Index arithmetic on weight rows is 64-bit (lm_head: 65024 x 4096 bytes is past 2^31 nibbles).
 
 Legend: M rows of x, N out features, K in features, Kp padded K, G group size.
@@ -20,7 +23,7 @@ Legend: M rows of x, N out features, K in features, Kp padded K, G group size.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import torch
 import triton
@@ -226,6 +229,22 @@ def _dot_default(M, bits, group):
 
 
 _tuned: dict[tuple, tuple] = {}
+_settings: dict = {"tune": True, "cache_dir": None}
+
+
+def configure(tune: bool | None = None, cache_dir: Path | None = None) -> None:
+    """Set once at the edge: whether to time launch configs (False: the fixed heuristic) and the
+    folder of the on-disk tuning cache (None leaves it as it is)."""
+    if tune is not None:
+        _settings["tune"] = tune
+    if cache_dir is not None:
+        _settings["cache_dir"] = cache_dir
+
+
+def _disk_key(key) -> str:
+    import triton as _t
+
+    return "qmm|" + "|".join(str(k) for k in key) + f"|triton={_t.__version__}"
 
 
 def _tune(key, launch, candidates, default, args):
@@ -233,9 +252,15 @@ def _tune(key, launch, candidates, default, args):
     if key in _tuned:
         return _tuned[key]
     x = args[0]
-    if (x.device.type != "cuda" or os.environ.get("FALCON_MAMBA_QMM_TUNE", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()):
+    if x.device.type != "cuda" or not _settings["tune"] or torch.cuda.is_current_stream_capturing():
         return default
+    from falcon_mamba.decode import tuning
+
+    folder = _settings["cache_dir"]
+    hit = tuning.load(folder, x.device, _disk_key(key))
+    if hit is not None and tuple(hit.get("config", ())) in {tuple(c) for c in candidates}:
+        _tuned[key] = tuple(hit["config"])
+        return _tuned[key]
     best, best_t = default, float("inf")
     for cfg in candidates:
         try:
@@ -253,6 +278,7 @@ def _tune(key, launch, candidates, default, args):
         if t < best_t:
             best, best_t = cfg, t
     _tuned[key] = best
+    tuning.store(folder, x.device, _disk_key(key), {"config": list(best), "ms_per_10": best_t})
     return best
 
 

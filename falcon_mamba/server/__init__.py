@@ -11,6 +11,34 @@ from falcon_mamba.server.app import ServerSettings, create_app
 __all__ = ["ServerSettings", "create_app", "make_server", "run"]
 
 
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's HTTP protocol class (h11 or httptools, whichever it picked) with a header timeout:
+    a connection that has not sent a complete request head within timeout_s of opening (or of its
+    last response) is closed. uvicorn has none, so a client sending half a request head would
+    hold its connection forever. (An idle keep-alive connection is closed sooner, by uvicorn.)"""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeout(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self):
+            self.loop.call_later(timeout_s, self._header_deadline, self.cycle)
+
+        def _header_deadline(self, armed):
+            cycle = self.cycle
+            waiting = cycle is None or cycle.response_complete  # no request in progress
+            if cycle is armed and waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeout
+
+
 def make_server(engine, tokenizer, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
                 grace_s: float = 10.0, log_level: str = "warning", drain: bool = True):
     """A uvicorn Server whose shutdown drains the engine: new requests get 503, running ones have
@@ -25,7 +53,8 @@ def make_server(engine, tokenizer, settings: ServerSettings, host: str = "127.0.
 
     app = create_app(engine, tokenizer, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=grace_s + 5, access_log=False)
+                            timeout_graceful_shutdown=grace_s + 5, access_log=False,
+                            http=header_timeout_protocol(settings.header_timeout_s))
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager

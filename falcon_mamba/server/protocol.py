@@ -19,6 +19,7 @@ from falcon_mamba.sampling import SamplingParams
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 4
+MAX_INT = (1 << 31) - 1  # max_tokens, top_k: larger values cannot be computed with anyway
 
 
 class APIError(Exception):
@@ -43,15 +44,32 @@ def _bad(param: str, message: str) -> APIError:
 
 
 # ---- field checks ---------------------------------------------------------------------------
-def _int(body: dict, name: str, default, low: int, high: int | None = None):
+def _short(v) -> str:
+    """A value for an error message, never longer than a line (a 4000-digit integer is not)."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
+def _int(body: dict, name: str, default, low: int, high: int = MAX_INT):
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(name, f"'{name}' must be an integer, got {v!r}")
-    if v < low or (high is not None and v > high):
-        rng = f">= {low}" if high is None else f"between {low} and {high}"
-        raise _bad(name, f"'{name}' must be {rng}, got {v}")
+        raise _bad(name, f"'{name}' must be an integer, got {_short(v)}")
+    if v < low or v > high:
+        raise _bad(name, f"'{name}' must be between {low} and {high}, got {_short(v)}")
+    return v
+
+
+def _text(v: str, param: str) -> str:
+    """A string from the body must be Unicode text: JSON may carry a lone surrogate (\\ud800), which
+    has no UTF-8 form and cannot be tokenized."""
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _bad(param, f"'{param}' holds a lone surrogate at character {e.start} (a broken "
+                              "\\ud800-\\udfff escape); send valid Unicode text") from None
     return v
 
 
@@ -59,8 +77,14 @@ def _float(body: dict, name: str, default: float, low: float, high: float, low_o
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(name, f"'{name}' must be a number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(name, f"'{name}' must be a number, got {_short(v)}")
+    try:
+        v = float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        raise _bad(name, f"'{name}' must be >= {low} and <= {high}, got {_short(v)}") from None
+    if not math.isfinite(v):
+        raise _bad(name, f"'{name}' must be a finite number, got {v!r}")
     if v < low or v > high or (low_open and v == low):
         raise _bad(name, f"'{name}' must be {'>' if low_open else '>='} {low} and <= {high}, got {v}")
     return float(v)
@@ -87,7 +111,7 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise _bad("stop", f"'stop' takes at most {MAX_STOP} strings, got {len(v)}")
     if any(s == "" for s in v):
         raise _bad("stop", "'stop' strings must not be empty")
-    return tuple(v)
+    return tuple(_text(s, "stop") for s in v)
 
 
 def _unsupported(body: dict) -> None:
@@ -133,6 +157,7 @@ def _common(body: dict, default_max_tokens: int, chat: bool) -> tuple[dict, int]
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("model", "'model' is required: the id of a model from GET /v1/models")
+    _text(model, "model")
     _unsupported(body)
     n = _int(body, "n", 1, 1, MAX_N)
     if chat and body.get("max_completion_tokens") is not None:
@@ -141,7 +166,7 @@ def _common(body: dict, default_max_tokens: int, chat: bool) -> tuple[dict, int]
         max_tokens = _int(body, "max_tokens", default_max_tokens, 1)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad("seed", f"'seed' must be an integer, got {seed!r}")
+        raise _bad("seed", f"'seed' must be an integer, got {_short(seed)}")
     stream = _bool(body, "stream", False)
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
@@ -188,6 +213,9 @@ def parse_completion(body: dict, default_max_tokens: int = 16) -> Job:
                              "token ids or a list of lists of token ids")
     if any(p == "" for p in prompts):
         raise _bad("prompt", "'prompt' must not be empty")
+    for p in prompts:
+        if isinstance(p, str):
+            _text(p, "prompt")
     params = _params(kw, logprobs is not None)
     return Job(prompts=prompts, params=params, top_logprobs=logprobs or 0, **common)
 
@@ -216,6 +244,7 @@ def parse_chat(body: dict, default_max_tokens: int = 1024) -> Job:
             content = "".join(parts)
         if not isinstance(content, str):
             raise _bad(f"{where}.content", f"{where}.content must be a string or a list of text parts")
+        _text(content, f"{where}.content")
         clean.append({"role": "system" if role == "developer" else role, "content": content})
     logprobs = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", 0, 0, MAX_LOGPROBS)

@@ -94,3 +94,31 @@ def export_model(cfg: TrainConfig, model_state: dict, out: str | Path, tokenizer
         merge_lora(model)
     model.to_dtype(dtype)
     return save_model(model, out, tokenizer_dir=tokenizer_dir)
+
+
+def base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype a run's export keeps: the one its init_from checkpoint stores (a bf16 base gives
+    a bf16 fine-tune), float32 for a model trained from scratch."""
+    if not cfg.init_from:
+        return torch.float32
+    from falcon_mamba.checkpoint import stored_dtype
+    from falcon_mamba.hub import resolve_model_dir
+
+    return stored_dtype(resolve_model_dir(cfg.init_from)) or torch.float32
+
+
+def check_adapter_export(cfg: TrainConfig) -> None:
+    """UserError unless the run's LoRA can be written as a PEFT adapter."""
+    from falcon_mamba.hf.adapter import check_peft_targets
+
+    if not cfg.lora_rank:
+        raise UserError("an adapter-only export needs LoRA (--lora-rank R)")
+    check_peft_targets(cfg.lora_targets)
+
+
+def export_adapter(cfg: TrainConfig, model_state: dict, out: str | Path) -> Path:
+    """Write the run's LoRA weights as a PEFT adapter folder for its init_from base."""
+    from falcon_mamba.hf.adapter import lora_state_from, save_adapter
+
+    return save_adapter(lora_state_from(model_state), out, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                        base_model_name_or_path=cfg.init_from or None)

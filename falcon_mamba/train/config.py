@@ -48,6 +48,11 @@ class TrainConfig:
     device: str = "auto"
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
     activation_checkpointing: bool = False
+    fused_loss: bool = True  # lm_head + cross-entropy chunked (train/linear_ce.py): no (B, L, V) logits
+    loss_chunk: int = 0  # tokens per chunk of the fused loss; 0 = ~2^27 logits per chunk
+    # Reduce gradients after every micro-batch, not once per step: FSDP2 then keeps only sharded
+    # gradients (4 bytes per parameter / processes instead of 4 unsharded), for more traffic.
+    sync_every_micro_batch: bool = False
     # ---- fine-tuning --------------------------------------------------------------------------
     init_from: str = ""  # an HF-format model folder to start from (its vocab wins)
     lora_rank: int = 0  # 0: full fine-tuning
@@ -58,8 +63,9 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     eval_tokens: int = 0  # validation targets per source per eval; 0 = the whole split
     save_every: int = 200  # 0: only at the end
+    keep_checkpoints: int = 1  # complete checkpoints kept in OUT/checkpoints (the newest ones)
     time_budget_s: float = 0.0  # > 0: after warm-up, lower `steps` (if needed) to fit this many seconds
-    peak_tflops: float = 0.0  # for MFU; 0 = known GPUs' bf16 peak, none on CPU
+    peak_tflops: float = 0.0  # for MFU; 0 = the bf16 matmul rate measured at the start (CUDA), none on CPU
 
     def __post_init__(self) -> None:
         choices = {"ramp_lr_scaling": ("sqrt", "linear", "none"), "schedule": ("wsd", "cosine", "constant"),
@@ -68,7 +74,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("seq_len", "global_batch", "micro_batch", "steps", "batch_ramp_increment"):
+        for name in ("seq_len", "global_batch", "micro_batch", "steps", "batch_ramp_increment",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_ramp_start and not 0 < self.batch_ramp_start <= self.global_batch:
@@ -77,6 +84,18 @@ class TrainConfig:
             raise UserError("decay_shape=exp needs min_lr_ratio > 0 (e.g. 1/256, as Falcon Mamba)")
         if not 0 <= self.decay_fraction <= 1:
             raise UserError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        ranges = {"lr": (0, 10, False), "beta1": (0, 1, True), "beta2": (0, 1, True),
+                  "adam_eps": (0, 1, False), "min_lr_ratio": (0, 1, True), "weight_decay": (0, 10, True),
+                  "grad_clip": (0, 1e6, True), "lora_alpha": (0, 1e6, False),
+                  "time_budget_s": (0, 1e9, True), "peak_tflops": (0, 1e9, True)}
+        for name, (low, high, closed) in ranges.items():
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (low <= v if closed else low < v) or not v <= high:
+                raise UserError(f"{name} must be {'>=' if closed else '>'} {low} and <= {high}, got {v!r}")
+        for name in ("warmup_steps", "batch_ramp_steps", "log_every", "eval_every", "eval_tokens",
+                     "save_every", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
 
     @property
     def exp_needs_floor(self) -> bool:
@@ -99,7 +118,8 @@ class TrainConfig:
 
 # Fields that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_CHANGES = {"log_every", "eval_every", "eval_tokens", "save_every", "peak_tflops", "device",
-                     "time_budget_s", "activation_checkpointing", "parallel"}
+                     "time_budget_s", "activation_checkpointing", "parallel", "fused_loss", "loss_chunk",
+                     "sync_every_micro_batch", "keep_checkpoints"}
 
 
 def _convert(value: str, typ, key: str):
@@ -119,9 +139,12 @@ def _convert(value: str, typ, key: str):
         return _convert(value, args[0], key)
     if typ is float:
         try:
-            return float(value)
+            f = float(value)
         except ValueError:
             raise UserError(f"--set {key}={value}: expected a number") from None
+        if f != f or abs(f) == float("inf"):
+            raise UserError(f"--set {key}={value}: expected a finite number")
+        return f
     if typ is int:
         try:
             f = float(value)  # accepts 1e4 as well as 10000
@@ -129,6 +152,14 @@ def _convert(value: str, typ, key: str):
             f = float("nan")
         if f != f or abs(f) == float("inf") or f != int(f):
             raise UserError(f"--set {key}={value}: expected an integer")
+        if abs(f) > 2**53:  # past float precision: read it exactly, or refuse it
+            try:
+                n = int(value)
+            except ValueError:
+                raise UserError(f"--set {key}={value}: expected an integer") from None
+            if abs(n) >= 1 << 63:
+                raise UserError(f"--set {key}={value}: out of range")
+            return n
         return int(f)
     return value
 

@@ -1,4 +1,4 @@
-"""FLOPs per trained token and the device's peak, for the MFU figure of the progress bar.
+"""FLOPs per trained token and the device's peak, for the MFU figure of the log and the progress bar.
 
 Training costs 3x the forward pass (forward, and a backward of twice its cost). The forward of a
 Falcon Mamba layer per token: 2 FLOPs per weight of in_proj, x_proj, dt_proj and out_proj, plus the
@@ -11,9 +11,6 @@ from __future__ import annotations
 import torch
 
 from falcon_mamba.config import ModelConfig
-
-# Dense bf16 tensor-core peaks (spec sheets), TFLOP/s.
-_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
 def mamba_flops_per_token(c: ModelConfig) -> float:
@@ -32,14 +29,35 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return mamba_flops_per_token(model.config)
 
 
-def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
-    """The device's peak FLOP/s, or None when unknown (then MFU is not shown)."""
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
+                         reps: int = 9) -> float:
+    """The FLOP/s of an n x n x n matmul in ``dtype`` on ``device``: the median of ``reps`` timed
+    runs after two warm-ups (ENGINEERING.md: 774-777 TFLOP/s in bf16 on the H200)."""
+    import time
+
+    g = torch.Generator(device).manual_seed(0)  # its own generator: the run's RNG streams are untouched
+    x = torch.randn(n, n, dtype=dtype, device=device, generator=g)
+    y = torch.randn(n, n, dtype=dtype, device=device, generator=g)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    times = []
+    for i in range(reps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        x @ y
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2.0 * n ** 3 / times[len(times) // 2]
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[float | None, str]:
+    """(the FLOP/s that MFU divides by, or None when there is none; what it is, for the log):
+    ``override_tflops`` when given, else the bf16 matmul rate measured now on a CUDA device (a
+    figure the GPU reaches, where a spec sheet's dense peak is ~25% above it), else none."""
     if override_tflops > 0:
-        return override_tflops * 1e12
+        return override_tflops * 1e12, f"peak_tflops={override_tflops:g} (given)"
     if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in _PEAKS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+        return None, "none on the CPU (set peak_tflops=... for an MFU figure)"
+    rate = measure_matmul_flops(device)
+    return rate, f"the bf16 matmul rate measured at the start, {rate / 1e12:.0f} TFLOP/s (peak_tflops=0)"

@@ -6,8 +6,9 @@ micro-batches of ``micro_batch`` rows (gradients accumulate; DDP/FSDP2 reduce on
 each micro-batch's summed loss is divided by the global number of targets times the process count,
 so the reduced gradient is the mean over the global batch whatever the split. Then clip, AdamW.
 
-Outputs in OUT: metrics.jsonl, checkpoint.pt (the whole state, atomic), train_config.json, and at
-the end model/ (HF format, with the data's tokenizer) and summary.json.
+Outputs in OUT: metrics.jsonl (rank 0; tokens/s and MFU of all processes together),
+checkpoints/ (sharded, resumable on another process count: train/checkpoint.py), train_config.json,
+and at the end model/ (HF format, with the data's tokenizer) and summary.json.
 """
 
 from __future__ import annotations
@@ -29,9 +30,24 @@ from falcon_mamba.data.sampler import Sampler
 from falcon_mamba.data.shards import ShardSet
 from falcon_mamba.errors import UserError
 from falcon_mamba.train import checkpoint as ckpt
-from falcon_mamba.train.build import build_model, export_model, resolve_config
+from falcon_mamba.train.build import (
+    base_dtype,
+    build_model,
+    check_adapter_export,
+    export_adapter,
+    export_model,
+    resolve_config,
+)
 from falcon_mamba.train.config import RESUMABLE_CHANGES, TrainConfig
-from falcon_mamba.train.distributed import Env, all_reduce_sum, set_grad_sync, setup, teardown, wrap
+from falcon_mamba.train.distributed import (
+    Env,
+    all_reduce_sum,
+    local_rows,
+    set_grad_sync,
+    setup,
+    teardown,
+    wrap,
+)
 from falcon_mamba.train.evaluate import evaluate
 from falcon_mamba.train.flops import flops_per_token, peak_flops
 from falcon_mamba.train.metrics import MetricsWriter, Progress, truncate_metrics
@@ -50,6 +66,7 @@ class RunResult:
     val_bpb: float | None
     model_dir: Path | None
     config: TrainConfig
+    adapter_dir: Path | None = None  # the PEFT adapter folder of an adapter-only run
 
 
 def _tokens_before(cfg: TrainConfig, step: int) -> int:
@@ -86,6 +103,15 @@ def _gather(obj, env: Env) -> list:
     return out
 
 
+def _full_model_state(model: torch.nn.Module, env: Env) -> dict:
+    """The whole model's state dict on rank 0's CPU (gathered from FSDP2 shards); {} elsewhere."""
+    if not env.distributed:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def steps_for_budget(cfg: TrainConfig, step: int, seconds_per_row: float, seconds_left: float) -> int:
     """The total steps whose remaining rows fit ``seconds_left`` (10% kept for evals and saves),
     never more than cfg.steps and at least one more than ``step``."""
@@ -99,66 +125,70 @@ def steps_for_budget(cfg: TrainConfig, step: int, seconds_per_row: float, second
 
 def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
           model_fn: Callable | None = None, progress: bool = True, export: bool = True,
-          export_dtype: torch.dtype = torch.float32, stop_at: int | None = None,
-          log: Callable = print) -> RunResult:
+          export_dtype: torch.dtype | None = None, stop_at: int | None = None,
+          log: Callable = print, save_checkpoints: bool = True, adapter_only: bool = False) -> RunResult:
     """Run (or resume) a training run; see the module docstring. ``model_fn(model_config)``
     replaces FalconMamba (the benchmark's Transformer); such runs are not exported. ``stop_at``:
-    save a checkpoint after that step and return (``resume=True`` continues the same run)."""
+    save a checkpoint after that step and return (``resume=True`` continues the same run).
+    ``save_checkpoints=False`` writes no checkpoint at all (benchmarks). ``export_dtype``: the
+    exported weights' dtype (default: the dtype ``init_from`` stores, else float32).
+    ``adapter_only`` (LoRA runs): export OUT/adapter, a PEFT LoRA adapter folder, instead of the
+    merged model OUT/model."""
     env = setup(cfg.device)
     try:
         return _train(cfg, Path(data_dir), Path(out_dir), env, resume, model_fn, progress, export,
-                      export_dtype, stop_at, log if env.is_main else (lambda *a, **k: None))
+                      export_dtype, stop_at, log if env.is_main else (lambda *a, **k: None),
+                      save_checkpoints, adapter_only)
     finally:
         teardown(env)
 
 
 def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, export_dtype, stop_at,
-           log) -> RunResult:
+           log, save_checkpoints, adapter_only=False) -> RunResult:
+    if adapter_only:
+        check_adapter_export(cfg)  # before any work: a refused export would waste the run
     data = ShardSet(data_dir)
     if data.has_mask and not cfg.init_from:
         log("note: chat data with a fresh model; loss only on assistant tokens")
     cfg = resolve_config(cfg, data)
     check_batch_sizes(cfg, env.world)
-    ck_path = out_dir / ckpt.NAME
+    ck_dir = ckpt.latest_dir(out_dir)
     payload = None
-    if ck_path.exists() and not resume:
-        raise UserError(f"{out_dir} already holds a run (checkpoint.pt); pass --resume to continue it "
-                        "or choose another --out")
-    if resume and ck_path.exists():
-        payload = ckpt.load_checkpoint(ck_path)
+    if ck_dir is not None and not resume:
+        raise UserError(f"{out_dir} already holds a run ({ck_dir.relative_to(out_dir)}); pass --resume to "
+                        "continue it or choose another --out")
+    if resume and ck_dir is not None:
+        payload = ckpt.load_train_state(ck_dir)
         saved = payload["config"]
         if cfg.time_budget_s > 0:  # the budget was resolved into `steps` by the first run
             cfg = cfg.replace(steps=saved["steps"], time_budget_s=0.0)
         diffs = ckpt.config_mismatch(saved, cfg.to_dict(), RESUMABLE_CHANGES)
         if diffs:
-            raise UserError(f"{ck_path} was saved by a run with another config; differing: "
+            raise UserError(f"{ck_dir} was saved by a run with another config; differing: "
                             f"{'; '.join(diffs[:6])}. Resume with the same recipe and --set values, "
                             "or start a new --out")
     elif resume:
-        log(f"note: {ck_path} does not exist; starting a new run")
+        log(f"note: {out_dir} holds no checkpoint; starting a new run")
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temps(out_dir)
+        ckpt.prune(out_dir, cfg.keep_checkpoints)  # folders left by a run killed mid-save
 
     model = build_model(cfg, model_fn)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    objective = LMObjective(model).to(env.device)
-    module = wrap(objective, model, cfg.parallel, env)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+    objective = LMObjective(model, cfg.fused_loss, cfg.loss_chunk).to(env.device)
+    module = wrap(objective, model, cfg.parallel, env, bf16=use_bf16)
     optimizer = build_optimizer(module, cfg)
     sampler = Sampler(data, cfg.seq_len, cfg.seed, cfg.mixture, cfg.steps)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
 
     def autocast():
         return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
     start = 0
     acc = [0.0, 0]  # train-loss sum and step count since the last metrics line
     if payload is not None:
-        set_state_dict(module, optimizer, model_state_dict=payload["model"],
-                       optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True))
+        ckpt.load_sharded(payload["folder"], model, optimizer)  # resharded to this run's processes
         sampler.load_state_dict(payload["sampler"])
         start = payload["step"]
         acc = list(payload["loss_acc"])
@@ -166,7 +196,7 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
             _set_rng_state(payload["rng"][env.rank])
         if env.is_main:
             truncate_metrics(out_dir, start)
-        log(f"resumed {out_dir} at step {start}")
+        log(f"resumed {out_dir} at step {start} (saved by {payload['world_size']} process(es))")
     if env.is_main:
         tmp = out_dir / "train_config.json.tmp"
         tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -175,21 +205,24 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
         f"{env.device}, {'bf16 autocast' if use_bf16 else 'fp32'}; {cfg.steps} steps")
 
     fpt = flops_per_token(model, cfg.seq_len)
-    peak = peak_flops(env.device, cfg.peak_tflops)
+    peak, peak_what = peak_flops(env.device, cfg.peak_tflops)  # one device's; tokens/s are all processes'
+    if peak is not None and env.world > 1:
+        peak *= env.world
+        peak_what += f" x {env.world} processes"
+    log(f"MFU against {peak_what}")
     metrics = MetricsWriter(out_dir, env.is_main)
     bar = Progress(cfg.steps, start, progress and env.is_main)
     tokens = _tokens_before(cfg, start)
 
     def save(step: int) -> None:
-        msd, osd = get_state_dict(module, optimizer,
-                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """Every process: its shards and (rank 0) the run's position; see train/checkpoint.py."""
+        if not save_checkpoints:
+            return
         rngs = _gather(_rng_state(), env)
-        if env.is_main:
-            ckpt.save_checkpoint(out_dir, {
-                "config": cfg.to_dict(), "step": step, "model": msd, "optimizer": osd,
-                "sampler": sampler.state_dict(), "rng": rngs, "world_size": env.world,
-                "loss_acc": list(acc), "data": {"vocab_size": data.vocab_size, "folder": str(data_dir)}})
-        return msd
+        ckpt.save_checkpoint(out_dir, step, model, optimizer, {
+            "config": cfg.to_dict(), "sampler": sampler.state_dict(), "rng": rngs, "world_size": env.world,
+            "loss_acc": list(acc), "data": {"vocab_size": data.vocab_size, "folder": str(data_dir)}},
+            keep=cfg.keep_checkpoints)
 
     def run_eval(step: int) -> dict | None:
         res = evaluate(module, data, cfg.seq_len, cfg.micro_batch, env, autocast, cfg.eval_tokens)
@@ -216,16 +249,17 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
         B = batch_at(cfg, step)
         lr = lr_at(cfg, step)
         set_lr(optimizer, lr)
-        picks = sampler.next_batch(step, B)
-        per = B // env.world
-        batch = sampler.load(picks[env.rank * per:(env.rank + 1) * per])
+        picks = sampler.next_batch(step, B)  # the global batch: the same on every process
+        batch = sampler.load(local_rows(picks, env.rank, env.world))
+        per = len(batch.input_ids)
         n_global = all_reduce_sum(torch.tensor(float(batch.num_targets), device=env.device), env).item()
         scale = env.world / max(1.0, n_global)
         loss_sum = torch.zeros((), device=env.device)
         micros = range(0, per, cfg.micro_batch)
         for i, lo in enumerate(micros):
             mb = batch.rows(lo, lo + cfg.micro_batch).to(env.device)
-            ctx = set_grad_sync(module, i == len(micros) - 1) if env.distributed else contextlib.nullcontext()
+            sync = cfg.sync_every_micro_batch or i == len(micros) - 1
+            ctx = set_grad_sync(module, sync) if env.distributed else contextlib.nullcontext()
             with ctx:
                 with autocast():
                     ls = module(mb.input_ids, mb.targets, mb.reset, mb.loss_mask)
@@ -293,15 +327,22 @@ def _train(cfg, data_dir, out_dir, env, resume, model_fn, progress, export, expo
             save(step)
     bar.close()
     val = run_eval(step)
-    msd = save(step)
+    if step > start or payload is None:  # a finished run resumed again has nothing new to save
+        save(step)
     metrics.close()
-    model_dir = None
-    if export and model_fn is None and env.is_main:
-        model_state = {k.removeprefix("model."): v for k, v in msd.items()}
-        model_dir = export_model(cfg, model_state, out_dir / "model", data.folder, export_dtype)
-        log(f"exported {model_dir}")
+    model_dir = adapter_dir = None
+    if export and model_fn is None:
+        model_state = _full_model_state(model, env)  # every process takes part; rank 0 gets it
+        if env.is_main:
+            if adapter_only:
+                adapter_dir = export_adapter(cfg, model_state, out_dir / "adapter")
+                log(f"exported the PEFT adapter {adapter_dir}")
+            else:
+                dtype = export_dtype or base_dtype(cfg)
+                model_dir = export_model(cfg, model_state, out_dir / "model", data.folder, dtype)
+                log(f"exported {model_dir} ({str(dtype).removeprefix('torch.')})")
     result = RunResult(out_dir, step, tokens, per_step_loss, None if val is None else val["val_loss"],
-                       None if val is None else val["val_bpb"], model_dir, cfg)
+                       None if val is None else val["val_bpb"], model_dir, cfg, adapter_dir)
     if env.is_main:
         summary = {"steps": step, "tokens": tokens, "train_loss": per_step_loss,
                    "val_loss": result.val_loss, "val_bpb": result.val_bpb, "parameters": n_params,

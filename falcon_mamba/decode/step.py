@@ -1,16 +1,16 @@
-"""The batch decode step with the fused kernels (what decode_graph.GraphDecoder captures).
+"""The decode step with the fused kernels: what the decode graphs capture (decode/graphs.py).
 
 Legend: B batch, nL layers, K conv taps, D inner width, N state size, R dt rank, V vocab.
 
 ``fast_step`` is FalconMamba.step with the fused kernels of ops/triton_decode.py: per layer one
 add+RMSNorm kernel, in_proj, one conv-step kernel, x_proj, one fused SSM kernel (norms, dt_proj,
-softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head. Variants at batch 1:
-- gemv: the projections by the Triton GEMV of ops/triton_gemv.py (dense or QuantLinear weights);
-- fused: one launch for add+RMSNorm + in_proj + conv step (norm prologue, conv epilogue), x_proj,
-  the fused SSM kernel and out_proj; then norm_f + lm_head in one launch;
-- conv_fold (with gemv; "triton_gemv_cx"): no conv-step launch: x_proj's GEMV computes the conv step
+softplus, state update, D skip, gate) and out_proj; then add+norm_f and lm_head. At batch 1 the
+projection mode (decode/modes.py) picks how the projections run:
+- gemv ("triton"): the projections by the Triton GEMV of ops/triton_gemv.py (dense or QuantLinear);
+- conv_fold (with gemv; "triton_cx"): no conv-step launch: x_proj's GEMV computes the conv step
   as its input and the fused SSM kernel recomputes it for its channels and updates the conv state
-  (where x_proj is a GEMV weight and dt_proj is fusable: conv_fold_supported).
+  (where x_proj is a GEMV weight and dt_proj is fusable: conv_fold_supported);
+- xproj_merge (with gemv; "triton_xp"): int4 x_proj as extra programs of the packed in_proj launch.
 dt_proj is fused into the SSM kernel when it is a dense Linear or a QuantLinear whose bias is added
 outside its forward (the model's: the scan adds it in fp32); the kernel dequantizes it (_dt_weight).
 Where a batch-1 GEMV is the packed int4 kernel (ops/triton_gemv_i4.py: int4 g128 in_proj, out_proj,
@@ -105,16 +105,6 @@ def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None, 
                         m.dt_proj.bias.float()), None
 
 
-def fused_supported(model) -> bool:
-    """True where the fused GEMV step applies: every in_proj/x_proj/out_proj and the lm_head is a
-    bias-free dense Linear or a QuantLinear."""
-    from falcon_mamba.ops.triton_gemv import GemvWeight
-
-    mods = [model.lm_head] + [getattr(b.mixer, n) for b in model.backbone.layers
-                              for n in ("in_proj", "x_proj", "out_proj")]
-    return all(GemvWeight.from_module(mod) is not None for mod in mods)
-
-
 def conv_fold_supported(model) -> bool:
     """True where the conv-folded GEMV mode applies: every x_proj is a GEMV weight (bias-free dense
     Linear or QuantLinear) and every dt_proj is fusable into the SSM kernel with the conv option
@@ -158,50 +148,18 @@ def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int, pairs=None) -> 
                                   norm_eps=norm_eps, a_is_log=True, conv=(conv_i, cw, cb), pairs_out=pairs)
 
 
-def _fused_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
-    """fast_step at batch 1 with the fused GEMVs (4 launches per layer). The fp32 residual stream
-    ping-pongs between two rows: the in_proj kernel reads one while its program 0 writes the other."""
-    from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
-
-    ops = _ops()
-    c = model.config
-    D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
-    dt = model.dtype
-    h = model.backbone.embeddings(tokens_B)
-    hbufs = torch.empty(2, c.hidden_size, dtype=torch.float32, device=h.device)
-    out = None
-    norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
-    for i, blk in enumerate(model.backbone.layers):
-        m = blk.mixer
-        xz, xc = fused_gemv(GemvWeight.from_module(m.in_proj), h, residual=out, norm_weight=blk.norm.weight,
-                            eps=blk.norm.eps, h_out=hbufs[i % 2], round_in=blk.norm.weight.dtype,
-                            round_y=blk.norm.weight.dtype, out_dtype=dt,
-                            conv=(conv[i, 0], m.conv1d.weight[:, 0], m.conv1d.bias))
-        h = hbufs[i % 2]
-        xdbl = fused_gemv(GemvWeight.from_module(m.x_proj), xc)
-        y, _ = _ssm_tail(ops, m, ssm[i], xc[None], xz[None, D:], xdbl[None], norm_eps, R, N)
-        out = fused_gemv(GemvWeight.from_module(m.out_proj), y)
-    norm_f = model.backbone.norm_f
-    logits = fused_gemv(GemvWeight.from_module(model.lm_head), h, residual=out, norm_weight=norm_f.weight,
-                        eps=norm_f.eps, out_dtype=torch.float32, round_to=dt)
-    return logits[None]
-
-
 @torch.no_grad()
 def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-              gemv: bool = False, fused: bool = False, conv_fold: bool = False,
-              xproj_merge: bool = False) -> torch.Tensor:
+              gemv: bool = False, conv_fold: bool = False, xproj_merge: bool = False) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
-    conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step).
-    The projections are called as modules, so quantized drop-ins work; dt_proj is fused into the
-    SSM kernel when it is a dense Linear or a QuantLinear (_dt_weight). gemv: batch-1 in_proj,
-    out_proj and lm_head by the Triton GEMV instead of cuBLAS. fused: batch 1 through _fused_step
-    (the decoder times the three and keeps the fastest). conv_fold: batch 1 with gemv, the conv step
-    folded into x_proj and the SSM kernel (_conv_folded; the caller checks conv_fold_supported).
-    xproj_merge: batch 1 with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
-    xproj_merge_supported)."""
-    if fused and tokens_B.shape[0] == 1:
-        return _fused_step(model, tokens_B, conv, ssm)
+    conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step); each
+    layer's slice conv[i], ssm[i] must be contiguous (rows of a state pool are). The projections are
+    called as modules, so quantized drop-ins work; dt_proj is fused into the SSM kernel when it is a
+    dense Linear or a QuantLinear (_dt_weight). gemv: batch-1 in_proj, x_proj, out_proj and lm_head by
+    the Triton GEMV instead of cuBLAS. conv_fold: batch 1 with gemv, the conv step folded into x_proj
+    and the SSM kernel (_conv_folded; the caller checks conv_fold_supported). xproj_merge: batch 1
+    with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
+    xproj_merge_supported). decode/modes.py names these combinations."""
     ops = _ops()
     c = model.config
     D, R, N = c.intermediate_size, c.time_step_rank, c.state_size

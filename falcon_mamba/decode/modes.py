@@ -1,0 +1,117 @@
+"""The registry of batch-1 projection modes of the decode step, and the decode options.
+
+A mode says how the projections of a batch-1 step run (decode/step.py's fast_step flags). Above one
+row every projection is a cuBLAS matmul (the "cublas" mode). At batch 1 the decoder times every
+supported mode, each with and without programmatic dependent launch (ops/pdl.py), checks each
+one's logits against the cuBLAS path and keeps the fastest (decode/graphs.py); the choice is cached
+on disk per GPU, model shape, dtype and weight format (decode/tuning.py).
+
+Which modes exist is measured, not wished: each one below won on some GPU and weight format
+(benchmarks/results/): triton_cx for bf16 and int8 and triton_xp for int4 on the H100 (session 5),
+triton for int8 before triton_cx existed; cublas is the correctness reference of the autotune and
+the mode of every batch above 1. The "fused" (norm + in_proj + conv in one launch) and "chain"
+(out_proj's epilogue computing the next norm's statistics) modes never won (H100: +0.35 and +0.12 ms
+per bf16 step over triton_cx) and were removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from falcon_mamba.errors import UserError
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    gemv: bool = False  # the Triton batch-1 GEMV for every projection
+    conv_fold: bool = False  # the conv step folded into x_proj's GEMV input and the SSM kernel
+    xproj_merge: bool = False  # int4 x_proj as extra programs of the packed in_proj launch
+    supported: Callable | None = None  # model -> bool; None: always
+    needs: str = ""  # what `supported` checks, for the error of a forced mode
+
+    def applies(self, model) -> bool:
+        return self.supported is None or bool(self.supported(model))
+
+    def step_kwargs(self, rows: int) -> dict:
+        """fast_step's flags for this mode at `rows` rows (every mode is cuBLAS above one row)."""
+        one = rows == 1
+        return {"gemv": self.gemv and one, "conv_fold": self.conv_fold and one,
+                "xproj_merge": self.xproj_merge and one}
+
+
+def _conv_fold(model) -> bool:
+    from falcon_mamba.decode.step import conv_fold_supported
+
+    return conv_fold_supported(model)
+
+
+def _xproj_merge(model) -> bool:
+    from falcon_mamba.decode.step import xproj_merge_supported
+
+    return xproj_merge_supported(model)
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("cublas"),
+    Mode("triton", gemv=True),
+    Mode("triton_cx", gemv=True, conv_fold=True, supported=_conv_fold,
+         needs="GEMV-able x_proj and a fusable dt_proj (dense, or quantized with its bias outside the "
+               "forward)"),
+    Mode("triton_xp", gemv=True, xproj_merge=True, supported=_xproj_merge,
+         needs="int4 in_proj and x_proj on the packed int4 kernel (a CUDA GPU)"),
+)}
+
+PDL_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How decoding runs; parsed once at the edge (CLI flags, server flags, generate() keywords).
+
+    mode: "auto" (batch 1: timed, the fastest correct one kept) or a name of MODES (forced at batch 1).
+    pdl: programmatic dependent launch of the Triton kernels: "auto" (timed both ways), "on", "off".
+    cuda_graphs: replay the step as CUDA graphs (one per batch bucket) where it can run (CUDA and the
+    triton op backend); False runs the same step eagerly.
+    tuning_cache: folder of the on-disk tuning cache (None: the default, ~/.cache/falcon-mamba/tuning;
+    "" turns it off).
+    """
+
+    mode: str = "auto"
+    pdl: str = "auto"
+    cuda_graphs: bool = True
+    tuning_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode != "auto" and self.mode not in MODES:
+            raise UserError(f"decode mode {self.mode!r} is unknown; use auto or one of {', '.join(MODES)}")
+        if self.pdl not in PDL_CHOICES:
+            raise UserError(f"pdl {self.pdl!r} is unknown; use one of {', '.join(PDL_CHOICES)}")
+
+    def candidates(self, model) -> list[Mode]:
+        """The batch-1 modes to time (the forced one alone), cublas first (the reference)."""
+        if self.mode != "auto":
+            m = MODES[self.mode]
+            if not m.applies(model):
+                raise UserError(f"decode mode {m.name} needs {m.needs}; use --decode-mode auto")
+            return [m]
+        return [m for m in MODES.values() if m.applies(model)]
+
+
+def add_decode_arguments(parser) -> None:
+    """The decode flags shared by generate, chat, serve and bench."""
+    g = parser.add_argument_group("decoding (CUDA)")
+    g.add_argument("--decode-mode", default="auto", choices=("auto", *MODES),
+                   help="batch-1 projection mode: auto (timed at start, cached on disk) or forced")
+    g.add_argument("--pdl", default="auto", choices=PDL_CHOICES,
+                   help="programmatic dependent launch of the decode kernels (auto: timed)")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the decode step eagerly instead of as CUDA-graph replays")
+    g.add_argument("--tuning-cache", default=None, metavar="DIR",
+                   help="folder of the decode tuning cache (default ~/.cache/falcon-mamba/tuning; '' = off)")
+
+
+def options_from_args(args) -> DecodeOptions:
+    return DecodeOptions(mode=args.decode_mode, pdl=args.pdl, cuda_graphs=not args.no_cuda_graphs,
+                         tuning_cache=args.tuning_cache)

@@ -1,0 +1,150 @@
+"""The engine (engine/engine.py) driven directly: batched prefill, the pipelined decode loop, one
+request's failure touching no other, extreme but valid sampling parameters.
+
+A tiny random model (fp32) with the real Falcon tokenizer, one torch thread (a shared 2-core CI
+machine), the engine run synchronously in this thread (Engine.run_until), as generate() runs it.
+"""
+
+import pytest
+import torch
+
+from falcon_mamba.config import ModelConfig
+from falcon_mamba.engine.engine import Engine, EngineConfig
+from falcon_mamba.generate import prefill
+from falcon_mamba.model import FalconMamba
+from falcon_mamba.sampling import SamplingParams
+from falcon_mamba.tokenizer import load_tokenizer
+from tests.conftest import FALCON_TOKENIZER
+from tests.helpers import assert_close
+
+TINY = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=65024)
+POISON = 7  # a prompt ending in this token gets NaN logits from PoisonModel
+
+
+class PoisonModel(FalconMamba):
+    """The tiny model, except that rows whose input token is POISON get NaN logits (as a broken
+    checkpoint or an overflow would give): to check that a failing row fails alone."""
+
+    def forward(self, input_ids, state=None, last_only=False, reset_BL=None):
+        logits, st = super().forward(input_ids, state, last_only, reset_BL)
+        bad = input_ids[:, -1] == POISON
+        return torch.where(bad[:, None, None], torch.nan, logits), st
+
+    def step(self, token_ids_B, state):
+        logits = super().step(token_ids_B, state)
+        return torch.where((token_ids_B == POISON)[:, None], torch.nan, logits)
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = PoisonModel(TINY).eval()
+    import os
+
+    yield model, load_tokenizer(os.path.dirname(FALCON_TOKENIZER))
+    torch.set_num_threads(threads)
+
+
+def _run(model, tok, jobs, **cfg) -> list[dict]:
+    """Submit every (prompt ids, params[, kw]) at once, run the engine until all are done; per job
+    {"ids", "text", "finish", "error", "state"}."""
+    eng = Engine(model, tok, EngineConfig(**{"num_slots": 16, "max_waiting": 64, "prefill_chunk": 32,
+                                            **cfg}))
+    outs, reqs = [], []
+    for job in jobs:
+        ids, params, kw = (*job, {})[:3]
+        out = {"ids": [], "text": "", "finish": None, "error": None}
+
+        def sink(deltas, out=out):
+            for d in deltas:
+                out["ids"] += d.token_ids
+                out["text"] += d.text
+                if d.finish_reason:
+                    out["finish"], out["error"] = d.finish_reason, d.error
+
+        reqs.append(eng.submit(ids, params, sink=sink, **kw))
+        outs.append(out)
+    eng.run_until(lambda: all(r.finished for r in reqs))
+    for out, r in zip(outs, reqs):
+        out["state"] = r.seqs[0].extra.get("state")
+    assert not eng.busy and eng.pool.num_used == 0, "every row was given back"
+    return outs
+
+
+def _prompts(n, gen, lo=3, hi=40):
+    return [torch.randint(11, 4000, (int(torch.randint(lo, hi, (1,), generator=gen)),),
+                          generator=gen).tolist() for _ in range(n)]
+
+
+def test_batched_prefill_and_decode_equal_each_request_alone(model_and_tok, rng):
+    """Twelve prompts of different lengths (padded batches of fresh prompts, chunks that continue a
+    state) read and decoded together give, row for row, the tokens and the final state of each one
+    alone; sampled rows with a seed too."""
+    model, tok = model_and_tok
+    prompts = _prompts(12, rng, 3, 80)  # several longer than the 32-token chunk
+    params = [SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True) if i % 2 else
+              SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    jobs = [(p, q, {"want_state": True}) for p, q in zip(prompts, params)]
+    together = _run(model, tok, jobs)
+    for i, job in enumerate(jobs):
+        (alone,) = _run(model, tok, [job])
+        assert together[i]["ids"] == alone["ids"], i
+        # the final state has read the prompt and every returned token
+        _, ref = prefill(model, prompts[i] + alone["ids"], mode="parallel")
+        assert_close(together[i]["state"].ssm, ref.ssm, 6e-4, 2e-3, f"final ssm state of {i}")
+        assert_close(together[i]["state"].conv, ref.conv, 6e-4, 2e-3, f"final conv state of {i}")
+
+
+EXTREME = [
+    dict(temperature=1e-45), dict(temperature=1e-300), dict(top_p=1e-300), dict(top_k=10 ** 30),
+    dict(top_k=2 ** 31 - 1), dict(min_p=1.0), dict(temperature=1e-45, top_p=1e-300, top_k=1),
+    dict(repetition_penalty=1e-30), dict(repetition_penalty=1e30), dict(seed=2 ** 64 + 5),
+]
+
+
+def test_extreme_valid_parameters_and_a_failing_row_touch_no_other_row(model_and_tok, rng):
+    """The issue's poisoned requests (temperature 1e-45, top_p 1e-300, top_k 1e30, ...) are valid:
+    they complete, greedy-like where the temperature or the nucleus leaves one token. A request
+    whose logits turn NaN fails alone (finish "error"). Every other stream's text is what it is
+    alone."""
+    model, tok = model_and_tok
+    base = _prompts(6, rng)
+    plain = [(p, SamplingParams(max_new_tokens=5, temperature=0.7, seed=i, ignore_eos=True))
+             for i, p in enumerate(base)]
+    poisoned = [(base[0], SamplingParams(max_new_tokens=5, ignore_eos=True, **kw)) for kw in EXTREME]
+    nan_row = [(base[1] + [POISON], SamplingParams(max_new_tokens=5, ignore_eos=True))]
+    alone = [_run(model, tok, [j])[0] for j in plain]
+    mixed = _run(model, tok, poisoned[:5] + plain[:3] + nan_row + poisoned[5:] + plain[3:])
+    got_plain = mixed[5:8] + mixed[-3:]
+    for a, b in zip(alone, got_plain):
+        assert (a["ids"], a["text"], a["finish"]) == (b["ids"], b["text"], b["finish"])
+    bad = mixed[8]
+    assert bad["finish"] == "error" and "finite" in bad["error"] and bad["ids"] == []
+    greedy = _run(model, tok, [(base[0], SamplingParams(max_new_tokens=5, temperature=0.0,
+                                                        ignore_eos=True))])[0]["ids"]
+    for kw, out in zip(EXTREME, mixed[:5] + mixed[9:-3]):
+        assert out["finish"] == "length" and len(out["ids"]) == 5, kw
+        if kw.get("temperature", 1) < 1e-30 or kw.get("top_p", 1) < 1e-30 or kw.get("top_k") == 1:
+            assert out["ids"] == greedy, kw  # one token left: the most likely one
+
+
+def test_nan_logits_midway_end_the_row_with_an_error(model_and_tok, rng):
+    """A row whose first token is POISON decodes it at the next step and gets NaN logits there: it
+    ends with finish "error" after the token it had."""
+    model, tok = model_and_tok
+
+    class FirstPoison(PoisonModel):  # the prompt's logits make POISON the first token
+        def forward(self, input_ids, state=None, last_only=False, reset_BL=None):
+            logits, st = super().forward(input_ids, state, last_only, reset_BL)
+            logits = logits.clone()
+            logits[:, -1, POISON] = 1e4
+            return logits, st
+
+    m2 = FirstPoison(TINY).eval()
+    m2.load_state_dict(model.state_dict())
+    ids = _prompts(1, rng)[0]
+    (out,) = _run(m2, tok, [(ids, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))])
+    assert out["ids"] == [POISON] and out["finish"] == "error" and "finite" in out["error"]
