@@ -66,6 +66,11 @@ from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 BLOCK, NUM_WARPS = 2048, 16
 BLOCK_WIDE_BATCH, NUM_WARPS_WIDE_BATCH = 1024, 8
 MAX_REJECT = 3  # draw / test rounds before a bisection finds the exact threshold
+# Registers per thread, told to ptxas: 65536 / (2 programs x 256 threads) or / 512 threads, what the
+# two configs above may hold anyway, so it limits nothing; without it the ptxas of Triton 3.8 and 3.9
+# (CUDA 12.9, 13.4) assemble their PTX of the 16-warp kernel with 64 registers and spill (3.9: 140
+# bytes), where Triton 3.6's takes 102 (benchmarks/results/triton-3.6-vs-3.9-sm90a.txt).
+MAXNREG = 128
 _SMS: dict = {}
 
 
@@ -391,4 +396,4 @@ def sample_rows_triton(logits_BV: torch.Tensor, rows: SamplerRows, tokens_out: t
                          seen.stride(0) if has_seen else 0,
                          tokens_out, logprob_out, status_out, V=V, BLOCK=blk, HAS_SEEN=has_seen,
                          MAX_REJECT=max_reject or MAX_REJECT, num_warps=num_warps or warps,
-                         **pdl.launch_kwargs(logits_BV.device), **LAUNCH_OPTIONS)
+                         maxnreg=MAXNREG, **pdl.launch_kwargs(logits_BV.device), **LAUNCH_OPTIONS)
