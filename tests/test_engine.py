@@ -148,3 +148,44 @@ def test_nan_logits_midway_end_the_row_with_an_error(model_and_tok, rng):
     ids = _prompts(1, rng)[0]
     (out,) = _run(m2, tok, [(ids, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))])
     assert out["ids"] == [POISON] and out["finish"] == "error" and "finite" in out["error"]
+
+
+def test_any_valid_sampling_parameters_complete(model_and_tok, rng):
+    """Property: whatever valid parameters a request carries (hypothesis draws them across their
+    whole range, extremes included), it completes with its tokens in the vocabulary, and a plain
+    stream beside it is unchanged."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    model, tok = model_and_tok
+    base = _prompts(2, rng)
+    plain = (base[1], SamplingParams(max_new_tokens=3, temperature=0.8, seed=3, ignore_eos=True))
+    alone = _run(model, tok, [plain])[0]["ids"]
+    floats = st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(temperature=floats, top_p=st.floats(min_value=5e-324, max_value=1.0),
+           top_k=st.integers(min_value=0, max_value=2 ** 80), min_p=st.floats(0.0, 1.0),
+           penalty=st.floats(min_value=1e-300, max_value=1e300), seed=st.integers(0, 2 ** 100))
+    def check(temperature, top_p, top_k, min_p, penalty, seed):
+        p = SamplingParams(max_new_tokens=3, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                           repetition_penalty=penalty, seed=seed, ignore_eos=True)
+        out, other = _run(model, tok, [(base[0], p), plain])
+        assert out["finish"] == "length" and len(out["ids"]) == 3
+        assert all(0 <= t < TINY.vocab_size for t in out["ids"])
+        assert other["ids"] == alone
+
+    check()
+
+
+def test_prefill_warm_up_leaves_the_rows_as_they_were(model_and_tok):
+    from falcon_mamba.engine.runner import Runner
+    from falcon_mamba.engine.state_pool import StatePool
+
+    model, _ = model_and_tok
+    pool = StatePool(model.config, 4, model.dtype, model.device)
+    pool.state.ssm.normal_()
+    pool.state.conv.normal_()
+    before = pool.state.ssm.clone(), pool.state.conv.clone()
+    Runner(model, pool).warm_prefill()
+    assert torch.equal(pool.state.ssm, before[0]) and torch.equal(pool.state.conv, before[1])

@@ -445,8 +445,9 @@ def test_kernel_thresholds_on_flat_rows(rng):
 
 
 def test_kernel_extreme_values(rng):
-    """NaN, +inf, all -inf rows (status 1, the others unaffected), temperature 1e-45, top_p 1e-30,
-    top_k 2**31 - 1 and >= V, min_p 1, penalties 1e-3 and 1e3, logits of 3e38."""
+    """NaN, +inf, all -inf rows (status 1, the others unaffected), temperature 1e-45 and past fp32's
+    range, top_p 1e-30, top_k 2**31 - 1 and >= V, min_p 1, penalties 1e-3, 1e3 and below fp32's
+    range, logits of 3e38."""
     V = 200
     cases = [
         (SP(temperature=1.0), "nan"),
@@ -464,6 +465,8 @@ def test_kernel_extreme_values(rng):
         (SP(temperature=1.0, repetition_penalty=1e-3), "big"),
         (SP(temperature=1.0, repetition_penalty=1e3, top_k=4, top_p=0.5), "big"),
         (SP(temperature=0.5, top_p=0.8), "big"),
+        (SP(temperature=3.4028235677973366e38, top_p=0.5), ""),  # rounds to inf in fp32: clamped
+        (SP(temperature=1.7e36, top_p=0.5, repetition_penalty=1e-300), "big"),  # penalty rounds to 0
     ]
     x = torch.randn(len(cases), V, generator=rng) * 3
     for b, (_, kind) in enumerate(cases):
@@ -488,6 +491,8 @@ def test_kernel_extreme_values(rng):
     assert x[13, tok[13]] > 0 and tok[13] % 2 == 1  # seen positives divided, seen negatives -inf
     assert x[14, tok[14]] > 0
     assert lp[2].item() == pytest.approx(-math.log(2)) and lp[3].item() == pytest.approx(-math.log(2))
+    assert rows.temperature[15].item() == torch.finfo(torch.float32).max
+    assert rows.penalty[16].item() == torch.finfo(torch.float32).tiny
     compare_kernel(x, rows, steps=2, block=128, max_reject=2)
 
 

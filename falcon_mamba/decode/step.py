@@ -77,7 +77,7 @@ def _pairs_buffer(mod, rows: int, dtype: torch.dtype, device, gemv: bool) -> tor
 
 # SSM-step channels per program in the merged-x_proj int4 mode: 16 there saved ~0.5 us per 7B layer
 # against 32, which the other modes keep (16 cost bf16 ~2.1 and int8 ~1.5 us per layer;
-# benchmarks/sweep_xproj.py, results/dev-runs/h100-sweep-xproj-6233aa4.json)
+# benchmarks/sweep_xproj.py, results/archive/dev-runs/h100-sweep-xproj-6233aa4.json)
 XP_SSM_BLOCK_D = 16
 
 

@@ -141,16 +141,24 @@ def _signed64(v: int) -> int:
     return v - 2**64 if v >= 2**63 else v
 
 
+F32_MAX = float(torch.finfo(torch.float32).max)
+F32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal fp32
+
+
 def row_values(params: SamplingParams, seed: int, pos: int, vocab_size: int) -> tuple:
     """(temperature, top_k, top_p, min_p, penalty, seed, pos) as the table stores them: top_k >= V
     (or past int32) -> 0 (off); a top_p that rounds to 0 in fp32 -> the smallest positive fp32;
-    seed and pos as their 64-bit patterns."""
+    temperature and penalty clamped into fp32's finite range; seed and pos as their 64-bit
+    patterns."""
     k = params.top_k if 0 < params.top_k < min(vocab_size, INT32_MAX + 1) else 0
     p = float(params.top_p)
     if p < 1 and float(torch.tensor(p, dtype=torch.float32)) == 0.0:
         p = SMALLEST_F32
-    return (float(params.temperature), k, p, float(params.min_p), float(params.repetition_penalty),
-            _signed64(seed), _signed64(pos))
+    # The table is fp32: a temperature or penalty past its range would round to inf or 0 (and
+    # z / inf, x / 0 are NaN or inf), so they are clamped to the nearest fp32 the math survives.
+    t = min(float(params.temperature), F32_MAX)
+    pen = min(max(float(params.repetition_penalty), F32_TINY), F32_MAX)
+    return (t, k, p, float(params.min_p), pen, _signed64(seed), _signed64(pos))
 
 
 _DTYPES = {"temperature": torch.float32, "top_k": torch.int32, "top_p": torch.float32,
@@ -357,7 +365,9 @@ def _nucleus_floor_binned(z_V: torch.Tensor, e_V: torch.Tensor, top_p: float, to
         lo, hi = float(z.min()), float(z.max())
         if lo == hi:  # one tie group: its mass above is `above`, so it is kept (the caller's bin)
             return lo
-        b = ((z - lo) * (BINS / (hi - lo))).floor_().clamp_(max=BINS - 1).long()  # monotone in z
+        # (z - lo) / (hi - lo) first: BINS / (hi - lo) overflows to inf when the range is tiny (a
+        # huge temperature); the quotient stays in [0, 1], monotone in z
+        b = ((z - lo) / (hi - lo) * BINS).floor_().clamp_(0, BINS - 1).long()
         mass = torch.bincount(b, weights=e, minlength=BINS)
         strictly_above = above + (mass.flip(0).cumsum(0).flip(0) - mass)  # per bin
         # the lowest bin whose top token is kept: its top token's f = strictly_above / total < p
@@ -435,13 +445,18 @@ def sample_rows_torch(logits_BV: torch.Tensor, rows: SamplerRows, tokens_out: to
             toks.append(0)
             status.append(1)
             continue
-        status.append(0)
         if not T[b] > 0:  # 0 (or, from an unvalidated table, negative or NaN): greedy, as the kernel
             toks.append(top_l[b])
+            status.append(0)
             continue
-        z = row_z(xp[b], m_l[b], T[b])
-        tau = keep_threshold(z, K[b], P[b], MP[b])
-        toks.append(draw_row(z, top_l[b], tau, SEED[b], POS[b]))
+        try:
+            z = row_z(xp[b], m_l[b], T[b])
+            tau = keep_threshold(z, K[b], P[b], MP[b])
+            toks.append(draw_row(z, top_l[b], tau, SEED[b], POS[b]))
+            status.append(0)
+        except (RuntimeError, ValueError, IndexError):  # a row's failure fails that row alone
+            toks.append(0)
+            status.append(1)
     tok = torch.tensor(toks, dtype=torch.int64, device=x.device)
     st = torch.tensor(status, dtype=torch.int32, device=x.device)
     xt = x.gather(-1, tok[:, None])[:, 0]

@@ -31,7 +31,7 @@ SSM_WARPS = 4
 SSM_RB = 256  # dt_proj columns per slice (all of the 7B's rank in one)
 RMS_WARPS = 8  # for rows of 2048+; fewer for short rows
 RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): int4 ~0.4 us less per 7B layer than 8, bf16
-# and int8 the same (benchmarks/sweep_xproj.py, results/dev-runs/h100-sweep-xproj-6233aa4.json)
+# and int8 the same (benchmarks/sweep_xproj.py, results/archive/dev-runs/h100-sweep-xproj-6233aa4.json)
 DT_PROJ_MAX_BATCH = 4
 
 

@@ -499,7 +499,7 @@ TUNED: dict[tuple[str, int, int, bool], GemvConfig] = {
     # and x_proj stay on the fp32 kernel: fused in_proj 38.7, x_proj 5.1, lm_head with norm_f 89.7.
     # out_proj and lm_head load their first block after the PDL wait (pre=False): ~0.2 us less per
     # layer / ~4 us per token in the graphed step (early loads compete with the previous kernel's;
-    # results/dev-runs/h100-sweep-xproj-94ceb06.json, -e5d3771.json)
+    # results/archive/dev-runs/h100-sweep-xproj-94ceb06.json, -e5d3771.json)
     ("int4g128", 16384, 4096, False): GemvConfig(bn=8, bk=1024, i4x2=4),
     ("int4g128", 16384, 4096, True): _T(16, 1024, xs=True),
     ("int4g128", 4096, 8192, False): GemvConfig(bn=4, bk=2048, i4x2=4, pre=False),
