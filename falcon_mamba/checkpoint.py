@@ -167,17 +167,7 @@ def check_folder(ref: str | os.PathLike) -> tuple[Path, ModelConfig]:
     else:
         with torch.device("meta"):
             want = expected_shapes(FalconMamba(config))
-    names = set(files) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    problems = []
-    missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
-    if missing:
-        problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    by_file: dict[Path, list[str]] = {}
-    for name in want:
-        if name in files:
-            by_file.setdefault(files[name], []).append(name)
+    problems, by_file = _match(files, want, config.tie_word_embeddings)
     for path, keys in by_file.items():
         with _open(path) as f:
             for name in keys:
@@ -192,18 +182,14 @@ def check_folder(ref: str | os.PathLike) -> tuple[Path, ModelConfig]:
     return folder, config
 
 
-def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int, ...]],
-                 device: torch.device, tied: bool, target_dtype) -> dict[str, torch.Tensor]:
-    """Read the tensors named in ``want`` (name -> shape) from their files, each cast to
-    ``target_dtype(name, tensor)`` on device, one at a time through mmap. target_dtype may return a
-    string instead of a dtype: a problem with that tensor. Every missing, unexpected, mis-shaped or
-    refused tensor is collected and reported in one UserError."""
-    names = set(files)
-    if tied:
-        names.discard("lm_head.weight")  # some writers store the tied head too
-    missing = sorted(set(want) - names)
-    unexpected = sorted(names - set(want))
+def _match(files: dict[str, Path], want: dict[str, tuple[int, ...]],
+           tied: bool) -> tuple[list[str], dict[Path, list[str]]]:
+    """The stored tensor names against the wanted ones: (problems: missing / unexpected names, the
+    wanted names present grouped by file). A tied model's stored lm_head is ignored (some writers
+    store the tied head too)."""
+    names = set(files) - ({"lm_head.weight"} if tied else set())
     problems = []
+    missing, unexpected = sorted(set(want) - names), sorted(names - set(want))
     if missing:
         problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if unexpected:
@@ -212,6 +198,16 @@ def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int
     for name in want:
         if name in files:
             by_file.setdefault(files[name], []).append(name)
+    return problems, by_file
+
+
+def read_tensors(folder: Path, files: dict[str, Path], want: dict[str, tuple[int, ...]],
+                 device: torch.device, tied: bool, target_dtype) -> dict[str, torch.Tensor]:
+    """Read the tensors named in ``want`` (name -> shape) from their files, each cast to
+    ``target_dtype(name, tensor)`` on device, one at a time through mmap. target_dtype may return a
+    string instead of a dtype: a problem with that tensor. Every missing, unexpected, mis-shaped or
+    refused tensor is collected and reported in one UserError."""
+    problems, by_file = _match(files, want, tied)
     tensors: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
         with _open(path) as f:

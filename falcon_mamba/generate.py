@@ -117,9 +117,8 @@ def engine_for(model, tokenizer, rows: int, options: DecodeOptions | None = None
     if have is not None and have.config.num_slots >= rows and have.config.decode == options:
         return have
     slots = max(bucket(rows), have.config.num_slots if have is not None else 1)
-    if have is not None:
-        _engines.pop(model, None)
-        del have
+    _engines.pop(model, None)  # the old engine's pool and graphs go before the new ones are made
+    have = None
     eng = Engine(model, tokenizer, EngineConfig(num_slots=slots, max_waiting=1 << 30, max_context=1 << 62,
                                                 prefill_chunk=DEFAULT_CHUNK_SIZE, decode=options))
     _engines[model] = eng
@@ -129,9 +128,8 @@ def engine_for(model, tokenizer, rows: int, options: DecodeOptions | None = None
 class _Collector:
     """The deltas of one request, gathered into a GenerationResult (and queued for streaming)."""
 
-    def __init__(self, req_index: int, prompt_len: int, seed: int, logprobs: bool):
+    def __init__(self, prompt_len: int, seed: int, logprobs: bool):
         self.result = GenerationResult(prompt_tokens=prompt_len, seed=seed, logprobs=[] if logprobs else None)
-        self.index = req_index
         self.pieces: list[str] = []
         self.req = None
 
@@ -286,7 +284,7 @@ def generate(model, tokenizer, prompt: str | Sequence[str] | Sequence[int] | Seq
     want_state = details or stream or params.max_new_tokens == 0
     collectors = []
     for i, (ids, st) in enumerate(zip(rows_ids, starts)):
-        c = _Collector(i, len(ids), seed + i, params.logprobs)
+        c = _Collector(len(ids), seed + i, params.logprobs)
         row_chunk = len(ids) if prefill == "parallel" else chunk
         c.req = engine.submit(ids, dataclasses.replace(params, seed=seed + i), sink=c, state=st,
                               want_state=want_state, chunk=row_chunk, progress=progress, tokenizer=tokenizer)
