@@ -17,6 +17,11 @@
 #   benchmarks/device_run.sh serve15    # the OpenAI server on a random 7B folder: 1/16/64/256 streaming
 #                                       # clients, then 32 streams beside a 100k-token prompt
 #   benchmarks/device_run.sh sampler    # the sampler kernel's cuda tests and bench_sampler.py
+#   benchmarks/device_run.sh hf17       # the whole cuda suite, then bench_hf_accelerate.py --gpu
+#                                       # (transformers generate and a 1.5B training step, with and
+#                                       # without falcon_mamba.hf.accelerate)
+#   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
+#                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
 # and .data/shared (../shared's tokenizers).
 # Run from the repository root with FALCON_MAMBA_COMMIT set to the commit the tree holds.
@@ -94,6 +99,14 @@ case "$MODE" in
     cuda_tests 200 tests/test_sample_rows.py tests/test_engine.py
     timeout $((585 - SECONDS)) python3 benchmarks/bench_sampler.py > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
+  hf17)
+    cuda_tests 290 tests/
+    timeout $((585 - SECONDS)) python3 benchmarks/bench_hf_accelerate.py --gpu --budget-s $((540 - SECONDS)) \
+      --json "$OUT/results/hf-accelerate.json" > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
+  train18)
+    timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
+      --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
   profile)
     timeout 500 python3 benchmarks/profile_decode.py --layers 16 --out "$OUT/results/profile.json" \
       > "$OUT/bench.log" 2>&1 ;;
