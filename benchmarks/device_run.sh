@@ -20,6 +20,8 @@
 #   benchmarks/device_run.sh hf17       # the whole cuda suite, then bench_hf_accelerate.py --gpu
 #                                       # (transformers generate and a 1.5B training step, with and
 #                                       # without falcon_mamba.hf.accelerate)
+#   benchmarks/device_run.sh prefill18  # profile_prefill.py (a 7B chunk's GPU and host time by length),
+#                                       # then train18, then bench_train.py --shape 7b (Mamba only)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -104,6 +106,13 @@ case "$MODE" in
     timeout $((585 - SECONDS)) python3 benchmarks/bench_hf_accelerate.py --gpu --budget-s $((540 - SECONDS)) \
       --json "$OUT/results/hf-accelerate.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
+  prefill18)
+    timeout 150 python3 benchmarks/profile_prefill.py --out "$OUT/results/profile-prefill.json" > "$OUT/prefill.log" 2>&1
+    timeout $((480 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,mamba-plain,transformer \
+      --out "$OUT/results" > "$OUT/bench.log" 2>&1
+    timeout $((585 - SECONDS)) python3 benchmarks/bench_train.py --shape 7b --models mamba --no-cli \
+      --out "$OUT/results/7b" > "$OUT/bench7b.log" 2>&1
+    tail -30 "$OUT/prefill.log"; tail -12 "$OUT/bench7b.log" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
