@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device, named (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     use_bf16 = device.type == "cuda"  # the recipe's precision "auto"
     cfg = train_config(shape)
