@@ -132,6 +132,10 @@ def test_length_chunk_choice(monkeypatch):
     assert triton_scan.length_chunk(1, 1 << 20, 8192, 32) == (1 << 20) // 64
     assert triton_scan.length_chunk(64, 16384, 8192, 32) == 16384
     assert triton_scan.length_chunk(1, 300, 8192, 32) == 300  # too short to split
+    # inference (no saved states): shorter chunks, so a 512-token prompt chunk runs 8 in parallel
+    assert triton_scan.length_chunk(1, 512, 8192, 32, triton_scan.FWD_MIN_CHUNK_INFER, 2) == 64
+    assert triton_scan.length_chunk(1, 100, 8192, 32, triton_scan.FWD_MIN_CHUNK_INFER, 2) == 100
+    assert triton_scan.length_chunk(1, 16384, 8192, 32, triton_scan.FWD_MIN_CHUNK_INFER, 2) == 256
 
 
 def test_backward_small_length_chunked(rng, monkeypatch):

@@ -94,7 +94,7 @@ class Engine:
         budget = cfg.prefill_budget if cfg.prefill_budget is not None else 4 * cfg.prefill_chunk
         self.scheduler = Scheduler(cfg.num_slots, cfg.max_waiting, cfg.prefill_chunk, budget,
                                    on_admit=self._on_admit)
-        self.runner = Runner(model, self.pool, cfg.decode)
+        self.runner = Runner(model, self.pool, cfg.decode, cfg.prefill_chunk)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -130,6 +130,7 @@ class Engine:
             return
         with torch.inference_mode():
             self.runner.warm_prefill()
+            self.runner.prefill_graphs.capture_all()
             n = 1
             while True:
                 graphs.prepare(n)

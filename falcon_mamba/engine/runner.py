@@ -8,7 +8,9 @@
   drops whatever the padding put into the state and the conv window, so each row's final state and
   last logits are those of its prompt alone), chunks that continue from a state (a prompt's later
   chunks, a prefix-cache hit, a caller's state) batch with chunks of exactly their length. Few,
-  wide launches instead of one per prompt.
+  wide launches instead of one per prompt. A chunk of one row at a fixed shape (a prompt of up to
+  ``prefill_chunk`` tokens from nothing, a long prompt's middle chunks) is a CUDA-graph replay
+  instead (engine/prefill_graphs.py: its eager launches cost more host time than its GPU work).
 - Sampling of a prompt's first token: the same sampler, on the rows the prompt's sequences join.
 - Readback: the step's tokens, log-probabilities and statuses are copied to pinned host memory
   behind the step, with an event; the engine reads them while the GPU already runs the next step.
@@ -25,6 +27,7 @@ import torch
 
 from falcon_mamba.decode.graphs import DecodeGraphs
 from falcon_mamba.decode.modes import DecodeOptions
+from falcon_mamba.engine.prefill_graphs import PrefillGraphs
 from falcon_mamba.engine.state_pool import StatePool
 from falcon_mamba.state import State
 
@@ -75,11 +78,13 @@ class Pending:
 
 
 class Runner:
-    def __init__(self, model, pool: StatePool, options: DecodeOptions | None = None):
+    def __init__(self, model, pool: StatePool, options: DecodeOptions | None = None,
+                 prefill_chunk: int = 512):
         self.model = model
         self.pool = pool
         self.device = model.device
         self.graphs = DecodeGraphs(model, pool, options)
+        self.prefill_graphs = PrefillGraphs(model, prefill_chunk, self.graphs.use_graphs)
         self._step_logits: list[torch.Tensor] = []  # raw logits of this step's rows, in row order
 
     # ---- decode --------------------------------------------------------------------------------
@@ -128,6 +133,16 @@ class Runner:
         self.pool.write_rows(top, State(saved.config, saved.conv[:, :1], saved.ssm[:, :1]))
 
     def _prefill_batch(self, group: list[PrefillWork]) -> list[tuple[PrefillWork, torch.Tensor, State]]:
+        if len(group) == 1 and self.prefill_graphs.fits(len(group[0].ids), group[0].continues):
+            w = group[0]
+            start = self._initial_states([w.row]) if w.continues else None
+            res = self.prefill_graphs.run(w.ids, start)
+            if res is not None:
+                logits_V, st = res
+                if w.is_last:
+                    return [(w, logits_V, st)]
+                self.pool.write_rows(w.row, st)
+                return []
         L = max(len(w.ids) for w in group)
         ids = torch.zeros(len(group), L, dtype=torch.long)
         reset = torch.zeros(len(group), L, dtype=torch.bool)

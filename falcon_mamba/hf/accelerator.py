@@ -24,6 +24,12 @@ process): it calls our function while an accelerated mixer is running (a context
 forward pre/post hooks on that mixer instance) and the function that was there before otherwise.
 Models that were not accelerated, in the same process, compute exactly as before.
 
+A decode step (one new token per row, continuing transformers' cache) does not go through the
+hook points: transformers' mixer code between them costs ~25 small launches and their Python per
+layer, more than the GPU work. The mixer's forward (on the instance) sends it to
+``falcon_mamba.hf.decode.mixer_decode`` instead, five launches on the cache's own tensors; every
+other call (prefill, training, the CPU) runs transformers' forward with the hooks above.
+
 The RMSNorms (block norms, norm_f and Falcon Mamba's weightless B/C/dt norms) get our
 ``ops.rms_norm`` as their forward, on the instance: the same formula (HF's order of rounding), one
 Triton kernel instead of six elementwise ones on CUDA when no gradient is needed (decode).
@@ -47,13 +53,14 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import sys
 import types
 
 import torch.nn as nn
 
 from falcon_mamba import ops
 from falcon_mamba.errors import UserError
-from falcon_mamba.hf import kernels
+from falcon_mamba.hf import decode, kernels
 
 TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
 
@@ -110,13 +117,25 @@ def _weightless_norm_forward(self, x):
     return ops.rms_norm(x, None, self.eps)
 
 
+def _mixer_forward(self, hidden_states, *args, **kwargs):
+    found = decode.decode_states(self, hidden_states, args, kwargs)
+    if found is None:
+        return self._falcon_mamba_theirs(hidden_states, *args, **kwargs)
+    conv, ssm, mask = found
+    mask_fn = getattr(sys.modules[type(self).__module__], "apply_mask_to_padding_states", None)
+    return decode.mixer_decode(self, hidden_states, conv, ssm, mask, mask_fn)
+
+
 def _set_forward(module: nn.Module, fn) -> None:
     """Replace forward on this instance; under accelerate's device hooks (which wrap forward and
-    keep the original as _old_forward) replace the wrapped one, so the hooks still fire."""
+    keep the original as _old_forward) replace the wrapped one, so the hooks still fire. The one
+    replaced stays reachable as module._falcon_mamba_theirs."""
     bound = types.MethodType(fn, module)
     if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        module._falcon_mamba_theirs = module._old_forward
         module._old_forward = bound
     else:
+        module._falcon_mamba_theirs = module.forward
         module.forward = bound
 
 
@@ -146,6 +165,7 @@ def accelerate(model: nn.Module) -> nn.Module:
             continue
         m.register_forward_pre_hook(_enter)
         m.register_forward_hook(_leave, always_call=True)  # also when forward raises
+        _set_forward(m, _mixer_forward)
         setattr(m, _MARK, True)
     for m in model.modules():
         if getattr(m, _MARK, False):

@@ -106,9 +106,11 @@ def _conv_in(x_ptr, cst_ptr, cw_ptr, cb_ptr, k, mk, s_ck, s_cw, CK: tl.constexpr
 
 
 @triton.jit
-def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, sx_b, sy_b, sw_d,
-                      K: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                      PDL: tl.constexpr):
+def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, ss_d, sx_b, sy_b, sw_d,
+                      K: tl.constexpr, EXTRA: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SILU: tl.constexpr, PDL: tl.constexpr):
+    # The state holds EXTRA + K-1 slots of the last inputs (slot stride ss_k, channel stride ss_d):
+    # the conv reads the last K-1; all of them shift left by one and the new input goes last.
     dep_sync(PDL)
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -116,7 +118,10 @@ def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, s
     md = d < D
     xraw = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0)
     acc = tl.load(w_ptr + d * sw_d + (K - 1), mask=md, other=0.0).to(tl.float32) * xraw.to(tl.float32)
-    sp = state_ptr + b * ss_b + d
+    s0 = state_ptr + b * ss_b + d * ss_d
+    for e in tl.static_range(EXTRA):  # slots the conv does not read only move (before the window
+        tl.store(s0 + e * ss_k, tl.load(s0 + (e + 1) * ss_k, mask=md, other=0.0), mask=md)  # shifts)
+    sp = s0 + EXTRA * ss_k
     for k in tl.static_range(K - 1):
         sk = tl.load(sp + k * ss_k, mask=md, other=0.0)
         acc += tl.load(w_ptr + d * sw_d + k, mask=md, other=0.0).to(tl.float32) * sk.to(tl.float32)
@@ -314,15 +319,29 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, sw_n, K: tl.constexpr, BN: tl.constexpr
 
 def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True) -> torch.Tensor:
     """One token through the conv; updates conv_state_BKD (B, K-1, D) in place; y (B, D)."""
+    assert conv_state_BKD.stride(-1) == 1
+    return _conv_step(conv_state_BKD, conv_state_BKD.stride(1), 1, 0, x_BD, weight_DK, bias_D, silu)
+
+
+def conv_step_channels_first(conv_state_BDS, x_BD, weight_DK, bias_D, silu=True) -> torch.Tensor:
+    """conv_step on a state laid out (B, D, S), S >= K-1 (transformers' cache: S = K, the last S
+    inputs, time contiguous): the conv reads the last K-1 slots; all S shift in place; y (B, D)."""
+    K, S = weight_DK.shape[1], conv_state_BDS.shape[2]
+    assert S >= K - 1, (S, K)
+    return _conv_step(conv_state_BDS, conv_state_BDS.stride(2), conv_state_BDS.stride(1), S - (K - 1),
+                      x_BD, weight_DK, bias_D, silu)
+
+
+def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D, silu) -> torch.Tensor:
     Bsz, D = x_BD.shape
     K = weight_DK.shape[1]
-    assert conv_state_BKD.stride(-1) == 1 and x_BD.stride(-1) == 1 and weight_DK.stride(1) == 1
+    assert x_BD.stride(-1) == 1 and weight_DK.stride(1) == 1
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
     BD = 256
     _conv_step_kernel[(triton.cdiv(D, BD), Bsz)](
-        conv_state_BKD, x_BD, weight_DK, bias_D if bias_D is not None else weight_DK, y, D,
-        conv_state_BKD.stride(0), conv_state_BKD.stride(1), x_BD.stride(0), y.stride(0),
-        weight_DK.stride(0), K=K, BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=2,
+        state, x_BD, weight_DK, bias_D if bias_D is not None else weight_DK, y, D,
+        state.stride(0), ss_k, ss_d, x_BD.stride(0), y.stride(0), weight_DK.stride(0), K=K, EXTRA=extra,
+        BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=2,
         **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS)
     return y
 

@@ -45,6 +45,10 @@ CHK = 128  # steps between saved states for the backward; a multiple of FWD_UNRO
 FWD_CHUNK_PROGRAMS = 16384
 FWD_MAX_CHUNKS = 64
 FWD_MIN_CHUNK = 256
+# ...and without saved states (inference: prefill chunks): chunks this short. A 7B prompt chunk of
+# 512 tokens at batch 1 spent 2 x 152 us per layer in two 256-step passes (H200,
+# results/h200-profile-prefill-9786fe1.json), 61% of the chunk's GPU time: latency, not bytes.
+FWD_MIN_CHUNK_INFER = 64
 CARRY_BLOCK_D = 32
 
 
@@ -387,19 +391,22 @@ def _check_last_stride(name: str, t: torch.Tensor) -> None:
     assert t.stride(-1) == 1, f"{name} must have a contiguous last dim (stride {t.stride()})"
 
 
-def length_chunk(Bsz: int, L: int, D: int, block_d: int) -> int:
-    """The chunk length CL the forward splits the length into (L itself: one sequential pass).
+def length_chunk(Bsz: int, L: int, D: int, block_d: int, min_chunk: int | None = None,
+                 step: int = CHK) -> int:
+    """The chunk length CL the forward splits the length into (L itself: one sequential pass): at
+    least min_chunk (default FWD_MIN_CHUNK), a multiple of step (CHK where states are saved).
 
     Batch 1 gives only D / block_d programs (256 for the 7B): each walks the whole length and waits
     on its loads at every step (latency-bound, ~0.7 us per step). Splitting the length into chunks
     scanned in parallel from a zero state, then carrying the states across chunks and re-running
     each chunk from its true initial state, costs a second pass but multiplies the warps in flight
-    by the number of chunks. CL is a multiple of CHK so saved states stay aligned."""
+    by the number of chunks."""
+    min_chunk = min_chunk or FWD_MIN_CHUNK
     progs = triton.cdiv(D, block_d) * Bsz
     nc = min(FWD_MAX_CHUNKS, FWD_CHUNK_PROGRAMS // max(progs, 1))
-    if nc < 2 or L < 2 * FWD_MIN_CHUNK:
+    if nc < 2 or L < 2 * min_chunk:
         return L
-    return max(FWD_MIN_CHUNK, triton.cdiv(triton.cdiv(L, nc), CHK) * CHK)
+    return max(min_chunk, triton.cdiv(triton.cdiv(L, nc), step) * step)
 
 
 def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=None,
@@ -418,7 +425,8 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     unroll = unroll or FWD_UNROLL
     if save_chk:  # states are saved at chunk starts: CHK must be a multiple of the unroll
         unroll = math.gcd(unroll, CHK)
-    CL = chunk or length_chunk(Bsz, L, D, block_d)
+    CL = chunk or (length_chunk(Bsz, L, D, block_d) if save_chk
+                   else length_chunk(Bsz, L, D, block_d, FWD_MIN_CHUNK_INFER, unroll))
     if CL < L and save_chk:  # saved states sit at multiples of CHK: chunks must start on them
         CL = triton.cdiv(CL, CHK) * CHK
     CL = max(1, min(CL, L))

@@ -1,0 +1,134 @@
+"""Prompt chunks of one row replayed as CUDA graphs: the launches of a chunk's eager forward cost
+more host time than its GPU work.
+
+Measured on the H200 (results/h200-profile-prefill-9786fe1.json, 7B, batch 1): the eager forward
+of a 512-token chunk issues ~770 launches and returns to the host after 47-83 ms, while its GPU
+work is ~32 ms; up to ~1,000 tokens a chunk is launch-bound. The engine thread waits for those
+launches, and every decoding stream with it (a 100k-token prompt beside 32 streams: inter-token
+p99 83 ms vs 12 ms alone), and a lone short prompt's first token waits ~50 ms.
+
+So a chunk of one row whose shape is one of a few fixed ones is a graph replay:
+- continuing: exactly ``chunk`` tokens read on top of a state (a long prompt's middle chunks);
+- fresh: a prompt (or a long prompt's first chunk) of at most ``chunk`` tokens from nothing,
+  left-padded to the next length bucket with a document reset at its first real token (the reset
+  drops what the padding put into the state and the conv window: the runner's batched prefill
+  pads the same way).
+Each graph reads its ids (and reset flags, or start state) from static buffers and writes the last
+logits and the final state to static outputs; the runner copies those out at once, because all
+prefill graphs share one memory pool (they never run at the same time). Other chunks (several
+rows, other lengths, the CPU) run eagerly. Capture happens at warm-up (Engine.warm_up) or at first
+use; a capture that fails turns the graphs off for this engine (eager prefill still works).
+
+Legend: nL layers, L a bucket's length, K conv taps, D inner width, N state size, V vocab.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from falcon_mamba.state import State
+
+log = logging.getLogger("falcon_mamba.engine")
+
+MIN_BUCKET = 16  # the shortest fresh bucket: prompts this short differ little in cost
+
+
+def fresh_buckets(chunk: int) -> list[int]:
+    """Fresh-prompt lengths with a graph: powers of two from MIN_BUCKET up to chunk, and chunk."""
+    out, L = [], MIN_BUCKET
+    while L < chunk:
+        out.append(L)
+        L *= 2
+    return out + [chunk]
+
+
+class _Graph:
+    """One captured forward: static ids (1, L) int64, reset (1, L) bool or a start state (nL, 1, ...)."""
+
+    def __init__(self, model, L: int, continuing: bool, pool):
+        dev = model.device
+        cfg = model.config
+        self.L = L
+        self.continuing = continuing
+        self.ids = torch.zeros(1, L, dtype=torch.long, device=dev)
+        self.reset = None if continuing else torch.zeros(1, L, dtype=torch.bool, device=dev)
+        self.state = State.zeros(cfg, 1, model.dtype, dev) if continuing else None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile this shape's kernel variants, create the cuBLAS handles
+                self._body(model)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits_V, self.out = self._body(model)
+
+    def _body(self, model):
+        logits_B1V, out = model(self.ids, state=self.state, last_only=True, reset_BL=self.reset)
+        return logits_B1V[0, -1], out
+
+
+class PrefillGraphs:
+    """The prefill graphs of one runner. enabled: CUDA with graphs allowed (decode's cuda_graphs)."""
+
+    def __init__(self, model, chunk: int, enabled: bool):
+        self.model = model
+        self.chunk = chunk
+        self.enabled = enabled and model.device.type == "cuda" and chunk >= 1
+        self.buckets = fresh_buckets(chunk) if self.enabled else []
+        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+
+    def fits(self, n_ids: int, continuing: bool) -> bool:
+        """A chunk of one row with n_ids tokens has a graph (captured or not yet)."""
+        if not self.enabled:
+            return False
+        return n_ids == self.chunk if continuing else 1 <= n_ids <= self.chunk
+
+    def capture_all(self) -> None:
+        """Capture every graph now (warm-up), so that no request waits for a capture."""
+        for L in self.buckets:
+            self._get(L, False)
+        self._get(self.chunk, True)
+
+    def _bucket(self, n: int) -> int:
+        return next(L for L in self.buckets if L >= n)
+
+    def _get(self, L: int, continuing: bool) -> _Graph | None:
+        key = (L, continuing)
+        g = self._graphs.get(key)
+        if g is None and self.enabled:
+            try:
+                g = self._graphs[key] = _Graph(self.model, L, continuing, self._pool)
+            except Exception:  # noqa: BLE001 - e.g. an op that cannot be captured: stay eager
+                log.exception("capturing the prefill graph of %d tokens failed; prefill runs eagerly",
+                              L)
+                self.enabled = False
+                self._graphs.clear()
+                return None
+        return g
+
+    def run(self, ids: list[int], start: State | None) -> tuple[torch.Tensor, State] | None:
+        """Read one chunk: ids (fits()), from the 1-row state ``start`` (continuing) or from nothing.
+        Returns (last logits (V,) fp32, final state (1 row)), both fresh tensors, or None when no
+        graph could be had (the caller runs the chunk eagerly)."""
+        n = len(ids)
+        continuing = start is not None
+        L = n if continuing else self._bucket(n)
+        g = self._get(L, continuing)
+        if g is None:
+            return None
+        host = torch.zeros(1, L, dtype=torch.long)
+        host[0, L - n:] = torch.as_tensor(ids, dtype=torch.long)
+        g.ids.copy_(host.pin_memory(), non_blocking=True)
+        if continuing:
+            g.state.conv.copy_(start.conv)
+            g.state.ssm.copy_(start.ssm)
+        else:
+            flags = torch.zeros(1, L, dtype=torch.bool)
+            flags[0, L - n] = True
+            g.reset.copy_(flags.pin_memory(), non_blocking=True)
+        g.graph.replay()
+        return g.logits_V.clone(), State(self.model.config, g.out.conv.clone(), g.out.ssm.clone())
