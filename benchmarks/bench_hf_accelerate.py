@@ -146,6 +146,21 @@ def generate(model, prompt, n: int):
     return time.perf_counter() - t, out[:, prompt.shape[1]:]
 
 
+def first_steps_logits(model, prompt, n: int = 3) -> list[torch.Tensor]:
+    """The logits (B, V) fp32 of generate's first n steps (the prompt's, then decode steps)."""
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return [x.float() for x in out.logits]
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the number of greedy tokens equal before the first difference (random
+    weights give near-flat logits, so one rounding flip changes every later token)."""
+    diff = (a != b).int()
+    n = a.shape[1]
+    return torch.where(diff.any(1), diff.argmax(1), torch.full_like(diff[:, 0], n)).float().mean().item()
+
+
 def decode_rate(model, prompt, short: int, long: int) -> tuple[float, torch.Tensor]:
     """Decode tokens/s (all rows) from generate(long) - generate(short), and generate(long)'s tokens."""
     generate(model, prompt, 2)  # warm-up: allocator, kernels
@@ -258,10 +273,11 @@ def part_decode(rep: Report, batches: list[int], prompt_len: int, short: int, lo
     g = torch.Generator().manual_seed(1)
     prompts = {b: torch.randint(0, model.config.vocab_size, (b, prompt_len), generator=g).cuda()
                for b in batches}
-    hf = {}
+    hf, hf_logits = {}, {}
     for b in batches:
         log(f"generate, transformers' path, batch {b}")
         hf[b] = decode_rate(model, prompts[b], short, long)
+        hf_logits[b] = first_steps_logits(model, prompts[b])
     fh.accelerate(model)
     data, rows = {"shape": "7b", "parameters": n, "prompt_len": prompt_len,
                   "tokens_timed": long - short}, []
@@ -270,11 +286,20 @@ def part_decode(rep: Report, batches: list[int], prompt_len: int, short: int, lo
         r_acc, toks = decode_rate(model, prompts[b], short, long)
         r_hf, toks_hf = hf[b]
         same = (toks == toks_hf).float().mean().item()
+        # the logits of the first steps, prompt then decode (both paths chose the same tokens there
+        # unless the first divergence is earlier): max |diff| / max |logit| per step
+        errs = [((x - y).abs().max() / y.abs().max()).item()
+                for x, y in zip(first_steps_logits(model, prompts[b]), hf_logits[b])]
+        div = first_divergence(toks, toks_hf)
         data[f"batch{b}"] = {"transformers_tok_s": r_hf, "accelerated_tok_s": r_acc,
-                             "speedup": r_acc / r_hf, "greedy_tokens_equal_fraction": same}
+                             "speedup": r_acc / r_hf, "greedy_tokens_equal_fraction": same,
+                             "tokens_before_first_difference_mean": div,
+                             "first_steps_logits_rel_err": errs}
         rows += [(f"generate decode 7B bf16, batch {b}: transformers", f"{r_hf:,.1f} tok/s", ""),
                  (f"generate decode 7B bf16, batch {b}: accelerated", f"{r_acc:,.1f} tok/s",
-                  f"{r_acc / r_hf:.1f}x; greedy tokens equal: {same:.0%}")]
+                  f"{r_acc / r_hf:.1f}x; equal tokens before the first difference {div:.1f} of "
+                  f"{toks.shape[1]}; logits rel err of the first steps "
+                  + ", ".join(f"{e:.1e}" for e in errs))]
     rep.add("decode-7b", data, rows)
     del model
     torch.cuda.empty_cache()
@@ -293,6 +318,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed accelerated steps (CPU 2, GPU 3)")
     ap.add_argument("--hf-steps", type=int, default=1, help="timed steps of transformers' path")
     ap.add_argument("--decode-batches", default="1,64", help="GPU decode batch sizes")
+    ap.add_argument("--parts", default="decode,train", help="GPU parts to run (decode, train)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default torch's; on a shared machine 1 avoids oversubscription)")
     args = ap.parse_args()
@@ -309,9 +335,12 @@ def main() -> int:
             print("--gpu: no CUDA device here", file=sys.stderr)
             return 2
         batches = [int(b) for b in args.decode_batches.split(",")]
-        if not rep.skip("decode-7b", 60):
+        parts = set(args.parts.split(","))
+        if parts - {"decode", "train"}:
+            ap.error(f"--parts: unknown {', '.join(sorted(parts - {'decode', 'train'}))} (decode, train)")
+        if "decode" in parts and not rep.skip("decode-7b", 60):
             part_decode(rep, batches, prompt_len=16, short=4, long=68)
-        if not rep.skip("train-1.5b", 100):
+        if "train" in parts and not rep.skip("train-1.5b", 100):
             part_train(rep, "1.5b", "cuda", torch.bfloat16, args.batch or 8, lens(args.hf_seq_lens, "256"),
                        lens(args.seq_lens, "256,2048"), args.steps or 3, args.hf_steps,
                        checkpointing=True, plain_too=True)

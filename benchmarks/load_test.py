@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -343,6 +344,22 @@ def main(argv=None) -> int:
 
     server, record = None, {"benchmark": "serve-load", "note": args.note}
     tmp = tempfile.TemporaryDirectory()
+    scenarios: list[dict] = []
+
+    def save() -> str:
+        """The record so far, also to --out (after every part: a run cut short keeps its parts)."""
+        if not args.sweep and scenarios:
+            record.update(scenarios[0])
+        elif scenarios:
+            record["scenarios"] = scenarios
+        record["env"] = env_info()
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
+        return json.dumps(record)
+
+    # a timeout's SIGTERM: stop the server and keep the parts measured (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.url:
             url = args.url.rstrip("/")
@@ -362,13 +379,13 @@ def main(argv=None) -> int:
         # Warm-up: the first forward passes pay one-time costs (imports, allocator, new shapes).
         run_load(url, model, 2, 2, args.prompt_words, 4, args.api_key, seed=1)
         levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.clients]
-        scenarios = []
         for n in levels:
             reqs = args.requests if not args.sweep else max(8, 3 * n)
             s = run_load(url, model, n, reqs, args.prompt_words, args.max_tokens, args.api_key,
                          args.temperature, procs=args.procs)
             print_table(s)
             scenarios.append(s)
+            save()
         if args.mixed:
             streams, tokens = (int(x) for x in args.mixed.split(":"))
             vocab = 65024
@@ -383,15 +400,7 @@ def main(argv=None) -> int:
         if server is not None:
             server.stop()
         tmp.cleanup()
-    if len(scenarios) == 1:
-        record.update(scenarios[0])
-    else:
-        record["scenarios"] = scenarios
-    record["env"] = env_info()
-    line = json.dumps(record)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(json.dumps(record, indent=2) + "\n")
+        line = save()
     print(line)
     return 0
 
