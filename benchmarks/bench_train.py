@@ -120,8 +120,9 @@ def build(kind: str, cfg, device: torch.device) -> torch.nn.Module:
 
 
 def bench_model(kind: str, cfg, shape: dict, device: torch.device, warmup: int, steps: int,
-                use_bf16: bool, rate: float | None) -> dict:
-    """One model's row: median step time, tok/s, MFU, peak memory, the losses it saw."""
+                use_bf16: bool, rate: float | None, profile: bool = False) -> dict:
+    """One model's row: median step time, tok/s, MFU, peak memory, the losses it saw; with profile,
+    also one more step under torch.profiler: its kernels by GPU time (where the step's time goes)."""
     free(device)
     model = build(kind, cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -163,6 +164,15 @@ def bench_model(kind: str, cfg, shape: dict, device: torch.device, warmup: int, 
            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda"
                                else None),
            "losses": losses}
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync(device)
+        row["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        print(f"--- {kind}: one step under torch.profiler ---\n{row['profile']}", flush=True)
     return row  # the model and its optimizer go with this frame; the caller frees the cache
 
 
@@ -295,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="activation checkpointing (default: on for 7b only)")
     p.add_argument("--no-cli", action="store_true", help="skip the `falcon-mamba train` row")
     p.add_argument("--keep-cli-run", action="store_true", help="keep the CLI's run folder (checkpoint)")
+    p.add_argument("--profile", action="store_true",
+                   help="one more step of each model under torch.profiler (GPU): its kernels by time")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="pass this peak to the CLI run (default: it measures its own; on the CPU the "
                         "rate measured here)")
@@ -337,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {kind}", file=sys.stderr, flush=True)
         try:
             rec["rows"].append(bench_model(kind, cfg, shape, device, shape["warmup"], shape["steps"],
-                                           use_bf16, rate))
+                                           use_bf16, rate, profile=args.profile))
         except torch.cuda.OutOfMemoryError as e:
             rec["rows"].append({"model": kind, "layers": None, "error": f"out of memory ({str(e)[:200]})"})
         free(device)

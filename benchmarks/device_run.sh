@@ -24,7 +24,8 @@
 #                                       # then train18, then bench_train.py --shape 7b (Mamba only)
 #   benchmarks/device_run.sh final7     # cuda tests of the prefill graphs, the transformers decode step,
 #                                       # the decode kernels, generate and the scan; serve15 (shorter);
-#                                       # bench_hf_accelerate.py --gpu --parts decode; profile_prefill.py
+#                                       # bench_hf_accelerate.py --gpu --parts decode; profile_prefill.py;
+#                                       # one 1.5B training step under torch.profiler
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -117,15 +118,17 @@ case "$MODE" in
       --out "$OUT/results/7b" > "$OUT/bench7b.log" 2>&1
     tail -30 "$OUT/prefill.log"; tail -12 "$OUT/bench7b.log" ;;
   final7)
-    cuda_tests 150 tests/test_prefill_graphs.py tests/test_hf_decode.py tests/test_triton_decode.py \
+    cuda_tests 140 tests/test_prefill_graphs.py tests/test_hf_decode.py tests/test_triton_decode.py \
       tests/test_generate.py tests/test_cli_generate.py tests/test_triton_scan.py -k "not past_65k and not past_int32"
-    timeout 290 python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+    timeout $((430 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
       --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
       --out "$OUT/results/serve.json" > "$OUT/bench.log" 2>&1
-    timeout $((540 - SECONDS)) python3 benchmarks/bench_hf_accelerate.py --gpu --parts decode \
+    timeout $((500 - SECONDS)) python3 benchmarks/bench_hf_accelerate.py --gpu --parts decode \
       --json "$OUT/results/hf-accelerate.json" > "$OUT/hf.log" 2>&1
-    timeout $((590 - SECONDS)) python3 benchmarks/profile_prefill.py --lengths 128,512,1024,2048 \
+    timeout $((550 - SECONDS)) python3 benchmarks/profile_prefill.py --lengths 128,512,1024,2048 \
       --out "$OUT/results/profile-prefill.json" > "$OUT/prefill.log" 2>&1
+    timeout $((592 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli \
+      --warmup 2 --steps 2 --profile --out "$OUT/results/train-profile" > "$OUT/train.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15; tail -8 "$OUT/hf.log"; head -9 "$OUT/prefill.log" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
