@@ -189,3 +189,56 @@ def test_prefill_warm_up_leaves_the_rows_as_they_were(model_and_tok):
     before = pool.state.ssm.clone(), pool.state.conv.clone()
     Runner(model, pool).warm_prefill()
     assert torch.equal(pool.state.ssm, before[0]) and torch.equal(pool.state.conv, before[1])
+
+
+class _NoTable:
+    """The tokenizer without its byte table: the engine detokenizes on the two-decode window path."""
+
+    byte_table = None
+
+    def __init__(self, tok):
+        self._tok_ = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok_, name)
+
+
+def test_streams_are_those_of_the_window_path_and_metrics_count_every_token(model_and_tok, rng):
+    """The engine's byte-table detokenizer gives each stream the pieces (text per delta, so where a
+    stop string is seen too), tokens and finish reasons of the window path it replaced, with stop
+    strings, stop tokens, logprobs and n = 2; the counters, recorded once per step, count every
+    token: generated, time to first token per request, time per output token per later token."""
+    from falcon_mamba.streaming import ByteStreamDetokenizer, IncrementalDetokenizer
+
+    model, tok = model_and_tok
+    prompts = _prompts(6, rng)
+    params = [SamplingParams(max_new_tokens=24, temperature=0.9, seed=1, stop=("e",)),
+              SamplingParams(max_new_tokens=24, temperature=0.9, seed=2, stop=("in", "on", "\n")),
+              SamplingParams(max_new_tokens=16, temperature=0.9, seed=3, logprobs=True, ignore_eos=True),
+              SamplingParams(max_new_tokens=20, temperature=0.9, seed=4, stop_token_ids=(prompts[3][0],)),
+              SamplingParams(max_new_tokens=12, temperature=1.2, seed=5, ignore_eos=True),
+              SamplingParams(max_new_tokens=9, temperature=0.0, ignore_eos=True)]
+    runs = {}
+    for name, t in (("table", tok), ("window", _NoTable(tok))):
+        eng = Engine(model, t, EngineConfig(num_slots=16, max_waiting=16, prefill_chunk=32))
+        deltas, reqs = [], []
+
+        def sink(ds, i, deltas=deltas):
+            deltas.extend((i, d.index, d.text, d.token_ids, d.finish_reason,
+                           [(x.token, x.logprob) for x in d.logprobs]) for d in ds)
+
+        for i, (p, q) in enumerate(zip(prompts, params)):
+            reqs.append(eng.submit(p, q, n=2 if i == 4 else 1, top_logprobs=2 if q.logprobs else 0,
+                                   sink=lambda ds, i=i, sink=sink: sink(ds, i)))
+        kind = ByteStreamDetokenizer if name == "table" else IncrementalDetokenizer
+        assert all(type(s.extra["detok"]) is kind for r in reqs for s in r.seqs)
+        eng.run_until(lambda reqs=reqs: all(r.finished for r in reqs))
+        runs[name] = sorted(deltas, key=lambda x: (x[0], x[1]))  # per stream, in order (stable sort)
+        tokens = sum(len(d[3]) for d in deltas)
+        streams = sum(r.n for r in reqs)
+        assert eng.m_gen_tokens.value() == tokens
+        assert eng.m_ttft.count == len(reqs)
+        assert eng.m_tpot.count == tokens - streams  # every sequence got at least its first token
+    assert runs["table"] == runs["window"]
+    finishes = [d[4] for d in runs["table"] if d[4]]
+    assert finishes.count("stop") >= 2 and "length" in finishes, "no stop rule was exercised"

@@ -352,7 +352,9 @@ def test_full_pool_queues_then_429(small):
 
 
 def test_long_prompt_does_not_stall_a_running_stream(small, model_and_tok):
-    """The long prompt is read 16 tokens per step while the short stream decodes every step."""
+    """The long prompt is read 16 tokens per step while the short stream decodes every step. The
+    short stream's tokens are counted (its logprobs list them), not its events: a stream whose
+    client falls behind gets several steps' tokens in one event."""
     wait_idle(small.engine)
     tok = model_and_tok[1]
     long_prompt = " ".join(f"word{i}" for i in range(300))
@@ -362,12 +364,13 @@ def test_long_prompt_does_not_stall_a_running_stream(small, model_and_tok):
 
     def short():
         body = {"model": "tiny", "prompt": "Hi", "max_tokens": 20, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+                "ignore_eos": True, "logprobs": 0}
         with httpx.stream("POST", small.url + "/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    events.append(("short", time.monotonic()))
-                    if len(events) == 1:
+                    tokens = len(json.loads(line[6:])["choices"][0]["logprobs"]["tokens"])
+                    events.extend([("short", time.monotonic())] * tokens)
+                    if events:
                         started.set()
 
     started = threading.Event()

@@ -44,7 +44,7 @@ from falcon_mamba.engine.state_pool import StatePool
 from falcon_mamba.errors import UserError
 from falcon_mamba.sampling import SamplingParams, random_seed
 from falcon_mamba.state import State
-from falcon_mamba.streaming import IncrementalDetokenizer, StopMatcher
+from falcon_mamba.streaming import StopMatcher, make_detokenizer
 from falcon_mamba.tokens import check_token_ids, stop_token_ids
 
 log = logging.getLogger("falcon_mamba.engine")
@@ -71,7 +71,7 @@ class EngineConfig:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     """What one sequence produced since its last delta."""
 
@@ -105,6 +105,7 @@ class Engine:
         self._live: dict = {}  # sequence key -> Sequence, while it holds a row
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._init_metrics()
+        getattr(tokenizer, "byte_table", None)  # the detokenizer's table: built now, not in a request
 
     # ---- public API (any thread) -----------------------------------------------------------
     def start(self, warm_up: bool = False) -> None:
@@ -170,7 +171,7 @@ class Engine:
         stop_ids = stop_token_ids(tok, self.model, params)
         for s in req.seqs:
             s.extra.update(params=params, top_logprobs=top_logprobs, stop_ids=stop_ids, seed=seed + s.index,
-                           detok=IncrementalDetokenizer(tok, prompt_ids),
+                           detok=make_detokenizer(tok, prompt_ids),
                            stopper=StopMatcher(params.stop), fed=0)
         req.extra.update(sink=sink, want_state=want_state, seed=seed, progress=progress,
                          tokens_before=0 if state is None else state.tokens_seen)
@@ -377,70 +378,82 @@ class Engine:
         return state
 
     def _process(self, pend: Pending) -> None:
-        """Hand the tokens of a finished step to their sequences."""
+        """Hand the tokens of a finished step to their sequences. Runs for every row of every
+        step on the engine thread (which shares the interpreter lock with the server's event
+        loop): the metrics are recorded once per step, not per token."""
         pend.wait()
         toks, lps, status = pend.tokens.tolist(), pend.logprob.tolist(), pend.status.tolist()
         tops = None
         if pend.top_values is not None:
             tops = (pend.top_values.tolist(), pend.top_ids.tolist())
         t = time.monotonic()
+        live = self._live
         by_req: dict[int, tuple[Request, list[Delta]]] = {}
+        gaps: dict[float, int] = {}  # time since a sequence's last token -> sequences (a step's
+        # rows mostly share their previous step, so a few values cover them all)
+        tokens = 0
         for i, key in enumerate(pend.keys):
-            s = self._live.get(key)
-            if s is None or s.finished or s.request.cancelled:
+            s = live.get(key)
+            if s is None or s.finish_reason is not None or s.request.cancelled:
                 continue  # ended at an earlier step: this step's token is the one extra
+            req = s.request
             if status[i] != 0:
                 s.finish("error")
                 d = Delta(s.index, finish_reason="error",
                           error="the model produced no finite logit for this sequence")
             else:
-                x = Sampled(toks[i])
-                params: SamplingParams = s.extra["params"]
-                if params.logprobs:
-                    x.logprob = lps[i]
-                    k = s.extra["top_logprobs"]
+                ex = s.extra
+                last_t = ex.get("t_last")
+                if last_t is None:
+                    if "t_first" not in req.extra:
+                        req.extra["t_first"] = t
+                        self.m_ttft.observe(t - req.arrival)
+                else:
+                    gap = t - last_t
+                    gaps[gap] = gaps.get(gap, 0) + 1
+                ex["t_last"] = t
+                x = None
+                if ex["params"].logprobs:
+                    x = Sampled(toks[i], lps[i])
+                    k = ex["top_logprobs"]
                     if k and tops is not None:
                         x.top = list(zip(tops[1][i][:k], tops[0][i][:k]))
-                d = self._advance(s, x, t)
-            by_req.setdefault(s.request.uid, (s.request, []))[1].append(d)
+                d = self._advance(s, toks[i], x)
+                tokens += 1
+            entry = by_req.get(req.uid)
+            if entry is None:
+                by_req[req.uid] = (req, [d])
+            else:
+                entry[1].append(d)
+        if tokens:
+            self.m_gen_tokens.inc(tokens)
+        for gap, count in gaps.items():
+            self.m_tpot.observe(gap, count)
         for req, deltas in by_req.values():
             self._emit(req, deltas)
 
-    def _advance(self, s: Sequence, x: Sampled, t: float) -> Delta:
-        """Append one sampled token to a sequence and decide whether it ends it."""
-        last_t = s.extra.get("t_last")
-        if last_t is None:
-            req = s.request
-            if "t_first" not in req.extra:
-                req.extra["t_first"] = t
-                self.m_ttft.observe(t - req.arrival)
-        else:
-            self.m_tpot.observe(t - last_t)
-        s.extra["t_last"] = t
-        s.output_ids.append(x.token)
-        self.m_gen_tokens.inc()
-        params: SamplingParams = s.extra["params"]
-        detok: IncrementalDetokenizer = s.extra["detok"]
-        stopper: StopMatcher = s.extra["stopper"]
-        d = Delta(s.index, token_ids=[x.token], logprobs=[x] if params.logprobs else [])
-        if x.token in s.extra["stop_ids"]:
+    def _advance(self, s: Sequence, token: int, x: Sampled | None) -> Delta:
+        """Append one sampled token to a sequence and decide whether it ends it. x: the token
+        with its logprobs, when the request asks for them."""
+        s.output_ids.append(token)
+        ex = s.extra
+        detok, stopper = ex["detok"], ex["stopper"]  # streaming.make_detokenizer, StopMatcher
+        if token in ex["stop_ids"]:
             # A stop token ends the text and is not part of it.
             text, matched = stopper.push(detok.flush())
-            d.text = text + ("" if matched else stopper.flush())
+            if not matched:
+                text += stopper.flush()
             s.finish("stop")
         else:
-            text, matched = stopper.push(detok.push(x.token))
+            text, matched = stopper.push(detok.push(token))
             if matched:
-                d.text = text
                 s.finish("stop")
-            elif len(s.output_ids) >= params.max_new_tokens:
+            elif len(s.output_ids) >= ex["params"].max_new_tokens:
                 more, matched = stopper.push(detok.flush())
-                d.text = text + more + ("" if matched else stopper.flush())
+                text += more + ("" if matched else stopper.flush())
                 s.finish("stop" if matched else "length")
-            else:
-                d.text = text
-        d.finish_reason = s.finish_reason
-        if s.finished:
+        d = Delta(s.index, text, [token], [x] if x is not None else [], s.finish_reason)
+        if s.finish_reason is not None:
             self._keep_final_state(s)
         return d
 

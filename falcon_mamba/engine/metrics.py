@@ -83,11 +83,12 @@ class Histogram(_Metric):
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, x: float) -> None:
+    def observe(self, x: float, count: int = 1) -> None:
+        """Record x, count times (a step's rows often share one value: one call for them all)."""
         with self._lock:
-            self.counts[bisect.bisect_left(self.buckets, x)] += 1
-            self.sum += x
-            self.count += 1
+            self.counts[bisect.bisect_left(self.buckets, x)] += count
+            self.sum += x * count
+            self.count += count
 
     def lines(self) -> list[str]:
         out = self.header()

@@ -37,6 +37,8 @@ from starlette.requests import ClientDisconnect
 from falcon_mamba.engine.engine import Delta, Engine, QueueFull, ShuttingDown
 from falcon_mamba.errors import UserError
 from falcon_mamba.server import protocol as P
+from falcon_mamba.server.dispatch import dispatcher_for
+from falcon_mamba.server.sse import ChunkWriter
 
 log = logging.getLogger("falcon_mamba.server")
 
@@ -163,14 +165,16 @@ class _Stream:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.loop = asyncio.get_running_loop()
+        self.dispatch = dispatcher_for(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reqs = []
 
     def sink(self, base: int):
-        def put(deltas: list[Delta]) -> None:  # called from the engine thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (base, deltas))
-        return put
+        put, queue = self.dispatch.put, self.queue
+
+        def sink(deltas: list[Delta]) -> None:  # called from the engine thread
+            put(queue, (base, deltas))  # a step's sinks share one wake-up of the loop
+        return sink
 
     def submit(self, prompts: list[list[int]], job: P.Job) -> None:
         check_fits(self.engine, len(prompts), job.n)
@@ -208,10 +212,17 @@ class _Stream:
         while the client was being served (a busy event loop) are merged per choice, so a stream
         that falls behind catches up with one SSE event instead of one per token."""
         open_ = sum(r.n for r in self.reqs)
+        queue = self.queue
         while open_:
-            batch = [await self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            if len(batch) == 1 and len(batch[0][1]) == 1:  # a stream that keeps up: nothing to merge
+                base, (d,) = batch[0]
+                if d.finish_reason is not None:
+                    open_ -= 1
+                yield base + d.index, d
+                continue
             merged: dict[int, Delta] = {}
             for base, deltas in batch:
                 for d in deltas:
@@ -424,20 +435,14 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings):
 
     async def _sse(stream: _Stream, job: P.Job, rid, created, chat):
         obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices, usage=None):
-            d = {"id": rid, "object": obj, "created": created, "model": settings.model_id,
-                 "choices": choices}
-            if job.include_usage:
-                d["usage"] = usage
-            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
-
+        w = ChunkWriter(rid, obj, created, settings.model_id, job.include_usage, chat)
+        logprobs = job.params.logprobs
         offsets: dict[int, int] = {}
         try:
             if chat:  # OpenAI opens each choice with its role
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}
-                             for i in range(len(stream.reqs) * job.n)])
+                yield w.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None, "finish_reason": None}
+                               for i in range(len(stream.reqs) * job.n)])
             async for idx, d in stream.events():
                 if d.finish_reason in ("cancelled", "error"):
                     msg = ("the request was cancelled: the server is shutting down"
@@ -445,24 +450,21 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings):
                     yield f"data: {json.dumps(P.error_body(msg, type='server_error'))}\n\n"
                     stream.cancel()
                     break
-                if not d.text and not d.finish_reason and not (job.params.logprobs and d.logprobs):
+                if not d.text and not d.finish_reason and not (logprobs and d.logprobs):
                     continue
+                lp = None
                 if chat:
-                    choice = {"index": idx, "delta": {"content": d.text} if d.text else {},
-                              "logprobs": P.chat_logprobs(d.logprobs, token_text)
-                              if job.params.logprobs else None,
-                              "finish_reason": d.finish_reason}
+                    if logprobs:
+                        lp = P.chat_logprobs(d.logprobs, token_text)
                 else:
                     off = offsets.get(idx, 0)
-                    choice = {"index": idx, "text": d.text,
-                              "logprobs": P.completion_logprobs(d.logprobs, token_text, off)
-                              if job.params.logprobs else None,
-                              "finish_reason": d.finish_reason}
+                    if logprobs:
+                        lp = P.completion_logprobs(d.logprobs, token_text, off)
                     offsets[idx] = off + len(d.text)
-                yield chunk([choice])
+                yield w.choice(idx, d.text, lp, d.finish_reason)
             else:
                 if job.include_usage:
-                    yield chunk([], stream.usage())
+                    yield w.chunk([], stream.usage())
             yield "data: [DONE]\n\n"
         finally:
             # Normal end: nothing to cancel. Client gone (the task is cancelled): free the slots.

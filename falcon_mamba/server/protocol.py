@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from falcon_mamba.byte_level import piece_bytes
 from falcon_mamba.errors import UserError
 from falcon_mamba.sampling import SamplingParams
 
@@ -262,23 +263,6 @@ def _params(kw: dict, logprobs: bool) -> SamplingParams:
 
 
 # ---- responses -------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet: printable bytes stand for themselves, the others are shifted
-    past 255, so every byte has a visible character (the GPT-2 convention)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
-
-
 class TokenText:
     """Token id -> (text, exact bytes) for logprobs, cached."""
 
@@ -290,10 +274,8 @@ class TokenText:
         hit = self._cache.get(token_id)
         if hit is None:
             piece = self.tok.id_to_token(token_id) or ""
-            if piece and all(c in _UNICODE_TO_BYTE for c in piece):
-                raw = bytes(_UNICODE_TO_BYTE[c] for c in piece)
-            else:  # an added/special token is stored as plain text
-                raw = piece.encode("utf-8")
+            # an added/special token (characters outside the byte alphabet) is plain text
+            raw = piece_bytes(piece)
             hit = (raw.decode("utf-8", errors="replace"), raw)
             self._cache[token_id] = hit
         return hit
