@@ -8,7 +8,7 @@ import torch
 
 from falcon_mamba import FalconMamba, get_preset
 from falcon_mamba.decode.modes import DecodeOptions
-from falcon_mamba.engine.prefill_graphs import PrefillGraphs, fresh_buckets
+from falcon_mamba.engine.prefill_graphs import PrefillGraphs, continuing_pieces, fresh_buckets
 from falcon_mamba.engine.runner import PrefillWork, Runner
 from falcon_mamba.engine.state_pool import StatePool
 from tests.helpers import assert_close
@@ -27,6 +27,15 @@ def test_buckets_are_powers_of_two_up_to_the_chunk():
     assert fresh_buckets(8) == [8]
 
 
+def test_a_continuing_chunk_is_read_in_power_of_two_pieces():
+    assert continuing_pieces(512, 512) == [512]
+    assert continuing_pieces(160, 512) == [128, 32]
+    assert continuing_pieces(499, 500) == [256, 128, 64, 32, 16, 2, 1]
+    for n in range(1, 300):
+        p = continuing_pieces(n, 300)
+        assert sum(p) == n and p == sorted(p, reverse=True) and len(p) <= 9
+
+
 def test_no_graphs_on_the_cpu():
     model = _model("cpu")
     g = PrefillGraphs(model, 64, enabled=True)
@@ -39,7 +48,8 @@ def test_no_graphs_on_the_cpu():
 def test_fits_only_one_row_shapes_it_captures_cuda():
     g = PrefillGraphs(_model("cuda"), 64, enabled=True)
     assert g.fits(1, False) and g.fits(64, False) and not g.fits(65, False)
-    assert g.fits(64, True) and not g.fits(63, True)
+    assert g.fits(64, True) and g.fits(37, True) and not g.fits(65, True)
+    assert g.continuing_lengths == [1, 2, 4, 8, 16, 32, 64]
     assert not PrefillGraphs(_model("cuda"), 64, enabled=False).fits(10, False)
 
 
@@ -47,7 +57,8 @@ def test_fits_only_one_row_shapes_it_captures_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_chunks_equal_eager_chunks_cuda(dtype):
     """A prompt read fresh (shorter than its bucket, exactly a bucket) then continued by a chunk of
-    exactly the chunk length, through the graphs and eagerly: same last logits and states."""
+    the chunk length and one of another (read in power-of-two pieces), through the graphs and
+    eagerly: same last logits and states."""
     model = _model("cuda", dtype)
     chunk = 64
     V = model.config.vocab_size
@@ -61,17 +72,19 @@ def test_graph_chunks_equal_eager_chunks_cuda(dtype):
         out = []
         with torch.inference_mode():
             for n in (5, 16, 40):
-                ids = torch.randint(0, V, (n + chunk,), generator=gen).tolist()
+                ids = torch.randint(0, V, (n + chunk + 37,), generator=gen).tolist()
                 pool.park((n, "key"))
                 row = pool.row((n, "key"))
                 assert runner.prefill([PrefillWork(ids[:n], row, False, False)]) == []
-                (w, logits, st), = runner.prefill([PrefillWork(ids[n:], row, True, True)])
+                assert runner.prefill([PrefillWork(ids[n:n + chunk], row, True, False)]) == []
+                (w, logits, st), = runner.prefill([PrefillWork(ids[n + chunk:], row, True, True)])
                 out.append((logits.clone(), st.conv.clone(), st.ssm.clone()))
                 pool.free((n, "key"))
                 (w, logits1, st1), = runner.prefill([PrefillWork(ids[:n], None, False, True)])
                 out.append((logits1.clone(), st1.conv.clone(), st1.ssm.clone()))
         if graphs:
-            assert sorted(runner.prefill_graphs._graphs) == [(16, False), (64, False), (64, True)]
+            assert sorted(runner.prefill_graphs._graphs) == [(1, True), (4, True), (16, False), (32, True),
+                                                              (64, False), (64, True)]
         results[graphs] = out
     tol = (2e-4, 2e-4) if dtype == torch.float32 else (3e-2, 3e-2)
     for (a, b) in zip(results[True], results[False]):

@@ -7,8 +7,12 @@ work is ~32 ms; up to ~1,000 tokens a chunk is launch-bound. The engine thread w
 launches, and every decoding stream with it (a 100k-token prompt beside 32 streams: inter-token
 p99 83 ms vs 12 ms alone), and a lone short prompt's first token waits ~50 ms.
 
-So a chunk of one row whose shape is one of a few fixed ones is a graph replay:
-- continuing: exactly ``chunk`` tokens read on top of a state (a long prompt's middle chunks);
+So a chunk of one row of at most ``chunk`` tokens is read by graph replays:
+- continuing (read on top of a state: a long prompt's later chunks, a prefix-cache hit's rest):
+  graphs of ``chunk`` tokens and of every power of two below it; a chunk of another length (a
+  long prompt's last one) is read as a few of those in sequence (160 = 128 + 32), each piece's
+  final state the next one's start. (Measured beside 32 streams, the eager last chunk of a 100k
+  prompt was one of the two slow steps behind the inter-token p99.);
 - fresh: a prompt (or a long prompt's first chunk) of at most ``chunk`` tokens from nothing,
   left-padded to the next length bucket with a document reset at its first real token (the reset
   drops what the padding put into the state and the conv window: the runner's batched prefill
@@ -44,17 +48,24 @@ def fresh_buckets(chunk: int) -> list[int]:
     return out + [chunk]
 
 
-class _Graph:
-    """One captured forward: static ids (1, L) int64, reset (1, L) bool or a start state (nL, 1, ...)."""
+def continuing_pieces(n: int, chunk: int) -> list[int]:
+    """A continuing chunk of n <= chunk tokens as graph lengths read in sequence: chunk itself, or
+    the powers of two of n's binary form, longest first (at most log2(chunk) + 1 pieces)."""
+    if n == chunk:
+        return [chunk]
+    return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
 
-    def __init__(self, model, L: int, continuing: bool, pool):
+
+class _Graph:
+    """One captured forward: static ids (1, L) int64, and reset (1, L) bool (fresh) or the start
+    state (nL, 1, ...) that every continuing graph shares (they never run at once)."""
+
+    def __init__(self, model, L: int, state_in: State | None, pool):
         dev = model.device
-        cfg = model.config
         self.L = L
-        self.continuing = continuing
         self.ids = torch.zeros(1, L, dtype=torch.long, device=dev)
-        self.reset = None if continuing else torch.zeros(1, L, dtype=torch.bool, device=dev)
-        self.state = State.zeros(cfg, 1, model.dtype, dev) if continuing else None
+        self.reset = None if state_in is not None else torch.zeros(1, L, dtype=torch.bool, device=dev)
+        self.state = state_in
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -78,20 +89,23 @@ class PrefillGraphs:
         self.chunk = chunk
         self.enabled = enabled and model.device.type == "cuda" and chunk >= 1
         self.buckets = fresh_buckets(chunk) if self.enabled else []
+        self.continuing_lengths = (sorted({self.chunk} | {1 << b for b in range(self.chunk.bit_length())
+                                                           if 1 << b < self.chunk})
+                                   if self.enabled else [])
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._state_in: State | None = None  # the continuing graphs' shared start state
 
     def fits(self, n_ids: int, continuing: bool) -> bool:
-        """A chunk of one row with n_ids tokens has a graph (captured or not yet)."""
-        if not self.enabled:
-            return False
-        return n_ids == self.chunk if continuing else 1 <= n_ids <= self.chunk
+        """A chunk of one row with n_ids tokens is read by graphs (captured or not yet)."""
+        return self.enabled and 1 <= n_ids <= self.chunk
 
     def capture_all(self) -> None:
         """Capture every graph now (warm-up), so that no request waits for a capture."""
         for L in self.buckets:
             self._get(L, False)
-        self._get(self.chunk, True)
+        for L in self.continuing_lengths:
+            self._get(L, True)
 
     def _bucket(self, n: int) -> int:
         return next(L for L in self.buckets if L >= n)
@@ -101,7 +115,10 @@ class PrefillGraphs:
         g = self._graphs.get(key)
         if g is None and self.enabled:
             try:
-                g = self._graphs[key] = _Graph(self.model, L, continuing, self._pool)
+                if continuing and self._state_in is None:
+                    self._state_in = State.zeros(self.model.config, 1, self.model.dtype, self.model.device)
+                g = self._graphs[key] = _Graph(self.model, L, self._state_in if continuing else None,
+                                               self._pool)
             except Exception:  # noqa: BLE001 - e.g. an op that cannot be captured: stay eager
                 log.exception("capturing the prefill graph of %d tokens failed; prefill runs eagerly",
                               L)
@@ -115,20 +132,31 @@ class PrefillGraphs:
         Returns (last logits (V,) fp32, final state (1 row)), both fresh tensors, or None when no
         graph could be had (the caller runs the chunk eagerly)."""
         n = len(ids)
-        continuing = start is not None
-        L = n if continuing else self._bucket(n)
-        g = self._get(L, continuing)
-        if g is None:
-            return None
-        host = torch.zeros(1, L, dtype=torch.long)
-        host[0, L - n:] = torch.as_tensor(ids, dtype=torch.long)
-        g.ids.copy_(host.pin_memory(), non_blocking=True)
-        if continuing:
-            g.state.conv.copy_(start.conv)
-            g.state.ssm.copy_(start.ssm)
-        else:
+        if start is None:
+            L = self._bucket(n)
+            g = self._get(L, False)
+            if g is None:
+                return None
+            host = torch.zeros(1, L, dtype=torch.long)
+            host[0, L - n:] = torch.as_tensor(ids, dtype=torch.long)
             flags = torch.zeros(1, L, dtype=torch.bool)
             flags[0, L - n] = True
+            g.ids.copy_(host.pin_memory(), non_blocking=True)
             g.reset.copy_(flags.pin_memory(), non_blocking=True)
-        g.graph.replay()
-        return g.logits_V.clone(), State(self.model.config, g.out.conv.clone(), g.out.ssm.clone())
+            g.graph.replay()
+            return g.logits_V.clone(), State(self.model.config, g.out.conv.clone(), g.out.ssm.clone())
+        pieces = continuing_pieces(n, self.chunk)
+        graphs = [self._get(L, True) for L in pieces]
+        if any(g is None for g in graphs):
+            return None
+        host = torch.as_tensor(ids, dtype=torch.long).pin_memory()
+        cur, at = start, 0
+        for g in graphs:
+            g.ids.copy_(host[at:at + g.L][None], non_blocking=True)
+            at += g.L
+            if cur is not g.state:
+                g.state.conv.copy_(cur.conv)
+                g.state.ssm.copy_(cur.ssm)
+            g.graph.replay()
+            cur = g.out
+        return g.logits_V.clone(), State(self.model.config, cur.conv.clone(), cur.ssm.clone())
