@@ -26,6 +26,8 @@
 #                                       # the decode kernels, generate and the scan; serve15 (shorter);
 #                                       # bench_hf_accelerate.py --gpu --parts decode; profile_prefill.py;
 #                                       # one 1.5B training step under torch.profiler
+#   benchmarks/device_run.sh last8      # cuda tests of the conv backward, the prefill graphs and generate;
+#                                       # bench_train.py 1.5B (Mamba, Transformer); serve 1/64/256 + mixed
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -130,6 +132,14 @@ case "$MODE" in
     timeout $((592 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli \
       --warmup 2 --steps 2 --profile --out "$OUT/results/train-profile" > "$OUT/train.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15; tail -8 "$OUT/hf.log"; head -9 "$OUT/prefill.log" ;;
+  last8)
+    cuda_tests 100 tests/test_triton_conv.py tests/test_prefill_graphs.py tests/test_generate.py
+    timeout 110 python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
+      --warmup 2 --steps 4 --out "$OUT/results" > "$OUT/train.log" 2>&1
+    timeout $((340 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+      --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
+      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -E "^\|" "$OUT/train.log"; grep -v "^{" "$OUT/bench.log" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
