@@ -3,7 +3,7 @@
 Legend: B batch, L length, D inner width, N state size, K conv taps, R dt rank, H hidden.
 
 Training: selective_scan and causal_conv1d are autograd Functions (Triton forward, Triton scan
-backward, PyTorch conv backward). rms_norm and the single-token steps are inference kernels; when
+backward, Triton conv backward). rms_norm and the single-token steps are inference kernels; when
 autograd needs their gradient they run the reference formula instead (the same math, in torch).
 
 The kernels need CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors, for the CPU tests). A

@@ -6,7 +6,8 @@ y[b, t, d] = sum_m w[d, K-1-m] * x[b, t-m, d] + bias[d] (then silu), where posit
 chunk come from the conv state (B, K-1, D) and, with ``reset`` (B, L) bool, a tap is dropped when
 a document starts between its source position and t (the source belongs to an earlier document).
 The forward is one Triton kernel (memory bound: x read once through L1/L2 for all K taps). The
-backward is short fp32 PyTorch over K shifted slices: it only runs in training.
+backward is one Triton kernel too (triton_conv_bwd.py); ``conv_bwd_reference`` here, fp32 PyTorch
+over K shifted slices, is its spec and the tests' twin.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_mamba.ops.triton_conv_bwd import conv_bwd
 from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
 BLOCK_L = 32
@@ -121,8 +123,42 @@ def conv_fwd(x_BLD, weight_DK, bias_D, conv_state_BKD=None, silu=True, reset_BL=
     return y
 
 
+def conv_bwd_reference(x, w, bias, state, reset, silu, dy, dstate):
+    """The spec of the backward (triton_conv_bwd.conv_bwd is its fast twin, same signature and
+    returns): fp32 PyTorch over the K shifted slices. Returns (dx (B, L, D) in x's dtype,
+    dweight (D, K), dbias (D) or None, dstate_in (B, K-1, D) or None, in their inputs' dtypes)."""
+    Bsz, L, D = x.shape
+    K = w.shape[1]
+    prev = state.float() if state is not None else x.new_zeros(Bsz, K - 1, D, dtype=torch.float32)
+    xx = torch.cat([prev, x.float()], dim=1)  # (B, K-1+L, D)
+    wf = w.float()
+    keeps = [k[..., None].float() for k in _keep_masks(reset, Bsz, L, K, x.device)]
+    taps = [xx[:, K - 1 - m: K - 1 - m + L] * keeps[m] for m in range(K)]
+    dpre = dy.float() if dy is not None else x.new_zeros(Bsz, L, D, dtype=torch.float32)
+    if silu:
+        pre = sum(wf[:, K - 1 - m] * taps[m] for m in range(K))
+        if bias is not None:
+            pre = pre + bias.float()
+        sig = torch.sigmoid(pre)
+        dpre = dpre * sig * (1 + pre * (1 - sig))
+    dxx = torch.zeros_like(xx)
+    dw = torch.zeros_like(wf)
+    for m in range(K):
+        dxx[:, K - 1 - m: K - 1 - m + L] += dpre * keeps[m] * wf[:, K - 1 - m]
+        dw[:, K - 1 - m] = (dpre * taps[m]).sum((0, 1))
+    if dstate is not None:
+        # new_state = last K-1 of xx, masked by the resets after each entry
+        keep_final = final_state(torch.ones(Bsz, L, 1, device=x.device), None if state is None else
+                                 torch.ones(Bsz, K - 1, 1, device=x.device), reset, K)
+        dxx[:, L:] += dstate.float() * keep_final
+    dbias = dpre.sum((0, 1)) if bias is not None else None
+    dx = dxx[:, K - 1:].to(x.dtype)
+    dstate_in = dxx[:, : K - 1].to(state.dtype) if state is not None else None
+    return dx, dw.to(w.dtype), dbias.to(bias.dtype) if bias is not None else None, dstate_in
+
+
 class CausalConv1dFn(torch.autograd.Function):
-    """Forward: the Triton kernel. Backward: fp32 PyTorch over the K shifted slices."""
+    """Forward: the Triton kernel. Backward: the Triton backward kernel (triton_conv_bwd)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, state, reset, silu):
@@ -131,37 +167,12 @@ class CausalConv1dFn(torch.autograd.Function):
         new_state = final_state(x, state, reset, K)
         ctx.save_for_backward(x, weight, bias, state, reset)
         ctx.silu = silu
+        # an unused output's gradient stays None (training drops the final state: no zeros
+        # tensor to build and read back); the backward handles dy or dstate None
+        ctx.set_materialize_grads(False)
         return y, new_state
 
     @staticmethod
     def backward(ctx, dy, dstate):
         x, w, bias, state, reset = ctx.saved_tensors
-        Bsz, L, D = x.shape
-        K = w.shape[1]
-        prev = state.float() if state is not None else x.new_zeros(Bsz, K - 1, D, dtype=torch.float32)
-        xx = torch.cat([prev, x.float()], dim=1)  # (B, K-1+L, D)
-        wf = w.float()
-        keeps = [k[..., None].float() for k in _keep_masks(reset, Bsz, L, K, x.device)]
-        taps = [xx[:, K - 1 - m: K - 1 - m + L] * keeps[m] for m in range(K)]
-        dpre = dy.float() if dy is not None else x.new_zeros(Bsz, L, D, dtype=torch.float32)
-        if ctx.silu:
-            pre = sum(wf[:, K - 1 - m] * taps[m] for m in range(K))
-            if bias is not None:
-                pre = pre + bias.float()
-            sig = torch.sigmoid(pre)
-            dpre = dpre * sig * (1 + pre * (1 - sig))
-        dxx = torch.zeros_like(xx)
-        dw = torch.zeros_like(wf)
-        for m in range(K):
-            dxx[:, K - 1 - m: K - 1 - m + L] += dpre * keeps[m] * wf[:, K - 1 - m]
-            dw[:, K - 1 - m] = (dpre * taps[m]).sum((0, 1))
-        if dstate is not None:
-            # new_state = last K-1 of xx, masked by the resets after each entry
-            keep_final = final_state(torch.ones(Bsz, L, 1, device=x.device), None if state is None else
-                                     torch.ones(Bsz, K - 1, 1, device=x.device), reset, K)
-            dxx[:, L:] += dstate.float() * keep_final
-        dbias = dpre.sum((0, 1)) if bias is not None else None
-        dx = dxx[:, K - 1:].to(x.dtype)
-        dstate_in = dxx[:, : K - 1].to(state.dtype) if state is not None else None
-        return (dx, dw.to(w.dtype), dbias.to(bias.dtype) if bias is not None else None,
-                dstate_in, None, None)
+        return (*conv_bwd(x, w, bias, state, reset, ctx.silu, dy, dstate), None, None)
