@@ -134,9 +134,10 @@ case "$MODE" in
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15; tail -8 "$OUT/hf.log"; head -9 "$OUT/prefill.log" ;;
   last8)
     cuda_tests 100 tests/test_triton_conv.py tests/test_prefill_graphs.py tests/test_generate.py
+    PYTHONPATH=/tmp/site:.:benchmarks timeout 40 python3 benchmarks/bench_conv_bwd.py --sweep > "$OUT/conv.log" 2>&1
     timeout 110 python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
       --warmup 2 --steps 4 --out "$OUT/results" > "$OUT/train.log" 2>&1
-    timeout $((340 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+    timeout $((345 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
       --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -E "^\|" "$OUT/train.log"; grep -v "^{" "$OUT/bench.log" ;;
