@@ -171,3 +171,31 @@ def test_backward_kernel_vs_twin_cuda_large(dtype, rng):
         assert_close(g / scale, e / scale, rtol, atol, name)
     again = conv_bwd(x, w, b, st, rst, True, dy, dst)
     assert all(torch.equal(g, a) for g, a in zip(got, again))
+
+
+def test_backward_falls_back_to_the_twin_when_triton_cannot_build_the_kernel(monkeypatch, caplog):
+    """A Triton that cannot compile the backward kernel: the PyTorch twin computes the gradients
+    (the same ones), with one warning, instead of training stopping."""
+    from falcon_mamba.ops import triton_conv as tc
+
+    class FakeCompileError(Exception):
+        pass
+
+    FakeCompileError.__module__ = "triton.compiler.errors"
+
+    def broken(*a, **k):
+        raise FakeCompileError("no")
+
+    monkeypatch.setattr(tc, "conv_bwd", broken)
+    monkeypatch.setattr(tc, "_BWD_KERNEL_FAILED", False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 12, generator=g, requires_grad=True)
+    w = torch.randn(12, 4, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    y, _ = tc.CausalConv1dFn.apply(x, w, b, None, None, True)
+    with caplog.at_level("WARNING", logger="falcon_mamba.ops"):
+        y.sum().backward()
+    assert "PyTorch twin" in caplog.text and tc._BWD_KERNEL_FAILED
+    dx, dw, db, _ = tc.conv_bwd_reference(x.detach(), w.detach(), b.detach(), None, None, True,
+                                          torch.ones_like(y), None)
+    assert torch.allclose(x.grad, dx) and torch.allclose(w.grad, dw) and torch.allclose(b.grad, db)
