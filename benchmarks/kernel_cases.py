@@ -108,7 +108,7 @@ def case(name: str, decode: bool = True):
 # ---- prefill and training (model.forward through ops.triton_backend) --------------------------
 
 def _prefill_cases(L: int = 16384) -> None:
-    from falcon_mamba.ops import triton_conv, triton_decode, triton_scan
+    from falcon_mamba.ops import triton_conv, triton_conv_bwd, triton_decode, triton_scan
 
     def scan_args(Lx):
         x, z = E(1, Lx, 2 * D)[..., :D], E(1, Lx, 2 * D)[..., D:]
@@ -151,6 +151,16 @@ def _prefill_cases(L: int = 16384) -> None:
     def _():
         triton_conv.conv_fwd(E(1, 2048, 2 * D)[..., :D], E(D, K), E(D), None,
                              reset_BL=E(1, 2048, dtype=torch.bool))
+
+    @case("train conv bwd (document resets, final state dropped)", decode=False)
+    def _():
+        triton_conv_bwd.conv_bwd(E(1, 2048, 2 * D)[..., :D], E(D, K, dtype=F32), E(D, dtype=F32), None,
+                                 E(1, 2048, dtype=torch.bool), True, E(1, 2048, D), None)
+
+    @case("train conv bwd, continued (conv state in and out)", decode=False)
+    def _():
+        triton_conv_bwd.conv_bwd(E(1, 2048, 2 * D)[..., :D], E(D, K, dtype=F32), E(D, dtype=F32),
+                                 E(1, K - 1, D), None, True, E(1, 2048, D), E(1, K - 1, D, dtype=F32))
 
     @case(f"prefill scan L={L} (chunked: local, carry, final)", decode=False)
     def _():
