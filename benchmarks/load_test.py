@@ -15,6 +15,9 @@ Prints a table per scenario, then one JSON line.
 Every request streams (stream_options.include_usage) and is sent with ignore_eos, so every
 answer has exactly --max-tokens tokens. The clients are asyncio tasks on httpx pools, spread over
 --procs processes (one Python process cannot parse 20k SSE events a second) that start together.
+A server it starts also reports its CPU time per streamed token, event loop and other threads apart
+(Linux): the host work that shares the interpreter lock, which the throughput hides where the
+model's step is the bound (the CPU).
 """
 
 from __future__ import annotations
@@ -93,6 +96,24 @@ def random_model_dir(shape: str, folder: str, tokenizer_dir: str | None = None) 
         model = FalconMamba(ModelConfig(vocab_size=65024, **SHAPES[shape])).eval()
     save_model(model, out, tokenizer_dir=tokenizer_dir)
     del model
+    return out
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process's threads: "loop" for its main thread (uvicorn's
+    event loop: HTTP, SSE, the streams' queues), "others" for the rest summed (the engine thread,
+    with the model's step in it, and the prepare pool). {} where /proc cannot say (not Linux)."""
+    out = {"loop": 0.0, "others": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+            secs = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15
+            out["loop" if int(tid) == pid else "others"] += secs
+    except (OSError, ValueError, IndexError):
+        return {}
     return out
 
 
@@ -306,6 +327,10 @@ def print_table(s: dict) -> None:
     print(f"{s['ok']}/{s['requests']} requests ok from {s['clients']} clients in {s['wall_s']:.1f} s; "
           f"errors {s['errors'] or 'none'}")
     print(f"throughput: {s['throughput_output_tok_s']:.1f} output tok/s, {s['throughput_req_s']:.2f} req/s")
+    if "server_cpu_us_per_token" in s:
+        per = s["server_cpu_us_per_token"]
+        print(f"server CPU per token: event loop {per['loop']:.1f} us, other threads (engine, model) "
+              f"{per['others']:.1f} us")
     print(f"{'latency (ms)':<22}{'p50':>10}{'p90':>10}{'p99':>10}")
     for name, key in (("time to first token", "ttft_s"), ("inter-token", "itl_s"), ("end to end", "e2e_s")):
         row = s[key]
@@ -365,8 +390,15 @@ def main(argv=None) -> int:
         scenarios = []
         for n in levels:
             reqs = args.requests if not args.sweep else max(8, 3 * n)
+            cpu0 = thread_cpu(server.proc.pid) if server is not None else {}
             s = run_load(url, model, n, reqs, args.prompt_words, args.max_tokens, args.api_key,
                          args.temperature, procs=args.procs)
+            cpu1 = thread_cpu(server.proc.pid) if server is not None else {}
+            if cpu0 and cpu1:  # the server's host time per streamed token, by thread
+                tokens = s["throughput_output_tok_s"] * s["wall_s"]
+                s["server_cpu_s"] = {k: cpu1[k] - cpu0[k] for k in cpu0}
+                s["server_cpu_us_per_token"] = {k: v / max(1.0, tokens) * 1e6
+                                                for k, v in s["server_cpu_s"].items()}
             print_table(s)
             scenarios.append(s)
         if args.mixed:
