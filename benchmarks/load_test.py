@@ -157,28 +157,40 @@ class ServerProcess:
 
 
 async def one_request(client, url, model, prompt, max_tokens, temperature, headers) -> dict:
+    """One streamed completion. A request that meets a closed keep-alive connection before any
+    answer is sent once more, as the openai client would, and counted ("retried"): the server
+    closes a connection idle for 5 s, timed from its own last write, and a client on a loaded
+    machine can read an answer's end later than that and send its next request into the close."""
+    import httpx
+
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     t0 = time.perf_counter()
     times, usage, status = [], None, None
-    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
-        status = r.status_code
-        if status != 200:
-            await r.aread()
-            return {"status": status}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            d = json.loads(line[6:])
-            if d.get("usage"):
-                usage = d["usage"]
-            if any(c.get("text") for c in d.get("choices", [])):
-                times.append(time.perf_counter())
+    for retried in (0, 1):
+        try:
+            async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+                status = r.status_code
+                if status != 200:
+                    await r.aread()
+                    return {"status": status, "retried": retried}
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    d = json.loads(line[6:])
+                    if d.get("usage"):
+                        usage = d["usage"]
+                    if any(c.get("text") for c in d.get("choices", [])):
+                        times.append(time.perf_counter())
+            break
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if retried or status is not None:  # a second time, or an answer had begun: a failure
+                raise
     end = time.perf_counter()
     return {"status": status, "ttft": times[0] - t0 if times else None, "e2e": end - t0,
             "itl": [b - a for a, b in zip(times, times[1:])], "t0": t0, "end": end, "times": times,
             "tokens": (usage or {}).get("completion_tokens", 0),
-            "prompt_tokens": (usage or {}).get("prompt_tokens", 0)}
+            "prompt_tokens": (usage or {}).get("prompt_tokens", 0), "retried": retried}
 
 
 async def _clients(url, model, clients, prompts, max_tokens, api_key, temperature, start_at) -> list:
@@ -222,6 +234,7 @@ def summarize(results: list, clients: int, requests: int, max_tokens: int, tempe
         "errors": {str(s): sum(1 for r in results if r["status"] == s)
                    for s in {r["status"] for r in results} if s != 200},
         "prompt_tokens_mean": sum(r["prompt_tokens"] for r in ok) / max(1, len(ok)),
+        "retried_on_a_closed_keep_alive_connection": sum(r.get("retried", 0) for r in results),
         "max_tokens": max_tokens, "temperature": temperature, "wall_s": wall,
         "throughput_output_tok_s": gen / wall, "throughput_req_s": len(ok) / wall,
         "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
