@@ -15,6 +15,9 @@ Prints a table per scenario, then one JSON line.
 Every request streams (stream_options.include_usage) and is sent with ignore_eos, so every
 answer has exactly --max-tokens tokens. The clients are asyncio tasks on httpx pools, spread over
 --procs processes (one Python process cannot parse 20k SSE events a second) that start together.
+A server it starts also reports its CPU time per streamed token, event loop and other threads apart
+(Linux): the host work that shares the interpreter lock, which the throughput hides where the
+model's step is the bound (the CPU).
 """
 
 from __future__ import annotations
@@ -97,6 +100,24 @@ def random_model_dir(shape: str, folder: str, tokenizer_dir: str | None = None) 
     return out
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process's threads: "loop" for its main thread (uvicorn's
+    event loop: HTTP, SSE, the streams' queues), "others" for the rest summed (the engine thread,
+    with the model's step in it, and the prepare pool). {} where /proc cannot say (not Linux)."""
+    out = {"loop": 0.0, "others": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+            secs = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15
+            out["loop" if int(tid) == pid else "others"] += secs
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 class ServerProcess:
     """`falcon-mamba serve` on 127.0.0.1 as a subprocess (so the load generator and the server do
     not share an interpreter lock)."""
@@ -137,28 +158,40 @@ class ServerProcess:
 
 
 async def one_request(client, url, model, prompt, max_tokens, temperature, headers) -> dict:
+    """One streamed completion. A request that meets a closed keep-alive connection before any
+    answer is sent once more, as the openai client would, and counted ("retried"): the server
+    closes a connection idle for 5 s, timed from its own last write, and a client on a loaded
+    machine can read an answer's end later than that and send its next request into the close."""
+    import httpx
+
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     t0 = time.perf_counter()
     times, usage, status = [], None, None
-    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
-        status = r.status_code
-        if status != 200:
-            await r.aread()
-            return {"status": status}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            d = json.loads(line[6:])
-            if d.get("usage"):
-                usage = d["usage"]
-            if any(c.get("text") for c in d.get("choices", [])):
-                times.append(time.perf_counter())
+    for retried in (0, 1):
+        try:
+            async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+                status = r.status_code
+                if status != 200:
+                    await r.aread()
+                    return {"status": status, "retried": retried}
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    d = json.loads(line[6:])
+                    if d.get("usage"):
+                        usage = d["usage"]
+                    if any(c.get("text") for c in d.get("choices", [])):
+                        times.append(time.perf_counter())
+            break
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if retried or status is not None:  # a second time, or an answer had begun: a failure
+                raise
     end = time.perf_counter()
     return {"status": status, "ttft": times[0] - t0 if times else None, "e2e": end - t0,
             "itl": [b - a for a, b in zip(times, times[1:])], "t0": t0, "end": end, "times": times,
             "tokens": (usage or {}).get("completion_tokens", 0),
-            "prompt_tokens": (usage or {}).get("prompt_tokens", 0)}
+            "prompt_tokens": (usage or {}).get("prompt_tokens", 0), "retried": retried}
 
 
 async def _clients(url, model, clients, prompts, max_tokens, api_key, temperature, start_at) -> list:
@@ -202,6 +235,7 @@ def summarize(results: list, clients: int, requests: int, max_tokens: int, tempe
         "errors": {str(s): sum(1 for r in results if r["status"] == s)
                    for s in {r["status"] for r in results} if s != 200},
         "prompt_tokens_mean": sum(r["prompt_tokens"] for r in ok) / max(1, len(ok)),
+        "retried_on_a_closed_keep_alive_connection": sum(r.get("retried", 0) for r in results),
         "max_tokens": max_tokens, "temperature": temperature, "wall_s": wall,
         "throughput_output_tok_s": gen / wall, "throughput_req_s": len(ok) / wall,
         "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
@@ -307,6 +341,10 @@ def print_table(s: dict) -> None:
     print(f"{s['ok']}/{s['requests']} requests ok from {s['clients']} clients in {s['wall_s']:.1f} s; "
           f"errors {s['errors'] or 'none'}")
     print(f"throughput: {s['throughput_output_tok_s']:.1f} output tok/s, {s['throughput_req_s']:.2f} req/s")
+    if "server_cpu_us_per_token" in s:
+        per = s["server_cpu_us_per_token"]
+        print(f"server CPU per token: event loop {per['loop']:.1f} us, other threads (engine, model) "
+              f"{per['others']:.1f} us")
     print(f"{'latency (ms)':<22}{'p50':>10}{'p90':>10}{'p99':>10}")
     for name, key in (("time to first token", "ttft_s"), ("inter-token", "itl_s"), ("end to end", "e2e_s")):
         row = s[key]
@@ -381,8 +419,15 @@ def main(argv=None) -> int:
         levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.clients]
         for n in levels:
             reqs = args.requests if not args.sweep else max(8, 3 * n)
+            cpu0 = thread_cpu(server.proc.pid) if server is not None else {}
             s = run_load(url, model, n, reqs, args.prompt_words, args.max_tokens, args.api_key,
                          args.temperature, procs=args.procs)
+            cpu1 = thread_cpu(server.proc.pid) if server is not None else {}
+            if cpu0 and cpu1:  # the server's host time per streamed token, by thread
+                tokens = s["throughput_output_tok_s"] * s["wall_s"]
+                s["server_cpu_s"] = {k: cpu1[k] - cpu0[k] for k in cpu0}
+                s["server_cpu_us_per_token"] = {k: v / max(1.0, tokens) * 1e6
+                                                for k, v in s["server_cpu_s"].items()}
             print_table(s)
             scenarios.append(s)
             save()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 NAME = "serve"
@@ -180,6 +181,10 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use it",
                     args.host)
+    # Everything built so far (torch, the model's modules, the tokenizer's byte table) lives as
+    # long as the server: out of the collector's sight, a full collection scans only what serving
+    # allocates (a 256-row engine on the CPU: its longest step, one full collection, 120 -> 2 ms).
+    gc.freeze()
     try:
         run_server(engine, tok, settings, args.host, args.port, args.shutdown_grace,
                    log_level="warning" if args.log_level == "info" else args.log_level)
