@@ -28,8 +28,8 @@ import json
 import os
 import platform
 import random
-import subprocess
 import signal
+import subprocess
 import sys
 import tempfile
 import time

@@ -69,7 +69,8 @@ def test_not_a_decode_step_is_left_to_transformers(monkeypatch):
     cache, _ = _caches(model, ids)
     h1 = torch.randn(1, 1, kwargs["hidden_size"])
     with torch.no_grad():
-        assert decode.decode_states(m, torch.randn(1, 4, kwargs["hidden_size"]), (cache,), {}) is None  # prefill
+        prefill = torch.randn(1, 4, kwargs["hidden_size"])
+        assert decode.decode_states(m, prefill, (cache,), {}) is None  # a prefill: transformers' forward
         assert decode.decode_states(m, h1, (None,), {}) is None  # no cache
         assert decode.decode_states(m, h1, (cache,), {}) is not None
     assert decode.decode_states(m, h1, (cache,), {}) is None  # gradients on: training's business

@@ -84,7 +84,7 @@ def test_graph_chunks_equal_eager_chunks_cuda(dtype):
                 out.append((logits1.clone(), st1.conv.clone(), st1.ssm.clone()))
             # a step's few fresh prompts: graph replays one by one vs one padded eager batch
             works = [PrefillWork(ids[:k], None, False, True) for k in (9, 13, 30)]
-            for w, logits2, st2 in sorted(runner.prefill(works), key=lambda r: len(r[0].ids)):
+            for _w, logits2, st2 in sorted(runner.prefill(works), key=lambda r: len(r[0].ids)):
                 out.append((logits2.clone(), st2.conv.clone(), st2.ssm.clone()))
         if graphs:
             assert sorted(runner.prefill_graphs._graphs) == [(1, True), (4, True), (16, False), (32, True),

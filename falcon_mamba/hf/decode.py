@@ -62,7 +62,8 @@ def _fusable(mixer, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor)
             and mixer.activation in ("silu", "swish")
             and type(dt) is nn.Linear and dt.bias is not None  # an adapter or quantized one: theirs
             and not hasattr(mixer.config, "_is_quantized")
-            and ssm.dtype == torch.float32 and ssm.is_contiguous() and ssm.shape[1:] == (D, mixer.ssm_state_size)
+            and ssm.dtype == torch.float32 and ssm.is_contiguous()
+            and ssm.shape[1:] == (D, mixer.ssm_state_size)
             and conv.dim() == 3 and conv.shape[1] == D and conv.shape[2] >= mixer.conv_kernel_size - 1
             and conv.shape[0] == ssm.shape[0] == hidden.shape[0])
 
@@ -95,7 +96,8 @@ def mixer_decode(mixer, hidden_B1H: torch.Tensor, conv_BDS: torch.Tensor, ssm_BD
         hidden_B1H = mask_fn(hidden_B1H, mask)
     xz = mixer.in_proj(hidden_B1H[:, 0])  # (B, 2D): [x, gate]
     w = mixer.conv1d.weight[:, 0]
-    xc = triton_decode.conv_step_channels_first(conv_BDS, xz[:, :D], w if w.stride(1) == 1 else w.contiguous(),
+    w = w if w.stride(1) == 1 else w.contiguous()
+    xc = triton_decode.conv_step_channels_first(conv_BDS, xz[:, :D], w,
                                                 mixer.conv1d.bias if mixer.use_conv_bias else None)
     if mask is not None and mask_fn is not None:
         xc = mask_fn(xc[:, None], mask)[:, 0].contiguous()

@@ -190,6 +190,7 @@ class CausalConv1dFn(torch.autograd.Function):
                 if not (type(e).__module__ or "").startswith("triton"):
                     raise
                 _BWD_KERNEL_FAILED = True
+                first = (str(e).strip().splitlines() or [""])[0]
                 log.warning("the Triton conv backward cannot run here (%s: %s); training uses its "
-                            "PyTorch twin", type(e).__name__, str(e).strip().splitlines()[0] if str(e) else "")
+                            "PyTorch twin", type(e).__name__, first)
         return (*conv_bwd_reference(x, w, bias, state, reset, ctx.silu, dy, dstate), None, None)
