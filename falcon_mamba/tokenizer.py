@@ -120,10 +120,6 @@ class Tokenizer:
                 self._table_built = True
         return self._table
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes of one token (byte-level BPE), for UTF-8-safe streaming."""
-        return self.decode([token_id]).encode("utf-8", errors="surrogatepass")
-
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
