@@ -147,7 +147,17 @@ class ServerProcess:
             except httpx.TransportError:
                 time.sleep(0.25)
         self.log.seek(0)
-        self.banner = self.log.read().strip().splitlines()[-1]  # "serving ... (device, dtype, ops; slots)"
+        text = self.log.read()
+        self._read_to = self.log.tell()  # text files seek to tell() positions only
+        self.banner = text.strip().splitlines()[-1]  # "serving ... (device, dtype, ops; slots)"
+
+    def new_warnings(self) -> list[str]:
+        """The server's WARNING/ERROR log lines since the last call (a late Triton compile, a
+        failed request), to keep beside the scenario they happened in."""
+        self.log.seek(self._read_to)
+        text = self.log.read()
+        self._read_to = self.log.tell()
+        return [ln[:300] for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln][:20]
 
     def stop(self):
         self.proc.send_signal(2)  # Ctrl-C: a clean shutdown
@@ -267,6 +277,37 @@ def run_load(url, model, clients, requests, prompt_words, max_tokens, api_key, t
     # perf_counter is system-wide (CLOCK_MONOTONIC) on Linux: one clock across the processes
     wall = (max(r["end"] for r in ok) - min(r["t0"] for r in ok)) if ok else 0.0
     return summarize(results, clients, requests, max_tokens, temperature, wall)
+
+
+def print_steps(st: dict | None) -> None:
+    if st:
+        d, p = st["decode_only_ms"], st["with_prompts_ms"]
+        print(f"server steps: {st['steps']}; decode only {st['decode_only_steps']} (ms p50 {d.get('p50')}, "
+              f"p99 {d.get('p99')}); with prompt chunks {st['with_prompts_steps']} (ms p50 {p.get('p50')}, "
+              f"p99 {p.get('p99')}, max {p.get('p100')}; {st['prompt_chunks_per_prompt_step']} chunks each)")
+
+
+def step_summary(path: str, since: int) -> tuple[dict, int]:
+    """The server's --step-log lines from byte offset `since`: how many steps, their host times
+    (decode-only steps and steps that read prompts apart), and the longest five as they were
+    (their decode rows and prompt chunks). Returns (summary, the new offset)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            data = f.read()
+    except OSError:
+        return {}, since
+    end = data.rfind(b"\n") + 1  # a line still being written is read next time
+    recs = [json.loads(ln) for ln in data[:end].splitlines() if ln.strip()]
+    decode_only = [r["ms"] for r in recs if not r["prefill"]]
+    with_prompts = [r["ms"] for r in recs if r["prefill"]]
+    ms = lambda xs: {k: round(v, 2) for k, v in percentiles(xs, (50, 90, 99, 100)).items()} if xs else {}
+    summary = {"steps": len(recs), "decode_only_ms": ms(decode_only), "decode_only_steps": len(decode_only),
+               "with_prompts_ms": ms(with_prompts), "with_prompts_steps": len(with_prompts),
+               "prompt_chunks_per_prompt_step": round(sum(r["prefill"] for r in recs if r["prefill"])
+                                                      / max(1, len(with_prompts)), 2),
+               "longest": sorted(recs, key=lambda r: -r["ms"])[:5]}
+    return summary, since + end
 
 
 def run_mixed(url, model, streams: int, long_tokens: int, api_key, vocab: int, procs: int,
@@ -403,8 +444,9 @@ def main(argv=None) -> int:
             url = args.url.rstrip("/")
         else:
             folder = args.model or random_model_dir(args.random, tmp.name, args.tokenizer_dir)
+            step_log = os.path.join(tmp.name, "steps.jsonl")
             extra = ["--max-batch", str(args.slots), "--max-queue", str(max(args.requests, 4 * args.slots)),
-                     *args.server_arg]
+                     "--step-log", step_log, *args.server_arg]
             if args.threads:
                 extra += ["--threads", str(args.threads)]
             server = ServerProcess(folder, extra)
@@ -416,6 +458,7 @@ def main(argv=None) -> int:
         model = args.model_id or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
         # Warm-up: the first forward passes pay one-time costs (imports, allocator, new shapes).
         run_load(url, model, 2, 2, args.prompt_words, 4, args.api_key, seed=1)
+        log_at = step_summary(step_log, 0)[1] if server is not None else 0
         levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.clients]
         for n in levels:
             reqs = args.requests if not args.sweep else max(8, 3 * n)
@@ -428,7 +471,13 @@ def main(argv=None) -> int:
                 s["server_cpu_s"] = {k: cpu1[k] - cpu0[k] for k in cpu0}
                 s["server_cpu_us_per_token"] = {k: v / max(1.0, tokens) * 1e6
                                                 for k, v in s["server_cpu_s"].items()}
+            if server is not None:
+                s["server_steps"], log_at = step_summary(step_log, log_at)
+                s["server_warnings"] = server.new_warnings()
+                for ln in s["server_warnings"]:
+                    print("server:", ln)
             print_table(s)
+            print_steps(s.get("server_steps"))
             scenarios.append(s)
             save()
         if args.mixed:
@@ -440,6 +489,10 @@ def main(argv=None) -> int:
                   f"{beside:.1f} ms beside a {tokens:,}-token prompt (x{m['itl_p99_ratio'] or 0:.2f}); "
                   f"the prompt read at {m['long_prompt_tok_per_s'] or 0:,.0f} tok/s "
                   f"(status {m['long_prompt_status']})")
+            if server is not None:
+                m["server_steps"], log_at = step_summary(step_log, log_at)
+                print_steps(m["server_steps"])
+                m["server_warnings"] = server.new_warnings()
             record["mixed"] = m
     finally:
         if server is not None:

@@ -178,6 +178,27 @@ def test_any_valid_sampling_parameters_complete(model_and_tok, rng):
     check()
 
 
+def test_step_log_has_a_line_per_computing_step(model_and_tok, rng, tmp_path):
+    """--step-log: one JSON line per step that computed, its decode rows and prompt chunks adding
+    up to the work submitted."""
+    import json
+
+    model, tok = model_and_tok
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(11, 4000, (n,), generator=gen).tolist() for n in (5, 40, 70, 12, 33)]
+    with open(tmp_path / "steps.jsonl", "a", buffering=1) as f:
+        _run(model, tok, [(p, SamplingParams(max_new_tokens=4, temperature=0.0)) for p in prompts],
+             step_log=f)
+    recs = [json.loads(ln) for ln in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert sum(r["prefill_tokens"] for r in recs) == sum(len(p) for p in prompts)
+    assert sum(r["fresh"] for r in recs) == len(prompts) == sum(r["admitted"] for r in recs)
+    # each sequence's 3 tokens after the first (which its prompt's last chunk samples), and one step
+    # more: launched before the host reads, a step later, that the row has ended (pipelined readback)
+    assert sum(r["decode"] for r in recs) == len(prompts) * 4
+    assert all(r["ms"] >= 0 and r["prefill"] or r["decode"] for r in recs)
+    assert max(r["longest"] for r in recs) == 32
+
+
 def test_prefill_warm_up_leaves_the_rows_as_they_were(model_and_tok):
     from falcon_mamba.engine.runner import Runner
     from falcon_mamba.engine.state_pool import StatePool

@@ -314,6 +314,8 @@ def test_serve_bad_flags(capsys, tmp_path):
         (["--max-batch", 10**9], "--max-batch"),
         (["--device", "bogus"], "unknown device"),
         (["--port", 70000], "--port"),
+        (["--step-log", tmp_path / "no" / "such" / "steps.jsonl"], "--step-log"),
+        (["--step-log", tmp_path], "--step-log"),
     ]:
         fails_cleanly(capsys, *s, *extra, words=words)
     assert a_file.read_text() == "x"

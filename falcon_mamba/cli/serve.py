@@ -54,6 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send a request's body (408 after)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--step-log", default=None, metavar="FILE",
+                   help="append one JSON line per engine step to FILE (its time, decode rows, prompt "
+                        "chunks): what a latency spike was made of")
     from falcon_mamba.decode.modes import add_decode_arguments
 
     add_decode_arguments(p)
@@ -77,6 +80,19 @@ def _default_model() -> str:
     from falcon_mamba import default_model
 
     return str(default_model.path())  # a UserError naming --model when this install has none
+
+
+def _open_step_log(path: str | None):
+    """--step-log's file, opened for appending (nothing of an existing file is lost), line-buffered."""
+    from falcon_mamba.errors import UserError
+
+    if path is None:
+        return None
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"--step-log {path}: cannot open it for appending ({e.strerror}); give a "
+                        "writable file path") from None
 
 
 def _check(args) -> dict:
@@ -145,6 +161,7 @@ def run(args) -> int:
 
     sizes = _check(args)
     decode = options_from_args(args)
+    step_log = _open_step_log(args.step_log)
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -166,7 +183,7 @@ def run(args) -> int:
         num_slots=slots, max_waiting=args.max_queue, prefill_chunk=args.prefill_chunk,
         prefill_budget=max(args.prefill_budget, args.prefill_chunk), max_context=args.max_context,
         cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir, cache_disk_bytes=sizes["disk"],
-        decode=decode))
+        decode=decode, step_log=step_log))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_id = args.served_model_name or Path(str(getattr(model, "source", ref))).name or "falcon-mamba"
     settings = ServerSettings(model_id, api_key=api_key, max_body_bytes=sizes["body"],
@@ -191,5 +208,7 @@ def run(args) -> int:
     finally:
         if engine.is_alive:
             engine.shutdown(0)
+        if step_log is not None:
+            step_log.close()
     log.info("stopped")
     return 0

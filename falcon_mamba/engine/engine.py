@@ -24,6 +24,7 @@ raises fails the requests of that step's work (prefill failures only the prompts
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -31,11 +32,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO
 
 import torch
 
 from falcon_mamba.decode.modes import DecodeOptions
 from falcon_mamba.engine import metrics as M
+from falcon_mamba.engine.compile_watch import watch_late_compiles
 from falcon_mamba.engine.prefix_cache import PrefixCache
 from falcon_mamba.engine.request import Request, Sequence
 from falcon_mamba.engine.runner import Pending, PrefillWork, Runner, Sampled
@@ -69,6 +72,7 @@ class EngineConfig:
     cache_device: str | None = None  # where cached states live (default: the model's device, so that
     # keeping and restoring one is a device copy, not a synchronising copy to the host)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    step_log: IO[str] | None = None  # one JSON line per computing step (opened by the caller)
 
 
 @dataclass(slots=True)
@@ -239,6 +243,8 @@ class Engine:
             g = self.runner.graphs
             log.info("decoder ready in %.1f s (graphs for %d batch sizes%s)", time.perf_counter() - t0,
                      len(g.buckets), f"; batch 1: {g.batch1_choice()[0].name}" if g.use_graphs else "")
+            if g.use_graphs:
+                watch_late_compiles()
         self._ready = True
         while True:
             with self._cv:
@@ -270,7 +276,25 @@ class Engine:
             self.scheduler.complete(plan)
             self._cv.notify_all()  # shutdown() waits on this condition
         if plan.has_compute:
-            self.m_steps.observe(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self.m_steps.observe(took)
+            if self.config.step_log is not None:
+                self._log_step(plan, t0, took)
+
+    def _log_step(self, plan: StepPlan, t0: float, took: float) -> None:
+        """One line of --step-log: when the step began (perf_counter s), its host time (which waits
+        for the previous step's GPU work at readback), its decode rows and its prompt chunks
+        (fresh / continuing, tokens, the longest)."""
+        lengths = [len(c) for c in plan.prefill]
+        fresh = sum(1 for c in plan.prefill if c.start == 0)
+        rec = {"t": round(t0, 6), "ms": round(took * 1e3, 3), "decode": len(plan.decode),
+               "admitted": len(plan.admitted), "prefill": len(lengths), "fresh": fresh,
+               "prefill_tokens": sum(lengths), "longest": max(lengths, default=0)}
+        try:
+            self.config.step_log.write(json.dumps(rec) + "\n")
+        except (OSError, ValueError):  # a full disk or a closed file ends the log, not the server
+            log.warning("--step-log: cannot write any more; step logging stops")
+            self.config.step_log = None
 
     def _on_admit(self, req: Request) -> None:
         if "start_state" in req.extra:

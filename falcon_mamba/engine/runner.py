@@ -110,28 +110,27 @@ class Runner:
 
     @torch.inference_mode()
     def warm_prefill(self) -> None:
-        """Run one of each kind of prefill batch on scratch rows (a lone prompt, a padded batch
-        with document resets, chunks that continue a state alone and gathered), so that Triton
-        compiles those kernel variants now rather than during the first requests (measured on the
-        H200: a first batch of 16 prompts waited 2.2 s for its compiles). The rows' contents are
-        left as they were."""
+        """Run one of each kind of eager prefill batch on scratch rows (fresh prompts alone and
+        padded with document resets, chunks that continue a state alone and gathered), so that
+        Triton compiles those kernel variants now rather than during the first requests (measured
+        on the H200: a first batch of 16 prompts waited 2.2 s for its compiles; a first burst of 64
+        prompts 2.5 s when the warm-up's small batches went through the prefill graphs instead).
+        Eagerly on purpose: the graphs are captured by PrefillGraphs.capture_all. The rows'
+        contents are left as they were."""
         V = self.model.config.vocab_size
         top = self.pool.num_rows - 1
         saved = self.pool.gather([top, top - 1])
         ids = [(i * 7919) % V for i in range(48)]
         # Triton specialises integer arguments on == 1 and on divisibility by 16: batches of 1, 3
-        # and 16 rows, lengths of 17 and 32
-        cases = [[PrefillWork(ids[:17], None, False, True)], [PrefillWork(ids[:32], None, False, True)],
-                 [PrefillWork(ids[:40], None, False, True), PrefillWork(ids[:9], None, False, True),
-                  PrefillWork(ids[:33], None, False, False)],
-                 [PrefillWork(ids[:32 - i % 5], None, False, True) for i in range(16)],
-                 [PrefillWork(ids[:32], top, True, False)],
-                 [PrefillWork(ids[:32], top, True, True), PrefillWork(ids[:32], top - 1, True, True)]]
-        for works in cases:
-            for w in works:
-                if w.row is None and not w.is_last:
-                    w.row = top
-            self.prefill(works)
+        # and 16 rows crossed with lengths of 17 and 32 (rows x length: 17, 32, 51, 96, 272, 512)
+        for B in (1, 3, 16):
+            for L in (17, 32):
+                fresh = [PrefillWork(ids[:L], None, False, True) for _ in range(B)]
+                padded = [PrefillWork(ids[:L - (i % 2) * (i % 5 + 1)], None, False, True) for i in range(B)]
+                rows = [top - (i % 2) for i in range(B)]  # continuing rows may repeat: scratch
+                continuing = [PrefillWork(ids[:L], r, True, i % 2 == 0) for i, r in enumerate(rows)]
+                for works in (fresh, padded, continuing):
+                    self._prefill_eager(works)
         self.pool.write_rows(top - 1, State(saved.config, saved.conv[:, 1:], saved.ssm[:, 1:]))
         self.pool.write_rows(top, State(saved.config, saved.conv[:, :1], saved.ssm[:, :1]))
 
