@@ -28,6 +28,8 @@
 #                                       # one 1.5B training step under torch.profiler
 #   benchmarks/device_run.sh last8      # cuda tests of the conv backward, the prefill graphs and generate;
 #                                       # bench_train.py 1.5B (Mamba, Transformer); serve 1/64/256 + mixed
+#   benchmarks/device_run.sh diag9      # prefill-graph + engine cuda tests; the decode step's kernels at
+#                                       # batch 64/256; serve 1/64/256 + mixed with the server's step log
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -141,6 +143,14 @@ case "$MODE" in
       --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -E "^\|" "$OUT/train.log"; grep -v "^{" "$OUT/bench.log" ;;
+  diag9)
+    cuda_tests 90 tests/test_prefill_graphs.py tests/test_engine.py
+    timeout 120 python3 benchmarks/profile_decode.py --layers 16 --formats bf16 --batches 64,256 \
+      --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+    timeout $((560 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+      --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
+      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -v "^   " "$OUT/profile.log" | tail; grep -v "^{" "$OUT/bench.log" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;

@@ -1,6 +1,7 @@
-"""Where the batch-1 decode step spends its time, per kernel (GPU).
+"""Where the decode step spends its time, per kernel (GPU), at batch 1 (or --batches 1,64,256).
 
-    PYTHONPATH=. python3 benchmarks/profile_decode.py [--layers 16] [--formats bf16,int8,int4] [--out F.json]
+    PYTHONPATH=. python3 benchmarks/profile_decode.py [--layers 16] [--formats bf16,int8,int4]
+        [--batches 1] [--out F.json]
 
 For each weight format: a random Falcon Mamba 7B-shaped model with --layers layers (int8 / int4 g128
 through quantize_model), the kernel loop (decode/loop.py: its autotuned mode and the timings of every
@@ -30,8 +31,8 @@ STEPS = 20
 
 
 @torch.no_grad()
-def profile(model, layers: int) -> dict:
-    loop = KernelLoop(model, 1)
+def profile(model, layers: int, batch: int = 1) -> dict:
+    loop = KernelLoop(model, batch)
     loop.run(3)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,6 +99,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--batches", default="1", help="batch sizes (results keyed 'FORMAT' at 1, else "
+                                                   "'FORMAT@B')")
     ap.add_argument("--out")
     args = ap.parse_args()
     base = random_7b(args.layers)
@@ -105,20 +108,22 @@ def main() -> int:
            "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "formats": {}}
     for fmt in args.formats.split(","):
         model = in_format(base, fmt)
-        r = profile(model, args.layers)
-        res["formats"][fmt] = r
-        print(f"\n== {fmt}: mode {r['mode']} pdl {r['pdl']}, step {r['step_ms']:.3f} ms "
-              f"({r['step_ms'] * 1e3 / args.layers:.1f} us per layer); candidates "
-              + ", ".join(f"{k} {v:.3f}" for k, v in r["timings_ms"].items()), flush=True)
-        tot = sum(k["us_per_step"] for k in r["kernels"])
-        print(f"   kernels sum {tot:.0f} us per step")
-        for k in r["kernels"][:14]:
-            print(f"   {k['us_per_layer']:7.2f} us/layer {k['launches_per_step']:6.1f} launches  {k['name']}")
-        print("   critical path (end minus the previous kernel's end):")
-        for k in r["critical_path"][:14]:
-            print(f"   {k['added_us_per_layer']:7.2f} us/layer added; per launch: added "
-                  f"{k['mean_added_us']:6.2f} duration {k['mean_duration_us']:6.2f} start-vs-prev-end "
-                  f"{k['mean_start_vs_prev_end_us']:6.2f}  {k['name']}")
+        for batch in (int(b) for b in args.batches.split(",")):
+            key = fmt if batch == 1 else f"{fmt}@{batch}"
+            r = profile(model, args.layers, batch)
+            res["formats"][key] = r
+            print(f"\n== {key}: mode {r['mode']} pdl {r['pdl']}, step {r['step_ms']:.3f} ms "
+                  f"({r['step_ms'] * 1e3 / args.layers:.1f} us per layer); candidates "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in (r["timings_ms"] or {}).items()), flush=True)
+            tot = sum(k["us_per_step"] for k in r["kernels"])
+            print(f"   kernels sum {tot:.0f} us per step")
+            for k in r["kernels"][:14]:
+                print(f"   {k['us_per_layer']:7.2f} us/layer {k['launches_per_step']:6.1f} launches  {k['name']}")
+            print("   critical path (end minus the previous kernel's end):")
+            for k in r["critical_path"][:14]:
+                print(f"   {k['added_us_per_layer']:7.2f} us/layer added; per launch: added "
+                      f"{k['mean_added_us']:6.2f} duration {k['mean_duration_us']:6.2f} start-vs-prev-end "
+                      f"{k['mean_start_vs_prev_end_us']:6.2f}  {k['name']}")
         if model is not base:
             del model
             torch.cuda.empty_cache()
