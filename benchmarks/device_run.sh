@@ -30,6 +30,8 @@
 #                                       # bench_train.py 1.5B (Mamba, Transformer); serve 1/64/256 + mixed
 #   benchmarks/device_run.sh diag9      # prefill-graph + engine cuda tests; the decode step's kernels at
 #                                       # batch 64/256; serve 1/64/256 + mixed with the server's step log
+#   benchmarks/device_run.sh serve9     # cuda tests of the prefill graphs, warm-up, engine, generate, sampler;
+#                                       # serve 1/16/64/256 + mixed with the server's step log
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -151,6 +153,13 @@ case "$MODE" in
       --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -v "^   " "$OUT/profile.log" | tail; grep -v "^{" "$OUT/bench.log" ;;
+  serve9)
+    cuda_tests 150 tests/test_prefill_graphs.py tests/test_warm_up.py tests/test_engine.py tests/test_generate.py \
+      tests/test_sampler*.py
+    timeout $((560 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+      --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
+      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -v "^{" "$OUT/bench.log" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;

@@ -310,8 +310,36 @@ def step_summary(path: str, since: int) -> tuple[dict, int]:
     return summary, since + end
 
 
+def gap_causes(results: list[dict], step_log: str | None, lo: float, hi: float) -> dict | None:
+    """What the streams' long inter-token gaps in [lo, hi] held: the server steps that ended inside
+    each gap over 1.5x the median (the clients' and the server's perf_counter share the machine's
+    monotonic clock). One step: a slow step; two or more: the token missed a step; none: the
+    token was late on its way (event loop, socket, client)."""
+    if not step_log:
+        return None
+    gaps = sorted((b - a, a, b) for r in results if r["status"] == 200
+                  for a, b in zip(r["times"], r["times"][1:]) if lo <= b <= hi)
+    if not gaps:
+        return None
+    median = gaps[len(gaps) // 2][0]
+    long = [g for g in gaps if g[0] > 1.5 * median]
+    try:
+        with open(step_log) as f:
+            ends = sorted(rec["t"] + rec["ms"] / 1e3 for rec in map(json.loads, f) if "t" in rec)
+    except (OSError, ValueError):
+        return None
+    import bisect
+
+    by_steps: dict[int, int] = {}
+    for _, a, b in long:
+        n = bisect.bisect_right(ends, b) - bisect.bisect_right(ends, a)
+        by_steps[n] = by_steps.get(n, 0) + 1
+    return {"median_gap_ms": round(median * 1e3, 2), "long_gaps": len(long), "gaps": len(gaps),
+            "long_gaps_by_steps_inside": dict(sorted(by_steps.items()))}
+
+
 def run_mixed(url, model, streams: int, long_tokens: int, api_key, vocab: int, procs: int,
-              stream_tokens: int = 2048) -> dict:
+              stream_tokens: int = 2048, step_log: str | None = None) -> dict:
     """`streams` clients decode; 2 s after they start one more request sends a `long_tokens`-token
     prompt (random token ids). Reports the streams' inter-token percentiles over the time the long
     prompt is read against the same streams without it, and the long prompt's read rate (tokens /
@@ -327,7 +355,7 @@ def run_mixed(url, model, streams: int, long_tokens: int, api_key, vocab: int, p
     warm = [rng.randrange(vocab) for _ in range(672)]
     httpx.post(url + "/v1/completions", json={"model": model, "prompt": warm, "max_tokens": 1},
                headers=headers, timeout=300)
-    alone = run_load(url, model, streams, streams, 24, 256, api_key, 0.0, seed=5, procs=procs)
+    alone, alone_results = _run_load_raw(url, model, streams, streams, 24, 256, api_key, procs)
     ids = [rng.randrange(vocab) for _ in range(long_tokens)]
     out = {}
 
@@ -358,7 +386,9 @@ def run_mixed(url, model, streams: int, long_tokens: int, api_key, vocab: int, p
             "long_prompt_status": out.get("status"), "long_prompt_seconds": secs,
             "long_prompt_tok_per_s": long_tokens / secs if secs > 0 else None,
             "throughput_alone_tok_s": alone["throughput_output_tok_s"],
-            "throughput_beside_tok_s": beside["throughput_output_tok_s"]}
+            "throughput_beside_tok_s": beside["throughput_output_tok_s"],
+            "gap_causes_alone": gap_causes(alone_results, step_log, 0, float("inf")),
+            "gap_causes_beside": gap_causes(results, step_log, lo, hi)}
 
 
 def _run_load_raw(url, model, clients, requests, prompt_words, max_tokens, api_key, procs):
@@ -483,7 +513,8 @@ def main(argv=None) -> int:
         if args.mixed:
             streams, tokens = (int(x) for x in args.mixed.split(":"))
             vocab = 65024
-            m = run_mixed(url, model, streams, tokens, args.api_key, vocab, args.procs)
+            m = run_mixed(url, model, streams, tokens, args.api_key, vocab, args.procs,
+                          step_log=step_log if server is not None else None)
             beside = (m["itl_beside_long_prompt_s"]["p99"] or 0) * 1e3
             print(f"mixed: {streams} streams, inter-token p99 {m['itl_alone_s']['p99'] * 1e3:.1f} ms alone, "
                   f"{beside:.1f} ms beside a {tokens:,}-token prompt (x{m['itl_p99_ratio'] or 0:.2f}); "

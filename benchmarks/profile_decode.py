@@ -118,7 +118,8 @@ def main() -> int:
             tot = sum(k["us_per_step"] for k in r["kernels"])
             print(f"   kernels sum {tot:.0f} us per step")
             for k in r["kernels"][:14]:
-                print(f"   {k['us_per_layer']:7.2f} us/layer {k['launches_per_step']:6.1f} launches  {k['name']}")
+                print(f"   {k['us_per_layer']:7.2f} us/layer {k['launches_per_step']:6.1f} launches  "
+                      f"{k['name']}")
             print("   critical path (end minus the previous kernel's end):")
             for k in r["critical_path"][:14]:
                 print(f"   {k['added_us_per_layer']:7.2f} us/layer added; per launch: added "

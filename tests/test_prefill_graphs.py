@@ -66,7 +66,8 @@ def test_graph_chunks_equal_eager_chunks_cuda(dtype):
     results = {}
     for graphs in (True, False):
         pool = StatePool(model.config, 4, model.dtype, model.device)
-        runner = Runner(model, pool, DecodeOptions(cuda_graphs=graphs), prefill_chunk=chunk)
+        runner = Runner(model, pool, DecodeOptions(cuda_graphs=graphs), prefill_chunk=chunk,
+                        prefill_budget=2048)
         assert runner.prefill_graphs.enabled == graphs
         gen.manual_seed(5)
         out = []
@@ -82,13 +83,18 @@ def test_graph_chunks_equal_eager_chunks_cuda(dtype):
                 pool.free((n, "key"))
                 (w, logits1, st1), = runner.prefill([PrefillWork(ids[:n], None, False, True)])
                 out.append((logits1.clone(), st1.conv.clone(), st1.ssm.clone()))
-            # a step's few fresh prompts: graph replays one by one vs one padded eager batch
-            works = [PrefillWork(ids[:k], None, False, True) for k in (9, 13, 30)]
-            for _w, logits2, st2 in sorted(runner.prefill(works), key=lambda r: len(r[0].ids)):
-                out.append((logits2.clone(), st2.conv.clone(), st2.ssm.clone()))
+            # a step's fresh prompts: one batched replay (3 prompts in the 4 x 32 graph), and 65
+            # (64 rows of the 64 x 64 graph, then one by the one-row graph) vs padded eager batches
+            lengths = torch.randint(40, 48, (65,), generator=gen).tolist()  # one batch of _batches
+            for works in ([PrefillWork(ids[:k], None, False, True) for k in (9, 13, 30)],
+                          [PrefillWork(ids[k % 7:k % 7 + k], None, False, True) for k in lengths]):
+                by_prompt = sorted(runner.prefill(works), key=lambda r: (len(r[0].ids), r[0].ids))
+                for _w, logits2, st2 in by_prompt:
+                    out.append((logits2.clone(), st2.conv.clone(), st2.ssm.clone()))
         if graphs:
-            assert sorted(runner.prefill_graphs._graphs) == [(1, True), (4, True), (16, False), (32, False),
-                                                              (32, True), (64, False), (64, True)]
+            assert sorted(runner.prefill_graphs._graphs) == [(1, True), (4, True), (16, False), (32, True),
+                                                              (64, False), (64, True)]
+            assert sorted(runner.prefill_graphs._batch_graphs) == [(4, 32), (64, 64)]
         results[graphs] = out
     tol = (2e-4, 2e-4) if dtype == torch.float32 else (3e-2, 3e-2)
     for (a, b) in zip(results[True], results[False]):

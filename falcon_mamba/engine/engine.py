@@ -98,7 +98,7 @@ class Engine:
         budget = cfg.prefill_budget if cfg.prefill_budget is not None else 4 * cfg.prefill_chunk
         self.scheduler = Scheduler(cfg.num_slots, cfg.max_waiting, cfg.prefill_chunk, budget,
                                    on_admit=self._on_admit)
-        self.runner = Runner(model, self.pool, cfg.decode, cfg.prefill_chunk)
+        self.runner = Runner(model, self.pool, cfg.decode, cfg.prefill_chunk, budget)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -125,9 +125,10 @@ class Engine:
         return self._ready and self.is_alive
 
     def warm_up(self) -> None:
-        """Compile the prefill kernels' variants and capture the decode graphs of every batch
-        bucket up to the slot count (and time the batch-1 modes, or read their choice from the
-        tuning cache) before serving, so that no request pays for them."""
+        """Compile the variants of the prefill kernels and the first-token sampler, capture the
+        prompt graphs and the decode graphs of every batch bucket up to the slot count (and time
+        the batch-1 modes, or read their choice from the tuning cache) before serving, so that no
+        request pays for them."""
         from falcon_mamba.engine.state_pool import bucket
 
         graphs = self.runner.graphs
@@ -135,6 +136,7 @@ class Engine:
             return
         with torch.inference_mode():
             self.runner.warm_prefill()
+            self.runner.warm_sampler()
             self.runner.prefill_graphs.capture_all()
             n = 1
             while True:

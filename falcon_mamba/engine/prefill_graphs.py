@@ -17,11 +17,19 @@ So a chunk of one row of at most ``chunk`` tokens is read by graph replays:
   left-padded to the next length bucket with a document reset at its first real token (the reset
   drops what the padding put into the state and the conv window: the runner's batched prefill
   pads the same way).
-Each graph reads its ids (and reset flags, or start state) from static buffers and writes the last
-logits and the final state to static outputs; the runner copies those out at once, because all
-prefill graphs share one memory pool (they never run at the same time). Other chunks (several
-rows, other lengths, the CPU) run eagerly. Capture happens at warm-up (Engine.warm_up) or at first
-use; a capture that fails turns the graphs off for this engine (eager prefill still works).
+And several fresh prompts of one step (a burst of clients) are read by one replay of a graph of B
+rows x L tokens, B and L the buckets at or above the batch's rows and longest prompt (B x L at
+most ``max_tokens``): the eager forward of 12 prompts of 27 tokens took 107-172 ms of host time on
+the H200 beside 64 streams (results/h200-serve-2449ead.json, its step log), its GPU work ~10 ms.
+Its padding rows read nothing but a reset; their outputs are ignored.
+Each graph reads its ids (and reset flags, or start state) from static buffers. The one-row graphs
+write the last logits and the final state to static outputs of their own (one row each); the
+batched graphs all write into one shared sink of ``ROW_BUCKETS[-1]`` rows (a B-row final state is
+B x 37 MB for the 7B: per-graph outputs would hold gigabytes). The runner copies the outputs out
+at once, because all prefill graphs share one memory pool and the sink (they never run at the
+same time). Other chunks (several continuing rows, other lengths, the CPU) run eagerly. Capture
+happens at warm-up (Engine.warm_up) or at first use; a capture that fails turns the graphs (or the
+batched ones) off for this engine (eager prefill still works).
 
 Legend: nL layers, L a bucket's length, K conv taps, D inner width, N state size, V vocab.
 """
@@ -37,6 +45,9 @@ from falcon_mamba.state import State
 log = logging.getLogger("falcon_mamba.engine")
 
 MIN_BUCKET = 16  # the shortest fresh bucket: prompts this short differ little in cost
+# Rows of the batched fresh graphs: a batch of k prompts replays the smallest bucket >= k (its
+# padding rows cost GPU time: steps of 1.5x below 16 rows keep that under a third).
+ROW_BUCKETS = (2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 def fresh_buckets(chunk: int) -> list[int]:
@@ -66,29 +77,77 @@ class _Graph:
         self.ids = torch.zeros(1, L, dtype=torch.long, device=dev)
         self.reset = None if state_in is not None else torch.zeros(1, L, dtype=torch.bool, device=dev)
         self.state = state_in
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compile this shape's kernel variants, create the cuBLAS handles
-                self._body(model)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits_V, self.out = self._body(model)
+        self.graph, (self.logits_V, self.out) = _capture(lambda: self._body(model), pool)
 
     def _body(self, model):
         logits_B1V, out = model(self.ids, state=self.state, last_only=True, reset_BL=self.reset)
         return logits_B1V[0, -1], out
 
 
+class _Sink:
+    """The batched graphs' shared outputs: last logits (R, V) and final state (nL, R, ...) of R =
+    ROW_BUCKETS[-1] rows, shaped and typed after the first forward's outputs."""
+
+    def __init__(self, rows: int, logits_BV: torch.Tensor, out: State):
+        self.logits = logits_BV.new_empty(rows, logits_BV.shape[-1])
+        self.conv = out.conv.new_empty(out.conv.shape[0], rows, *out.conv.shape[2:])
+        self.ssm = out.ssm.new_empty(out.ssm.shape[0], rows, *out.ssm.shape[2:])
+
+
+class _BatchGraph:
+    """One captured forward of B fresh rows of L tokens: static ids (B, L) int64 and reset (B, L)
+    bool; writes rows [0, B) of the shared sink."""
+
+    def __init__(self, model, B: int, L: int, pool, sinks: list):
+        dev = model.device
+        self.B, self.L = B, L
+        self.ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+        self.reset = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        self.reset[:, 0] = True  # padding rows: a reset at their start, nothing else
+        self._sinks = sinks  # [] until the first forward gives the outputs' shapes; then [sink]
+        # one run before the capture (the one-row graphs' two cost ~6 s of start-up over 42 shapes)
+        self.graph, _ = _capture(lambda: self._body(model), pool, warm_runs=1)
+
+    def _body(self, model):
+        logits_B1V, out = model(self.ids, last_only=True, reset_BL=self.reset)
+        if not self._sinks:
+            self._sinks.append(_Sink(ROW_BUCKETS[-1], logits_B1V[:, -1], out))
+        sink = self._sinks[0]
+        sink.logits[:self.B].copy_(logits_B1V[:, -1])
+        sink.conv[:, :self.B].copy_(out.conv)
+        sink.ssm[:, :self.B].copy_(out.ssm)
+
+
+def _capture(body, pool, warm_runs: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run body warm_runs times on a side stream (compiling its shapes' kernel variants, creating the cuBLAS
+    handles: neither may happen during a capture), then capture it into a graph on the memory pool.
+    Returns (graph, what the captured body returned: its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm_runs):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = body()
+    return graph, out
+
+
 class PrefillGraphs:
     """The prefill graphs of one runner. enabled: CUDA with graphs allowed (decode's cuda_graphs)."""
 
-    def __init__(self, model, chunk: int, enabled: bool):
+    def __init__(self, model, chunk: int, enabled: bool, max_tokens: int | None = None):
         self.model = model
         self.chunk = chunk
         self.enabled = enabled and model.device.type == "cuda" and chunk >= 1
         self.buckets = fresh_buckets(chunk) if self.enabled else []
+        # (B, L) of the batched fresh graphs: B x L <= max_tokens (default 4 chunks)
+        self.max_tokens = max_tokens if max_tokens is not None else 4 * chunk
+        self.batch_shapes = [(B, L) for L in self.buckets for B in ROW_BUCKETS if B * L <= self.max_tokens]
+        self._batch_graphs: dict[tuple[int, int], _BatchGraph] = {}
+        self._sinks: list[_Sink] = []
+        self.batched = self.enabled  # turned off alone when a batched capture fails
         self.continuing_lengths = (sorted({self.chunk} | {1 << b for b in range(self.chunk.bit_length())
                                                            if 1 << b < self.chunk})
                                    if self.enabled else [])
@@ -100,12 +159,59 @@ class PrefillGraphs:
         """A chunk of one row with n_ids tokens is read by graphs (captured or not yet)."""
         return self.enabled and 1 <= n_ids <= self.chunk
 
+    def fits_batch(self, rows: int, longest: int) -> bool:
+        """A batch of `rows` fresh prompts, the longest of `longest` tokens, is read by one batched
+        graph replay (captured or not yet)."""
+        return self.batched and 2 <= rows and self._batch_shape(rows, longest) is not None
+
     def capture_all(self) -> None:
         """Capture every graph now (warm-up), so that no request waits for a capture."""
         for L in self.buckets:
             self._get(L, False)
         for L in self.continuing_lengths:
             self._get(L, True)
+        for B, L in self.batch_shapes:
+            self._get_batch(B, L)
+
+    def _batch_shape(self, rows: int, longest: int) -> tuple[int, int] | None:
+        return next(((B, L) for B, L in self.batch_shapes if B >= rows and L >= longest), None)
+
+    def _get_batch(self, B: int, L: int) -> _BatchGraph | None:
+        g = self._batch_graphs.get((B, L))
+        if g is None and self.batched:
+            try:
+                g = self._batch_graphs[(B, L)] = _BatchGraph(self.model, B, L, self._pool, self._sinks)
+            except Exception:  # noqa: BLE001 - e.g. out of memory: batches of prompts run eagerly
+                log.exception("capturing the prefill graph of %d x %d tokens failed; batches of "
+                              "prompts are read eagerly", B, L)
+                self.batched = False
+                self._batch_graphs.clear()
+                self._sinks.clear()
+                return None
+        return g
+
+    def run_batch(self, prompts: list[list[int]]) -> list[tuple[torch.Tensor, State]] | None:
+        """Read several fresh prompts (fits_batch) in one replay. Returns, per prompt, (last logits
+        (V,), final state (1 row)): views of fresh tensors; None when no graph could be had."""
+        k = len(prompts)
+        shape = self._batch_shape(k, max(len(p) for p in prompts))
+        g = self._get_batch(*shape) if shape is not None else None
+        if g is None:
+            return None
+        B, L = shape
+        host = torch.zeros(B, L, dtype=torch.long)
+        flags = torch.zeros(B, L, dtype=torch.bool)
+        flags[k:, 0] = True
+        for b, p in enumerate(prompts):
+            host[b, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            flags[b, L - len(p)] = True
+        g.ids.copy_(host.pin_memory(), non_blocking=True)
+        g.reset.copy_(flags.pin_memory(), non_blocking=True)
+        g.graph.replay()
+        sink = self._sinks[0]
+        logits, conv, ssm = sink.logits[:k].clone(), sink.conv[:, :k].clone(), sink.ssm[:, :k].clone()
+        cfg = self.model.config
+        return [(logits[b], State(cfg, conv[:, b:b + 1], ssm[:, b:b + 1])) for b in range(k)]
 
     def _bucket(self, n: int) -> int:
         return next(L for L in self.buckets if L >= n)

@@ -9,8 +9,9 @@
   last logits are those of its prompt alone), chunks that continue from a state (a prompt's later
   chunks, a prefix-cache hit, a caller's state) batch with chunks of exactly their length. Few,
   wide launches instead of one per prompt. A chunk of one row at a fixed shape (a prompt of up to
-  ``prefill_chunk`` tokens from nothing, a long prompt's middle chunks) is a CUDA-graph replay
-  instead (engine/prefill_graphs.py: its eager launches cost more host time than its GPU work).
+  ``prefill_chunk`` tokens from nothing, a long prompt's middle chunks), and a batch of fresh
+  prompts up to 64 rows, are CUDA-graph replays instead (engine/prefill_graphs.py: the eager
+  launches cost more host time than their GPU work).
 - Sampling of a prompt's first token: the same sampler, on the rows the prompt's sequences join.
 - Readback: the step's tokens, log-probabilities and statuses are copied to pinned host memory
   behind the step, with an event; the engine reads them while the GPU already runs the next step.
@@ -27,7 +28,7 @@ import torch
 
 from falcon_mamba.decode.graphs import DecodeGraphs
 from falcon_mamba.decode.modes import DecodeOptions
-from falcon_mamba.engine.prefill_graphs import PrefillGraphs
+from falcon_mamba.engine.prefill_graphs import ROW_BUCKETS, PrefillGraphs
 from falcon_mamba.engine.state_pool import StatePool
 from falcon_mamba.state import State
 
@@ -61,6 +62,10 @@ class PrefillWork:
     tag: object = None  # the caller's handle (the engine's chunk)
 
 
+# a prompt chunk that ended its prompt: (its work, last logits (V,), final state (1 row))
+Done = tuple[PrefillWork, torch.Tensor, State]
+
+
 @dataclass
 class Pending:
     """The host copies of one step's results, valid once ``wait()`` returns. keys[i]: the sequence
@@ -82,12 +87,14 @@ class Pending:
 
 class Runner:
     def __init__(self, model, pool: StatePool, options: DecodeOptions | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, prefill_budget: int | None = None):
         self.model = model
         self.pool = pool
         self.device = model.device
         self.graphs = DecodeGraphs(model, pool, options)
-        self.prefill_graphs = PrefillGraphs(model, prefill_chunk, self.graphs.use_graphs)
+        # batched prompt graphs up to twice a step's prompt tokens: room for the padding to buckets
+        self.prefill_graphs = PrefillGraphs(model, prefill_chunk, self.graphs.use_graphs,
+                                            2 * (prefill_budget or 4 * prefill_chunk))
         self._step_logits: list[torch.Tensor] = []  # raw logits of this step's rows, in row order
 
     # ---- decode --------------------------------------------------------------------------------
@@ -99,11 +106,11 @@ class Runner:
 
     # ---- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, works: Seq[PrefillWork]) -> list[tuple[PrefillWork, torch.Tensor, State]]:
+    def prefill(self, works: Seq[PrefillWork]) -> list[Done]:
         """Read these chunks (batched). Chunks that do not end their prompt have their state written
         back into their row; for those that do: (work, logits (V,) fp32, their state (1 row, a view
         of this batch's output: copy it before the next prefill))."""
-        done = []
+        done: list[Done] = []
         for group in _batches(works):
             done.extend(self._prefill_batch(group))
         return done
@@ -134,16 +141,40 @@ class Runner:
         self.pool.write_rows(top - 1, State(saved.config, saved.conv[:, 1:], saved.ssm[:, 1:]))
         self.pool.write_rows(top, State(saved.config, saved.conv[:, :1], saved.ssm[:, :1]))
 
-    def _prefill_batch(self, group: list[PrefillWork]) -> list[tuple[PrefillWork, torch.Tensor, State]]:
-        """One batch of _batches: up to GRAPH_ROWS chunks that graphs read are replayed one by one
+    def warm_sampler(self) -> None:
+        """Draw first tokens once per sampler variant on scratch tensors (the pool is untouched):
+        launch configurations for up to / more than one row per SM, with and without the seen
+        table of repetition penalties, at an odd row offset (as a step's joining rows start)."""
+        from falcon_mamba.ops.sample import SamplerRows, sample_rows
+        from falcon_mamba.ops.triton_sample import default_config
+
+        V, dev = self.model.config.vocab_size, self.device
+        sizes = {}
+        for B in (1, 3, 16, 64, 256, 512):  # one per launch configuration
+            sizes.setdefault(default_config(B, dev), B)
+        for B in sizes.values():
+            for seen in (None, V):
+                rows = SamplerRows.empty(B + 1, dev, seen).rows(1, B)
+                rows.temperature.fill_(0.7)
+                logits = torch.randn(B, V, device=dev)
+                out = [torch.empty(B + 1, dtype=dt, device=dev)[1:]
+                       for dt in (torch.long, torch.float32, torch.int32)]
+                sample_rows(logits, rows, *out)
+
+    def _prefill_batch(self, group: list[PrefillWork]) -> list[Done]:
+        """One batch of _batches: several fresh prompts by batched graph replays; else up to
+        GRAPH_ROWS chunks that graphs read are replayed one by one
         (a 7B batch-1 replay is ~4 ms of GPU work, an eager forward of any batch 50-80 ms of host
         launches: H200, results/h200-profile-prefill-*.json); the rest in one eager forward."""
         done, eager = [], list(group)
-        if len(group) <= GRAPH_ROWS and all(self.prefill_graphs.fits(len(w.ids), w.continues) for w in group):
+        graphs = self.prefill_graphs
+        if len(group) > 1 and not any(w.continues for w in group):
+            return self._prefill_fresh_batches(group)
+        if len(group) <= GRAPH_ROWS and all(graphs.fits(len(w.ids), w.continues) for w in group):
             eager = []
             for w in group:
                 start = self._initial_states([w.row]) if w.continues else None
-                res = self.prefill_graphs.run(w.ids, start)
+                res = graphs.run(w.ids, start)
                 if res is None:  # no graph could be captured: eagerly, with the others left
                     eager.append(w)
                 elif w.is_last:
@@ -154,7 +185,33 @@ class Runner:
             done.extend(self._prefill_eager(eager))
         return done
 
-    def _prefill_eager(self, group: list[PrefillWork]) -> list[tuple[PrefillWork, torch.Tensor, State]]:
+    def _prefill_fresh_batches(self, group: list[PrefillWork]) -> list[Done]:
+        """Fresh prompts of one batch: batched graph replays of at most ROW_BUCKETS[-1] rows each
+        (results/h200-serve-2449ead.json: an eager batch of 12 short prompts took 107-172 ms of
+        host launches), eagerly where no graph fits or none could be had."""
+        graphs, done, eager = self.prefill_graphs, [], []
+        rows = ROW_BUCKETS[-1]
+        for part in (group[i:i + rows] for i in range(0, len(group), rows)):
+            longest = max(len(w.ids) for w in part)
+            res = None
+            if len(part) == 1 and graphs.fits(longest, False):  # the rest of a batch of 65
+                one = graphs.run(part[0].ids, None)
+                res = [one] if one is not None else None
+            elif graphs.fits_batch(len(part), longest):
+                res = graphs.run_batch([w.ids for w in part])
+            if res is None:
+                eager.extend(part)
+                continue
+            for w, (logits_V, st) in zip(part, res):
+                if w.is_last:
+                    done.append((w, logits_V, st))
+                else:
+                    self.pool.write_rows(w.row, st)
+        if eager:
+            done.extend(self._prefill_eager(eager))
+        return done
+
+    def _prefill_eager(self, group: list[PrefillWork]) -> list[Done]:
         L = max(len(w.ids) for w in group)
         ids = torch.zeros(len(group), L, dtype=torch.long)
         reset = torch.zeros(len(group), L, dtype=torch.bool)

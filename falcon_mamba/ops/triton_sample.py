@@ -291,7 +291,15 @@ def _bisect(x_row, seen_row, pen, use_pen, m, c2, lo, hi, k, use_k, p_mass, use_
 
 # ---------------------------------------------------------------- the kernel
 
-@triton.jit
+# Per-row parameter and output pointers are read and written as one scalar per program, so their
+# 16-byte alignment buys nothing, and specialising on it compiled a new variant (2 s on the H200,
+# every request of the step waiting) whenever a step's first tokens were drawn for rows starting at
+# an odd offset of the pool's table. The logits and seen rows (vector loads) keep it.
+_PER_ROW_PTRS = ["temp_ptr", "topk_ptr", "topp_ptr", "minp_ptr", "pen_ptr", "seed_ptr", "pos_ptr", "tok_ptr",
+                 "lp_ptr", "st_ptr"]
+
+
+@triton.jit(do_not_specialize_on_alignment=_PER_ROW_PTRS)
 def _sample_kernel(x_ptr, sx, temp_ptr, topk_ptr, topp_ptr, minp_ptr, pen_ptr, seed_ptr, pos_ptr,
                    seen_ptr, s_seen, tok_ptr, lp_ptr, st_ptr, V: tl.constexpr, BLOCK: tl.constexpr,
                    HAS_SEEN: tl.constexpr, MAX_REJECT: tl.constexpr, PDL: tl.constexpr):
