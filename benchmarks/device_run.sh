@@ -32,6 +32,7 @@
 #                                       # batch 64/256; serve 1/64/256 + mixed with the server's step log
 #   benchmarks/device_run.sh serve9     # cuda tests of the prefill graphs, warm-up, engine, generate, sampler;
 #                                       # serve 1/16/64/256 + mixed with the server's step log
+#   benchmarks/device_run.sh serve9b    # serve9 + decode-graph tests (shared capture) + the inference scan by chunk
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -160,6 +161,15 @@ case "$MODE" in
       --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -v "^{" "$OUT/bench.log" ;;
+  serve9b)
+    cuda_tests 150 tests/test_prefill_graphs.py tests/test_warm_up.py tests/test_engine.py tests/test_generate.py \
+      tests/test_decode_graph.py tests/test_decode_chain.py
+    timeout 60 python3 benchmarks/kernel_bench.py --parts scaninfer --out "$OUT/scaninfer.json" > "$OUT/scaninfer.log" 2>&1
+    timeout $((570 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+      --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
+      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep "us_per_token" "$OUT/scaninfer.log" | cut -c1-150
+    grep -v "^{" "$OUT/bench.log"; grep -o '"banner": "[^"]*"' "$OUT/serve.json" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;

@@ -75,6 +75,34 @@ def scan_variants(rows, L=16384, D=8192, N=16):
     rows.append({"kernel": "scan_bwd (+recompute)", "shape": f"B=1 L={Lb} D={D}", "ms": t * 1e3})
 
 
+def scan_infer_chunks(rows, D=8192, N=16):
+    """The inference scan (no saved states: a prompt chunk's) at batch 1 by length chunk: the
+    chunk length_chunk() picks (FWD_MIN_CHUNK_INFER) against shorter and longer ones."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    r = lambda *s, scale=1.0, shift=0.0: torch.randn(*s, device=dev, generator=g) * scale + shift  # noqa
+    A = -torch.exp(r(D, N, scale=0.5))
+    Dv, dtb = r(D), r(D, scale=0.5)
+    for L in (256, 512, 2048, 16384):
+        xz = r(1, L, 2 * D).bfloat16()
+        x, z = xz[..., :D], xz[..., D:]
+        dt = r(1, L, D, scale=0.5, shift=-1).bfloat16()
+        xdbl = r(1, L, 256 + 2 * N).bfloat16()
+        Bm, Cm = xdbl[..., 256:256 + N], xdbl[..., 256 + N:]
+        h0 = torch.zeros(1, D, N, device=dev)
+        ts = triton_scan
+        picked = ts.length_chunk(1, L, D, ts.FWD_BLOCK_D, ts.FWD_MIN_CHUNK_INFER, ts.FWD_UNROLL)
+        for chunk in sorted({8, 16, 32, 64, 128, 256, picked, L}):
+            if chunk > L:
+                continue
+            args = (x, dt, A, Bm, Cm, Dv, z, dtb, h0)
+            t = bench(lambda chunk=chunk, args=args: triton_scan.scan_fwd(*args, chunk=chunk), reps=30)
+            mark = " (picked)" if chunk == picked else ""
+            rows.append({"kernel": f"scan_fwd inference chunk={chunk}{mark}",
+                         "shape": f"B=1 L={L} D={D}", "ms": t * 1e3, "us_per_token": t * 1e6 / L})
+            print(rows[-1], flush=True)
+
+
 def decode_pieces(rows, B, H=4096, D=8192, N=16, R=256, V=65024):
     dev = "cuda"
     bf = torch.bfloat16
@@ -260,7 +288,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     table = {"scan": scan_variants, "decode": lambda r: [decode_pieces(r, B) for B in (1, 64)],
              "gemv": gemv_variants, "graph": graph_profile, "prefill": prefill_profile,
-             "ssm": ssm_step_variants}
+             "ssm": ssm_step_variants, "scaninfer": scan_infer_chunks}
     for part in [table[k] for k in args.parts.split(",")]:
         try:
             part(rows)

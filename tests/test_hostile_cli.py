@@ -314,6 +314,7 @@ def test_serve_bad_flags(capsys, tmp_path):
         (["--max-batch", 10**9], "--max-batch"),
         (["--device", "bogus"], "unknown device"),
         (["--port", 70000], "--port"),
+        (["--long-prompt-interval", 0], "--long-prompt-interval"),
         (["--step-log", tmp_path / "no" / "such" / "steps.jsonl"], "--step-log"),
         (["--step-log", tmp_path], "--step-log"),
     ]:

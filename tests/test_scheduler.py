@@ -104,6 +104,36 @@ def test_long_prompt_is_chunked_and_never_stalls_decoding():
     assert len(short.seqs[0].output_ids) == 1 + steps, "one token per step while the prompt was read"
 
 
+@pytest.mark.parametrize("interval", [2, 3])
+def test_long_prompt_interval_spaces_its_chunks_while_streams_decode(interval):
+    """With streams decoding, a long prompt's later chunks come every `interval`-th step (its first
+    chunk at once, a short prompt's whenever it arrives); alone, every step; same boundaries."""
+    s = Scheduler(num_slots=4, prefill_chunk=512, prefill_budget=2048, long_prompt_interval=interval)
+    eng = FakeEngine(s)
+    stream = req(4, max_tokens=10_000)
+    s.add(stream)
+    eng.step()
+    long = req(5_000, max_tokens=2)
+    s.add(long)
+    seen = []
+    while long.status is not Status.DECODE:
+        if len(eng.steps) == 4:
+            s.add(req(7, max_tokens=2))  # a short prompt arriving meanwhile is not held
+        p = eng.step()
+        seen.append([(c.request is long, c.start, c.end) for c in p.prefill])
+    reads = [i for i, chunks in enumerate(seen) if any(is_long for is_long, _, _ in chunks)]
+    assert all(b - a == interval for a, b in zip(reads, reads[1:]))
+    assert [c[1:] for chunks in seen for c in chunks if c[0]] == [(i, min(i + 512, 5_000))
+                                                                  for i in range(0, 5_000, 512)]
+    short_read = [i for i, chunks in enumerate(seen) if any(not is_long for is_long, _, _ in chunks)]
+    assert short_read == [3], "the short prompt is read in the step it arrived"
+    # nobody decoding: every step
+    s2 = Scheduler(num_slots=4, prefill_chunk=512, prefill_budget=2048, long_prompt_interval=interval)
+    eng2 = FakeEngine(s2)
+    s2.add(req(5_000, max_tokens=1))
+    assert [bool(p.prefill) for p in eng2.run()] == [True] * -(-5_000 // 512) + [False]  # + the reaping
+
+
 def test_chunk_boundaries_do_not_depend_on_other_requests():
     def boundaries(crowd):
         s = Scheduler(num_slots=8, prefill_chunk=16, prefill_budget=20)

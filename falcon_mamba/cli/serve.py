@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
                         "(a chunk of this length, and a prompt up to it, replay a captured graph)")
     p.add_argument("--prefill-budget", type=int, default=2048,
                    help="prompt tokens of all requests read per engine step (batched in few launches)")
+    p.add_argument("--long-prompt-interval", type=int, default=2,
+                   help="while streams decode, read a long prompt's next chunk every N-th step (1: "
+                        "every step; 2 halves what the chunks add to the streams' token latency)")
     p.add_argument("--max-context", type=int, default=1 << 20,
                    help="prompt + max_tokens limit per request (400 above it)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
@@ -102,6 +105,7 @@ def _check(args) -> dict:
     for name, v, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                          ("--max-queue", args.max_queue, 0), ("--prefill-chunk", args.prefill_chunk, 1),
                          ("--prefill-budget", args.prefill_budget, 1),
+                         ("--long-prompt-interval", args.long_prompt_interval, 1),
                          ("--max-context", args.max_context, 2),
                          ("--default-max-tokens", args.default_max_tokens, 1)):
         if v < low:
@@ -110,6 +114,7 @@ def _check(args) -> dict:
         raise UserError(f"--port must be at most 65535, got {args.port}")
     for name, v, high in (("--max-batch", args.max_batch, 1 << 16), ("--max-queue", args.max_queue, 1 << 20),
                           ("--prefill-chunk", args.prefill_chunk, 1 << 20),
+                          ("--long-prompt-interval", args.long_prompt_interval, 1000),
                           ("--max-context", args.max_context, 1 << 40),
                           ("--default-max-tokens", args.default_max_tokens, 1 << 31)):
         if v > high:
@@ -182,6 +187,7 @@ def run(args) -> int:
     engine = Engine(model, tok, EngineConfig(
         num_slots=slots, max_waiting=args.max_queue, prefill_chunk=args.prefill_chunk,
         prefill_budget=max(args.prefill_budget, args.prefill_chunk), max_context=args.max_context,
+        long_prompt_interval=args.long_prompt_interval,
         cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir, cache_disk_bytes=sizes["disk"],
         decode=decode, step_log=step_log))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

@@ -180,16 +180,11 @@ class DecodeGraphs:
         return logits.float().clone()
 
     def _capture(self, rows: int, mode: Mode, use_pdl: bool, pool="shared"):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        from falcon_mamba.cuda_graph import capture
+
         saved = self._save_rows(rows)
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compile the kernels, create the cuBLAS handles
-                self._body(rows, mode, use_pdl)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool if pool == "shared" else pool):
-            logits = self._body(rows, mode, use_pdl)
+        graph, logits = capture(lambda: self._body(rows, mode, use_pdl),
+                                self._mempool if pool == "shared" else pool)
         self._restore_rows(saved)  # the warm-up runs advanced the rows
         return graph, logits
 

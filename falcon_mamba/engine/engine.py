@@ -65,6 +65,7 @@ class EngineConfig:
     max_waiting: int = 64  # requests that may wait for a slot before new ones get QueueFull
     prefill_chunk: int = 512  # prompt tokens per chunk
     prefill_budget: int | None = None  # prompt tokens per step (default: 4 chunks)
+    long_prompt_interval: int = 1  # while streams decode, a prompt's later chunks every N-th step
     max_context: int = 1 << 20  # prompt + max_new_tokens limit
     cache_bytes: int = 0  # prefix cache budget (0: off)
     cache_dir: str | None = None  # spill evicted cache entries here
@@ -97,7 +98,7 @@ class Engine:
                                  device=cfg.cache_device or model.device)
         budget = cfg.prefill_budget if cfg.prefill_budget is not None else 4 * cfg.prefill_chunk
         self.scheduler = Scheduler(cfg.num_slots, cfg.max_waiting, cfg.prefill_chunk, budget,
-                                   on_admit=self._on_admit)
+                                   on_admit=self._on_admit, long_prompt_interval=cfg.long_prompt_interval)
         self.runner = Runner(model, self.pool, cfg.decode, cfg.prefill_chunk, budget)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -106,6 +107,7 @@ class Engine:
         self._pending: Pending | None = None
         self._warm = False
         self._ready = False
+        self.warm_up_seconds: dict[str, float] = {}  # what each part of warm_up() took
         self._live: dict = {}  # sequence key -> Sequence, while it holds a row
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._init_metrics()
@@ -134,16 +136,29 @@ class Engine:
         graphs = self.runner.graphs
         if not graphs.use_graphs:
             return
+        took = self.warm_up_seconds = {}
+        t = time.perf_counter()
+
+        def phase(name):
+            nonlocal t
+            now = time.perf_counter()
+            took[name] = round(now - t, 2)
+            t = now
+
         with torch.inference_mode():
             self.runner.warm_prefill()
+            phase("prefill kernels")
             self.runner.warm_sampler()
+            phase("sampler")
             self.runner.prefill_graphs.capture_all()
+            phase("prompt graphs")
             n = 1
             while True:
                 graphs.prepare(n)
                 if bucket(n) >= self.config.num_slots:
                     break
                 n = bucket(n) + 1
+            phase("decode graphs")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, n: int = 1,
                top_logprobs: int = 0, sink=None, request_id: str = "", state: State | None = None,
@@ -243,8 +258,9 @@ class Engine:
             except Exception:  # serving still works: graphs are then captured on first use
                 log.exception("decode warm-up failed")
             g = self.runner.graphs
-            log.info("decoder ready in %.1f s (graphs for %d batch sizes%s)", time.perf_counter() - t0,
-                     len(g.buckets), f"; batch 1: {g.batch1_choice()[0].name}" if g.use_graphs else "")
+            log.info("decoder ready in %.1f s (graphs for %d batch sizes%s; %s)", time.perf_counter() - t0,
+                     len(g.buckets), f"; batch 1: {g.batch1_choice()[0].name}" if g.use_graphs else "",
+                     ", ".join(f"{k} {v} s" for k, v in self.warm_up_seconds.items()))
             if g.use_graphs:
                 watch_late_compiles()
         self._ready = True

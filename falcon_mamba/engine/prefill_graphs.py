@@ -40,6 +40,7 @@ import logging
 
 import torch
 
+from falcon_mamba.cuda_graph import capture as _capture
 from falcon_mamba.state import State
 
 log = logging.getLogger("falcon_mamba.engine")
@@ -116,22 +117,6 @@ class _BatchGraph:
         sink.logits[:self.B].copy_(logits_B1V[:, -1])
         sink.conv[:, :self.B].copy_(out.conv)
         sink.ssm[:, :self.B].copy_(out.ssm)
-
-
-def _capture(body, pool, warm_runs: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Run body warm_runs times on a side stream (compiling its shapes' kernel variants, creating the cuBLAS
-    handles: neither may happen during a capture), then capture it into a graph on the memory pool.
-    Returns (graph, what the captured body returned: its static outputs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warm_runs):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = body()
-    return graph, out
 
 
 class PrefillGraphs:
