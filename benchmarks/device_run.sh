@@ -163,7 +163,7 @@ case "$MODE" in
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -v "^{" "$OUT/bench.log" ;;
   serve9b)
     cuda_tests 150 tests/test_prefill_graphs.py tests/test_warm_up.py tests/test_engine.py tests/test_generate.py \
-      tests/test_decode_graph.py tests/test_decode_chain.py
+      tests/test_decode_graphs.py tests/test_hf_decode.py
     timeout 60 python3 benchmarks/kernel_bench.py --parts scaninfer --out "$OUT/scaninfer.json" > "$OUT/scaninfer.log" 2>&1
     timeout $((570 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
       --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
