@@ -285,6 +285,10 @@ def print_steps(st: dict | None) -> None:
         print(f"server steps: {st['steps']}; decode only {st['decode_only_steps']} (ms p50 {d.get('p50')}, "
               f"p99 {d.get('p99')}); with prompt chunks {st['with_prompts_steps']} (ms p50 {p.get('p50')}, "
               f"p99 {p.get('p99')}, max {p.get('p100')}; {st['prompt_chunks_per_prompt_step']} chunks each)")
+        gd, gp = st.get("decode_only_gpu_ms") or {}, st.get("with_prompts_gpu_ms") or {}
+        if gd or gp:
+            print(f"  GPU time: decode only p50 {gd.get('p50')} p99 {gd.get('p99')}; with prompt chunks "
+                  f"p50 {gp.get('p50')} p99 {gp.get('p99')} max {gp.get('p100')}")
 
 
 def step_summary(path: str, since: int) -> tuple[dict, int]:
@@ -302,8 +306,10 @@ def step_summary(path: str, since: int) -> tuple[dict, int]:
     decode_only = [r["ms"] for r in recs if not r["prefill"]]
     with_prompts = [r["ms"] for r in recs if r["prefill"]]
     ms = lambda xs: {k: round(v, 2) for k, v in percentiles(xs, (50, 90, 99, 100)).items()} if xs else {}
+    gpu = lambda want: ms([r["gpu_ms"] for r in recs if "gpu_ms" in r and bool(r["prefill"]) == want])
     summary = {"steps": len(recs), "decode_only_ms": ms(decode_only), "decode_only_steps": len(decode_only),
                "with_prompts_ms": ms(with_prompts), "with_prompts_steps": len(with_prompts),
+               "decode_only_gpu_ms": gpu(False), "with_prompts_gpu_ms": gpu(True),
                "prompt_chunks_per_prompt_step": round(sum(r["prefill"] for r in recs if r["prefill"])
                                                       / max(1, len(with_prompts)), 2),
                "longest": sorted(recs, key=lambda r: -r["ms"])[:5]}

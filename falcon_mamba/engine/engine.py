@@ -108,6 +108,7 @@ class Engine:
         self._warm = False
         self._ready = False
         self.warm_up_seconds: dict[str, float] = {}  # what each part of warm_up() took
+        self._step_records: deque = deque()  # --step-log lines waiting for their GPU time
         self._live: dict = {}  # sequence key -> Sequence, while it holds a row
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._init_metrics()
@@ -233,6 +234,7 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._flush_step_log(wait=True)
         self.cache.close()
 
     @property
@@ -285,11 +287,17 @@ class Engine:
         with self._cv:
             plan = self.scheduler.schedule()
         t0 = time.perf_counter()
+        events = None
+        if self.config.step_log is not None and plan.has_compute and self.model.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         try:
             self._execute(plan)
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
             self._fail(plan, f"{type(e).__name__}: {e}")
+        if events is not None:
+            events[1].record()
         with self._cv:
             self.scheduler.complete(plan)
             self._cv.notify_all()  # shutdown() waits on this condition
@@ -297,22 +305,38 @@ class Engine:
             took = time.perf_counter() - t0
             self.m_steps.observe(took)
             if self.config.step_log is not None:
-                self._log_step(plan, t0, took)
+                self._log_step(plan, t0, took, events)
 
-    def _log_step(self, plan: StepPlan, t0: float, took: float) -> None:
+    def _log_step(self, plan: StepPlan, t0: float, took: float, events=None) -> None:
         """One line of --step-log: when the step began (perf_counter s), its host time (which waits
-        for the previous step's GPU work at readback), its decode rows and its prompt chunks
-        (fresh / continuing, tokens, the longest)."""
+        for the previous step's GPU work at readback), its GPU time (between events recorded
+        around its launches: written once the GPU has passed them, a step or two later), its
+        decode rows and its prompt chunks (fresh / continuing, tokens, the longest)."""
         lengths = [len(c) for c in plan.prefill]
         fresh = sum(1 for c in plan.prefill if c.start == 0)
         rec = {"t": round(t0, 6), "ms": round(took * 1e3, 3), "decode": len(plan.decode),
                "admitted": len(plan.admitted), "prefill": len(lengths), "fresh": fresh,
                "prefill_tokens": sum(lengths), "longest": max(lengths, default=0)}
-        try:
-            self.config.step_log.write(json.dumps(rec) + "\n")
-        except (OSError, ValueError):  # a full disk or a closed file ends the log, not the server
-            log.warning("--step-log: cannot write any more; step logging stops")
-            self.config.step_log = None
+        self._step_records.append((rec, events))
+        self._flush_step_log(wait=False)
+
+    def _flush_step_log(self, wait: bool) -> None:
+        """Write the step records whose GPU time is known (all of them with wait)."""
+        out = self.config.step_log
+        pending = self._step_records
+        while pending and out is not None:
+            rec, events = pending[0]
+            if events is not None:
+                if not wait and not events[1].query():
+                    return
+                events[1].synchronize()
+                rec["gpu_ms"] = round(events[0].elapsed_time(events[1]), 3)
+            pending.popleft()
+            try:
+                out.write(json.dumps(rec) + "\n")
+            except (OSError, ValueError):  # a full disk or a closed file ends the log, not the server
+                log.warning("--step-log: cannot write any more; step logging stops")
+                self.config.step_log = out = None
 
     def _on_admit(self, req: Request) -> None:
         if "start_state" in req.extra:
