@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 NAME = "serve"
 HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
 
 API_KEY_ENV = "FALCON_MAMBA_API_KEY"
+GIL_SWITCH_S = 0.0005  # the interpreter's switch interval while serving (see run())
 
 
 def add_arguments(p) -> None:
@@ -208,6 +210,13 @@ def run(args) -> int:
     # long as the server: out of the collector's sight, a full collection scans only what serving
     # allocates (a 256-row engine on the CPU: its longest step, one full collection, 120 -> 2 ms).
     gc.freeze()
+    # The engine thread and the event loop share the interpreter lock. A thread that wants it waits
+    # for the holder's switch interval (5 ms by default) at every re-acquisition, and the engine
+    # thread re-acquires it after each CUDA call that released it: behind a burst of requests being
+    # parsed and tokenized on the loop, a step's launches were spread over 50-60 ms of GPU time for
+    # ~10 ms of work (H200, results/h200-serve-99b6cab.json, the steps' GPU times). 0.5 ms bounds
+    # each wait; both threads still run in slices far longer than a switch costs (~5 us).
+    sys.setswitchinterval(GIL_SWITCH_S)
     try:
         run_server(engine, tok, settings, args.host, args.port, args.shutdown_grace,
                    log_level="warning" if args.log_level == "info" else args.log_level)
