@@ -47,21 +47,25 @@ def main():
         return 3 * B * L * D * 2 + 2 * n_part * D * (K + 1) * 4
 
     rows = []
+
+    def add(row):  # printed at once: a run cut short by its time limit keeps what it measured
+        rows.append(row)
+        print(row, flush=True)
     # a copy of 1.5 x B*L*D bf16 moves the bytes of x + dy in and dx out (read + write counted)
     src = torch.empty(3 * B * L * D // 2, dtype=torch.bfloat16, device=dev)
     dst = torch.empty_like(src)
     t_copy = bench(lambda: dst.copy_(src))
     copy_rate = 2 * src.numel() * 2 / t_copy
-    rows.append({"what": "device copy, same bytes", "ms": t_copy * 1e3, "TB/s": copy_rate / 1e12})
+    add({"what": "device copy, same bytes", "ms": t_copy * 1e3, "TB/s": copy_rate / 1e12})
     got = tcb.conv_bwd(*args)
     want = triton_conv.conv_bwd_reference(*args)
     err = {n: ((u.float() - v.float()).abs().max() / v.float().abs().max().clamp(min=1)).item()
            for n, u, v in zip(("dx", "dw", "db"), got, want)}
     t_ref = bench(lambda: triton_conv.conv_bwd_reference(*args))
-    rows.append({"what": "conv_bwd_reference (PyTorch, the old backward)", "ms": t_ref * 1e3,
+    add({"what": "conv_bwd_reference (PyTorch, the old backward)", "ms": t_ref * 1e3,
                  "TB/s": moved(tcb.CHUNK) / t_ref / 1e12})
     t_fwd = bench(lambda: triton_conv.conv_fwd(x, w, b, None, True, rst))
-    rows.append({"what": "conv_fwd (for scale)", "ms": t_fwd * 1e3,
+    add({"what": "conv_fwd (for scale)", "ms": t_fwd * 1e3,
                  "TB/s": 2 * B * L * D * 2 / t_fwd / 1e12})
     configs = [(tcb.BLOCK_L, tcb.BLOCK_D, tcb.CHUNK, tcb.WARPS)]
     if a.sweep:
@@ -75,14 +79,12 @@ def main():
             t = bench(lambda: tcb.conv_bwd(*args))
             same = all(torch.equal(u, v) for u, v in zip(tcb.conv_bwd(*args)[:1], got[:1]))
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported
-            rows.append({"what": f"conv_bwd BL,BD,CHUNK,warps={cfg}", "error": str(e)[:200]})
+            add({"what": f"conv_bwd BL,BD,CHUNK,warps={cfg}", "error": str(e)[:200]})
             continue
-        rows.append({"what": f"conv_bwd BL,BD,CHUNK,warps={cfg}", "ms": t * 1e3,
+        add({"what": f"conv_bwd BL,BD,CHUNK,warps={cfg}", "ms": t * 1e3,
                      "TB/s": moved(cfg[2]) / t / 1e12, "frac_of_copy": moved(cfg[2]) / t / copy_rate,
                      "dx_same_as_default": same})
     tcb.BLOCK_L, tcb.BLOCK_D, tcb.CHUNK, tcb.WARPS = default
-    for row in rows:
-        print(row, flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(json.dumps({"bench": "conv_bwd", "gpu": torch.cuda.get_device_name(), "commit": commit,
