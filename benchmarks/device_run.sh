@@ -33,6 +33,7 @@
 #   benchmarks/device_run.sh serve9     # cuda tests of the prefill graphs, warm-up, engine, generate, sampler;
 #                                       # serve 1/16/64/256 + mixed with the server's step log
 #   benchmarks/device_run.sh serve9b    # serve9 + decode-graph tests (shared capture) + the inference scan by chunk
+#   benchmarks/device_run.sh final9     # scan tests; bench_train 1.5B; bench prefill; serve 1/64/256 + mixed
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -170,6 +171,16 @@ case "$MODE" in
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep "us_per_token" "$OUT/scaninfer.log" | cut -c1-150
     grep -v "^{" "$OUT/bench.log"; grep -o '"banner": "[^"]*"' "$OUT/serve.json" ;;
+  final9)
+    cuda_tests 75 tests/test_triton_scan.py
+    timeout 100 python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
+      --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
+    timeout 40 python3 -m falcon_mamba bench prefill --no-baseline --out "$OUT/results" > "$OUT/prefill.log" 2>&1
+    timeout $((575 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
+      --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
+      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; grep -E "^\||x \(target" "$OUT/train.log"
+    grep -iE "prefill" "$OUT/prefill.log" | tail -6; grep -v "^{" "$OUT/bench.log"; grep -o '"banner": "[^"]*"' "$OUT/serve.json" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;

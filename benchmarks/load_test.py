@@ -364,6 +364,12 @@ def run_mixed(url, model, streams: int, long_tokens: int, api_key, vocab: int, p
     alone, alone_results = _run_load_raw(url, model, streams, streams, 24, 256, api_key, procs)
     ids = [rng.randrange(vocab) for _ in range(long_tokens)]
     out = {}
+    # the same prompt with nothing else running: the server's own rate of reading it
+    t = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 1},
+                   headers=headers, timeout=900)
+    alone_s = time.perf_counter() - t if r.status_code == 200 else None
+    ids = [rng.randrange(vocab) for _ in range(long_tokens)]  # another one: no prefix-cache hit
 
     def long_request():
         time.sleep(5.0)  # the client processes start their streams 3 s after the call, then decode
@@ -391,6 +397,7 @@ def run_mixed(url, model, streams: int, long_tokens: int, api_key, vocab: int, p
             "streams_outlasted_prompt": last_token >= hi,
             "long_prompt_status": out.get("status"), "long_prompt_seconds": secs,
             "long_prompt_tok_per_s": long_tokens / secs if secs > 0 else None,
+            "long_prompt_alone_tok_per_s": long_tokens / alone_s if alone_s else None,
             "throughput_alone_tok_s": alone["throughput_output_tok_s"],
             "throughput_beside_tok_s": beside["throughput_output_tok_s"],
             "gap_causes_alone": gap_causes(alone_results, step_log, 0, float("inf")),
@@ -525,6 +532,7 @@ def main(argv=None) -> int:
             print(f"mixed: {streams} streams, inter-token p99 {m['itl_alone_s']['p99'] * 1e3:.1f} ms alone, "
                   f"{beside:.1f} ms beside a {tokens:,}-token prompt (x{m['itl_p99_ratio'] or 0:.2f}); "
                   f"the prompt read at {m['long_prompt_tok_per_s'] or 0:,.0f} tok/s "
+                  f"({m['long_prompt_alone_tok_per_s'] or 0:,.0f} alone) "
                   f"(status {m['long_prompt_status']})")
             if server is not None:
                 m["server_steps"], log_at = step_summary(step_log, log_at)
