@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from falcon_mamba.errors import UserError  # noqa: E402
-from falcon_mamba.ops import reference, triton_backend, triton_scan  # noqa: E402
+from falcon_mamba.ops import reference, triton_backend, triton_scan, triton_scan_bwd  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,6 +145,111 @@ def test_backward_small_length_chunked(rng, monkeypatch):
     check_backward(1, 21, 12, 3, torch.float32, rng, reset=True)
 
 
+class _GridSpy:
+    """Stands in for a kernel in its module: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def check_backward_options(gen, B, L, D, N, *, resets=(), z=True, skip=True, dtb=True, h0=True,
+                           dhT=True, dtype=torch.float32, device=DEV):
+    """Every gradient of the fast scan (through its autograd Function) against autograd through the
+    float64 reference (its own reset_BL). resets: (row, t) positions of document starts (None: no
+    reset input at all); absent options are passed as None; dhT=False leaves the final state out
+    of the loss (the Function then gets no dhT)."""
+    x, dt, A, Bm, Cm, Dv, zz, dtbias, h0v, _ = scan_inputs(B, L, D, N, dtype, device, gen)
+    rst = None
+    if resets is not None:
+        rst = torch.zeros(B, L, dtype=torch.bool, device=device)
+        for row, t in resets:
+            rst[row, t] = True
+    inp = dict(x=x, dt=dt, A=A, B=Bm, C=Cm, D=Dv if skip else None, z=zz if z else None,
+               dt_bias=dtbias if dtb else None, h0=h0v if h0 else None)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if v is not None}
+    args = lambda d: [d.get(k) for k in inp]  # noqa: E731
+    y, h = triton_backend.selective_scan(*args(leaves), reset_BL=rst)
+    gy = torch.randn(y.shape, generator=gen).to(device)
+    gh = torch.randn(h.shape, generator=gen).to(device)
+    ((y.float() * gy).sum() + ((h * gh).sum() if dhT else 0)).backward()
+    ref = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    yr, hr = reference.selective_scan(*args(ref), reset_BL=rst)
+    ((yr * gy.double()).sum() + ((hr * gh.double()).sum() if dhT else 0)).backward()
+    rtol, atol = TOL[dtype]
+    for name in leaves:
+        g, gr = leaves[name].grad.cpu().double(), ref[name].grad.cpu()
+        scale = gr.abs().max().clamp(min=1.0)  # sums over L (dA, dD, dB...) grow with L
+        assert_close(g / scale, gr / scale, rtol, atol, f"d{name} {dtype} L={L}")
+
+
+# (row, t) resets for the chunked backward tests below: with CHK 8 and chunks of 16 steps, t = 16
+# and 32 start a chunk, t = 20 a window of 4, t = 0 drops h0 (dh0 = 0 for row 0), t = 36 is the
+# last step; the others lie inside chunks
+RESETS = ((0, 0), (0, 16), (0, 27), (1, 5), (1, 20), (1, 32), (1, 36))
+
+
+@pytest.mark.parametrize("window", [8, 4, 2])  # 8 = CHK: one level (no sub-chunk states)
+@pytest.mark.parametrize("opts", [
+    dict(),  # everything: z, D, dt bias, h0, dhT, resets
+    dict(z=False, skip=False, dtb=False, h0=False, dhT=False, resets=None),
+    dict(skip=False, h0=False),
+    dict(z=False, dtb=False, dhT=False),
+], ids=["all", "none", "noD-noh0", "noz-nodtb-nodhT"])
+def test_backward_length_chunks(rng, monkeypatch, window, opts):
+    """The three-pass backward: L = 37 in 3 chunks of 16 (neither a multiple of CHK = 8 nor of the
+    chunk; the last sub-chunk and window partial), resets in and at the start of chunks."""
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    monkeypatch.setattr(triton_scan_bwd, "backward_chunk", lambda *a: 16)
+    monkeypatch.setattr(triton_scan_bwd, "BWD_WINDOW", window)
+    spy = _GridSpy(triton_scan_bwd._scan_bwd_kernel)
+    monkeypatch.setattr(triton_scan_bwd, "_scan_bwd_kernel", spy)
+    check_backward_options(rng, 2, 37, 20, 5, **{"resets": RESETS, **opts})
+    assert [g[2] for g in spy.grids] == [3]
+
+
+@pytest.mark.parametrize("L,chunk,nchunks,dhT", [(24, 16, 2, True), (30, 8, 4, True), (37, 37, 1, True),
+                                                (37, 37, 1, False), (5, 8, 1, True)])
+def test_backward_chunk_counts(rng, monkeypatch, L, chunk, nchunks, dhT):
+    """2 chunks (L a multiple of the chunk), 4 chunks of one CHK each, one chunk (the single-pass
+    backward: dhT straight into pass 3, or no terminal adjoint at all), and a length shorter
+    than CHK."""
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    monkeypatch.setattr(triton_scan_bwd, "backward_chunk", lambda *a: chunk)
+    monkeypatch.setattr(triton_scan_bwd, "BWD_WINDOW", 4)
+    spy = _GridSpy(triton_scan_bwd._scan_bwd_kernel)
+    monkeypatch.setattr(triton_scan_bwd, "_scan_bwd_kernel", spy)
+    resets = tuple((0, t) for t in (3, 8, 16, 17, 31) if t < L)
+    check_backward_options(rng, 1, L, 12, 4, resets=resets, dhT=dhT)
+    assert [g[2] for g in spy.grids] == [nchunks]
+
+
+def test_backward_length_chunks_bf16(rng, monkeypatch):
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    monkeypatch.setattr(triton_scan_bwd, "backward_chunk", lambda *a: 16)
+    monkeypatch.setattr(triton_scan_bwd, "BWD_WINDOW", 4)
+    check_backward_options(rng, 2, 37, 20, 5, resets=RESETS, dtype=torch.bfloat16)
+
+
+def test_backward_chunk_choice():
+    """Chunks only where a row's channel blocks leave resident slots empty (1056: 132 SMs x 8)."""
+    chunk = lambda B, L, D: triton_scan_bwd.backward_chunk(B, L, D, 32, 128, 1056)  # noqa: E731
+    # the 1.5B training shape: 8 rows x 128 channel blocks already fill the slots: one chunk
+    assert chunk(8, 2048, 4096) == 2048
+    # fewer rows: 1024 programs again (4 rows: 2 chunks, 1 row: 8 chunks of 256)
+    assert chunk(4, 2048, 4096) == 1024
+    assert chunk(1, 2048, 4096) == 256
+    assert chunk(1, 2048, 8192) == 512  # batch 1 of the 7B: 256 blocks, 4 chunks
+    assert chunk(5, 2048, 4096) == 768  # 640 programs: 3 chunks (1,920 programs, 2 waves)
+    assert chunk(64, 2048, 8192) == 2048  # 15.5 waves already: splitting only trims the last
+    assert chunk(1, 100, 8192) == 100  # shorter than CHK
+    assert chunk(1, 200, 8192) == 128  # chunks start on saved states
+    assert chunk(2, 4096, 256) == 128  # 16 programs a chunk: as many chunks as CHK allows
+
+
 def test_empty_length_returns_initial_state(rng):
     x, dt, A, Bm, Cm, Dv, z, dtb, h0, _ = scan_inputs(2, 0, 8, 4, torch.float32, DEV, rng)
     y, h = triton_backend.selective_scan(x, dt, A, Bm, Cm, Dv, z, dtb, h0)
@@ -192,6 +297,37 @@ def test_forward_cuda_past_65k(dtype, rng):
 @pytest.mark.parametrize("L", [1, 17, 4096])
 def test_backward_cuda(dtype, L, rng):
     check_backward(2, L, 40, 16, dtype, rng, reset=(L == 4096))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_cuda_length_chunks_match_reference(dtype, rng):
+    """The chunked backward at a realistic size (B=2, L=4096, D=256: 32 chunks of 128 by default;
+    resets, h0 and dhT) against the float64 reference."""
+    assert triton_scan_bwd.backward_chunk(2, 4096, 256, triton_scan_bwd.BWD_BLOCK_D, triton_scan.CHK,
+                                          triton_scan_bwd.resident_programs(torch.device(DEV))) < 4096
+    check_backward_options(rng, 2, 4096, 256, 16, dtype=dtype,
+                           resets=((0, 128), (0, 1000), (1, 2047), (1, 2048), (1, 4095)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk,window", [(128, 16), (512, 16), (1024, 128), (4096, 128)])
+def test_backward_cuda_chunked_equals_single_chunk(dtype, chunk, window, rng):
+    """scan_bwd over length chunks (and recompute windows) against one chunk with one level (the
+    single-pass kernel): every gradient, B=2, L=4096, D=256, resets, h0 and dhT."""
+    x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst = scan_inputs(2, 4096, 256, 16, dtype, DEV, rng, reset=True)
+    rst[0, 1024] = True  # at a chunk start
+    _, _, chk = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, save_chk=True)
+    dy = torch.randn(x.shape, generator=rng).to(DEV, dtype)
+    dhT = torch.randn(2, 256, 16, generator=rng).to(DEV)
+    args = (x, dt, A, Bm, Cm, Dv, z, dtb, rst, chk, dy, dhT, triton_scan.CHK)
+    ref = triton_scan.scan_bwd(*args, chunk=4096, window=triton_scan.CHK)
+    got = triton_scan.scan_bwd(*args, chunk=chunk, window=window)
+    rtol, atol = TOL[dtype]
+    for name, g, gr in zip("x dt A B C D z dt_bias h0".split(), got, ref):
+        scale = gr.float().abs().max().clamp(min=1.0)
+        assert_close(g.float() / scale, gr.float() / scale, rtol, atol, f"d{name} chunk={chunk}")
 
 
 @pytest.mark.cuda

@@ -1,4 +1,5 @@
-"""Triton selective scan (Mamba-1): forward and backward kernels and their autograd Function.
+"""Triton selective scan (Mamba-1): forward kernels, their launcher and the autograd Function (the
+backward's kernels are in triton_scan_bwd.py; scan_bwd is re-exported here).
 
 Legend: B batch, L length, D inner width, N state size (NP: N padded to a power of two), BD channels
 per program, T time steps unrolled per chunk, CHK steps between saved states (backward).
@@ -10,10 +11,15 @@ outputs are stored once at the chunk's end (DEFER), so the compiler can issue al
 loads before its math: the latency is hidden by instruction-level parallelism rather than by many
 warps (batch 1 has only D/BD programs). Length offsets are 64-bit (pointer increments, int64).
 
-Backward: the forward saves the state every CHK steps. The backward walks the chunks in reverse;
-for each it recomputes the chunk's states into a per-program scratch buffer, then runs the reverse
-recurrence g_{t-1} = exp(dt_t A) g_t, accumulating dA, dD and d(dt bias) in registers and dB, dC
-(sums over channels) with atomics.
+Length chunks (length_chunk): where a row's channel blocks are too few programs to fill the GPU,
+the length is split into chunks scanned in parallel: each from a zero state (its final state and
+total decay), a carry kernel across the chunks, then each chunk again from its true initial state.
+
+Backward (triton_scan_bwd.py): the forward saves the state every CHK steps. The backward is
+parallel over length chunks as well: the adjoint dL/dh is carried backwards across the chunks
+(each chunk from a zero terminal adjoint, a reverse carry, then each chunk again), and within a
+chunk the states are recomputed from the saved ones a short window at a time for the reverse
+recurrence g_{t-1} = exp(dt_t A) g_t.
 
 Loops over runtime bounds are `while` loops: Triton's interpreter (TRITON_INTERPRET=1, the CPU
 tests) cannot run `range()` over a runtime scalar with numpy >= 2.4.
@@ -28,6 +34,7 @@ import triton
 import triton.language as tl
 
 from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
+from falcon_mamba.ops.triton_scan_bwd import scan_bwd  # noqa: F401 (the backward; re-exported)
 
 LOG2E = 1.4426950408889634
 
@@ -37,8 +44,6 @@ FWD_BLOCK_D = 32
 FWD_UNROLL = 2
 FWD_WARPS = 1
 FWD_DEFER = True
-BWD_BLOCK_D = 32
-BWD_WARPS = 1
 CHK = 128  # steps between saved states for the backward; a multiple of FWD_UNROLL
 # Length chunking of the forward (length_chunk): aim for this many programs in all, at most this
 # many chunks per row (the carry pass walks them in sequence), chunks at least this long.
@@ -81,8 +86,6 @@ def _decay_and_state(a_ptr, h0_ptr, d64, md, nn, N: tl.constexpr, NP: tl.constex
 
 _INTS_FWD = ["L", "D", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l", "sb_b", "sb_l", "sc_b", "sc_l",
              "sy_b", "sy_l", "sr_b", "sr_l"]
-_INTS_BWD = ["L", "D", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l", "sb_b", "sb_l", "sc_b", "sc_l",
-             "sr_b", "sr_l", "sdy_b", "sdy_l"]
 
 
 # Lengths and strides are not specialised on (divisibility by 16, == 1): one compiled kernel
@@ -228,161 +231,6 @@ def _scan_carry_kernel(hloc_ptr, sum_ptr, a_ptr, h0_ptr, hT_ptr, D, NC,
         tl.store(hT_ptr + b * D * N + d64 * N + k, tl.sum(tl.where(nn == k, h, 0.0), axis=0), mask=md)
 
 
-@triton.jit(do_not_specialize=_INTS_BWD)
-def _scan_bwd_kernel(
-    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, rst_ptr, chk_ptr, dy_ptr,
-    dhT_ptr, scr_ptr,
-    dx_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr,
-    L, D,
-    sx_b, sx_l, sdt_b, sdt_l, sz_b, sz_l, sb_b, sb_l, sc_b, sc_l, sr_b, sr_l, sdy_b, sdy_l,
-    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, HAS_RST: tl.constexpr,
-    HAS_DHT: tl.constexpr,
-):
-    # Gradient outputs dx, ddt, dz are (B, L, D) contiguous; db, dc (B, L, N) fp32, zeroed;
-    # dA (B, D, N), dD and ddtb (B, D): per-row partials summed by the caller. Same layout rule
-    # as the forward: (NP, BD) tensors are built from per-channel vectors and per-state scalars.
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    nprog_d = tl.num_programs(0)
-    d = pid_d * BD + tl.arange(0, BD)
-    md = d < D
-    d64 = d.to(tl.int64)
-    n = tl.arange(0, NP)
-    mn = n < N
-    nn = n[:, None] + tl.zeros((NP, BD), tl.int32)
-    A = tl.zeros((NP, BD), tl.float32)
-    g = tl.zeros((NP, BD), tl.float32)
-    for k in tl.static_range(N):
-        A = tl.where(nn == k, tl.load(a_ptr + d64 * N + k, mask=md, other=0.0).to(tl.float32)[None, :], A)
-        if HAS_DHT:
-            g = tl.where(nn == k, tl.load(dhT_ptr + b * D * N + d64 * N + k, mask=md, other=0.0)[None, :], g)
-    A2 = A * 1.4426950408889634
-    if HAS_D:
-        Dv = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
-    if HAS_DTB:
-        dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    dA_acc = tl.zeros((NP, BD), tl.float32)
-    dD_acc = tl.zeros((BD,), tl.float32)
-    ddtb_acc = tl.zeros((BD,), tl.float32)
-    # per-program scratch of CHKS states, (CHKS, N, BD), read and written one state row at a time
-    # (1-D, per channel) for the layout rule above
-    scr_base = scr_ptr + (b * nprog_d + pid_d) * (CHKS * N * BD) + tl.arange(0, BD)
-    nchk = (L + CHKS - 1) // CHKS
-    c = nchk - 1
-    while c >= 0:
-        tstart = c * CHKS
-        h_start = tl.zeros((NP, BD), tl.float32)
-        cbase = chk_ptr + (b * nchk + c) * D * N + d64 * N
-        for k in tl.static_range(N):
-            h_start = tl.where(nn == k, tl.load(cbase + k, mask=md, other=0.0)[None, :], h_start)
-        # 1) recompute this chunk's states into the scratch buffer
-        h = h_start
-        i = 0
-        while i < CHKS:
-            t = (tstart + i).to(tl.int64)
-            ok = t < L
-            m = mask_and(md, ok)
-            xv = tl.load(x_ptr + b * sx_b + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(dt_ptr + b * sdt_b + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
-            if HAS_DTB:
-                v += dtb
-            u = tl.exp(tl.minimum(v, 20.0))
-            w = 1.0 + u
-            lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
-            sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
-            sp = tl.where(m, sp, 0.0)
-            Bv = tl.zeros((NP, BD), tl.float32)
-            for k in tl.static_range(N):
-                Bv = tl.where(nn == k, tl.load(b_ptr + b * sb_b + t * sb_l + k, mask=ok,
-                                               other=0.0).to(tl.float32), Bv)
-            if HAS_RST:
-                r = tl.load(rst_ptr + b * sr_b + t * sr_l, mask=ok, other=0)
-                h = tl.where(r != 0, 0.0, h)
-            h = tl.exp2(sp[None, :] * A2) * h + (sp * xv)[None, :] * Bv
-            for k in tl.static_range(N):
-                tl.store(scr_base + (i * N + k) * BD, tl.sum(tl.where(nn == k, h, 0.0), axis=0))
-            i += 1
-        tl.debug_barrier()
-        # 2) the reverse recurrence through the chunk
-        j = 0
-        while j < CHKS:
-            i = CHKS - 1 - j
-            t = (tstart + i).to(tl.int64)
-            ok = t < L
-            m = mask_and(md, ok)
-            xv = tl.load(x_ptr + b * sx_b + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(dt_ptr + b * sdt_b + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
-            if HAS_DTB:
-                v += dtb
-            u = tl.exp(tl.minimum(v, 20.0))
-            w = 1.0 + u
-            lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
-            sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
-            sp = tl.where(m, sp, 0.0)
-            Bv = tl.zeros((NP, BD), tl.float32)
-            Cv = tl.zeros((NP, BD), tl.float32)
-            for k in tl.static_range(N):
-                Bv = tl.where(nn == k, tl.load(b_ptr + b * sb_b + t * sb_l + k, mask=ok,
-                                               other=0.0).to(tl.float32), Bv)
-                Cv = tl.where(nn == k, tl.load(c_ptr + b * sc_b + t * sc_l + k, mask=ok,
-                                               other=0.0).to(tl.float32), Cv)
-            dout = tl.load(dy_ptr + b * sdy_b + t * sdy_l + d, mask=m, other=0.0).to(tl.float32)
-            h_t = tl.zeros((NP, BD), tl.float32)
-            h_prev = h_start
-            for k in tl.static_range(N):
-                h_t = tl.where(nn == k, tl.load(scr_base + (i * N + k) * BD)[None, :], h_t)
-                hp_k = tl.load(scr_base + ((i - 1) * N + k) * BD, mask=mask_and(md, i > 0), other=0.0)
-                h_prev = tl.where((nn == k) & (i > 0), hp_k[None, :], h_prev)
-            if HAS_RST:
-                r = tl.load(rst_ptr + b * sr_b + t * sr_l, mask=ok, other=0)
-                h_prev = tl.where(r != 0, 0.0, h_prev)
-            y_raw = tl.sum(h_t * Cv, axis=0)
-            if HAS_D:
-                y_pre = y_raw + Dv * xv
-            else:
-                y_pre = y_raw
-            if HAS_Z:
-                zv = tl.load(z_ptr + b * sz_b + t * sz_l + d, mask=m, other=0.0).to(tl.float32)
-                sig = tl.sigmoid(zv)
-                dz = dout * y_pre * sig * (1.0 + zv * (1.0 - sig))
-                tl.store(dz_ptr + (b * L + t) * D + d, dz.to(dz_ptr.dtype.element_ty), mask=m)
-                dyv = dout * zv * sig
-            else:
-                dyv = dout
-            dxv = tl.zeros((BD,), tl.float32)
-            if HAS_D:
-                dD_acc += dyv * xv
-                dxv = dyv * Dv
-            g = g + Cv * dyv[None, :]  # dL/dh_t
-            dC = tl.sum(h_t * dyv[None, :], axis=1)
-            a = tl.exp2(sp[None, :] * A2)
-            gB = tl.sum(g * Bv, axis=0)
-            dxv += sp * gB
-            gha = g * h_prev * a
-            dsp = xv * gB + tl.sum(gha * A, axis=0)
-            dA_acc += gha * sp[None, :]
-            dB = tl.sum(g * (sp * xv)[None, :], axis=1)
-            dv = tl.where(m, dsp * tl.where(v > 20.0, 1.0, tl.sigmoid(v)), 0.0)
-            ddtb_acc += dv
-            tl.store(dx_ptr + (b * L + t) * D + d, dxv.to(dx_ptr.dtype.element_ty), mask=m)
-            tl.store(ddt_ptr + (b * L + t) * D + d, dv.to(ddt_ptr.dtype.element_ty), mask=m)
-            tl.atomic_add(db_ptr + (b * L + t) * N + n, dB, mask=mask_and(mn, ok))
-            tl.atomic_add(dc_ptr + (b * L + t) * N + n, dC, mask=mask_and(mn, ok))
-            g = g * a  # dL/dh_{t-1} through the decay ...
-            if HAS_RST:
-                g = tl.where(r != 0, 0.0, g)  # ... unless t started a new document
-            j += 1
-        tl.debug_barrier()  # the next chunk's recompute overwrites the scratch
-        c -= 1
-    for k in tl.static_range(N):
-        sel = nn == k
-        tl.store(dh0_ptr + b * D * N + d64 * N + k, tl.sum(tl.where(sel, g, 0.0), axis=0), mask=md)
-        tl.store(dA_ptr + b * D * N + d64 * N + k, tl.sum(tl.where(sel, dA_acc, 0.0), axis=0), mask=md)
-    tl.store(dD_ptr + b * D + d, dD_acc, mask=md)
-    tl.store(ddtb_ptr + b * D + d, ddtb_acc, mask=md)
-
-
 def _np2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -473,47 +321,6 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     return y, hT, (chk if save_chk else None)
 
 
-def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT):
-    """Launch the backward kernel; returns fp32/input-dtype gradients
-    (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0); entries for absent inputs are None."""
-    Bsz, L, D = x.shape
-    N = A.shape[1]
-    NP = _np2(N)
-    dev = x.device
-    dx = torch.empty(Bsz, L, D, dtype=x.dtype, device=dev)
-    ddt = torch.empty(Bsz, L, D, dtype=dt.dtype, device=dev)
-    dz = torch.empty(Bsz, L, D, dtype=z.dtype, device=dev) if z is not None else None
-    dB = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
-    dC = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
-    dA = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
-    dD = torch.empty(Bsz, D, dtype=torch.float32, device=dev)
-    ddtb = torch.empty(Bsz, D, dtype=torch.float32, device=dev)
-    dh0 = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
-    nprog = triton.cdiv(D, BWD_BLOCK_D)
-    scratch = torch.empty(Bsz * nprog * CHK * N * BWD_BLOCK_D, dtype=torch.float32, device=dev)
-    rst = reset.contiguous().view(torch.uint8) if reset is not None else None
-    zz = z if z is not None else x
-    if dhT is not None:
-        dhT = dhT.contiguous()
-    _scan_bwd_kernel[(nprog, Bsz)](
-        x, dt, zz, Bm, Cm, A.contiguous(), Dv if Dv is not None else A,
-        dt_bias if dt_bias is not None else A, rst if rst is not None else x, chk, dy,
-        dhT if dhT is not None else chk, scratch,
-        dx, ddt, dz if dz is not None else dx, dB, dC, dA, dD, ddtb, dh0,
-        L, D,
-        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
-        Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1),
-        rst.stride(0) if rst is not None else 0, rst.stride(1) if rst is not None else 0,
-        dy.stride(0), dy.stride(1),
-        N=N, NP=NP, BD=BWD_BLOCK_D, CHKS=CHK,
-        HAS_Z=z is not None, HAS_D=Dv is not None, HAS_DTB=dt_bias is not None,
-        HAS_RST=rst is not None, HAS_DHT=dhT is not None,
-        num_warps=BWD_WARPS, **LAUNCH_OPTIONS,
-    )
-    return (dx, ddt, dA.sum(0), dB, dC, dD.sum(0) if Dv is not None else None, dz,
-            ddtb.sum(0) if dt_bias is not None else None, dh0)
-
-
 class SelectiveScanFn(torch.autograd.Function):
     """Autograd wrapper: forward saves the state every CHK steps, backward recomputes from them."""
 
@@ -521,6 +328,8 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, x, dt, A, Bm, Cm, Dv, z, dt_bias, h0, reset):
         y, hT, chk = scan_fwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, h0, reset, save_chk=True)
         ctx.save_for_backward(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk)
+        ctx.chk_every = CHK  # the interval chk was saved at (tests change CHK)
+        ctx.set_materialize_grads(False)  # an unused final state (training) gives dhT None, not zeros
         ctx.has_h0 = h0 is not None
         ctx.h0_dtype = h0.dtype if h0 is not None else None
         return y, hT
@@ -533,7 +342,7 @@ class SelectiveScanFn(torch.autograd.Function):
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         dx, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset,
-                                                          chk, dy, dhT)
+                                                          chk, dy, dhT, ctx.chk_every)
         cast = lambda g, ref: None if g is None or ref is None else g.to(ref.dtype)
         return (dx, ddt, cast(dA, A), cast(dB, Bm), cast(dC, Cm), cast(dD, Dv), dz,
                 cast(ddtb, dt_bias), dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None)
