@@ -34,6 +34,7 @@
 #                                       # serve 1/16/64/256 + mixed with the server's step log
 #   benchmarks/device_run.sh serve9b    # serve9 + decode-graph tests (shared capture) + the inference scan by chunk
 #   benchmarks/device_run.sh final9     # scan tests; bench_train 1.5B; bench prefill; serve 1/64/256 + mixed
+#   benchmarks/device_run.sh final10    # scan tests; scan backward bench (old vs new); train 1.5B; serve 1/64 + mixed
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -68,7 +69,7 @@ case "$MODE" in
       --budget-s 75 --layers 16 > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
   speed)
-    cuda_tests 200 tests/test_decode_graph.py tests/test_triton_gemv.py tests/test_decode_chain.py \
+    cuda_tests 200 tests/test_decode_graphs.py tests/test_triton_gemv.py tests/test_triton_gemv_i4.py \
       tests/test_triton_decode.py tests/test_quant_triton.py
     timeout $((585 - SECONDS)) python3 -m falcon_mamba bench decode prefill --out "$OUT/results" \
       > "$OUT/bench.log" 2>&1
@@ -181,6 +182,17 @@ case "$MODE" in
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; grep -E "^\||x \(target" "$OUT/train.log"
     grep -iE "prefill" "$OUT/prefill.log" | tail -6; grep -v "^{" "$OUT/bench.log"; grep -o '"banner": "[^"]*"' "$OUT/serve.json" ;;
+  final10)  # LIMIT: the seconds the call has (the machine's start is not counted in SECONDS)
+    cuda_tests 90 tests/test_triton_scan.py
+    timeout 45 python3 benchmarks/bench_scan_bwd.py --old .data/old_scan.py > "$OUT/scan_bwd.log" 2>&1
+    timeout 20 python3 benchmarks/bench_scan_bwd.py --B 1 > "$OUT/scan_bwd_b1.log" 2>&1
+    timeout 110 python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
+      --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
+    timeout $((${LIMIT:-420} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,64 --max-tokens 128 \
+      --temperature 0 --mixed 32:100000 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; grep -E "^\||x \(target" "$OUT/train.log"
+    grep -v "^{" "$OUT/scan_bwd.log" | tail -30; tail -3 "$OUT/scan_bwd_b1.log"; grep -v "^{" "$OUT/bench.log" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
