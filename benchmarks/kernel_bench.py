@@ -1,7 +1,7 @@
 """Kernel-level timings on the GPU, Falcon Mamba 7B shapes (bf16): scan forward variants, conv,
 scan backward, and the pieces of one decode step. Prints a table, then one JSON line.
 
-    PYTHONPATH=. python3 benchmarks/kernel_bench.py [--out kernels.json]
+    PYTHONPATH=. python3 benchmarks/kernel_bench.py [--parts scan,decode,...,ssmrows] [--out kernels.json]
 
 Each figure comes with the bytes it must move and the bandwidth that implies, to compare with the
 measured copy rate (ENGINEERING.md section 6: 3.01 TB/s on the lent H100).
@@ -279,6 +279,50 @@ def ssm_step_variants(rows, D=8192, N=16, R=256, H=4096):
     rows.append({"kernel": "add+rmsnorm (graph)", "us": t * 1e6})
 
 
+def ssm_rows_variants(rows, D=8192, N=16, R=256, copy_tbs=4.14):
+    """The decode step's SSM update above DT_PROJ_MAX_BATCH rows (_ssm_rows_kernel: dt from one GEMM)
+    at 64 and 256 rows, inside CUDA graphs: rows per program x channels per program x warps. The
+    floor is the state's read + write at the copy rate (ENGINEERING.md section 6: 4.14 TB/s on the
+    H200, read + write counted)."""
+    for B in (64, 256):
+        _ssm_rows_at(rows, B, D, N, R, copy_tbs)
+
+
+def _ssm_rows_at(rows, B, D, N, R, copy_tbs):
+    from triton.testing import do_bench_cudagraph
+
+    from falcon_mamba.ops import triton_decode
+
+    dev, bf = "cuda", torch.bfloat16
+    st = torch.randn(B, D, N, device=dev)
+    xz = torch.randn(B, 2 * D, device=dev, dtype=bf)
+    dt = torch.randn(B, D, device=dev, dtype=bf)
+    xdbl = torch.randn(B, R + 2 * N, device=dev, dtype=bf)
+    A_log, Dv, dtb = torch.randn(D, N, device=dev), torch.randn(D, device=dev), torch.randn(D, device=dev)
+    floor_us = 2 * st.numel() * 4 / (copy_tbs * 1e12) * 1e6
+    ref = None
+    for per, bd, w in [(1, 512, 8), (2, 512, 8), (4, 512, 8), (8, 512, 8), (1, 256, 4), (2, 256, 4),
+                       (4, 256, 4), (4, 256, 8), (8, 256, 8), (2, 1024, 8), (4, 1024, 8), (4, 128, 4)]:
+        def fn(per=per, bd=bd, w=w):
+            return triton_decode.ssm_step(st, xz[:, :D], dt, A_log, xdbl[:, R:R + N], xdbl[:, R + N:], Dv,
+                                          xz[:, D:], dtb, norm_eps=1e-6, a_is_log=True, block_d=bd,
+                                          num_warps=w, rows_per_program=per)
+        name = f"ssm rows B={B} rows/program={per} bd={bd} w={w} (graph)"
+        try:
+            s0 = st.clone()
+            y = fn()
+            st.copy_(s0)
+            ref = y.float() if ref is None else ref
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            us = do_bench_cudagraph(fn, rep=50) * 1e3  # ms -> us
+        except Exception as e:  # noqa: BLE001
+            rows.append({"kernel": name, "error": str(e)[:160]})
+            continue
+        rows.append({"kernel": name, "us": us, "floor_us": floor_us, "of_floor": floor_us / us,
+                     "rel_err": err})
+        print(rows[-1], flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -288,7 +332,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     table = {"scan": scan_variants, "decode": lambda r: [decode_pieces(r, B) for B in (1, 64)],
              "gemv": gemv_variants, "graph": graph_profile, "prefill": prefill_profile,
-             "ssm": ssm_step_variants, "scaninfer": scan_infer_chunks}
+             "ssm": ssm_step_variants, "scaninfer": scan_infer_chunks, "ssmrows": ssm_rows_variants}
     for part in [table[k] for k in args.parts.split(",")]:
         try:
             part(rows)

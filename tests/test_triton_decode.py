@@ -83,6 +83,39 @@ def test_ssm_steps_small_odd_sizes(rng):
     check_ssm_steps(6, 24, 4, 8, torch.float32, rng, norm=True)  # dt by one GEMM above 4 rows
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_ssm_rows_kernel_rows_per_program(rng, rows):
+    """The plain step (dt given) with several rows per program, B = 7 (a partial last group):
+    y and every state row as the reference, for A and A_log, with and without the B/C norms."""
+    from falcon_mamba.ops import triton_decode
+
+    B, D, N = 7, 40, 5
+    for norm, a_log in ((None, False), (1e-6, True)):
+        h = _r(rng, B, D, N)
+        xz = _r(rng, B, 2 * D, dtype=torch.bfloat16)
+        dt = _r(rng, B, D, dtype=torch.bfloat16)
+        Bm, Cm = _r(rng, B, N, dtype=torch.bfloat16), _r(rng, B, N, dtype=torch.bfloat16)
+        A_log, Dv, dtb = _r(rng, D, N, scale=0.5), _r(rng, D), _r(rng, D, scale=0.5)
+        h2 = h.clone()
+        y = triton_decode.ssm_step(h, xz[:, :D], dt, A_log if a_log else -torch.exp(A_log), Bm, Cm, Dv,
+                                   xz[:, D:], dtb, norm_eps=norm, a_is_log=a_log, block_d=16,
+                                   rows_per_program=rows)
+        Bn, Cn = (Bm, Cm) if norm is None else (reference.rms_norm(t, None, norm) for t in (Bm, Cm))
+        yr = reference.ssm_step(h2, xz[:, :D], dt, -torch.exp(A_log), Bn, Cn, Dv, xz[:, D:], dtb)
+        assert_close(y, yr, *TOL[torch.bfloat16], f"rows={rows} y norm={norm}")
+        assert_close(h, h2, *TOL[torch.bfloat16], f"rows={rows} state norm={norm}")  # B, C in bf16
+
+
+def test_ssm_step_conv_needs_the_projection(rng):
+    from falcon_mamba.ops import triton_decode
+
+    h, x, dt = _r(rng, 1, 8, 4), _r(rng, 1, 8), _r(rng, 1, 8)
+    Bm, A = _r(rng, 1, 4), -torch.ones(8, 4, device=DEV)
+    conv = (_r(rng, 1, 3, 8), _r(rng, 8, 4), None)
+    with pytest.raises(ValueError, match="need the in-kernel dt_proj"):
+        triton_decode.ssm_step(h, x, dt, A, Bm, Bm, None, None, None, conv=conv)
+
+
 def check_ssm_conv_in(B, D, N, R, CK, dtype, gen, bias=True):
     """The fused SSM step's conv option (xz_x + conv state in, conv step inside) vs conv_step then the
     fused SSM step on its xc: same xc bits, so the y and both states agree exactly."""

@@ -141,12 +141,15 @@ def test_producers_write_the_pair_layout(rng):
     assert torch.equal(pairs, u[0, _pair_order(H)])
     D, N = 40, 8
     state = torch.randn(1, D, N, generator=rng).to(DEV)
-    x, z, dt = (torch.randn(1, D, generator=rng).to(DEV, torch.bfloat16) for _ in range(3))
+    R = 8  # pairs_out is the fused form's (dt_proj in the kernel: batch 1)
+    x, z = (torch.randn(1, D, generator=rng).to(DEV, torch.bfloat16) for _ in range(2))
+    dtr = torch.randn(1, R, generator=rng).to(DEV, torch.bfloat16)
+    W_dt = (torch.randn(D, R, generator=rng) * R ** -0.5).to(DEV, torch.bfloat16)
     Bm, Cm = (torch.randn(1, N, generator=rng).to(DEV, torch.bfloat16) for _ in range(2))
     A = -torch.rand(D, N, generator=rng).to(DEV)
     pairs = torch.empty(D, dtype=torch.bfloat16, device=DEV)
-    y = triton_decode.ssm_step(state, x, dt, A, Bm, Cm, torch.randn(D, generator=rng).to(DEV), z, None,
-                               pairs_out=pairs)
+    y = triton_decode.ssm_step(state, x, dtr, A, Bm, Cm, torch.randn(D, generator=rng).to(DEV), z, None,
+                               W_dt=W_dt, pairs_out=pairs)
     assert torch.equal(pairs, y[0, _pair_order(D)])
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
 from falcon_mamba.ops.triton_scan import _softplus
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -33,6 +33,14 @@ RMS_WARPS = 8  # for rows of 2048+; fewer for short rows
 RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): int4 ~0.4 us less per 7B layer than 8, bf16
 # and int8 the same (benchmarks/sweep_xproj.py, results/archive/dev-runs/h100-sweep-xproj-6233aa4.json)
 DT_PROJ_MAX_BATCH = 4
+# The step without the in-kernel projection (_ssm_rows_kernel: dt from one GEMM, batches above
+# DT_PROJ_MAX_BATCH): a cheap elementwise tile, wide blocks, few waves. One row per program is the
+# layout measured on the H200 (98.6 us a 7B layer at 256 rows, 66% of the copy rate for its state:
+# results/h200-profile-decode-b64-b256-2449ead.txt); more rows per program share A's loads
+# (kernel_bench.py --parts ssmrows times them).
+SSM_ROWS_BLOCK_D = 512
+SSM_ROWS_WARPS = 8
+SSM_ROWS = 1
 
 
 @triton.jit
@@ -177,13 +185,14 @@ def _ssm_step_kernel(
     wsc_ptr, wz_ptr, sws,
     N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
-    DT_PROJ: tl.constexpr, A_LOG: tl.constexpr, RMODE: tl.constexpr,
+    A_LOG: tl.constexpr, RMODE: tl.constexpr,
     CONV_IN: tl.constexpr, CK: tl.constexpr, HAS_CB: tl.constexpr, ROUND_X: tl.constexpr,
     WQ: tl.constexpr, WG: tl.constexpr, PDL: tl.constexpr, yp_ptr=None, PAIRS: tl.constexpr = False,
 ):
-    # One program: BD channels of one batch row. dtr_ptr holds dt (B, D) when not DT_PROJ, else the
-    # rank-R dt input (B, R), normed here when NORM and projected by W_dt (D, R) in RB-wide slices
-    # (a whole (BD, R) tile would not fit the registers). NORM also norms B and C. WQ: W_dt's format
+    # One program: BD channels of one batch row (at most DT_PROJ_MAX_BATCH rows: every row re-reads
+    # W_dt; more rows take _ssm_rows_kernel). dtr_ptr holds the rank-R dt input (B, R), normed here
+    # when NORM and projected by W_dt (D, R) in RB-wide slices (a whole (BD, R) tile would not fit
+    # the registers). NORM also norms B and C. WQ: W_dt's format
     # (_dt_tile; 8 and 4 read the scales at wsc_ptr, int4 the zero points at wz_ptr, group WG).
     # CONV_IN: x_ptr is the conv input (in_proj's x half); the conv step runs here for this program's
     # channels (xc as the x_proj GEMV recomputed it) and shifts the conv state (B, CK-1, D) in place.
@@ -207,11 +216,11 @@ def _ssm_step_kernel(
         dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    if DT_PROJ and RP == RB:
+    if RP == RB:
         W0 = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, 0, R, swd, sws, BD, RB, WQ, WG)
     dep_sync(PDL)
     # every input an earlier kernel wrote, loaded at once (one round trip to L2, not one per use)
-    if DT_PROJ and RP == RB:
+    if RP == RB:
         r = tl.arange(0, RB)
         q0 = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
     Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
@@ -220,34 +229,31 @@ def _ssm_step_kernel(
         xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
     if HAS_Z:
         zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
-    if DT_PROJ:
-        rinv = 1.0
-        if NORM:
-            if RP == RB:
-                ss = tl.sum(q0 * q0, axis=0)
-            else:
-                ss = 0.0
-                for r0 in tl.static_range(0, RP, RB):
-                    r = r0 + tl.arange(0, RB)
-                    q = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
-                    ss += tl.sum(q * q, axis=0)
-            rinv = tl.rsqrt(ss / R + eps)
-        if RP == RB:  # all of R in the preloaded slice
-            q = _round(q0 * rinv, RMODE)
-            v = tl.sum(W0 * q[None, :], axis=1)
+    rinv = 1.0
+    if NORM:
+        if RP == RB:
+            ss = tl.sum(q0 * q0, axis=0)
         else:
-            v = tl.zeros((BD,), tl.float32)
-            for r0 in range(0, RP, RB):  # a loop, not unrolled: one W slice in registers at a time
+            ss = 0.0
+            for r0 in tl.static_range(0, RP, RB):
                 r = r0 + tl.arange(0, RB)
-                mr = r < R
-                q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=mr, other=0.0).to(tl.float32) * rinv, RMODE)
-                W = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, r0, R, swd, sws, BD, RB, WQ, WG)
-                v += tl.sum(W * q[None, :], axis=1)
-        if WQ == 8:
-            v = v * tl.load(wsc_ptr + d, mask=md, other=0.0)
-        v = _round(v, RMODE)
+                q = tl.load(dtr_ptr + b * sdtr_b + r, mask=r < R, other=0.0).to(tl.float32)
+                ss += tl.sum(q * q, axis=0)
+        rinv = tl.rsqrt(ss / R + eps)
+    if RP == RB:  # all of R in the preloaded slice
+        q = _round(q0 * rinv, RMODE)
+        v = tl.sum(W0 * q[None, :], axis=1)
     else:
-        v = tl.load(dtr_ptr + b * sdtr_b + d, mask=md, other=0.0).to(tl.float32)
+        v = tl.zeros((BD,), tl.float32)
+        for r0 in range(0, RP, RB):  # a loop, not unrolled: one W slice in registers at a time
+            r = r0 + tl.arange(0, RB)
+            mr = r < R
+            q = _round(tl.load(dtr_ptr + b * sdtr_b + r, mask=mr, other=0.0).to(tl.float32) * rinv, RMODE)
+            W = _dt_tile(wdt_ptr, wsc_ptr, wz_ptr, d, md, r0, R, swd, sws, BD, RB, WQ, WG)
+            v += tl.sum(W * q[None, :], axis=1)
+    if WQ == 8:
+        v = v * tl.load(wsc_ptr + d, mask=md, other=0.0)
+    v = _round(v, RMODE)
     if NORM:
         Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
         Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
@@ -267,6 +273,71 @@ def _ssm_step_kernel(
     tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
     if PAIRS:  # batch 1: also in the packed int4 GEMV's pair layout
         tl.store(yp_ptr + _pair_index(d, D // 8), yv.to(yp_ptr.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _ssm_rows_kernel(
+    state_ptr, x_ptr, z_ptr, dt_ptr, b_ptr, c_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
+    NB, D, eps, sx_b, sz_b, sdt_b, sb_b, sc_b, sy_b,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
+    A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr,
+):
+    # One program: BD channels of ROWS consecutive rows (of NB) whose dt (B, D) is given (dt_proj
+    # already ran as one GEMM); NORM norms B and C (weightless RMSNorm). A (and its exp from A_LOG),
+    # D and the dt bias are loaded once for the ROWS rows: with one row per program every row
+    # re-reads A, a (BD, N) fp32 tile the size of its state, from L2, and redoes A_log's exp. The
+    # rows run one after another (a (ROWS, BD, N) tile instead, measured on sm_90a: ~210-240
+    # registers and 4x the layout conversions at ROWS 1). A and the first row's state are loaded
+    # before the PDL wait (no other kernel of the step writes them).
+    pid_d = tl.program_id(0)
+    row0 = tl.program_id(1).to(tl.int64) * ROWS
+    d = pid_d * BD + tl.arange(0, BD)
+    md = d < D
+    n = tl.arange(0, NP)
+    mn = n < N
+    dn = d[:, None].to(tl.int64) * N + n[None, :]
+    mdn = md[:, None] & mn[None, :]
+    A = tl.load(a_ptr + dn, mask=mdn, other=0.0).to(tl.float32)
+    if A_LOG:
+        A = -tl.exp(A)
+    if HAS_D:
+        dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_DTB:
+        dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
+    h_first = tl.load(state_ptr + row0 * D * N + dn, mask=mask_and(mdn, row0 < NB), other=0.0)
+    dep_sync(PDL)
+    for i in tl.static_range(ROWS):
+        b = row0 + i
+        ok = b < NB
+        mdr = mask_and(md, ok)
+        mdnr = mask_and(mdn, ok)
+        mnr = mask_and(mn, ok)
+        st = state_ptr + b * D * N + dn
+        if i == 0:
+            h = h_first
+        else:
+            h = tl.load(st, mask=mdnr, other=0.0)
+        Bv = tl.load(b_ptr + b * sb_b + n, mask=mnr, other=0.0).to(tl.float32)
+        Cv = tl.load(c_ptr + b * sc_b + n, mask=mnr, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + b * sx_b + d, mask=mdr, other=0.0).to(tl.float32)
+        v = tl.load(dt_ptr + b * sdt_b + d, mask=mdr, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * sz_b + d, mask=mdr, other=0.0).to(tl.float32)
+        if NORM:
+            Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
+            Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
+        if HAS_DTB:
+            v += dtb
+        sp = _softplus(v)
+        h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
+        tl.store(st, h, mask=mdnr)
+        yv = tl.sum(h * Cv[None, :], axis=1)
+        if HAS_D:
+            yv += dsk * xv
+        if HAS_Z:
+            yv = yv * zv * tl.sigmoid(zv)
+        tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=mdr)
 
 
 @triton.jit
@@ -348,7 +419,7 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
+             num_warps=None, conv=None, pairs_out=None, rows_per_program=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) fp32 in place; returns y (B, D).
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
@@ -362,7 +433,9 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     (in_proj's x half) instead of xc; the kernel runs the conv step for its channels (as
     _conv_step_kernel, xc rounded to x's dtype), updates the conv state in place and uses xc as x.
     pairs_out (D,) in x's dtype, batch 1: y again in the packed int4 GEMV's pair layout (out_proj's
-    input; _pair_index).
+    input; _pair_index). conv and pairs_out need the in-kernel projection (W_dt, at most
+    DT_PROJ_MAX_BATCH rows). Without it (W_dt None, or more rows) the step is _ssm_rows_kernel:
+    block_d channels of rows_per_program rows per program (default SSM_ROWS_BLOCK_D, SSM_ROWS).
     """
     Bsz, D = x_BD.shape
     N = A_DN.shape[1]
@@ -384,10 +457,24 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
             dt_or_dtr = quant_matmul(dt_r, wq.w, wq.scales, wq.zeros, wq.bits, wq.group or None, wq.K)
         W_dt = wq = None
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
-    proj = W_dt is not None
-    # without the in-kernel projection a program is a cheap elementwise tile: wide blocks, few waves
-    BD, warps = (SSM_BLOCK_D, SSM_WARPS) if proj else (512, 8)
-    BD, warps = block_d or BD, num_warps or warps
+    if W_dt is None:
+        if conv is not None or pairs_out is not None:
+            raise ValueError("ssm_step: conv and pairs_out need the in-kernel dt_proj "
+                             f"(W_dt given, at most {DT_PROJ_MAX_BATCH} rows)")
+        ROWS = rows_per_program or SSM_ROWS
+        _ssm_rows_kernel[(triton.cdiv(D, block_d or SSM_ROWS_BLOCK_D), triton.cdiv(Bsz, ROWS))](
+            state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
+            dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
+            D_D if D_D is not None else A_DN, y,
+            Bsz, D, float(norm_eps or 0.0), x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0,
+            dt_or_dtr.stride(0), B_BN.stride(0), C_BN.stride(0), y.stride(0),
+            N=N, NP=triton.next_power_of_2(N), BD=block_d or SSM_ROWS_BLOCK_D, ROWS=ROWS,
+            HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
+            NORM=norm_eps is not None, A_LOG=a_is_log, RMODE=_ROUND.get(dt_or_dtr.dtype, 0),
+            num_warps=num_warps or SSM_ROWS_WARPS, **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS,
+        )
+        return y
+    BD, warps = block_d or SSM_BLOCK_D, num_warps or SSM_WARPS
     if wq is not None:
         assert wq.w.stride(1) == 1 and wq.bits in (8, 4), "W_dt: a quantized GemvWeight, rows contiguous"
         R, w_ptr, swd = wq.K, wq.w, wq.w.stride(0)
@@ -396,14 +483,14 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
             assert wq.zeros.stride(0) == sws and wq.scales.stride(1) == wq.zeros.stride(1) == 1
         qargs = (wq.scales, wq.zeros if wq.zeros is not None else wq.scales, sws)
     else:
-        R, w_ptr, swd = (W_dt.shape[1], W_dt, W_dt.stride(0)) if proj else (1, A_DN, 0)
+        R, w_ptr, swd = W_dt.shape[1], W_dt, W_dt.stride(0)
         qargs = (A_DN, A_DN, 0)
     WQ = wq.bits if wq is not None else 0
     RP = triton.next_power_of_2(R)
     RB = min(RP, rb or SSM_RB)
     if WQ == 4:  # whole bytes per slice
         RP, RB = max(RP, 2), max(RB, 2)
-    rdt = W_dt.dtype if proj and wq is None else dt_or_dtr.dtype
+    rdt = W_dt.dtype if wq is None else dt_or_dtr.dtype
     if conv is not None:
         cst, cw, cb = conv
         assert x_BD.stride(-1) == 1 and cst.stride(-1) == 1 and cw.stride(1) == 1
@@ -422,7 +509,7 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         B_BN.stride(0), C_BN.stride(0), swd, y.stride(0), *cargs[3:], *qargs,
         N=N, NP=triton.next_power_of_2(N), RP=RP, RB=RB, BD=BD,
         HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
-        NORM=norm_eps is not None, DT_PROJ=proj, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
+        NORM=norm_eps is not None, A_LOG=a_is_log, RMODE=_ROUND.get(rdt, 0),
         CONV_IN=conv is not None, CK=CK, HAS_CB=conv is not None and conv[2] is not None,
         ROUND_X=_ROUND.get(x_BD.dtype, 0), WQ=WQ, WG=wq.group if WQ == 4 else 1,
         num_warps=warps, **pdl.launch_kwargs(x_BD.device), **_pairs_kwargs(pairs_out, Bsz, D, y.dtype),
