@@ -8,7 +8,13 @@ import torch
 
 from falcon_mamba import FalconMamba, get_preset
 from falcon_mamba.decode.modes import DecodeOptions
-from falcon_mamba.engine.prefill_graphs import PrefillGraphs, continuing_pieces, fresh_buckets
+from falcon_mamba.engine.prefill_graphs import (
+    ROW_BUCKETS,
+    PrefillGraphs,
+    continuing_pieces,
+    fresh_buckets,
+    plan_parts,
+)
 from falcon_mamba.engine.runner import PrefillWork, Runner
 from falcon_mamba.engine.state_pool import StatePool
 from tests.helpers import assert_close
@@ -34,6 +40,57 @@ def test_a_continuing_chunk_is_read_in_power_of_two_pieces():
     for n in range(1, 300):
         p = continuing_pieces(n, 300)
         assert sum(p) == n and p == sorted(p, reverse=True) and len(p) <= 9
+
+
+BUCKETS = (16, 32, 64, 128, 256, 512)
+SHAPES = tuple((B, L) for L in BUCKETS for B in ROW_BUCKETS if B * L <= 4096)
+
+
+def _padded_cost(lengths, sizes, replay=96):
+    """What plan_parts minimises, recomputed from the shapes a plan's parts replay."""
+    total, at = 0, 0
+    for k in sizes:
+        longest = lengths[at]
+        if k == 1:
+            total += replay + next(b for b in BUCKETS if b >= longest)
+        else:
+            B, L = next((B, L) for B, L in SHAPES if B >= k and L >= longest)
+            total += replay + B * L
+        at += k
+    assert at == len(lengths)
+    return total
+
+
+def test_plan_parts_weighs_padding_rows_against_another_replay():
+    # 49 prompts of ~27 tokens: 48 rows + 1, not 64 rows with 15 of padding
+    assert sorted(plan_parts((32,) * 49, BUCKETS, SHAPES)) == [1, 48]
+    assert plan_parts((32,) * 64, BUCKETS, SHAPES) == (64,)
+    assert plan_parts((32,) * 3, BUCKETS, SHAPES) == (3,)  # the 4-row graph: one replay
+    assert plan_parts((32,), BUCKETS, SHAPES) == (1,)
+    # a long prompt first, then short ones: it goes alone instead of padding them all to 512
+    assert plan_parts((512,) + (16,) * 8, BUCKETS, SHAPES) == (1, 8)
+    # more rows than the biggest batch graph: 130 = 64 + 64 + 2
+    assert sum(plan_parts((16,) * 130, BUCKETS, SHAPES)) == 130
+    assert max(plan_parts((16,) * 130, BUCKETS, SHAPES)) == 64
+    # no batch graphs (their capture failed): one row at a time
+    assert plan_parts((32,) * 5, BUCKETS, ()) == (1,) * 5
+    # a prompt no graph reads
+    assert plan_parts((1024, 16), BUCKETS, SHAPES) is None
+
+
+def test_plan_parts_is_the_cheapest_split():
+    """Against every split into consecutive parts, for small random cases (exhaustive search)."""
+    import itertools
+    import random
+
+    rnd = random.Random(3)
+    for _ in range(40):
+        n = rnd.randint(1, 9)
+        lengths = tuple(sorted((rnd.choice(BUCKETS[:4]) for _ in range(n)), reverse=True))
+        got = plan_parts(lengths, BUCKETS, SHAPES)
+        best = min(_padded_cost(lengths, [b - a for a, b in zip((0,) + cuts, cuts + (n,))])
+                   for r in range(n) for cuts in itertools.combinations(range(1, n), r))
+        assert _padded_cost(lengths, got) == best, (lengths, got)
 
 
 def test_no_graphs_on_the_cpu():

@@ -36,6 +36,7 @@ Legend: nL layers, L a bucket's length, K conv taps, D inner width, N state size
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -49,6 +50,13 @@ MIN_BUCKET = 16  # the shortest fresh bucket: prompts this short differ little i
 # Rows of the batched fresh graphs: a batch of k prompts replays the smallest bucket >= k (its
 # padding rows cost GPU time: steps of 1.5x below 16 rows keep that under a third).
 ROW_BUCKETS = (2, 4, 8, 12, 16, 24, 32, 48, 64)
+# The fixed cost of one more replay in prompt tokens: a replay reads every weight once (7B: 14.5 GB,
+# 3.5 ms at the H200's copy rate) and a token costs ~36 us more (a 64 x 32 batch took 73 ms of GPU:
+# results/h200-serve-5f11a54.json's step log): ~96 tokens. Both scale with the parameter count, so
+# the ratio holds for any model size on that GPU. plan_parts weighs padding rows against it: 49
+# prompts of 27 tokens are a 48-row and a 1-row replay (1,760 token-equivalents), not one of 64
+# rows (2,144).
+REPLAY_TOKENS = 96
 
 
 def fresh_buckets(chunk: int) -> list[int]:
@@ -58,6 +66,47 @@ def fresh_buckets(chunk: int) -> list[int]:
         out.append(L)
         L *= 2
     return out + [chunk]
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_parts(lengths: tuple[int, ...], buckets: tuple[int, ...],
+               batch_shapes: tuple[tuple[int, int], ...], replay_tokens: int = REPLAY_TOKENS
+               ) -> tuple[int, ...] | None:
+    """How to read fresh prompts of these lengths (longest first) in replays: the sizes of
+    consecutive parts (each one row, replayed by its length's one-row graph, or a batch, replayed by
+    the first (B, L) of batch_shapes with B >= its rows and L >= its longest), minimising the padded
+    tokens plus replay_tokens per replay. None when some prompt fits no graph. O(len x
+    ROW_BUCKETS); the runner calls it with bucketed lengths, so plans repeat and are cached."""
+    n = len(lengths)
+    INF = float("inf")
+
+    seen: dict[tuple[int, int], float] = {}  # (rows, longest) -> cost: lengths repeat
+
+    def cost(i: int, k: int) -> float:
+        key = (k, lengths[i])
+        if key not in seen:
+            if k == 1:
+                L = next((b for b in buckets if b >= lengths[i]), None)
+                seen[key] = INF if L is None else replay_tokens + L
+            else:
+                shape = next(((B, L) for B, L in batch_shapes if B >= k and L >= lengths[i]), None)
+                seen[key] = INF if shape is None else replay_tokens + shape[0] * shape[1]
+        return seen[key]
+
+    best, take = [0.0] * (n + 1), [0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        best[i] = INF
+        for k in {1, n - i, *(b for b in ROW_BUCKETS if b < n - i)}:
+            c = cost(i, k) + best[i + k]
+            if c < best[i]:
+                best[i], take[i] = c, k
+    if best[0] == INF:
+        return None
+    out, i = [], 0
+    while i < n:
+        out.append(take[i])
+        i += take[i]
+    return tuple(out)
 
 
 def continuing_pieces(n: int, chunk: int) -> list[int]:
@@ -143,6 +192,15 @@ class PrefillGraphs:
     def fits(self, n_ids: int, continuing: bool) -> bool:
         """A chunk of one row with n_ids tokens is read by graphs (captured or not yet)."""
         return self.enabled and 1 <= n_ids <= self.chunk
+
+    def plan(self, lengths: list[int]) -> tuple[int, ...] | None:
+        """plan_parts for fresh prompts of these lengths (longest first) over this runner's graphs;
+        None when graphs are off or some prompt fits none."""
+        if not self.enabled:
+            return None
+        shapes = tuple(self.batch_shapes) if self.batched else ()
+        return plan_parts(tuple(self._bucket(n) if n <= self.chunk else n for n in lengths),
+                          tuple(self.buckets), shapes)
 
     def fits_batch(self, rows: int, longest: int) -> bool:
         """A batch of `rows` fresh prompts, the longest of `longest` tokens, is read by one batched

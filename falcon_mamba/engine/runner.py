@@ -28,7 +28,7 @@ import torch
 
 from falcon_mamba.decode.graphs import DecodeGraphs
 from falcon_mamba.decode.modes import DecodeOptions
-from falcon_mamba.engine.prefill_graphs import ROW_BUCKETS, PrefillGraphs
+from falcon_mamba.engine.prefill_graphs import PrefillGraphs
 from falcon_mamba.engine.state_pool import StatePool
 from falcon_mamba.state import State
 
@@ -186,18 +186,22 @@ class Runner:
         return done
 
     def _prefill_fresh_batches(self, group: list[PrefillWork]) -> list[Done]:
-        """Fresh prompts of one batch: batched graph replays of at most ROW_BUCKETS[-1] rows each
-        (results/h200-serve-2449ead.json: an eager batch of 12 short prompts took 107-172 ms of
-        host launches), eagerly where no graph fits or none could be had."""
+        """Fresh prompts of one batch, longest first, in the graph replays prefill_graphs.plan_parts
+        picks (batches of at most ROW_BUCKETS[-1] rows, and single rows where a padded batch would
+        cost more; results/h200-serve-2449ead.json: an eager batch of 12 short prompts took
+        107-172 ms of host launches), eagerly where no graph fits or none could be had."""
         graphs, done, eager = self.prefill_graphs, [], []
-        rows = ROW_BUCKETS[-1]
-        for part in (group[i:i + rows] for i in range(0, len(group), rows)):
-            longest = max(len(w.ids) for w in part)
-            res = None
-            if len(part) == 1 and graphs.fits(longest, False):  # the rest of a batch of 65
+        order = sorted(group, key=lambda w: -len(w.ids))
+        sizes = graphs.plan([len(w.ids) for w in order])
+        if sizes is None:
+            return self._prefill_eager(order)
+        at = 0
+        for k in sizes:
+            part, at = order[at:at + k], at + k
+            if k == 1:
                 one = graphs.run(part[0].ids, None)
                 res = [one] if one is not None else None
-            elif graphs.fits_batch(len(part), longest):
+            else:
                 res = graphs.run_batch([w.ids for w in part])
             if res is None:
                 eager.extend(part)
