@@ -35,6 +35,9 @@
 #   benchmarks/device_run.sh serve9b    # serve9 + decode-graph tests (shared capture) + the inference scan by chunk
 #   benchmarks/device_run.sh final9     # scan tests; bench_train 1.5B; bench prefill; serve 1/64/256 + mixed
 #   benchmarks/device_run.sh final10    # scan tests; scan backward bench (old vs new); train 1.5B; serve 1/64 + mixed
+#   benchmarks/device_run.sh kern11     # scan/decode/prefill-graph/mixer cuda tests; scan bwd old vs new; ssm rows; train 1.5B
+#   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
+#                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
 #                                       # fused paths, the Transformer, `falcon-mamba train`)
 # Carry .whl (wheels the image lacks: fastapi, uvicorn, starlette, pydantic, openai, httptools...)
@@ -193,6 +196,21 @@ case "$MODE" in
       --temperature 0 --mixed 32:100000 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; grep -E "^\||x \(target" "$OUT/train.log"
     grep -v "^{" "$OUT/scan_bwd.log" | tail -30; tail -3 "$OUT/scan_bwd_b1.log"; grep -v "^{" "$OUT/bench.log" ;;
+  kern11)  # the chunked scan backward, the SSM rows kernel, the fused mixer: tests, kernels, training
+    cuda_tests 200 tests/test_triton_scan.py tests/test_triton_decode.py tests/test_prefill_graphs.py \
+      $(ls tests/test_mixer_autograd.py 2>/dev/null)
+    timeout 60 python3 benchmarks/bench_scan_bwd.py --old .data/old_scan.py > "$OUT/scan_bwd.log" 2>&1
+    timeout 60 python3 benchmarks/kernel_bench.py --parts ssmrows --out "$OUT/results/ssmrows.json" \
+      > "$OUT/ssmrows.log" 2>&1
+    timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b \
+      --models mamba,transformer --no-cli --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; cat "$OUT/scan_bwd.log"
+    grep -v "^{\"" "$OUT/ssmrows.log" | tail -30; grep -E "^\||x \(target" "$OUT/train.log" ;;
+  serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
+    timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
+      --temperature 0 --mixed 32:100000 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -v "^{" "$OUT/bench.log" ;;
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
