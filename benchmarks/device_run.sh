@@ -22,19 +22,6 @@
 #                                       # without falcon_mamba.hf.accelerate)
 #   benchmarks/device_run.sh prefill18  # profile_prefill.py (a 7B chunk's GPU and host time by length),
 #                                       # then train18, then bench_train.py --shape 7b (Mamba only)
-#   benchmarks/device_run.sh final7     # cuda tests of the prefill graphs, the transformers decode step,
-#                                       # the decode kernels, generate and the scan; serve15 (shorter);
-#                                       # bench_hf_accelerate.py --gpu --parts decode; profile_prefill.py;
-#                                       # one 1.5B training step under torch.profiler
-#   benchmarks/device_run.sh last8      # cuda tests of the conv backward, the prefill graphs and generate;
-#                                       # bench_train.py 1.5B (Mamba, Transformer); serve 1/64/256 + mixed
-#   benchmarks/device_run.sh diag9      # prefill-graph + engine cuda tests; the decode step's kernels at
-#                                       # batch 64/256; serve 1/64/256 + mixed with the server's step log
-#   benchmarks/device_run.sh serve9     # cuda tests of the prefill graphs, warm-up, engine, generate, sampler;
-#                                       # serve 1/16/64/256 + mixed with the server's step log
-#   benchmarks/device_run.sh serve9b    # serve9 + decode-graph tests (shared capture) + the inference scan by chunk
-#   benchmarks/device_run.sh final9     # scan tests; bench_train 1.5B; bench prefill; serve 1/64/256 + mixed
-#   benchmarks/device_run.sh final10    # scan tests; scan backward bench (old vs new); train 1.5B; serve 1/64 + mixed
 #   benchmarks/device_run.sh kern11     # scan/decode/prefill-graph/mixer cuda tests; scan bwd old vs new; ssm rows; train 1.5B
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
@@ -129,73 +116,6 @@ case "$MODE" in
     timeout $((585 - SECONDS)) python3 benchmarks/bench_train.py --shape 7b --models mamba --no-cli \
       --out "$OUT/results/7b" > "$OUT/bench7b.log" 2>&1
     tail -30 "$OUT/prefill.log"; tail -12 "$OUT/bench7b.log" ;;
-  final7)
-    cuda_tests 140 tests/test_prefill_graphs.py tests/test_hf_decode.py tests/test_triton_decode.py \
-      tests/test_generate.py tests/test_cli_generate.py tests/test_triton_scan.py -k "not past_65k and not past_int32"
-    timeout $((430 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
-      --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
-      --out "$OUT/results/serve.json" > "$OUT/bench.log" 2>&1
-    timeout $((500 - SECONDS)) python3 benchmarks/bench_hf_accelerate.py --gpu --parts decode \
-      --json "$OUT/results/hf-accelerate.json" > "$OUT/hf.log" 2>&1
-    timeout $((550 - SECONDS)) python3 benchmarks/profile_prefill.py --lengths 128,512,1024,2048 \
-      --out "$OUT/results/profile-prefill.json" > "$OUT/prefill.log" 2>&1
-    timeout $((592 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli \
-      --warmup 2 --steps 2 --profile --out "$OUT/results/train-profile" > "$OUT/train.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15; tail -8 "$OUT/hf.log"; head -9 "$OUT/prefill.log" ;;
-  last8)
-    cuda_tests 100 tests/test_triton_conv.py tests/test_prefill_graphs.py tests/test_generate.py
-    PYTHONPATH=/tmp/site:.:benchmarks timeout 40 python3 benchmarks/bench_conv_bwd.py --sweep > "$OUT/conv.log" 2>&1
-    timeout 110 python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
-      --warmup 2 --steps 4 --out "$OUT/results" > "$OUT/train.log" 2>&1
-    timeout $((345 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
-      --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
-      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -E "^\|" "$OUT/train.log"; grep -v "^{" "$OUT/bench.log" ;;
-  diag9)
-    cuda_tests 90 tests/test_prefill_graphs.py tests/test_engine.py
-    timeout 120 python3 benchmarks/profile_decode.py --layers 16 --formats bf16 --batches 64,256 \
-      --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
-    timeout $((560 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
-      --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
-      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -v "^   " "$OUT/profile.log" | tail; grep -v "^{" "$OUT/bench.log" ;;
-  serve9)
-    cuda_tests 150 tests/test_prefill_graphs.py tests/test_warm_up.py tests/test_engine.py tests/test_generate.py \
-      tests/test_sampler*.py
-    timeout $((560 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
-      --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
-      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep -v "^{" "$OUT/bench.log" ;;
-  serve9b)
-    cuda_tests 150 tests/test_prefill_graphs.py tests/test_warm_up.py tests/test_engine.py tests/test_generate.py \
-      tests/test_decode_graphs.py tests/test_hf_decode.py
-    timeout 60 python3 benchmarks/kernel_bench.py --parts scaninfer --out "$OUT/scaninfer.json" > "$OUT/scaninfer.log" 2>&1
-    timeout $((570 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
-      --slots 256 --sweep 1,16,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
-      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -12; grep "us_per_token" "$OUT/scaninfer.log" | cut -c1-150
-    grep -v "^{" "$OUT/bench.log"; grep -o '"banner": "[^"]*"' "$OUT/serve.json" ;;
-  final9)
-    cuda_tests 75 tests/test_triton_scan.py
-    timeout 100 python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
-      --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
-    timeout 40 python3 -m falcon_mamba bench prefill --no-baseline --out "$OUT/results" > "$OUT/prefill.log" 2>&1
-    timeout $((575 - SECONDS)) python3 benchmarks/load_test.py --random 7b --tokenizer-dir .data/shared/tokenizers/falcon \
-      --slots 256 --sweep 1,64,256 --max-tokens 128 --temperature 0 --mixed 32:100000 --procs 8 \
-      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; grep -E "^\||x \(target" "$OUT/train.log"
-    grep -iE "prefill" "$OUT/prefill.log" | tail -6; grep -v "^{" "$OUT/bench.log"; grep -o '"banner": "[^"]*"' "$OUT/serve.json" ;;
-  final10)  # LIMIT: the seconds the call has (the machine's start is not counted in SECONDS)
-    cuda_tests 90 tests/test_triton_scan.py
-    timeout 45 python3 benchmarks/bench_scan_bwd.py --old .data/old_scan.py > "$OUT/scan_bwd.log" 2>&1
-    timeout 20 python3 benchmarks/bench_scan_bwd.py --B 1 > "$OUT/scan_bwd_b1.log" 2>&1
-    timeout 110 python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
-      --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
-    timeout $((${LIMIT:-420} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,64 --max-tokens 128 \
-      --temperature 0 --mixed 32:100000 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; grep -E "^\||x \(target" "$OUT/train.log"
-    grep -v "^{" "$OUT/scan_bwd.log" | tail -30; tail -3 "$OUT/scan_bwd_b1.log"; grep -v "^{" "$OUT/bench.log" ;;
   kern11)  # the chunked scan backward, the SSM rows kernel, the fused mixer: tests, kernels, training
     cuda_tests 200 tests/test_triton_scan.py tests/test_triton_decode.py tests/test_prefill_graphs.py \
       $(ls tests/test_mixer_autograd.py 2>/dev/null)
