@@ -20,8 +20,9 @@ layers, left out), with a the matmul dtype's size (2 under bf16 autocast):
               u, xz, xc, xdbl, the normed dt_r/B/C (bcdt_rms), dt, y, states
     fused     a (H + 2D + E) + 4 D N / CHK
 At the ~1.5B shape (H 2048, D 4096, N 16, R 128, bcdt_rms, CHK 128, bf16): 47,744 -> 22,848 bytes,
-24,896 fewer: x 16,384 tokens x 48 layers, 36.6 -> 17.5 GiB, 18.2 GiB saved. (The block norm's fp32
-input, 4H = 8 KiB per token per layer, is kept outside the mixer either way.) The unfused path also
+24,896 fewer; x 16,384 tokens x 48 layers: 35.0 -> 16.7 GiB, 18.2 GiB saved (of a 63.2 GiB peak).
+(The block norm's fp32 input, 4H = 8 KiB per token per layer, 6 GiB in all, is kept outside the
+mixer either way.) The unfused path also
 keeps two (D, N) fp32 copies of A and, under autocast, bf16 copies of the four projection weights;
 this one casts the weights again in the backward instead. ``saved_bytes`` gives both counts.
 
