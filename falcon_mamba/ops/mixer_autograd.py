@@ -113,9 +113,10 @@ class MixerFn(torch.autograd.Function):
             # out_proj: its input gradient now, its weight gradient once the scan has rebuilt y
             dy = dout @ W_out_m
             y = torch.empty_like(xc)
-            dxc, ddt, dA, dB, dC, dD, dz, ddtb, _ = triton_scan.scan_bwd(
+            dxz = torch.empty_like(xz)  # the conv backward and the scan's dz write its halves
+            dxc, ddt, dA, dB, dC, dD, _, ddtb, _ = triton_scan.scan_bwd(
                 xc, dt, -eA, Bn, Cn, Dv.float(), z, dt_bias.float(), reset, chk, dy, dssm_state,
-                chk_every, y_out=y)
+                chk_every, y_out=y, dz_out=dxz[..., D:])
             del dy
             dW_out = (_flat(dout).t() @ _flat(y)).to(W_out.dtype) if need[10] else None
             db_out = _flat(dout).sum(0).to(b_out.dtype) if b_out is not None and need[11] else None
@@ -130,11 +131,10 @@ class MixerFn(torch.autograd.Function):
             dW_x = (_flat(dxdbl).t() @ _flat(xc)).to(W_x.dtype) if need[5] else None
             dxc = dxc + dxdbl @ W_x_m  # the conv output feeds the scan and x_proj
             del xc, dxdbl
-            dx, dw_conv, db_conv, _ = conv_backward(x, w_conv, b_conv, None, reset, True, dxc,
-                                                    dconv_state)
+            _, dw_conv, db_conv, _ = conv_backward(x, w_conv, b_conv, None, reset, True, dxc,
+                                                   dconv_state, dx_out=dxz[..., :D])
+            del dxc
             # in_proj
-            dxz = torch.cat([dx, dz], -1)
-            del dx, dz
             dW_in = (_flat(dxz).t() @ _flat(u_m)).to(W_in.dtype) if need[1] else None
             db_in = _flat(dxz).sum(0).to(b_in.dtype) if b_in is not None and need[2] else None
             du = (dxz @ W_in.to(mm_dtype)).to(u_dtype) if need[0] else None
