@@ -92,20 +92,20 @@ def compare(got, want, names, rtol, atol, what):
         assert_close(a / scale, b / scale, rtol, atol, f"{what}: {name}")
 
 
-CASES = [  # (dtype, resets, D, N, use_bias, bcdt_rms, backward length chunk)
-    (torch.float32, False, 24, 5, False, True, None),
-    (torch.float32, True, 20, 8, True, True, 16),
-    (torch.bfloat16, True, 32, 5, True, False, 16),
-    (torch.bfloat16, False, 24, 16, False, True, None),
+CASES = [  # (dtype, resets, D, N, use_bias, bcdt_rms, conv bias, backward length chunk)
+    (torch.float32, False, 24, 5, False, True, True, None),
+    (torch.float32, True, 20, 8, True, True, True, 16),
+    (torch.bfloat16, True, 32, 5, True, False, True, 16),
+    (torch.bfloat16, False, 24, 16, False, True, False, None),
 ]
 
 
-@pytest.mark.parametrize("dtype,with_resets,D,N,use_bias,bcdt,bwd_chunk", CASES)
+@pytest.mark.parametrize("dtype,with_resets,D,N,use_bias,bcdt,conv_bias,bwd_chunk", CASES)
 def test_gradients_match_the_float64_reference(rng, monkeypatch, fused_calls, dtype, with_resets, D, N,
-                                               use_bias, bcdt, bwd_chunk):
+                                               use_bias, bcdt, conv_bias, bwd_chunk):
     if bwd_chunk:
         monkeypatch.setattr(triton_scan_bwd, "backward_chunk", lambda *a: bwd_chunk)
-    m = make_mixer(D, N, rng, use_bias, bcdt)
+    m = make_mixer(D, N, rng, use_bias, bcdt, conv_bias)
     u = torch.randn(B, L, H, generator=rng).to(DEV)
     rst = resets(rng) if with_resets else None
     got, names = run(m, u, rst, 7, autocast=dtype == torch.bfloat16)
@@ -134,18 +134,21 @@ def test_same_as_the_op_by_op_triton_path(rng, monkeypatch, fused_calls, dtype):
 @pytest.mark.parametrize("z,chunk,dtype", [(True, None, torch.float32), (False, 16, torch.float32),
                                            (True, 16, torch.bfloat16)])
 def test_scan_backward_y_is_the_forward_y(rng, z, chunk, dtype):
+    """y_out equals the forward's y; dz_out (a strided half, as the fused mixer passes) gets dz."""
     x, dt, A, Bm, Cm, Dv, zz, dtb, _, _ = scan_inputs(B, L, 20, 5, dtype, DEV, rng)
     zz = zz if z else None
     rst = resets(rng)
     y, _, chk = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, zz, dtb, None, rst, save_chk=True)
     dy = torch.randn(y.shape, generator=rng).to(DEV, dtype)
     y2 = torch.full_like(y, float("nan"))
+    dz_out = torch.full((B, L, 40), float("nan"), dtype=dtype, device=DEV)[..., 20:]  # row stride 40
     got = triton_scan_bwd.scan_bwd(x, dt, A, Bm, Cm, Dv, zz, dtb, rst, chk, dy, None, triton_scan.CHK,
-                                   chunk=chunk, y_out=y2)
+                                   chunk=chunk, y_out=y2, dz_out=dz_out if z else None)
+    assert not z or got[6] is dz_out
     plain = triton_scan_bwd.scan_bwd(x, dt, A, Bm, Cm, Dv, zz, dtb, rst, chk, dy, None, triton_scan.CHK,
                                      chunk=chunk)
     assert_close(y2, y, 1e-6 if dtype == torch.float32 else 1e-2, 1e-6, "y from the backward")
-    for a, b in zip(got, plain):  # the extra output changes no gradient
+    for a, b in zip(got, plain):  # the extra outputs change no gradient
         assert (a is None and b is None) or torch.equal(a, b)
 
 
