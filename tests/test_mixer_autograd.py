@@ -178,7 +178,7 @@ def test_saved_bytes_of_one_mixer(rng, monkeypatch, bcdt):
     rst = resets(rng)
     params = list(m.parameters())
     expect = {k: mixer_autograd.saved_bytes(B, L, H, D, N, R, bcdt, k) for k in (4, 2)}
-    fwd = lambda ac: m(u, None, None, rst) if not ac else _autocast(lambda: m(u, None, None, rst))
+    fwd = lambda ac: _autocast(lambda: m(u, None, None, rst), ac)
     fused_fp32 = saved_storages(lambda: fwd(False), params + [rst])
     fused_bf16 = saved_storages(lambda: fwd(True), params + [rst])
     # u is saved as it is in fp32 (the input itself), as a bf16 copy under autocast
@@ -190,23 +190,28 @@ def test_saved_bytes_of_one_mixer(rng, monkeypatch, bcdt):
     assert sum(unf.values()) == expect[4]["unfused"] + 2 * D * N * 4
 
 
-def _autocast(fn):
-    with torch.autocast(DEV, dtype=torch.bfloat16):
+def _autocast(fn, enabled=True):
+    with torch.autocast(DEV, dtype=torch.bfloat16, enabled=enabled):
         return fn()
 
 
-def test_saved_bytes_of_a_model(rng, monkeypatch):
-    cfg = ModelConfig(hidden_size=H, num_hidden_layers=2, intermediate_size=24, state_size=5,
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_bytes_of_a_model(rng, monkeypatch, autocast):
+    D, N = 24, 5
+    cfg = ModelConfig(hidden_size=H, num_hidden_layers=2, intermediate_size=D, state_size=N,
                       time_step_rank=R, vocab_size=64)
     model = FalconMamba(cfg).to(DEV)
     ids = torch.randint(0, 64, (B, L), generator=rng).to(DEV)
     rst = resets(rng)
-    fwd = lambda: model.hidden(ids, reset_BL=rst)
+    fwd = lambda: _autocast(lambda: model.hidden(ids, reset_BL=rst), autocast)
     fused = sum(saved_storages(fwd, list(model.parameters())).values())
     unfused(monkeypatch)
     before = sum(saved_storages(fwd, list(model.parameters())).values())
-    per = mixer_autograd.saved_bytes(B, L, H, 24, 5, R, True, 4)
-    assert before - fused == cfg.num_hidden_layers * (per["unfused"] - per["fused"] + 2 * 24 * 5 * 4)
+    per = mixer_autograd.saved_bytes(B, L, H, D, N, R, True, 2 if autocast else 4)
+    # the op-by-op path also keeps two fp32 copies of A and, under autocast, bf16 copies of the
+    # four projection weights
+    weights = 2 * (2 * D * H + (R + 2 * N) * D + D * R + H * D) if autocast else 0
+    assert before - fused == cfg.num_hidden_layers * (per["unfused"] - per["fused"] + 2 * D * N * 4 + weights)
 
 
 def test_the_docstring_figures_at_the_1p5b_shape():
