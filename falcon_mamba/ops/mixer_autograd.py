@@ -117,7 +117,7 @@ class MixerFn(torch.autograd.Function):
             dxc, ddt, dA, dB, dC, dD, _, ddtb, _ = triton_scan.scan_bwd(
                 xc, dt, -eA, Bn, Cn, Dv.float(), z, dt_bias.float(), reset, chk, dy, dssm_state,
                 chk_every, y_out=y, dz_out=dxz[..., D:])
-            del dy
+            del dy, dt, Bn, Cn  # not needed past the scan
             dW_out = (_flat(dout).t() @ _flat(y)).to(W_out.dtype) if need[10] else None
             db_out = _flat(dout).sum(0).to(b_out.dtype) if b_out is not None and need[11] else None
             del y
