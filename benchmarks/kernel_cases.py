@@ -191,6 +191,14 @@ def _prefill_cases(L: int = 16384) -> None:
                                  E(1, 2048, dtype=torch.bool) if rst else None, chk, E(1, 2048, D), None,
                                  triton_scan.CHK)
 
+    @case("train scan bwd L=2048 (resets; the fused mixer's: y out, dz into d(xz))", decode=False)
+    def _():
+        a = scan_args(2048)[0]
+        chk = E(1, 2048 // triton_scan.CHK, D, N, dtype=F32)
+        triton_scan.scan_bwd(a["x"], a["dt"], a["A"], a["Bm"], a["Cm"], a["Dv"], a["z"], a["dt_bias"],
+                             E(1, 2048, dtype=torch.bool), chk, E(1, 2048, D), None, triton_scan.CHK,
+                             y_out=E(1, 2048, D), dz_out=E(1, 2048, 2 * D)[..., D:])
+
 
 # ---- decode at batch B (fast_step without the GEMV modes, model.step) -------------------------
 

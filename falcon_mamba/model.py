@@ -80,6 +80,10 @@ class MambaMixer(nn.Module):
                 ssm_state: torch.Tensor | None = None, reset_BL: torch.Tensor | None = None):
         """u (B, L, H) -> (out (B, L, H), conv state (B, K-1, D), ssm state (B, D, N) fp32).
         reset_BL (B, L) bool, True at the first token of a new document: no state crosses it."""
+        if self._fused_training(u_BLH, conv_state, ssm_state):
+            from falcon_mamba.ops import mixer_autograd  # Triton: imported only where it runs
+
+            return mixer_autograd.mixer_forward(self, u_BLH, reset_BL)
         # Only pass reset_BL when given, so backends without document resets still serve inference.
         kw = {} if reset_BL is None else {"reset_BL": reset_BL}
         x, z = self.in_proj(u_BLH).chunk(2, dim=-1)
@@ -89,6 +93,20 @@ class MambaMixer(nn.Module):
         y, ssm_state = ops.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z,
                                           self.dt_proj.bias.float(), ssm_state, **kw)
         return self.out_proj(y), conv_state, ssm_state
+
+    def _fused_training(self, u_BLH: torch.Tensor, conv_state, ssm_state) -> bool:
+        """Whether forward runs as one autograd Function (ops/mixer_autograd.py: saves u, xz, x_proj's
+        output and the scan's states; recomputes the rest in the backward): training (autograd on,
+        no carried state) on the triton backend, with plain projections. A LoRA parametrization or
+        a quantized layer changes a projection's type: those keep the op-by-op path."""
+        if conv_state is not None or ssm_state is not None or not torch.is_grad_enabled():
+            return False
+        if not (u_BLH.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if not (type(self.in_proj) is type(self.x_proj) is type(self.out_proj) is nn.Linear
+                and type(self.dt_proj) is DtProj and type(self.conv1d) is nn.Conv1d):
+            return False
+        return ops.backend_name(u_BLH.device) == "triton"
 
     def step(self, u_BH: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One token: u (B, H) -> out (B, H); conv_state and ssm_state are updated in place."""

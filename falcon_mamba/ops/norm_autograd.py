@@ -28,20 +28,29 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight = ctx.saved_tensors
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
-        xhat = xf * rstd  # (..., H) fp32: lives only inside the backward
-        dw = None
-        if weight is not None:
-            if ctx.needs_input_grad[1]:
-                y = xhat.to(x.dtype).to(g.dtype)
-                dw = (g * y).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
-            g = g * weight
-        gf = g.to(x.dtype).float()
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = (rstd * (gf - xhat * (gf * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        dx, dw = rms_norm_backward(x, weight, ctx.eps, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dx, dw, None, None
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, g: torch.Tensor,
+                      need_dx: bool = True, need_dw: bool = True):
+    """The gradients (dx in x's dtype or None, dweight in weight's dtype or None) of
+    reference.rms_norm(x, weight, eps) for the output gradient g, from x alone (1/rms recomputed).
+    Also the backward of the fused mixer's weightless dt/B/C norms (mixer_autograd.py)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd  # (..., H) fp32: lives only inside the backward
+    dw = None
+    if weight is not None:
+        if need_dw:
+            y = xhat.to(x.dtype).to(g.dtype)
+            dw = (g * y).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        g = g * weight
+    gf = g.to(x.dtype).float()
+    dx = None
+    if need_dx:
+        dx = (rstd * (gf - xhat * (gf * xhat).mean(-1, keepdim=True))).to(x.dtype)
+    return dx, dw
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fwd: Callable) -> torch.Tensor:

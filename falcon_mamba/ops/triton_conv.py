@@ -182,15 +182,24 @@ class CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dstate):
         x, w, bias, state, reset = ctx.saved_tensors
-        global _BWD_KERNEL_FAILED
-        if not _BWD_KERNEL_FAILED:
-            try:
-                return (*conv_bwd(x, w, bias, state, reset, ctx.silu, dy, dstate), None, None)
-            except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the twin
-                if not (type(e).__module__ or "").startswith("triton"):
-                    raise
-                _BWD_KERNEL_FAILED = True
-                first = (str(e).strip().splitlines() or [""])[0]
-                log.warning("the Triton conv backward cannot run here (%s: %s); training uses its "
-                            "PyTorch twin", type(e).__name__, first)
-        return (*conv_bwd_reference(x, w, bias, state, reset, ctx.silu, dy, dstate), None, None)
+        return (*conv_backward(x, w, bias, state, reset, ctx.silu, dy, dstate), None, None)
+
+
+def conv_backward(x, w, bias, state, reset, silu, dy, dstate, dx_out=None):
+    """triton_conv_bwd.conv_bwd (same arguments and returns), or its PyTorch twin once a Triton
+    could not build the kernel. Also the conv step of the fused mixer's backward (mixer_autograd)."""
+    global _BWD_KERNEL_FAILED
+    if not _BWD_KERNEL_FAILED:
+        try:
+            return conv_bwd(x, w, bias, state, reset, silu, dy, dstate, dx_out)
+        except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the twin
+            if not (type(e).__module__ or "").startswith("triton"):
+                raise
+            _BWD_KERNEL_FAILED = True
+            first = (str(e).strip().splitlines() or [""])[0]
+            log.warning("the Triton conv backward cannot run here (%s: %s); training uses its "
+                        "PyTorch twin", type(e).__name__, first)
+    dx, dw, db, dstate_in = conv_bwd_reference(x, w, bias, state, reset, silu, dy, dstate)
+    if dx_out is not None:
+        dx = dx_out.copy_(dx)
+    return dx, dw, db, dstate_in

@@ -145,13 +145,15 @@ def _last_dim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def conv_bwd(x_BLD, weight_DK, bias_D, conv_state_BKD, reset_BL, silu: bool, dy_BLD, dstate_BKD):
+def conv_bwd(x_BLD, weight_DK, bias_D, conv_state_BKD, reset_BL, silu: bool, dy_BLD, dstate_BKD,
+             dx_out=None):
     """Gradients of (y, new_state) = CausalConv1dFn(x, weight, bias, state, reset, silu).
 
     x (B, L, D) any float dtype, last dim contiguous, any row strides; weight (D, K); bias (D) or
     None; conv_state (B, K-1, D) or None; reset (B, L) bool or None; dy (B, L, D) or None (only the
     state path then); dstate (B, K-1, D) or None. Returns (dx (B, L, D) in x's dtype, dweight
     (D, K), dbias (D) or None in their dtypes, dstate_in (B, K-1, D) in the state's dtype or None).
+    dx_out (B, L, D) in x's dtype, last dim contiguous, any row strides, optional: where dx goes.
     """
     Bsz, L, D = x_BLD.shape
     K = weight_DK.shape[1]
@@ -160,7 +162,8 @@ def conv_bwd(x_BLD, weight_DK, bias_D, conv_state_BKD, reset_BL, silu: bool, dy_
     st, dy, dst = (_last_dim_contiguous(t) for t in (conv_state_BKD, dy_BLD, dstate_BKD))
     rst = reset_BL.contiguous().view(torch.uint8) if reset_BL is not None else None
     w = weight_DK.contiguous()
-    dx = torch.empty(Bsz, L, D, dtype=x_BLD.dtype, device=dev)
+    dx = dx_out if dx_out is not None else torch.empty(Bsz, L, D, dtype=x_BLD.dtype, device=dev)
+    assert dx.shape == x_BLD.shape and dx.stride(-1) == 1, "dx_out must be (B, L, D), last dim contiguous"
     dsin = torch.empty(Bsz, K - 1, D, dtype=st.dtype, device=dev) if st is not None else None
     S0 = -(K - 1) if st is not None else 0  # rows below 0 are the state's gradient
     n_chunks = triton.cdiv(L - S0, CHUNK)

@@ -85,7 +85,7 @@ CARRY_BLOCK_D = 32
 _INTS_LOCAL = ["L", "D", "CL", "sdt_b", "sdt_l", "sz_b", "sz_l", "sc_b", "sc_l", "sr_b", "sr_l",
                "sdy_b", "sdy_l"]
 _INTS_BWD = ["L", "D", "CL", "sgi_b", "sgi_c", "sx_b", "sx_l", "sdt_b", "sdt_l", "sz_b", "sz_l",
-             "sb_b", "sb_l", "sc_b", "sc_l", "sr_b", "sr_l", "sdy_b", "sdy_l"]
+             "sb_b", "sb_l", "sc_b", "sc_l", "sr_b", "sr_l", "sdy_b", "sdy_l", "sdz_b", "sdz_l"]
 
 
 @triton.jit
@@ -238,14 +238,18 @@ def _scan_bwd_carry_kernel(gloc_ptr, sum_ptr, a_ptr, dhT_ptr, D, NC,
 def _scan_bwd_kernel(
     x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, rst_ptr, chk_ptr, dy_ptr,
     gin_ptr, scr_ptr,
-    dx_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr, y_ptr,
     L, D, CL, sgi_b, sgi_c,
     sx_b, sx_l, sdt_b, sdt_l, sz_b, sz_l, sb_b, sb_l, sc_b, sc_l, sr_b, sr_l, sdy_b, sdy_l,
+    sdz_b, sdz_l,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr, W: tl.constexpr,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr,
+    HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr,
 ):
-    # Pass 3. Gradient outputs dx, ddt, dz are (B, L, D) contiguous; db, dc (B, L, N) fp32, zeroed;
+    # Pass 3. Gradient outputs dx, ddt are (B, L, D) contiguous, dz (B, L, D) with row strides
+    # sdz_b, sdz_l (a half of the fused mixer's d(in_proj output)); db, dc (B, L, N) fp32, zeroed;
+    # with HAS_Y the forward's output y = y_pre * silu(z) too (B, L, D) contiguous: the fused mixer
+    # (mixer_autograd.py) takes out_proj's weight gradient from it instead of saving y.
     # dA (B, NC, D, N), dD and ddtb (B, NC, D): per-(row, chunk) partials summed by the caller.
     # gin: the chunk's terminal adjoint at gin_ptr + b * sgi_b + c * sgi_c, (D, N) fp32.
     pid_d = tl.program_id(0)
@@ -367,10 +371,15 @@ def _scan_bwd_kernel(
                     zv = zv.to(tl.float32)
                     sig = tl.sigmoid(zv)
                     dz = dout * y_pre * sig * (1.0 + zv * (1.0 - sig))
-                    tl.store(dz_ptr + (b * L + t) * D + d, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                    tl.store(dz_ptr + b * sdz_b + t * sdz_l + d, dz.to(dz_ptr.dtype.element_ty), mask=m)
                     dyv = dout * zv * sig
+                    if HAS_Y:  # the forward's order: (y_pre * z) * sigmoid(z)
+                        tl.store(y_ptr + (b * L + t) * D + d, (y_pre * zv * sig).to(y_ptr.dtype.element_ty),
+                                 mask=m)
                 else:
                     dyv = dout
+                    if HAS_Y:
+                        tl.store(y_ptr + (b * L + t) * D + d, y_pre.to(y_ptr.dtype.element_ty), mask=m)
                 dxv = tl.zeros((BD,), tl.float32)
                 if HAS_D:
                     dD_acc += dyv * xv
@@ -450,7 +459,7 @@ def backward_chunk(Bsz: int, L: int, D: int, block_d: int, chk_every: int, slots
 
 
 def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, chunk=None,
-             window=None):
+             window=None, y_out=None, dz_out=None):
     """Launch the backward; returns fp32/input-dtype gradients
     (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0); entries for absent inputs are None.
 
@@ -458,7 +467,9 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
     saved every chk_every steps; dy (B, L, D), last dim contiguous; dhT (B, D, N) or None.
     chunk: the length chunk (default backward_chunk(); rounded up to a multiple of chk_every; L or
     more: one chunk). window: steps recomputed at a time (default BWD_WINDOW; a divisor of
-    chk_every is used)."""
+    chk_every is used). y_out (B, L, D) contiguous, optional: filled with the forward's output y
+    (rounded to y_out's dtype), recomputed on the way, so a caller need not have kept it. dz_out
+    (B, L, D), last dim contiguous, any row strides, optional: where dz goes (and is returned)."""
     Bsz, L, D = x.shape
     N = A.shape[1]
     NP = triton.next_power_of_2(N)
@@ -470,13 +481,18 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
     NC = max(1, triton.cdiv(L, CL))
     dx = torch.empty(Bsz, L, D, dtype=x.dtype, device=dev)
     ddt = torch.empty(Bsz, L, D, dtype=dt.dtype, device=dev)
-    dz = torch.empty(Bsz, L, D, dtype=z.dtype, device=dev) if z is not None else None
+    dz = None
+    if z is not None:
+        dz = dz_out if dz_out is not None else torch.empty(Bsz, L, D, dtype=z.dtype, device=dev)
+        assert dz.shape == z.shape and dz.stride(-1) == 1, "dz_out must be (B, L, D), last dim contiguous"
     dB = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
     dC = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
     dA = torch.empty(Bsz, NC, D, N, dtype=torch.float32, device=dev)
     dD = torch.empty(Bsz, NC, D, dtype=torch.float32, device=dev)
     ddtb = torch.empty(Bsz, NC, D, dtype=torch.float32, device=dev)
     dh0 = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
+    if y_out is not None:
+        assert y_out.shape == x.shape and y_out.is_contiguous(), "y_out must be (B, L, D) contiguous"
     nprog = triton.cdiv(D, BWD_BLOCK_D)
     scratch = torch.empty(Bsz * nprog * NC * (chk_every // W + W + 1) * N * BWD_BLOCK_D,
                           dtype=torch.float32, device=dev)
@@ -508,10 +524,12 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         x, dt, zz, Bm, Cm, A, Dv if Dv is not None else A, dtb, rr, chk, dy,
         gin if gin is not None else A, scratch,
         dx, ddt, dz if dz is not None else dx, dB, dC, dA, dD, ddtb, dh0,
-        L, D, CL, *sgi,
+        y_out if y_out is not None else dx, L, D, CL, *sgi,
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
         Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), *sr, dy.stride(0), dy.stride(1),
+        *((dz.stride(0), dz.stride(1)) if dz is not None else (0, 0)),
         CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
-        HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None, **flags)
+        HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
+        HAS_Y=y_out is not None, **flags)
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
