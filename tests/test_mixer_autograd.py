@@ -222,19 +222,20 @@ def test_the_docstring_figures_at_the_1p5b_shape():
 
 # ---- where it applies ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision,ckpt", [("fp32", False), ("bf16", True)])
-def test_training_losses_equal_the_op_by_op_path(tmp_path, monkeypatch, fused_calls, precision, ckpt):
-    """A few optimizer steps of a tiny model (packed documents: resets), fp32 and bf16 autocast
-    with activation checkpointing (the Function runs again inside the recompute)."""
+def test_training_losses_equal_the_op_by_op_path(tmp_path, monkeypatch, fused_calls):
+    """Two optimizer steps of a tiny model (packed documents: resets) under bf16 autocast with
+    activation checkpointing (the Function runs again inside the recompute); fp32 is covered by
+    the gradient tests above. Small: every kernel runs in Triton's interpreter."""
+    precision, ckpt = "bf16", True
     from falcon_mamba.train import apply_overrides, get_recipe, train
     from tests.test_data import make_data
 
     (tmp_path / "d").mkdir()
     data = make_data(tmp_path / "d", lines=60)
     cfg = apply_overrides(get_recipe("tiny"), [
-        "model.hidden_size=16", "model.intermediate_size=24", "model.num_hidden_layers=2",
-        "model.state_size=4", "seq_len=20", "global_batch=2", "micro_batch=2", "steps=3",
-        "warmup_steps=1", "lr=3e-3", "eval_tokens=40", f"precision={precision}",
+        "model.hidden_size=16", "model.intermediate_size=24", "model.num_hidden_layers=1",
+        "model.state_size=4", "seq_len=16", "global_batch=2", "micro_batch=2", "steps=2",
+        "warmup_steps=1", "lr=3e-3", "eval_tokens=16", f"precision={precision}",
         f"activation_checkpointing={str(ckpt).lower()}"])
     quiet = {"progress": False, "export": False, "log": lambda *a: None}
     a = train(cfg, data, tmp_path / "a", **quiet)

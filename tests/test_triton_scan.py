@@ -192,13 +192,15 @@ def check_backward_options(gen, B, L, D, N, *, resets=(), z=True, skip=True, dtb
 RESETS = ((0, 0), (0, 16), (0, 27), (1, 5), (1, 20), (1, 32), (1, 36))
 
 
-@pytest.mark.parametrize("window", [8, 4, 2])  # 8 = CHK: one level (no sub-chunk states)
-@pytest.mark.parametrize("opts", [
-    dict(),  # everything: z, D, dt bias, h0, dhT, resets
-    dict(z=False, skip=False, dtb=False, h0=False, dhT=False, resets=None),
-    dict(skip=False, h0=False),
-    dict(z=False, dtb=False, dhT=False),
-], ids=["all", "none", "noD-noh0", "noz-nodtb-nodhT"])
+# every option set once and every window (8 = CHK: one level, no sub-chunk states) with all options
+@pytest.mark.parametrize("window,opts", [
+    (8, dict()),  # everything: z, D, dt bias, h0, dhT, resets
+    (4, dict()),
+    (2, dict()),
+    (4, dict(z=False, skip=False, dtb=False, h0=False, dhT=False, resets=None)),
+    (2, dict(skip=False, h0=False)),
+    (8, dict(z=False, dtb=False, dhT=False)),
+], ids=["all-w8", "all-w4", "all-w2", "none-w4", "noD-noh0-w2", "noz-nodtb-nodhT-w8"])
 def test_backward_length_chunks(rng, monkeypatch, window, opts):
     """The three-pass backward: L = 37 in 3 chunks of 16 (neither a multiple of CHK = 8 nor of the
     chunk; the last sub-chunk and window partial), resets in and at the start of chunks."""
