@@ -225,10 +225,10 @@ def _batched_decode_cases(B: int = 64) -> None:
     def _():
         _Mixer(B).ssm_step(dt_weight("dense"))
 
-    for per, bd, w in ((2, 512, 8), (4, 256, 8), (4, 128, 4), (8, 128, 8)):
-        @case(f"decode B={B} ssm step, {per} rows per program, {bd} channels, {w} warps")
-        def _(per=per, bd=bd, w=w):
-            _Mixer(B).ssm_step(dt_weight("dense"), rows_per_program=per, block_d=bd, num_warps=w)
+    for bd, w in ((512, 8), (128, 4)):
+        @case(f"decode B={B} ssm step, {bd} channels, {w} warps")
+        def _(bd=bd, w=w):
+            _Mixer(B).ssm_step(dt_weight("dense"), block_d=bd, num_warps=w)
 
     @case("decode B=4 ssm step, dense dt_proj fused")
     def _():

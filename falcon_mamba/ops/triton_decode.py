@@ -19,7 +19,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 from falcon_mamba.ops.triton_scan import _softplus
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -34,13 +34,13 @@ RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): int4 ~0.4 us less per 7B
 # and int8 the same (benchmarks/sweep_xproj.py, results/archive/dev-runs/h100-sweep-xproj-6233aa4.json)
 DT_PROJ_MAX_BATCH = 4
 # The step without the in-kernel projection (_ssm_rows_kernel: dt from one GEMM, batches above
-# DT_PROJ_MAX_BATCH): a cheap elementwise tile, wide blocks, few waves. One row per program is the
-# layout measured on the H200 (98.6 us a 7B layer at 256 rows, 66% of the copy rate for its state:
-# results/h200-profile-decode-b64-b256-2449ead.txt); more rows per program share A's loads
-# (kernel_bench.py --parts ssmrows times them).
-SSM_ROWS_BLOCK_D = 512
-SSM_ROWS_WARPS = 8
-SSM_ROWS = 1
+# DT_PROJ_MAX_BATCH): one row of 256 channels per 4-warp program, the fastest of 12 layouts timed
+# on the H200 (kernel_bench.py --parts ssmrows, results/h200-ssmrows-ef4bc9a.json: 75.6 us a 7B
+# layer at 256 rows = 86% of the copy rate for its state, 16.4 us = 99% at 64; 512 x 8 warps
+# 80.0 / 17.3 us). Two to eight rows per program sharing A's loads were slower at every width
+# (84-114 us at 256 rows): they were removed.
+SSM_ROWS_BLOCK_D = 256
+SSM_ROWS_WARPS = 4
 
 
 @triton.jit
@@ -278,20 +278,16 @@ def _ssm_step_kernel(
 @triton.jit
 def _ssm_rows_kernel(
     state_ptr, x_ptr, z_ptr, dt_ptr, b_ptr, c_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
-    NB, D, eps, sx_b, sz_b, sdt_b, sb_b, sc_b, sy_b,
-    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, ROWS: tl.constexpr,
+    D, eps, sx_b, sz_b, sdt_b, sb_b, sc_b, sy_b,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
     A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr,
 ):
-    # One program: BD channels of ROWS consecutive rows (of NB) whose dt (B, D) is given (dt_proj
-    # already ran as one GEMM); NORM norms B and C (weightless RMSNorm). A (and its exp from A_LOG),
-    # D and the dt bias are loaded once for the ROWS rows: with one row per program every row
-    # re-reads A, a (BD, N) fp32 tile the size of its state, from L2, and redoes A_log's exp. The
-    # rows run one after another (a (ROWS, BD, N) tile instead, measured on sm_90a: ~210-240
-    # registers and 4x the layout conversions at ROWS 1). A and the first row's state are loaded
-    # before the PDL wait (no other kernel of the step writes them).
+    # One program: BD channels of row b whose dt (B, D) is given (dt_proj already ran as
+    # one GEMM); NORM norms B and C (weightless RMSNorm). A and the row's state are loaded before
+    # the PDL wait (no other kernel of the step writes them).
     pid_d = tl.program_id(0)
-    row0 = tl.program_id(1).to(tl.int64) * ROWS
+    b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     md = d < D
     n = tl.arange(0, NP)
@@ -305,39 +301,29 @@ def _ssm_rows_kernel(
         dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    h_first = tl.load(state_ptr + row0 * D * N + dn, mask=mask_and(mdn, row0 < NB), other=0.0)
+    st = state_ptr + b * D * N + dn
+    h = tl.load(st, mask=mdn, other=0.0)
     dep_sync(PDL)
-    for i in tl.static_range(ROWS):
-        b = row0 + i
-        ok = b < NB
-        mdr = mask_and(md, ok)
-        mdnr = mask_and(mdn, ok)
-        mnr = mask_and(mn, ok)
-        st = state_ptr + b * D * N + dn
-        if i == 0:
-            h = h_first
-        else:
-            h = tl.load(st, mask=mdnr, other=0.0)
-        Bv = tl.load(b_ptr + b * sb_b + n, mask=mnr, other=0.0).to(tl.float32)
-        Cv = tl.load(c_ptr + b * sc_b + n, mask=mnr, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + b * sx_b + d, mask=mdr, other=0.0).to(tl.float32)
-        v = tl.load(dt_ptr + b * sdt_b + d, mask=mdr, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + b * sz_b + d, mask=mdr, other=0.0).to(tl.float32)
-        if NORM:
-            Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
-            Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
-        if HAS_DTB:
-            v += dtb
-        sp = _softplus(v)
-        h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
-        tl.store(st, h, mask=mdnr)
-        yv = tl.sum(h * Cv[None, :], axis=1)
-        if HAS_D:
-            yv += dsk * xv
-        if HAS_Z:
-            yv = yv * zv * tl.sigmoid(zv)
-        tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=mdr)
+    Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(c_ptr + b * sc_b + n, mask=mn, other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
+    v = tl.load(dt_ptr + b * sdt_b + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
+    if NORM:
+        Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
+        Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
+    if HAS_DTB:
+        v += dtb
+    sp = _softplus(v)
+    h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
+    tl.store(st, h, mask=mdn)
+    yv = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        yv += dsk * xv
+    if HAS_Z:
+        yv = yv * zv * tl.sigmoid(zv)
+    tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
 
 
 @triton.jit
@@ -419,7 +405,7 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None, conv=None, pairs_out=None, rows_per_program=None) -> torch.Tensor:
+             num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) fp32 in place; returns y (B, D).
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
@@ -435,7 +421,7 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     pairs_out (D,) in x's dtype, batch 1: y again in the packed int4 GEMV's pair layout (out_proj's
     input; _pair_index). conv and pairs_out need the in-kernel projection (W_dt, at most
     DT_PROJ_MAX_BATCH rows). Without it (W_dt None, or more rows) the step is _ssm_rows_kernel:
-    block_d channels of rows_per_program rows per program (default SSM_ROWS_BLOCK_D, SSM_ROWS).
+    block_d channels of one row per program (default SSM_ROWS_BLOCK_D).
     """
     Bsz, D = x_BD.shape
     N = A_DN.shape[1]
@@ -461,14 +447,13 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         if conv is not None or pairs_out is not None:
             raise ValueError("ssm_step: conv and pairs_out need the in-kernel dt_proj "
                              f"(W_dt given, at most {DT_PROJ_MAX_BATCH} rows)")
-        ROWS = rows_per_program or SSM_ROWS
-        _ssm_rows_kernel[(triton.cdiv(D, block_d or SSM_ROWS_BLOCK_D), triton.cdiv(Bsz, ROWS))](
+        _ssm_rows_kernel[(triton.cdiv(D, block_d or SSM_ROWS_BLOCK_D), Bsz)](
             state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
             dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
             D_D if D_D is not None else A_DN, y,
-            Bsz, D, float(norm_eps or 0.0), x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0,
+            D, float(norm_eps or 0.0), x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0,
             dt_or_dtr.stride(0), B_BN.stride(0), C_BN.stride(0), y.stride(0),
-            N=N, NP=triton.next_power_of_2(N), BD=block_d or SSM_ROWS_BLOCK_D, ROWS=ROWS,
+            N=N, NP=triton.next_power_of_2(N), BD=block_d or SSM_ROWS_BLOCK_D,
             HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
             NORM=norm_eps is not None, A_LOG=a_is_log, RMODE=_ROUND.get(dt_or_dtr.dtype, 0),
             num_warps=num_warps or SSM_ROWS_WARPS, **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS,
