@@ -1,12 +1,11 @@
 """The selective-scan backward on the training shape of the ~1.5B: B 8 x L 2048, D 4096, N 16, bf16
 x and z (strided halves of in_proj's output), dt, B and C (slices of x_proj's output), packed-
 document resets, no carried state, dhT None (as in `falcon-mamba train`). The default launch
-(with --sweep: against channel-block, partial-sum, length-chunk and window variants) and, with
---old, the backward of an earlier commit on the same inputs in the same run. Prints the table,
-then one JSON line.
+(with --sweep: against length-chunk and window variants) and, with --old, the backward of an earlier commit on
+the same inputs in the same run. Prints the table, then one JSON line.
 
     git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > old_scan.py   # the single-pass backward
-    PYTHONPATH=. python3 benchmarks/bench_scan_bwd.py [--old old_scan.py] [--B 1] [--sweep blocks|chunks|all]
+    PYTHONPATH=. python3 benchmarks/bench_scan_bwd.py [--old old_scan.py] [--B 1] [--sweep]
 
 Bytes: x, dt, z, dy read and dx, ddt, dz written (bf16), the saved states read (fp32); the
 floor they give at the copy rate is beside each time. The recompute scratch is not counted (it
@@ -38,8 +37,7 @@ def main():
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--D", type=int, default=4096)
-    p.add_argument("--sweep", choices=["blocks", "chunks", "all"], default=None,
-                   help="also time channel-block variants (blocks), length-chunk x window ones (chunks)")
+    p.add_argument("--sweep", action="store_true", help="also time length-chunk x window variants")
     a = p.parse_args()
     B, L, D, N, R = a.B, a.L, a.D, 16, 256
     dev = torch.device("cuda")
@@ -80,20 +78,14 @@ def main():
     row(f"default (chunk {default_cl}, window {tsb.BWD_WINDOW}; {slots} slots)", lambda: tsb.scan_bwd(*args))
     rec = {"shape": f"B={B} L={L} D={D} N={N}", "bytes": nbytes, "rows": rows, "commit": _commit()}
     if a.sweep:  # each window is its own compiled kernel (~10-20 s each on Triton 3.6)
-        if a.sweep in ("blocks", "all"):
-            for bd, parts in ((32, True), (16, False), (16, True), (8, True)):
-                row(f"block_d {bd}{', dB/dC partials' if parts else ''}",
-                    lambda bd=bd, parts=parts: tsb.scan_bwd(*args, block_d=bd, dbc_parts=parts))
-        if a.sweep in ("chunks", "all"):
-            for cl in sorted({L, 1024, 512, 256, CHK}):
-                for w in (CHK, 32, 16, 8):
-                    row(f"chunk {cl} window {w}", lambda cl=cl, w=w: tsb.scan_bwd(*args, chunk=cl, window=w))
+        for cl in sorted({L, 1024, 512, 256, CHK}):
+            for w in (CHK, 32, 16, 8):
+                row(f"chunk {cl} window {w}", lambda cl=cl, w=w: tsb.scan_bwd(*args, chunk=cl, window=w))
         ref = tsb.scan_bwd(*args, chunk=L, window=CHK)
-        rel = lambda got: max(  # noqa: E731
+        got = tsb.scan_bwd(*args)
+        rec["default_vs_single_chunk_rel_err"] = max(
             ((g_.float() - r_.float()).norm() / r_.float().norm().clamp(min=1e-30)).item()
             for g_, r_ in zip(got, ref) if g_ is not None)
-        rec["default_vs_single_chunk_rel_err"] = rel(tsb.scan_bwd(*args))
-        rec["block_d_8_partials_rel_err"] = rel(tsb.scan_bwd(*args, block_d=8, dbc_parts=True))
     print(json.dumps(rec))
 
 

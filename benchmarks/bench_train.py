@@ -171,7 +171,8 @@ def bench_model(kind: str, cfg, shape: dict, device: torch.device, warmup: int, 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             sync(device)
-        row["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        row["profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45,
+                                                   max_name_column_width=70)
         print(f"--- {kind}: one step under torch.profiler ---\n{row['profile']}", flush=True)
     return row  # the model and its optimizer go with this frame; the caller frees the cache
 

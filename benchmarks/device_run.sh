@@ -23,7 +23,7 @@
 #   benchmarks/device_run.sh prefill18  # profile_prefill.py (a 7B chunk's GPU and host time by length),
 #                                       # then train18, then bench_train.py --shape 7b (Mamba only)
 #   benchmarks/device_run.sh kern11     # scan/decode/prefill-graph/mixer cuda tests; scan bwd old vs new; ssm rows; train 1.5B
-#   benchmarks/device_run.sh bwd12      # mixer/decode/scan cuda tests; scan bwd block variants; 7B prefill
+#   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
@@ -127,19 +127,14 @@ case "$MODE" in
       --models mamba,transformer --no-cli --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; cat "$OUT/scan_bwd.log"
     grep -v "^{\"" "$OUT/ssmrows.log" | tail -30; grep -E "^\||x \(target" "$OUT/train.log" ;;
-  bwd12)  # the fused-mixer / decode / scan cuda tests (SIGINT at the limit: the summary still prints),
-           # the scan backward's channel-block and partial-sum variants at B 1 and 8, the 7B prefill
+  prof12)  # the 7B quantized-dt step tests, then one 1.5B Mamba training step under torch.profiler
     cp "$OUT/env.txt" "$OUT/tests.txt"
-    timeout -s INT -k 20 ${TEST_LIMIT:-240} python3 -m pytest -q -n 8 -rfE --tb=short -m cuda \
-      tests/test_mixer_autograd.py tests/test_prefill_graphs.py tests/test_triton_decode.py \
-      tests/test_triton_scan.py >> "$OUT/tests.txt" 2>&1
+    timeout -s INT -k 20 120 python3 -m pytest -q -n 8 -rfE --tb=short -m cuda tests/test_triton_decode.py \
+      -k quantized_dt_7b >> "$OUT/tests.txt" 2>&1
     echo "exit $?" >> "$OUT/tests.txt"
-    timeout 150 python3 benchmarks/bench_scan_bwd.py --sweep blocks > "$OUT/scan_bwd.log" 2>&1
-    timeout 60 python3 benchmarks/bench_scan_bwd.py --B 1 --sweep blocks > "$OUT/scan_bwd_b1.log" 2>&1
-    timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 -m falcon_mamba bench prefill --out "$OUT/results" \
-      > "$OUT/bench.log" 2>&1
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -30
-    grep -v "^{\"" "$OUT/scan_bwd.log" "$OUT/scan_bwd_b1.log" | tail -30 ;;
+    timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba \
+      --no-cli --warmup 2 --steps 3 --profile --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8; grep -v "^{\"" "$OUT/train.log" | tail -50 ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \

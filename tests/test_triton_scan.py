@@ -236,22 +236,6 @@ def test_backward_length_chunks_bf16(rng, monkeypatch):
     check_backward_options(rng, 2, 37, 20, 5, resets=RESETS, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("block_d,parts", [(8, True), (16, False), (32, True)])
-def test_backward_block_width_and_partial_sums(rng, monkeypatch, block_d, parts):
-    """Narrower channel blocks (D = 20: the last block partial) and dB/dC as per-block partial sums
-    against the default launch (32 channels a program, atomics), two chunks, resets, h0, dhT."""
-    monkeypatch.setattr(triton_scan, "CHK", 8)
-    x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst = scan_inputs(2, 24, 20, 5, torch.float32, DEV, rng, reset=True)
-    _, _, chk = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, save_chk=True)
-    dy = torch.randn(x.shape, generator=rng).to(DEV)
-    dhT = torch.randn(2, 20, 5, generator=rng).to(DEV)
-    args = (x, dt, A, Bm, Cm, Dv, z, dtb, rst, chk, dy, dhT, 8)
-    ref = triton_scan_bwd.scan_bwd(*args, chunk=16, window=4)
-    got = triton_scan_bwd.scan_bwd(*args, chunk=16, window=4, block_d=block_d, dbc_parts=parts)
-    for name, g, gr in zip("x dt A B C D z dt_bias h0".split(), got, ref):
-        assert_close(g, gr, 1e-5, 1e-5, f"d{name} block_d={block_d} parts={parts}")
-
-
 def test_backward_chunk_choice():
     """Chunks only where a row's channel blocks leave resident slots empty (1056: 132 SMs x 8)."""
     chunk = lambda B, L, D: triton_scan_bwd.backward_chunk(B, L, D, 32, 128, 1056)  # noqa: E731

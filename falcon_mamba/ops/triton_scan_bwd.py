@@ -244,13 +244,11 @@ def _scan_bwd_kernel(
     sdz_b, sdz_l,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr, W: tl.constexpr,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr, DBC_PARTS: tl.constexpr,
+    HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr,
 ):
     # Pass 3. Gradient outputs dx, ddt are (B, L, D) contiguous, dz (B, L, D) with row strides
     # sdz_b, sdz_l (a half of the fused mixer's d(in_proj output)); db, dc (B, L, N) fp32, zeroed;
-    # with DBC_PARTS, db and dc are (B, D/BD, L, N) fp32 instead: each channel block's sums stored
-    # (the caller sums them), no atomics. With HAS_Y the forward's output y = y_pre * silu(z) too
-    # (B, L, D) contiguous: the fused mixer
+    # with HAS_Y the forward's output y = y_pre * silu(z) too (B, L, D) contiguous: the fused mixer
     # (mixer_autograd.py) takes out_proj's weight gradient from it instead of saving y.
     # dA (B, NC, D, N), dD and ddtb (B, NC, D): per-(row, chunk) partials summed by the caller.
     # gin: the chunk's terminal adjoint at gin_ptr + b * sgi_b + c * sgi_c, (D, N) fp32.
@@ -402,12 +400,8 @@ def _scan_bwd_kernel(
                 # relaxed: plain sums read by later kernels. Triton's default (acq_rel) made each
                 # of these two a fence that waited for the step's stores and held back the next
                 # step's loads.
-                if DBC_PARTS:
-                    tl.store(db_ptr + ((b * nprog_d + pid_d) * L + t) * N + n, dB, mask=mn)
-                    tl.store(dc_ptr + ((b * nprog_d + pid_d) * L + t) * N + n, dC, mask=mn)
-                else:
-                    tl.atomic_add(db_ptr + (b * L + t) * N + n, dB, mask=mn, sem="relaxed")
-                    tl.atomic_add(dc_ptr + (b * L + t) * N + n, dC, mask=mn, sem="relaxed")
+                tl.atomic_add(db_ptr + (b * L + t) * N + n, dB, mask=mn, sem="relaxed")
+                tl.atomic_add(dc_ptr + (b * L + t) * N + n, dC, mask=mn, sem="relaxed")
                 g = g * a  # dL/dh_{t-1} through the decay ...
                 if HAS_RST:
                     g = tl.where(r != 0, 0.0, g)  # ... unless t started a new document
@@ -465,7 +459,7 @@ def backward_chunk(Bsz: int, L: int, D: int, block_d: int, chk_every: int, slots
 
 
 def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, chunk=None,
-             window=None, y_out=None, dz_out=None, block_d=None, dbc_parts=False):
+             window=None, y_out=None, dz_out=None):
     """Launch the backward; returns fp32/input-dtype gradients
     (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0); entries for absent inputs are None.
 
@@ -475,17 +469,14 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
     more: one chunk). window: steps recomputed at a time (default BWD_WINDOW; a divisor of
     chk_every is used). y_out (B, L, D) contiguous, optional: filled with the forward's output y
     (rounded to y_out's dtype), recomputed on the way, so a caller need not have kept it. dz_out
-    (B, L, D), last dim contiguous, any row strides, optional: where dz goes (and is returned).
-    block_d: channels per one-warp program (default BWD_BLOCK_D). dbc_parts: dB and dC as per
-    channel-block partial sums summed by torch instead of atomics into one (B, L, N) buffer."""
+    (B, L, D), last dim contiguous, any row strides, optional: where dz goes (and is returned)."""
     Bsz, L, D = x.shape
     N = A.shape[1]
     NP = triton.next_power_of_2(N)
     dev = x.device
     W = math.gcd(window or BWD_WINDOW, chk_every)
     T = math.gcd(BWD_UNROLL, W)
-    BD = block_d or BWD_BLOCK_D
-    CL = chunk or backward_chunk(Bsz, L, D, BD, chk_every, resident_programs(dev))
+    CL = chunk or backward_chunk(Bsz, L, D, BWD_BLOCK_D, chk_every, resident_programs(dev))
     CL = triton.cdiv(max(1, min(CL, L)), chk_every) * chk_every  # chunks start on saved states
     NC = max(1, triton.cdiv(L, CL))
     dx = torch.empty(Bsz, L, D, dtype=x.dtype, device=dev)
@@ -494,17 +485,16 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
     if z is not None:
         dz = dz_out if dz_out is not None else torch.empty(Bsz, L, D, dtype=z.dtype, device=dev)
         assert dz.shape == z.shape and dz.stride(-1) == 1, "dz_out must be (B, L, D), last dim contiguous"
-    nprog = triton.cdiv(D, BD)
-    mk = torch.empty if dbc_parts else torch.zeros
-    dB = mk(Bsz, nprog if dbc_parts else 1, L, N, dtype=torch.float32, device=dev)
-    dC = mk(Bsz, nprog if dbc_parts else 1, L, N, dtype=torch.float32, device=dev)
+    dB = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
+    dC = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
     dA = torch.empty(Bsz, NC, D, N, dtype=torch.float32, device=dev)
     dD = torch.empty(Bsz, NC, D, dtype=torch.float32, device=dev)
     ddtb = torch.empty(Bsz, NC, D, dtype=torch.float32, device=dev)
     dh0 = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
     if y_out is not None:
         assert y_out.shape == x.shape and y_out.is_contiguous(), "y_out must be (B, L, D) contiguous"
-    scratch = torch.empty(Bsz * nprog * NC * (chk_every // W + W + 1) * N * BD,
+    nprog = triton.cdiv(D, BWD_BLOCK_D)
+    scratch = torch.empty(Bsz * nprog * NC * (chk_every // W + W + 1) * N * BWD_BLOCK_D,
                           dtype=torch.float32, device=dev)
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     rr = rst if rst is not None else x
@@ -514,7 +504,7 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
     if dhT is not None:
         dhT = dhT.contiguous()
     dtb = dt_bias if dt_bias is not None else A
-    flags = dict(N=N, NP=NP, BD=BD, num_warps=BWD_WARPS, **LAUNCH_OPTIONS)
+    flags = dict(N=N, NP=NP, BD=BWD_BLOCK_D, num_warps=BWD_WARPS, **LAUNCH_OPTIONS)
     if NC == 1:
         gin, sgi = dhT, (D * N, 0)
     else:
@@ -540,7 +530,6 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         *((dz.stride(0), dz.stride(1)) if dz is not None else (0, 0)),
         CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
         HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
-        HAS_Y=y_out is not None, DBC_PARTS=dbc_parts, **flags)
-    dB, dC = (dB.sum(1), dC.sum(1)) if dbc_parts else (dB[:, 0], dC[:, 0])  # (B, L, N)
+        HAS_Y=y_out is not None, **flags)
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
