@@ -27,6 +27,7 @@ def bench(fn):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true", help="also time other (BL, BD, CHUNK, warps)")
+    p.add_argument("--quick", action="store_true", help="also time four other tiles")
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--D", type=int, default=4096)
@@ -68,6 +69,15 @@ def main():
     add({"what": "conv_fwd (for scale)", "ms": t_fwd * 1e3,
                  "TB/s": 2 * B * L * D * 2 / t_fwd / 1e12})
     configs = [(tcb.BLOCK_L, tcb.BLOCK_D, tcb.CHUNK, tcb.WARPS)]
+    tcb.TAP_ACC = False  # the per-step reductions over the rows, on the same inputs
+    t = bench(lambda: tcb.conv_bwd(*args))
+    same = torch.equal(tcb.conv_bwd(*args)[0], got[0])
+    add({"what": f"conv_bwd without TAP_ACC {configs[0]}", "ms": t * 1e3,
+         "TB/s": moved(tcb.CHUNK) / t / 1e12, "frac_of_copy": moved(tcb.CHUNK) / t / copy_rate,
+         "dx_same_as_default": same})
+    tcb.TAP_ACC = True
+    if a.quick:
+        configs += [(16, 64, 256, 4), (32, 64, 256, 4), (16, 128, 512, 8), (32, 128, 256, 8)]
     if a.sweep:
         configs += [(bl, bd, ch, wp) for bl in (16, 32, 64) for bd in (64, 128, 256)
                     for ch in (128, 256, 512) for wp in (4, 8)

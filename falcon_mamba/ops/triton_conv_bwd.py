@@ -33,6 +33,7 @@ BLOCK_L = 16
 BLOCK_D = 128
 CHUNK = 256  # rows per program: fewer, larger dw partials (B * L / CHUNK of them, (D, K) each)
 WARPS = 8  # sm_90a compile (inspect_kernels.py): 179-204 regs, no spills; untimed
+TAP_ACC = True  # per-tap (BL, BD) sums (kernel comment); K <= 4 only
 
 
 @triton.jit
@@ -64,8 +65,10 @@ def _conv_bwd_kernel(
     sw_d,
     K: tl.constexpr, KP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RST: tl.constexpr, HAS_DY: tl.constexpr,
-    HAS_DSTATE: tl.constexpr, SILU: tl.constexpr,
+    HAS_DSTATE: tl.constexpr, SILU: tl.constexpr, TAP_ACC: tl.constexpr,
 ):
+    # TAP_ACC (K <= 4): dw and db summed per tap in (BL, BD) tiles over the chunk and reduced over
+    # the rows once at its end, instead of a reduction over BL (across the warps) per tap and step.
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -74,6 +77,11 @@ def _conv_bwd_kernel(
     kcol = tl.arange(0, KP)
     dw_acc = tl.zeros((BD, KP), tl.float32)
     db_acc = tl.zeros((BD,), tl.float32)
+    t0 = tl.zeros((BL, BD), tl.float32)
+    t1 = tl.zeros((BL, BD), tl.float32)
+    t2 = tl.zeros((BL, BD), tl.float32)
+    t3 = tl.zeros((BL, BD), tl.float32)
+    tb = tl.zeros((BL, BD), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
     c0 = S0 + pid_c * CH
@@ -113,9 +121,20 @@ def _conv_bwd_kernel(
                 dpm = tl.where(keep_dx[:, None], dp, 0.0)
                 wj = tl.load(w_ptr + d * sw_d + (K - 1 - j), mask=md, other=0.0).to(tl.float32)
                 dxa += dpm * wj[None, :]
-                dw_acc += tl.where(kcol[None, :] == K - 1 - j, tl.sum(dpm * x_s, axis=0)[:, None], 0.0)
-                if j == 0:
-                    db_acc += tl.sum(dpm, axis=0)
+                if TAP_ACC:
+                    if j == 0:
+                        t0 += dpm * x_s
+                        tb += dpm
+                    if j == 1:
+                        t1 += dpm * x_s
+                    if j == 2:
+                        t2 += dpm * x_s
+                    if j == 3:
+                        t3 += dpm * x_s
+                else:
+                    dw_acc += tl.where(kcol[None, :] == K - 1 - j, tl.sum(dpm * x_s, axis=0)[:, None], 0.0)
+                    if j == 0:
+                        db_acc += tl.sum(dpm, axis=0)
         if HAS_DSTATE:
             # the returned state's entry jj holds row L-(K-1)+jj, zeroed when a document starts
             # after it: the rows s+1 .. L-1 (at most K-2 of them) must hold no reset
@@ -133,6 +152,15 @@ def _conv_bwd_kernel(
         if HAS_STATE:
             tl.store(dsin_ptr + b * sdi_b + (s64 + K - 1)[:, None] * sdi_k + d[None, :],
                      dxa.to(dsin_ptr.dtype.element_ty), mask=(rows & (s < 0))[:, None] & md[None, :])
+    if TAP_ACC:
+        dw_acc += tl.where(kcol[None, :] == K - 1, tl.sum(t0, axis=0)[:, None], 0.0)
+        if K > 1:
+            dw_acc += tl.where(kcol[None, :] == K - 2, tl.sum(t1, axis=0)[:, None], 0.0)
+        if K > 2:
+            dw_acc += tl.where(kcol[None, :] == K - 3, tl.sum(t2, axis=0)[:, None], 0.0)
+        if K > 3:
+            dw_acc += tl.where(kcol[None, :] == K - 4, tl.sum(t3, axis=0)[:, None], 0.0)
+        db_acc = tl.sum(tb, axis=0)
     if HAS_DY:
         p = (b * n_chunks + pid_c) * D  # this program's partial-sum row block
         tl.store(dw_ptr + (p + d)[:, None] * K + kcol[None, :], dw_acc,
@@ -189,7 +217,8 @@ def conv_bwd(x_BLD, weight_DK, bias_D, conv_state_BKD, reset_BL, silu: bool, dy_
             w.stride(0),
             K=K, KP=triton.next_power_of_2(K), BL=BLOCK_L, BD=BLOCK_D, CH=CHUNK,
             HAS_BIAS=bias_D is not None, HAS_STATE=st is not None, HAS_RST=rst is not None,
-            HAS_DY=has_dy, HAS_DSTATE=dst is not None, SILU=silu, num_warps=WARPS,
+            HAS_DY=has_dy, HAS_DSTATE=dst is not None, SILU=silu, TAP_ACC=TAP_ACC and K <= 4,
+            num_warps=WARPS,
             **LAUNCH_OPTIONS,
         )
     dw = dw_part.sum(0).to(weight_DK.dtype)
