@@ -77,7 +77,8 @@ def main():
          "dx_same_as_default": same})
     tcb.TAP_ACC = True
     if a.quick:
-        configs += [(16, 64, 256, 4), (32, 64, 256, 4), (16, 128, 512, 8), (32, 128, 256, 8)]
+        configs += [(16, 32, 256, 2), (16, 64, 128, 4), (8, 64, 256, 4), (16, 64, 512, 4), (16, 32, 256, 4),
+                    (16, 128, 256, 8)]
     if a.sweep:
         configs += [(bl, bd, ch, wp) for bl in (16, 32, 64) for bd in (64, 128, 256)
                     for ch in (128, 256, 512) for wp in (4, 8)

@@ -29,10 +29,13 @@ import triton.language as tl
 
 from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
+# Tiles timed on the H200 at the 1.5B training shape (bench_conv_bwd.py --quick,
+# results/h200-conv-bwd-9986892.txt): 16 x 64 channels, 4 warps 0.644 ms; 16 x 128, 8 warps
+# 1.10 ms; 32 x 64 0.83 ms; 32 x 128 0.96 ms (without TAP_ACC, 16 x 128: 2.98 ms).
 BLOCK_L = 16
-BLOCK_D = 128
+BLOCK_D = 64
 CHUNK = 256  # rows per program: fewer, larger dw partials (B * L / CHUNK of them, (D, K) each)
-WARPS = 8  # sm_90a compile (inspect_kernels.py): 179-204 regs, no spills; untimed
+WARPS = 4
 TAP_ACC = True  # per-tap (BL, BD) sums (kernel comment); K <= 4 only
 
 
