@@ -30,12 +30,14 @@ import triton.language as tl
 from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
 # Tiles timed on the H200 at the 1.5B training shape (bench_conv_bwd.py --quick,
-# results/h200-conv-bwd-9986892.txt): 16 x 64 channels, 4 warps 0.644 ms; 16 x 128, 8 warps
-# 1.10 ms; 32 x 64 0.83 ms; 32 x 128 0.96 ms (without TAP_ACC, 16 x 128: 2.98 ms).
+# results/h200-conv-bwd-f274a49.txt): 16 rows x 32 channels, 2 warps 0.588 ms; 16 x 64 x 4 warps
+# 0.645 ms (chunk 128: 0.687, 512: 0.650); 8 x 64 0.635 ms; 32 x 64 0.83 ms; 16 x 128 x 8 warps
+# 1.10 ms. Without TAP_ACC: 2.98 ms (16 x 128), 1.86 ms (16 x 64). Still ~17% of the copy rate:
+# the K^2 recompute of pre is the cost now (NOTES.md).
 BLOCK_L = 16
-BLOCK_D = 64
+BLOCK_D = 32
 CHUNK = 256  # rows per program: fewer, larger dw partials (B * L / CHUNK of them, (D, K) each)
-WARPS = 4
+WARPS = 2
 TAP_ACC = True  # per-tap (BL, BD) sums (kernel comment); K <= 4 only
 
 
