@@ -2,12 +2,19 @@
 at the chunk lengths the engine uses, then one continuing chunk under torch.profiler.
 
     PYTHONPATH=. python3 benchmarks/profile_prefill.py [--layers 64] [--out F.json]
+    PYTHONPATH=. python3 benchmarks/profile_prefill.py --batches 4x32,16x32,48x32,64x32 [--out F.json]
 
 Per length L: GPU ms (CUDA events around the call), host ms (until the call returns, before any
 synchronisation: what the engine thread spends launching), tok/s, and the matmul floor (the
 projections' FLOPs at the measured bf16 matmul rate). A host time near the GPU time means the
 chunk is launch-bound; a GPU time far above the floor, that some kernel is. The profiler table
 lists the kernels of one continuing 512-token chunk by GPU time.
+
+--batches BxL,...: instead, the server's batched fresh-prompt graphs (engine/prefill_graphs.py's
+_BatchGraph: B rows of L tokens, as a burst of clients' prompts) replayed, against the eager
+forward of the same batch: GPU ms per replay, per token, and the matmul floor. (In the 64-client
+serve run at 3631fbe, steps reading 15 prompts, one 16 x 32 replay, took 55-110 ms of GPU while
+steps reading 48, a 48 x 32 replay, took ~60: this tells which shape is slow.)
 """
 
 from __future__ import annotations
@@ -54,12 +61,53 @@ def time_chunk(model, ids, state, reps: int) -> tuple[float, float]:
     return sorted(gpu)[len(gpu) // 2], sorted(host)[len(host) // 2]
 
 
+def _gpu_ms(fn, reps: int) -> float:
+    """Median GPU ms of fn() (CUDA events), after one untimed call."""
+    fn()
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        out.append(e0.elapsed_time(e1))
+    return sorted(out)[len(out) // 2]
+
+
+def time_batches(model, spec: str, V: int, flops_tok: int, tf: float, reps: int) -> list[dict]:
+    """The batched fresh-prompt graphs B x L (all rows real, a reset at each row's start), replayed
+    and eager, on the same ids."""
+    from falcon_mamba.engine.prefill_graphs import _BatchGraph
+
+    pool, sinks, rows = torch.cuda.graph_pool_handle(), [], []
+    with torch.inference_mode():
+        for item in spec.split(","):
+            B, L = (int(v) for v in item.lower().split("x"))
+            g = _BatchGraph(model, B, L, pool, sinks)
+            g.ids.copy_(torch.randint(100, V, (B, L), device="cuda"))
+            replay = _gpu_ms(g.graph.replay, reps)
+            eager = _gpu_ms(lambda g=g: model(g.ids, last_only=True, reset_BL=g.reset), reps)
+            floor = flops_tok * B * L / (tf * 1e12) * 1e3
+            row = {"B": B, "L": L, "replay_gpu_ms": replay, "eager_gpu_ms": eager,
+                   "us_per_token": replay / (B * L) * 1e3, "matmul_floor_ms": floor,
+                   "fraction_of_floor": floor / replay}
+            rows.append(row)
+            print(f"{B:3d} x {L:5d}  replay {replay:8.2f} ms  eager {eager:8.2f} ms  "
+                  f"{row['us_per_token']:6.1f} us/token  matmul floor {floor:6.2f} ms ({floor / replay:.0%})",
+                  flush=True)
+            del g
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=64)
     ap.add_argument("--lengths", default="128,256,512,1024,2048,8192")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out")
+    ap.add_argument("--batches", default=None, help="B x L of batched fresh graphs to time, e.g. 16x32,48x32")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = get_preset("falcon-mamba-7b").replace(num_hidden_layers=args.layers)
@@ -72,6 +120,12 @@ def main() -> int:
     res = {"gpu": torch.cuda.get_device_name(), "layers": args.layers, "matmul_tflops": tf,
            "torch": torch.__version__, "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "rows": []}
     print(f"bf16 matmul {tf:.0f} TFLOP/s; projections {flops_tok / 1e9:.1f} GFLOP per token", flush=True)
+    if args.batches:
+        res["batches"] = time_batches(model, args.batches, V, flops_tok, tf, args.reps)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     V_ids = torch.randint(100, V, (1, max(int(x) for x in args.lengths.split(","))), device="cuda")
     with torch.inference_mode():
         _, st = model(V_ids[:, :64], last_only=True)
