@@ -26,6 +26,7 @@
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
+#   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
@@ -146,6 +147,16 @@ case "$MODE" in
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/profile_prefill.py \
       --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \
       > "$OUT/bench.log" 2>&1 ;;
+  mixed13)  # the mixed load alone under (prefill chunk, long-prompt interval) pairs: the long
+            # prompt's rate against the streams' inter-token p99 (issue #15: >= 50%, <= 3x)
+    for cfg in ${MIXED_CFGS:-512:2 384:1 256:1 1024:4}; do
+      c=${cfg%%:*}; i=${cfg##*:}
+      timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
+        --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --clients 1 --requests 2 --max-tokens 8 \
+        --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--prefill-chunk=$c \
+        --server-arg=--long-prompt-interval=$i --out "$OUT/mixed-$c-$i.json" > "$OUT/mixed-$c-$i.log" 2>&1
+      grep "^mixed" "$OUT/mixed-$c-$i.log" | sed "s/^/chunk $c interval $i: /"
+    done ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
