@@ -177,28 +177,6 @@ def _dt_tile(w_ptr, sc_ptr, zp_ptr, d, md, r0, R, swd, sws, BD: tl.constexpr, RB
 
 
 @triton.jit
-def _rms_vec(v, N, eps, RMODE: tl.constexpr):
-    # the weightless RMSNorm of one (NP,) vector of N entries (B or C of a row), rounded as stored
-    return _round(v * tl.rsqrt(tl.sum(v * v, axis=0) / N + eps), RMODE)
-
-
-@triton.jit
-def _ssm_tail(h, A, sp, xv, Bv, Cv, dsk, zv, st, mdn, y_p, md, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    # The decode kernels' common end: h' = exp(dt A) h + dt x B, stored at st (BD, NP); y = h'.C
-    # (+ D x) (* silu(z)) stored at y_p (BD,) in y's dtype and returned in fp32. dsk / zv are
-    # ignored without HAS_D / HAS_Z.
-    h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
-    tl.store(st, h, mask=mdn)
-    yv = tl.sum(h * Cv[None, :], axis=1)
-    if HAS_D:
-        yv += dsk * xv
-    if HAS_Z:
-        yv = yv * zv * tl.sigmoid(zv)
-    tl.store(y_p, yv.to(y_p.dtype.element_ty), mask=md)
-    return yv
-
-
-@triton.jit
 def _ssm_step_kernel(
     state_ptr, x_ptr, z_ptr, dtr_ptr, b_ptr, c_ptr, wdt_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
     cst_ptr, cw_ptr, cb_ptr,
@@ -234,8 +212,6 @@ def _ssm_step_kernel(
         A = -tl.exp(A)
     st = state_ptr + b * D * N + dn
     h = tl.load(st, mask=mdn, other=0.0)
-    dsk = tl.zeros((BD,), tl.float32)  # placeholders for _ssm_tail without D / z
-    zv = dsk
     if HAS_D:
         dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
@@ -279,14 +255,22 @@ def _ssm_step_kernel(
         v = v * tl.load(wsc_ptr + d, mask=md, other=0.0)
     v = _round(v, RMODE)
     if NORM:
-        Bv, Cv = _rms_vec(Bv, N, eps, RMODE), _rms_vec(Cv, N, eps, RMODE)
+        Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
+        Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
     if HAS_DTB:
         v += dtb
     sp = _softplus(v)
     if CONV_IN:
         xv = _conv_in(x_ptr + b * sx_b, cst_ptr + b * scs_b, cw_ptr, cb_ptr, d, md, s_ck, s_cw, CK, HAS_CB,
                       True, True, ROUND_X)
-    yv = _ssm_tail(h, A, sp, xv, Bv, Cv, dsk, zv, st, mdn, y_ptr + b * sy_b + d, md, HAS_D, HAS_Z)
+    h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
+    tl.store(st, h, mask=mdn)
+    yv = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        yv += dsk * xv
+    if HAS_Z:
+        yv = yv * zv * tl.sigmoid(zv)
+    tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
     if PAIRS:  # batch 1: also in the packed int4 GEMV's pair layout
         tl.store(yp_ptr + _pair_index(d, D // 8), yv.to(yp_ptr.dtype.element_ty), mask=md)
 
@@ -313,8 +297,6 @@ def _ssm_rows_kernel(
     A = tl.load(a_ptr + dn, mask=mdn, other=0.0).to(tl.float32)
     if A_LOG:
         A = -tl.exp(A)
-    dsk = tl.zeros((BD,), tl.float32)  # placeholders for _ssm_tail without D / z
-    zv = dsk
     if HAS_D:
         dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
@@ -329,11 +311,19 @@ def _ssm_rows_kernel(
     if HAS_Z:
         zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
     if NORM:
-        Bv, Cv = _rms_vec(Bv, N, eps, RMODE), _rms_vec(Cv, N, eps, RMODE)
+        Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
+        Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
     if HAS_DTB:
         v += dtb
     sp = _softplus(v)
-    _ssm_tail(h, A, sp, xv, Bv, Cv, dsk, zv, st, mdn, y_ptr + b * sy_b + d, md, HAS_D, HAS_Z)
+    h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
+    tl.store(st, h, mask=mdn)
+    yv = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        yv += dsk * xv
+    if HAS_Z:
+        yv = yv * zv * tl.sigmoid(zv)
+    tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
 
 
 @triton.jit
