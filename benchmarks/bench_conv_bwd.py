@@ -70,13 +70,6 @@ def main():
     add({"what": "conv_fwd (for scale)", "ms": t_fwd * 1e3,
                  "TB/s": 2 * B * L * D * 2 / t_fwd / 1e12})
     configs = [(tcb.BLOCK_L, tcb.BLOCK_D, tcb.CHUNK, tcb.WARPS)]
-    tcb.TAP_ACC = False  # the per-step reductions over the rows, on the same inputs
-    t = bench(lambda: tcb.conv_bwd(*args))
-    same = torch.equal(tcb.conv_bwd(*args)[0], got[0])
-    add({"what": f"conv_bwd without TAP_ACC {configs[0]}", "ms": t * 1e3,
-         "TB/s": moved(tcb.CHUNK) / t / 1e12, "frac_of_copy": moved(tcb.CHUNK) / t / copy_rate,
-         "dx_same_as_default": same})
-    tcb.TAP_ACC = True
     if a.quick:
         configs += [(16, 32, 256, 2), (16, 64, 128, 4), (8, 64, 256, 4), (16, 64, 512, 4), (16, 32, 256, 4),
                     (16, 128, 256, 8)]

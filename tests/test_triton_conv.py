@@ -105,7 +105,7 @@ BWD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("K", [2, 3, 4, 5])  # 5: the per-step reductions (TAP_ACC is K <= 4)
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "L{}-{}-w{}-b{:d}s{:d}r{:d}dy{:d}ds{:d}".format(
     c[0], str(c[1])[6:], str(c[2])[6:], *c[3:]))

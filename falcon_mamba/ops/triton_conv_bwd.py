@@ -32,13 +32,12 @@ from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 # Tiles timed on the H200 at the 1.5B training shape (bench_conv_bwd.py --quick,
 # results/h200-conv-bwd-f274a49.txt): 16 rows x 32 channels, 2 warps 0.588 ms; 16 x 64 x 4 warps
 # 0.645 ms (chunk 128: 0.687, 512: 0.650); 8 x 64 0.635 ms; 32 x 64 0.83 ms; 16 x 128 x 8 warps
-# 1.10 ms. Without TAP_ACC: 2.98 ms (16 x 128), 1.86 ms (16 x 64). Still ~17% of the copy rate:
-# the K^2 recompute of pre is the cost now (NOTES.md).
+# 1.10 ms. Reduced per tap and step instead of TAP_ACC's per-tap sums: 2.98 ms (16 x 128), 1.86 ms
+# (16 x 64). Still ~17% of the copy rate: the K^2 recompute of pre is the cost now (NOTES.md).
 BLOCK_L = 16
 BLOCK_D = 32
 CHUNK = 256  # rows per program: fewer, larger dw partials (B * L / CHUNK of them, (D, K) each)
 WARPS = 2
-TAP_ACC = True  # per-tap (BL, BD) sums (kernel comment); K <= 4 only
 
 
 @triton.jit
@@ -72,8 +71,9 @@ def _conv_bwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RST: tl.constexpr, HAS_DY: tl.constexpr,
     HAS_DSTATE: tl.constexpr, SILU: tl.constexpr, TAP_ACC: tl.constexpr,
 ):
-    # TAP_ACC (K <= 4): dw and db summed per tap in (BL, BD) tiles over the chunk and reduced over
-    # the rows once at its end, instead of a reduction over BL (across the warps) per tap and step.
+    # TAP_ACC (K <= 4, every Mamba): dw and db summed per tap in (BL, BD) tiles over the chunk and
+    # reduced over the rows once at its end (2.7-5x faster on the H200: the constants above). Wider
+    # convs reduce over BL (across the warps) per tap and step instead.
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -222,7 +222,7 @@ def conv_bwd(x_BLD, weight_DK, bias_D, conv_state_BKD, reset_BL, silu: bool, dy_
             w.stride(0),
             K=K, KP=triton.next_power_of_2(K), BL=BLOCK_L, BD=BLOCK_D, CH=CHUNK,
             HAS_BIAS=bias_D is not None, HAS_STATE=st is not None, HAS_RST=rst is not None,
-            HAS_DY=has_dy, HAS_DSTATE=dst is not None, SILU=silu, TAP_ACC=TAP_ACC and K <= 4,
+            HAS_DY=has_dy, HAS_DSTATE=dst is not None, SILU=silu, TAP_ACC=K <= 4,
             num_warps=WARPS,
             **LAUNCH_OPTIONS,
         )
