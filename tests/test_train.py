@@ -5,6 +5,7 @@ import json
 import math
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -267,8 +268,8 @@ def test_a_run_killed_mid_save_keeps_the_previous_checkpoint(data_dir, tmp_path)
                     break
                 continue
             seen.append(line)
-            if "save paused" in line:
-                pids.append(int(line.split("pid")[-1]))
+            # every rank's message in the line (two ranks' writes to one pipe may share a line)
+            pids += [int(p) for p in re.findall(r"save paused \(test hook\) pid (\d+)", line)]
         assert len(pids) == 2, f"the save hook did not fire on both ranks (rc {proc.poll()}): {seen[-20:]}"
         tmp = run / "checkpoints" / "step-00000004.tmp"
         shards = sorted(p.name for p in tmp.iterdir())

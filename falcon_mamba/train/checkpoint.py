@@ -94,7 +94,10 @@ def _writer(folder: Path):
             def write_data(self, plan, planner):
                 fut = super().write_data(plan, planner)
                 fut.wait()
-                print(f"falcon-mamba: save paused (test hook) pid {os.getpid()}", file=sys.stderr, flush=True)
+                # one write of the whole line: the ranks share stderr, and print() writes the text and its
+                # newline separately, so two ranks' lines could run together
+                sys.stderr.write(f"falcon-mamba: save paused (test hook) pid {os.getpid()}\n")
+                sys.stderr.flush()
                 while True:
                     time.sleep(1)
 
