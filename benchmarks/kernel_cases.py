@@ -203,7 +203,8 @@ def _prefill_cases(L: int = 16384) -> None:
     # the block-scan gradient pass (triton_scan_bwd_blocks) at the tiles bench_scan_bwd.py times
     for bl, bd, warps, cap in ((128, 32, 8, None), (64, 32, 8, None), (64, 32, 8, 128), (64, 32, 4, 128),
                                (64, 32, 8, 168), (128, 32, 16, 128)):
-        @case(f"train scan bwd blocks BL={bl} BD={bd} warps={warps} maxnreg={cap} (fused mixer's)", decode=False)
+        @case(f"train scan bwd blocks BL={bl} BD={bd} warps={warps} maxnreg={cap} (fused mixer's)",
+              decode=False)
         def _(bl=bl, bd=bd, warps=warps, cap=cap):
             from falcon_mamba.ops import triton_scan_bwd_blocks as blocks
             a = scan_args(2048)[0]

@@ -182,7 +182,8 @@ def _scan_bwd_blocks_kernel(
             zv = tl.load(z_b + (r2 * sz_l + dd), mask=m2, other=0.0).to(tl.float32)
             sig = tl.sigmoid(zv)
             dz = dout * ypre * sig * (1.0 + zv * (1.0 - sig))
-            tl.store(dz_ptr + b * sdz_b + t0 * sdz_l + (r2 * sdz_l + dd), dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dz_b = dz_ptr + b * sdz_b + t0 * sdz_l
+            tl.store(dz_b + (r2 * sdz_l + dd), dz.to(dz_ptr.dtype.element_ty), mask=m2)
             if HAS_Y:  # the forward's order: (y_pre * z) * sigmoid(z)
                 tl.store(y_ptr + o_b + o_off, (ypre * zv * sig).to(y_ptr.dtype.element_ty), mask=m2)
         elif HAS_Y:
