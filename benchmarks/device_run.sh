@@ -147,8 +147,8 @@ case "$MODE" in
   blocks14)  # the block-scan gradient pass: its cuda tests, its tiles against the step pass, then burst13
     cuda_tests 150 tests/test_triton_scan.py -k "blocks_equal_steps or (backward_cuda and blocks)"
     tail -3 "$OUT/tests.txt"
-    timeout $((${LIMIT:-585} - 250 - SECONDS)) python3 benchmarks/bench_scan_bwd.py \
-      --blocks ${BLOCKS:-128:32:8,64:32:8,64:32:8:128,128:32:16:128,128:32:16,64:16:4,128:16:4} \
+    timeout $((${LIMIT:-585} - 190 - SECONDS)) python3 benchmarks/bench_scan_bwd.py \
+      --blocks ${BLOCKS:-128:32:8,64:32:8,128:32:16:128,128:32:16,64:16:4,64:32:4:128} \
       > "$OUT/scan-bwd-blocks.txt" 2>&1
     grep -v "^{" "$OUT/scan-bwd-blocks.txt"
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/profile_prefill.py \
