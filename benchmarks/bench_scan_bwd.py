@@ -38,8 +38,6 @@ def main():
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--D", type=int, default=4096)
     p.add_argument("--sweep", action="store_true", help="also time length-chunk x window variants")
-    p.add_argument("--blocks", default=None,
-                   help="block-scan variants to time, BL:BD:warps[:maxnreg],... (triton_scan_bwd_blocks)")
     a = p.parse_args()
     B, L, D, N, R = a.B, a.L, a.D, 16, 256
     dev = torch.device("cuda")
@@ -79,8 +77,6 @@ def main():
         row("old scan_bwd (single pass)", lambda: old.scan_bwd(*args[:-1]))
     row(f"default (chunk {default_cl}, window {tsb.BWD_WINDOW}; {slots} slots)", lambda: tsb.scan_bwd(*args))
     rec = {"shape": f"B={B} L={L} D={D} N={N}", "bytes": nbytes, "rows": rows, "commit": _commit()}
-    if a.blocks:
-        _blocks(a.blocks, args, (x, dt, A, Bm, Cm, Dv, z, dtb, None, rst), row, rec)
     if a.sweep:  # each window is its own compiled kernel (~10-20 s each on Triton 3.6)
         for cl in sorted({L, 1024, 512, 256, CHK}):
             for w in (CHK, 32, 16, 8):
@@ -91,33 +87,6 @@ def main():
             ((g_.float() - r_.float()).norm() / r_.float().norm().clamp(min=1e-30)).item()
             for g_, r_ in zip(got, ref) if g_ is not None)
     print(json.dumps(rec))
-
-
-def _blocks(spec, args, fwd_args, row, rec):
-    """Time the block-scan gradient pass at each BL:BD:warps[:maxnreg] of spec (saved states every
-    BL steps from a forward at that interval) and compare its gradients with the default's."""
-    from falcon_mamba.ops import triton_scan_bwd_blocks as blocks
-    ref = tsb.scan_bwd(*args)
-    errs = {}
-    saved = triton_scan.CHK, blocks.BLK_BLOCK_D, dict(blocks.BLK_WARPS), blocks.BLK_MAXNREG
-    for item in spec.split(","):
-        bl, bd, warps, *cap = (int(v) for v in item.split(":"))
-        triton_scan.CHK = bl
-        blocks.BLK_BLOCK_D, blocks.BLK_WARPS[bl] = bd, warps
-        blocks.BLK_MAXNREG = cap[0] if cap else None
-        _, _, chk = triton_scan.scan_fwd(*fwd_args, save_chk=True)
-        bargs = (*args[:9], chk, *args[10:12], bl)
-        name = f"blocks BL={bl} BD={bd} warps={warps} maxnreg={blocks.BLK_MAXNREG}"
-        row(name, lambda bargs=bargs: tsb.scan_bwd(*bargs, kernel="blocks"))
-        try:
-            got = tsb.scan_bwd(*bargs, kernel="blocks")
-            errs[name] = max(((g_.float() - r_.float()).norm() / r_.float().norm().clamp(min=1e-30)).item()
-                             for g_, r_ in zip(got, ref) if g_ is not None)
-        except Exception as e:  # noqa: BLE001 - reported beside the timing row
-            errs[name] = str(e)[:200]
-        print(name, "max relative error vs default:", errs[name], flush=True)
-    triton_scan.CHK, blocks.BLK_BLOCK_D, blocks.BLK_WARPS, blocks.BLK_MAXNREG = saved
-    rec["blocks_rel_err"] = errs
 
 
 def _commit() -> str | None:

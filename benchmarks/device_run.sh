@@ -25,7 +25,6 @@
 #   benchmarks/device_run.sh kern11     # scan/decode/prefill-graph/mixer cuda tests; scan bwd old vs new; ssm rows; train 1.5B
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
-#   benchmarks/device_run.sh blocks14   # the block-scan backward's cuda tests and tiles, then burst13
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
@@ -144,16 +143,6 @@ case "$MODE" in
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba \
       --no-cli --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -v "^{\"" "$OUT/conv_bwd.log"; grep -E "^\||rate" "$OUT/train.log" ;;
-  blocks14)  # the block-scan gradient pass: its cuda tests, its tiles against the step pass, then burst13
-    cuda_tests 150 tests/test_triton_scan.py -k "blocks_equal_steps or (backward_cuda and blocks)"
-    tail -3 "$OUT/tests.txt"
-    timeout $((${LIMIT:-585} - 190 - SECONDS)) python3 benchmarks/bench_scan_bwd.py \
-      --blocks ${BLOCKS:-128:32:8,64:32:8,128:32:16:128,128:32:16,64:16:4,64:32:4:128} \
-      > "$OUT/scan-bwd-blocks.txt" 2>&1
-    grep -v "^{" "$OUT/scan-bwd-blocks.txt"
-    timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/profile_prefill.py \
-      --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \
-      > "$OUT/bench.log" 2>&1 ;;
   burst13)  # the server's batched fresh-prompt graphs by shape (B x L), replayed and eager
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/profile_prefill.py \
       --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \

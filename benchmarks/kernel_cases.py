@@ -200,25 +200,6 @@ def _prefill_cases(L: int = 16384) -> None:
                              y_out=E(1, 2048, D), dz_out=E(1, 2048, 2 * D)[..., D:])
 
 
-    # the block-scan gradient pass (triton_scan_bwd_blocks) at the tiles bench_scan_bwd.py times
-    for bl, bd, warps, cap in ((128, 32, 8, None), (64, 32, 8, None), (64, 32, 8, 128), (64, 32, 4, 128),
-                               (64, 32, 8, 168), (128, 32, 16, 128)):
-        @case(f"train scan bwd blocks BL={bl} BD={bd} warps={warps} maxnreg={cap} (fused mixer's)",
-              decode=False)
-        def _(bl=bl, bd=bd, warps=warps, cap=cap):
-            from falcon_mamba.ops import triton_scan_bwd_blocks as blocks
-            a = scan_args(2048)[0]
-            chk = E(1, 2048 // bl, D, N, dtype=F32)
-            saved = blocks.BLK_BLOCK_D, dict(blocks.BLK_WARPS), blocks.BLK_MAXNREG
-            blocks.BLK_BLOCK_D, blocks.BLK_WARPS[bl], blocks.BLK_MAXNREG = bd, warps, cap
-            try:
-                triton_scan.scan_bwd(a["x"], a["dt"], a["A"], a["Bm"], a["Cm"], a["Dv"], a["z"], a["dt_bias"],
-                                     E(1, 2048, dtype=torch.bool), chk, E(1, 2048, D), None, bl,
-                                     y_out=E(1, 2048, D), dz_out=E(1, 2048, 2 * D)[..., D:], kernel="blocks")
-            finally:
-                blocks.BLK_BLOCK_D, blocks.BLK_WARPS, blocks.BLK_MAXNREG = saved
-
-
 # ---- decode at batch B (fast_step without the GEMV modes, model.step) -------------------------
 
 def _batched_decode_cases(B: int = 64) -> None:

@@ -81,11 +81,14 @@ def time_batches(model, spec: str, V: int, flops_tok: int, tf: float, reps: int)
     and eager, on the same ids."""
     from falcon_mamba.engine.prefill_graphs import _BatchGraph
 
-    pool, sinks, rows = torch.cuda.graph_pool_handle(), [], []
+    # the graphs stay alive, as the server's do: capturing into a shared pool whose graphs were
+    # all freed trips an allocator assert (use_count > 0, torch 2.11)
+    pool, sinks, rows, graphs = torch.cuda.graph_pool_handle(), [], [], []
     with torch.inference_mode():
         for item in spec.split(","):
             B, L = (int(v) for v in item.lower().split("x"))
             g = _BatchGraph(model, B, L, pool, sinks)
+            graphs.append(g)
             g.ids.copy_(torch.randint(100, V, (B, L), device="cuda"))
             replay = _gpu_ms(g.graph.replay, reps)
             eager = _gpu_ms(lambda g=g: model(g.ids, last_only=True, reset_BL=g.reset), reps)
@@ -97,7 +100,6 @@ def time_batches(model, spec: str, V: int, flops_tok: int, tf: float, reps: int)
             print(f"{B:3d} x {L:5d}  replay {replay:8.2f} ms  eager {eager:8.2f} ms  "
                   f"{row['us_per_token']:6.1f} us/token  matmul floor {floor:6.2f} ms ({floor / replay:.0%})",
                   flush=True)
-            del g
     return rows
 
 

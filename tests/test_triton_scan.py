@@ -105,10 +105,8 @@ def test_forward_minimal_options_bf16(rng):
     assert_close(h, hr, 6e-4, 2e-3, "state")
 
 
-@pytest.mark.parametrize("kernel", ["steps", "blocks"])
-def test_backward_small_with_resets(rng, monkeypatch, kernel):
+def test_backward_small_with_resets(rng, monkeypatch):
     monkeypatch.setattr(triton_scan, "CHK", 8)  # several saved-state chunks, one partial
-    monkeypatch.setattr(triton_scan_bwd, "BWD_KERNEL", kernel)
     check_backward(1, 13, 12, 3, torch.float32, rng, reset=True)
 
 
@@ -145,21 +143,6 @@ def test_backward_small_length_chunked(rng, monkeypatch):
     monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK", 4)
     monkeypatch.setattr(triton_scan, "FWD_UNROLL", 4)
     check_backward(1, 21, 12, 3, torch.float32, rng, reset=True)
-
-
-KERNELS = ["steps", "blocks"]  # triton_scan_bwd.BWD_KERNEL: the gradient pass under test
-
-
-def _spy_pass3(monkeypatch, kernel):
-    """Select the gradient pass and record the grids of its launches."""
-    monkeypatch.setattr(triton_scan_bwd, "BWD_KERNEL", kernel)
-    if kernel == "blocks":
-        spy = _GridSpy(triton_scan_bwd.blocks._scan_bwd_blocks_kernel)
-        monkeypatch.setattr(triton_scan_bwd.blocks, "_scan_bwd_blocks_kernel", spy)
-    else:
-        spy = _GridSpy(triton_scan_bwd._scan_bwd_kernel)
-        monkeypatch.setattr(triton_scan_bwd, "_scan_bwd_kernel", spy)
-    return spy
 
 
 class _GridSpy:
@@ -209,54 +192,47 @@ def check_backward_options(gen, B, L, D, N, *, resets=(), z=True, skip=True, dtb
 RESETS = ((0, 0), (0, 16), (0, 27), (1, 5), (1, 20), (1, 32), (1, 36))
 
 
-# every option set once and every window (8 = CHK: one level, no sub-chunk states) with all options;
-# the block pass has no windows: each option set once
-@pytest.mark.parametrize("kernel,window,opts", [
-    ("steps", 8, dict()),  # everything: z, D, dt bias, h0, dhT, resets
-    ("steps", 4, dict()),
-    ("steps", 2, dict()),
-    ("steps", 4, dict(z=False, skip=False, dtb=False, h0=False, dhT=False, resets=None)),
-    ("steps", 2, dict(skip=False, h0=False)),
-    ("steps", 8, dict(z=False, dtb=False, dhT=False)),
-    ("blocks", 8, dict()),
-    ("blocks", 8, dict(z=False, skip=False, dtb=False, h0=False, dhT=False, resets=None)),
-    ("blocks", 8, dict(skip=False, h0=False)),
-    ("blocks", 8, dict(z=False, dtb=False, dhT=False)),
-], ids=["all-w8", "all-w4", "all-w2", "none-w4", "noD-noh0-w2", "noz-nodtb-nodhT-w8",
-        "blocks-all", "blocks-none", "blocks-noD-noh0", "blocks-noz-nodtb-nodhT"])
-def test_backward_length_chunks(rng, monkeypatch, kernel, window, opts):
+# every option set once and every window (8 = CHK: one level, no sub-chunk states) with all options
+@pytest.mark.parametrize("window,opts", [
+    (8, dict()),  # everything: z, D, dt bias, h0, dhT, resets
+    (4, dict()),
+    (2, dict()),
+    (4, dict(z=False, skip=False, dtb=False, h0=False, dhT=False, resets=None)),
+    (2, dict(skip=False, h0=False)),
+    (8, dict(z=False, dtb=False, dhT=False)),
+], ids=["all-w8", "all-w4", "all-w2", "none-w4", "noD-noh0-w2", "noz-nodtb-nodhT-w8"])
+def test_backward_length_chunks(rng, monkeypatch, window, opts):
     """The three-pass backward: L = 37 in 3 chunks of 16 (neither a multiple of CHK = 8 nor of the
     chunk; the last sub-chunk and window partial), resets in and at the start of chunks."""
     monkeypatch.setattr(triton_scan, "CHK", 8)
     monkeypatch.setattr(triton_scan_bwd, "backward_chunk", lambda *a: 16)
     monkeypatch.setattr(triton_scan_bwd, "BWD_WINDOW", window)
-    spy = _spy_pass3(monkeypatch, kernel)
+    spy = _GridSpy(triton_scan_bwd._scan_bwd_kernel)
+    monkeypatch.setattr(triton_scan_bwd, "_scan_bwd_kernel", spy)
     check_backward_options(rng, 2, 37, 20, 5, **{"resets": RESETS, **opts})
     assert [g[2] for g in spy.grids] == [3]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("L,chunk,nchunks,dhT", [(24, 16, 2, True), (30, 8, 4, True), (37, 37, 1, True),
                                                 (37, 37, 1, False), (5, 8, 1, True)])
-def test_backward_chunk_counts(rng, monkeypatch, L, chunk, nchunks, dhT, kernel):
+def test_backward_chunk_counts(rng, monkeypatch, L, chunk, nchunks, dhT):
     """2 chunks (L a multiple of the chunk), 4 chunks of one CHK each, one chunk (the single-pass
     backward: dhT straight into pass 3, or no terminal adjoint at all), and a length shorter
     than CHK."""
     monkeypatch.setattr(triton_scan, "CHK", 8)
     monkeypatch.setattr(triton_scan_bwd, "backward_chunk", lambda *a: chunk)
     monkeypatch.setattr(triton_scan_bwd, "BWD_WINDOW", 4)
-    spy = _spy_pass3(monkeypatch, kernel)
+    spy = _GridSpy(triton_scan_bwd._scan_bwd_kernel)
+    monkeypatch.setattr(triton_scan_bwd, "_scan_bwd_kernel", spy)
     resets = tuple((0, t) for t in (3, 8, 16, 17, 31) if t < L)
     check_backward_options(rng, 1, L, 12, 4, resets=resets, dhT=dhT)
     assert [g[2] for g in spy.grids] == [nchunks]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_backward_length_chunks_bf16(rng, monkeypatch, kernel):
+def test_backward_length_chunks_bf16(rng, monkeypatch):
     monkeypatch.setattr(triton_scan, "CHK", 8)
     monkeypatch.setattr(triton_scan_bwd, "backward_chunk", lambda *a: 16)
     monkeypatch.setattr(triton_scan_bwd, "BWD_WINDOW", 4)
-    monkeypatch.setattr(triton_scan_bwd, "BWD_KERNEL", kernel)
     check_backward_options(rng, 2, 37, 20, 5, resets=RESETS, dtype=torch.bfloat16)
 
 
@@ -319,23 +295,19 @@ def test_forward_cuda_past_65k(dtype, rng):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("L", [1, 17, 4096])
-def test_backward_cuda(dtype, L, kernel, rng, monkeypatch):
-    monkeypatch.setattr(triton_scan_bwd, "BWD_KERNEL", kernel)
+def test_backward_cuda(dtype, L, rng):
     check_backward(2, L, 40, 16, dtype, rng, reset=(L == 4096))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_cuda_length_chunks_match_reference(dtype, kernel, rng, monkeypatch):
+def test_backward_cuda_length_chunks_match_reference(dtype, rng):
     """The chunked backward at a realistic size (B=2, L=4096, D=256: 32 chunks of 128 by default;
     resets, h0 and dhT) against the float64 reference."""
     assert triton_scan_bwd.backward_chunk(2, 4096, 256, triton_scan_bwd.BWD_BLOCK_D, triton_scan.CHK,
                                           triton_scan_bwd.resident_programs(torch.device(DEV))) < 4096
-    monkeypatch.setattr(triton_scan_bwd, "BWD_KERNEL", kernel)
     check_backward_options(rng, 2, 4096, 256, 16, dtype=dtype,
                            resets=((0, 128), (0, 1000), (1, 2047), (1, 2048), (1, 4095)))
 
@@ -358,37 +330,6 @@ def test_backward_cuda_chunked_equals_single_chunk(dtype, chunk, window, rng):
     for name, g, gr in zip("x dt A B C D z dt_bias h0".split(), got, ref):
         scale = gr.float().abs().max().clamp(min=1.0)
         assert_close(g.float() / scale, gr.float() / scale, rtol, atol, f"d{name} chunk={chunk}")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bl,bd,warps", [(128, 32, 8), (64, 32, 8), (64, 16, 4), (128, 32, 16)])
-@pytest.mark.parametrize("chunk", [512, 4096])
-def test_backward_cuda_blocks_equal_steps(dtype, bl, bd, warps, chunk, rng, monkeypatch):
-    """The block-scan gradient pass at the tiles bench_scan_bwd.py times (saved states every BL
-    steps), one chunk and 8, with the fused mixer's y output and dz into a strided buffer, against
-    the step pass: every gradient, B=2, L=4096, D=256, resets, h0 and dhT."""
-    from falcon_mamba.ops import triton_scan_bwd_blocks as blocks
-    monkeypatch.setattr(triton_scan, "CHK", bl)
-    monkeypatch.setattr(blocks, "BLK_BLOCK_D", bd)
-    monkeypatch.setitem(blocks.BLK_WARPS, bl, warps)
-    x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst = scan_inputs(2, 4096, 256, 16, dtype, DEV, rng, reset=True)
-    rst[0, 1024] = True  # at a chunk start
-    _, _, chk = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, save_chk=True)
-    dy = torch.randn(x.shape, generator=rng).to(DEV, dtype)
-    dhT = torch.randn(2, 256, 16, generator=rng).to(DEV)
-    args = (x, dt, A, Bm, Cm, Dv, z, dtb, rst, chk, dy, dhT, bl)
-    y_ref = torch.empty_like(x)
-    ref = triton_scan.scan_bwd(*args, chunk=4096, kernel="steps", y_out=y_ref)
-    y = torch.empty_like(x)
-    dz = torch.zeros(2, 4096, 512, dtype=dtype, device=DEV)
-    got = triton_scan.scan_bwd(*args, chunk=chunk, kernel="blocks", y_out=y, dz_out=dz[..., 256:])
-    rtol, atol = TOL[dtype]
-    for name, g, gr in zip("x dt A B C D z dt_bias h0".split(), got, ref):
-        scale = gr.float().abs().max().clamp(min=1.0)
-        assert_close(g.float() / scale, gr.float() / scale, rtol, atol, f"d{name} chunk={chunk}")
-    assert torch.equal(dz[..., 256:], got[6]) and not dz[..., :256].any()
-    assert_close(y.float(), y_ref.float(), rtol, atol, "y")
 
 
 @pytest.mark.cuda

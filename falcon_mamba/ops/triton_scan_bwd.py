@@ -37,6 +37,12 @@ Two levels (every W-th state, then W states at a time) need (CHK/W + W + 1) slot
 ~1056 resident programs: it stays in L2. The price is a second forward recompute of each step
 (~100 instructions) beside the reverse step's ~650.
 
+Measured and removed: the time axis as parallel scans instead (a (BL, BD) tile per state, the
+forward and adjoint recurrences as tl.associative_scan, sums over the states in registers; git
+6ce0027): 14.8-25.1 ms a layer at the 1.5B shape against this kernel's 6.43, over six tiles
+(results/h200-scan-bwd-timescan-6ce0027.txt): the scans' shuffle and shared-memory rounds per
+element cost more than the per-step reductions they remove.
+
 Loops over runtime bounds are `while` loops (the interpreter of the CPU tests cannot run `range()`
 over a runtime scalar with numpy >= 2.4); every (NP, BD) tensor is built from per-channel vectors
 and per-state scalars (the layout note in triton_scan._scan_fwd_kernel); length offsets are int64.
@@ -51,7 +57,6 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_mamba.ops import triton_scan_bwd_blocks as blocks
 from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
 
 LN2 = 0.6931471805599453
@@ -459,13 +464,8 @@ def backward_chunk(Bsz: int, L: int, D: int, block_d: int, chk_every: int, slots
     return _best_chunk(progs, L, chk_every, slots, BWD_MAX_CHUNKS, BWD_MAX_WAVES, BWD_LOCAL_COST)
 
 
-# The gradient pass: "steps" (_scan_bwd_kernel, one time step at a time) or "blocks"
-# (triton_scan_bwd_blocks: block scans over chk_every steps, which must be a power of two).
-BWD_KERNEL = "steps"
-
-
 def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, chunk=None,
-             window=None, y_out=None, dz_out=None, kernel=None):
+             window=None, y_out=None, dz_out=None):
     """Launch the backward; returns fp32/input-dtype gradients
     (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0); entries for absent inputs are None.
 
@@ -475,8 +475,7 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
     more: one chunk). window: steps recomputed at a time (default BWD_WINDOW; a divisor of
     chk_every is used). y_out (B, L, D) contiguous, optional: filled with the forward's output y
     (rounded to y_out's dtype), recomputed on the way, so a caller need not have kept it. dz_out
-    (B, L, D), last dim contiguous, any row strides, optional: where dz goes (and is returned).
-    kernel: the gradient pass, "steps" or "blocks" (default BWD_KERNEL)."""
+    (B, L, D), last dim contiguous, any row strides, optional: where dz goes (and is returned)."""
     Bsz, L, D = x.shape
     N = A.shape[1]
     NP = triton.next_power_of_2(N)
@@ -494,12 +493,15 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         assert dz.shape == z.shape and dz.stride(-1) == 1, "dz_out must be (B, L, D), last dim contiguous"
     dB = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
     dC = torch.zeros(Bsz, L, N, dtype=torch.float32, device=dev)
+    dA = torch.empty(Bsz, NC, D, N, dtype=torch.float32, device=dev)
     dD = torch.empty(Bsz, NC, D, dtype=torch.float32, device=dev)
     ddtb = torch.empty(Bsz, NC, D, dtype=torch.float32, device=dev)
     dh0 = torch.empty(Bsz, D, N, dtype=torch.float32, device=dev)
     if y_out is not None:
         assert y_out.shape == x.shape and y_out.is_contiguous(), "y_out must be (B, L, D) contiguous"
     nprog = triton.cdiv(D, BWD_BLOCK_D)
+    scratch = torch.empty(Bsz * nprog * NC * (chk_every // W + W + 1) * N * BWD_BLOCK_D,
+                          dtype=torch.float32, device=dev)
     rst = reset.contiguous().view(torch.uint8) if reset is not None else None
     rr = rst if rst is not None else x
     sr = (rst.stride(0), rst.stride(1)) if rst is not None else (0, 0)
@@ -509,11 +511,6 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         dhT = dhT.contiguous()
     dtb = dt_bias if dt_bias is not None else A
     flags = dict(N=N, NP=NP, BD=BWD_BLOCK_D, num_warps=BWD_WARPS, **LAUNCH_OPTIONS)
-    strides = (x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
-               Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), *sr, dy.stride(0), dy.stride(1),
-               *((dz.stride(0), dz.stride(1)) if dz is not None else (0, 0)))
-    has = dict(HAS_Z=z is not None, HAS_D=Dv is not None, HAS_DTB=dt_bias is not None,
-               HAS_RST=rst is not None, HAS_GIN=dhT is not None or NC > 1, HAS_Y=y_out is not None)
     if NC == 1:
         gin, sgi = dhT, (D * N, 0)
     else:
@@ -529,27 +526,16 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
             gin, dsum, A, dhT if dhT is not None else A, D, NC,
             N=N, NP=NP, BD=CARRY_BLOCK_D, HAS_DHT=dhT is not None, num_warps=1, **LAUNCH_OPTIONS)
     # 3) every chunk from its terminal adjoint: the gradients
-    common = (dx, ddt, dz if dz is not None else dx, dB, dC)
-    if (kernel or BWD_KERNEL) == "blocks":
-        nblk = triton.cdiv(D, blocks.BLK_BLOCK_D)
-        dA = torch.zeros(Bsz, NC, N, D, dtype=torch.float32, device=dev)
-        scratch = torch.empty(Bsz * nblk * NC * N * blocks.BLK_BLOCK_D, dtype=torch.float32, device=dev)
-        blocks._scan_bwd_blocks_kernel[(nblk, Bsz, NC)](
-            x, dt, zz, Bm, Cm, A, Dv if Dv is not None else A, dtb, rr, chk, dy,
-            gin if gin is not None else A, scratch, *common, dA, dD, ddtb, dh0,
-            y_out if y_out is not None else dx, L, D, CL, *sgi, *strides,
-            N=N, BL=chk_every, BD=blocks.BLK_BLOCK_D, num_warps=blocks.BLK_WARPS.get(chk_every, 4),
-            **has, **LAUNCH_OPTIONS, **({"maxnreg": blocks.BLK_MAXNREG} if blocks.BLK_MAXNREG else {}))
-        dA = dA.sum((0, 1)).t().contiguous()
-    else:
-        dA = torch.empty(Bsz, NC, D, N, dtype=torch.float32, device=dev)
-        scratch = torch.empty(Bsz * nprog * NC * (chk_every // W + W + 1) * N * BWD_BLOCK_D,
-                              dtype=torch.float32, device=dev)
-        _scan_bwd_kernel[(nprog, Bsz, NC)](
-            x, dt, zz, Bm, Cm, A, Dv if Dv is not None else A, dtb, rr, chk, dy,
-            gin if gin is not None else A, scratch, *common, dA, dD, ddtb, dh0,
-            y_out if y_out is not None else dx, L, D, CL, *sgi, *strides,
-            CHKS=chk_every, W=W, T=T, **has, **flags)
-        dA = dA.sum((0, 1))
-    return (dx, ddt, dA, dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
+    _scan_bwd_kernel[(nprog, Bsz, NC)](
+        x, dt, zz, Bm, Cm, A, Dv if Dv is not None else A, dtb, rr, chk, dy,
+        gin if gin is not None else A, scratch,
+        dx, ddt, dz if dz is not None else dx, dB, dC, dA, dD, ddtb, dh0,
+        y_out if y_out is not None else dx, L, D, CL, *sgi,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+        Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), *sr, dy.stride(0), dy.stride(1),
+        *((dz.stride(0), dz.stride(1)) if dz is not None else (0, 0)),
+        CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
+        HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
+        HAS_Y=y_out is not None, **flags)
+    return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
