@@ -25,6 +25,7 @@
 #   benchmarks/device_run.sh kern11     # scan/decode/prefill-graph/mixer cuda tests; scan bwd old vs new; ssm rows; train 1.5B
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
+#   benchmarks/device_run.sh serve14    # burst13 + bench_skinny.py + mixed13's first three pairs
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
@@ -143,6 +144,22 @@ case "$MODE" in
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba \
       --no-cli --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -v "^{\"" "$OUT/conv_bwd.log"; grep -E "^\||rate" "$OUT/train.log" ;;
+  serve14)  # burst13, the skinny decode matmuls against cuBLAS, then mixed13 (its first three pairs)
+    timeout 170 python3 benchmarks/profile_prefill.py \
+      --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \
+      > "$OUT/burst.log" 2>&1
+    grep -E " x .*replay" "$OUT/burst.log"
+    timeout 130 python3 benchmarks/bench_skinny.py --out "$OUT/results/skinny.json" > "$OUT/skinny.log" 2>&1
+    grep -E "^[a-z_]+ +M=" "$OUT/skinny.log"
+    for cfg in ${MIXED_CFGS:-384:1 512:2 256:1}; do
+      c=${cfg%%:*}; i=${cfg##*:}
+      timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
+        --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --clients 1 --requests 2 --max-tokens 8 \
+        --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--prefill-chunk=$c \
+        --server-arg=--long-prompt-interval=$i --out "$OUT/mixed-$c-$i.json" > "$OUT/mixed-$c-$i.log" 2>&1
+      grep "^mixed" "$OUT/mixed-$c-$i.log" | sed "s/^/chunk $c interval $i: /"
+    done
+    cp "$OUT/burst.log" "$OUT/bench.log" ;;
   burst13)  # the server's batched fresh-prompt graphs by shape (B x L), replayed and eager
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/profile_prefill.py \
       --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \
