@@ -64,8 +64,8 @@ def main() -> None:
                    "best": best, "best_us": ok[best]["us"] if best else None, "configs": tri}
             rec["rows"].append(row)
             bu = row["best_us"] or float("inf")
-            print(f"{name:9s} M={M:3d} floor {floor_us:7.1f} us  cuBLAS {cub:7.1f} us ({floor_us / cub:4.0%}) "
-                  f" triton {bu:7.1f} us ({floor_us / bu:4.0%}) {best}", flush=True)
+            print(f"{name:9s} M={M:3d} floor {floor_us:7.1f} us  cuBLAS {cub:7.1f} us "
+                  f"({floor_us / cub:4.0%})  triton {bu:7.1f} us ({floor_us / bu:4.0%}) {best}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rec, f, indent=1)
