@@ -9,6 +9,7 @@ import torch
 from falcon_mamba import FalconMamba, get_preset
 from falcon_mamba.decode.modes import DecodeOptions
 from falcon_mamba.engine.prefill_graphs import (
+    REPLAY_TOKENS,
     ROW_BUCKETS,
     PrefillGraphs,
     continuing_pieces,
@@ -46,7 +47,7 @@ BUCKETS = (16, 32, 64, 128, 256, 512)
 SHAPES = tuple((B, L) for L in BUCKETS for B in ROW_BUCKETS if B * L <= 4096)
 
 
-def _padded_cost(lengths, sizes, replay=96):
+def _padded_cost(lengths, sizes, replay=REPLAY_TOKENS):
     """What plan_parts minimises, recomputed from the shapes a plan's parts replay."""
     total, at = 0, 0
     for k in sizes:

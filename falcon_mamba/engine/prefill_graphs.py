@@ -50,13 +50,14 @@ MIN_BUCKET = 16  # the shortest fresh bucket: prompts this short differ little i
 # Rows of the batched fresh graphs: a batch of k prompts replays the smallest bucket >= k (its
 # padding rows cost GPU time: steps of 1.5x below 16 rows keep that under a third).
 ROW_BUCKETS = (2, 4, 8, 12, 16, 24, 32, 48, 64)
-# The fixed cost of one more replay in prompt tokens: a replay reads every weight once (7B: 14.5 GB,
-# 3.5 ms at the H200's copy rate) and a token costs ~36 us more (a 64 x 32 batch took 73 ms of GPU:
-# results/h200-serve-5f11a54.json's step log): ~96 tokens. Both scale with the parameter count, so
+# The fixed cost of one more replay in prompt tokens: the batched fresh graphs of 4 to 64 rows x 32
+# tokens replayed in 9.3 to 63.5 ms of GPU on the H200 (7B; profile_prefill.py --batches,
+# results/h200-prefill-batches-be6f849.json): 28.2 us a token plus 5.7 ms a replay (its weight
+# reads, 14.5 GB, and the launches' tails), ~200 tokens. Both scale with the parameter count, so
 # the ratio holds for any model size on that GPU. plan_parts weighs padding rows against it: 49
-# prompts of 27 tokens are a 48-row and a 1-row replay (1,760 token-equivalents), not one of 64
-# rows (2,144).
-REPLAY_TOKENS = 96
+# prompts of 27 tokens are a 48-row and a 1-row replay (1,968 token-equivalents), not one of 64
+# rows (2,248).
+REPLAY_TOKENS = 200
 
 
 def fresh_buckets(chunk: int) -> list[int]:
