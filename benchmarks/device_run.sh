@@ -25,6 +25,7 @@
 #   benchmarks/device_run.sh kern11     # scan/decode/prefill-graph/mixer cuda tests; scan bwd old vs new; ssm rows; train 1.5B
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
+#   benchmarks/device_run.sh skinny15   # the skinny batched projections: cuda tests, then serve with them
 #   benchmarks/device_run.sh serve14    # burst13 + bench_skinny.py + mixed13's first three pairs
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
@@ -144,6 +145,14 @@ case "$MODE" in
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba \
       --no-cli --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -v "^{\"" "$OUT/conv_bwd.log"; grep -E "^\||rate" "$OUT/train.log" ;;
+  skinny15)  # the skinny decode matmul: its cuda tests, then the server at 1/16/64/256 + mixed with it
+    cuda_tests 150 tests/test_triton_skinny.py tests/test_decode_graphs.py
+    tail -3 "$OUT/tests.txt"
+    timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
+      --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--batched-projections=skinny \
+      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -v "^{" "$OUT/bench.log" ;;
   serve14)  # burst13, the skinny decode matmuls against cuBLAS, then mixed13 (its first three pairs)
     timeout 170 python3 benchmarks/profile_prefill.py \
       --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \

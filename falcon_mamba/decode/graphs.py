@@ -80,7 +80,7 @@ class DecodeGraphs:
             st = p.state
             with pdl.enabled(use_pdl):
                 logits = fast_step(self.model, p.tokens[:rows], st.conv[:, :rows], st.ssm[:, :rows],
-                                   **mode.step_kwargs(rows))
+                                   **self.options.step_kwargs(mode, rows))
         else:
             logits = self.model.step(p.tokens[:rows], p.decode_view(rows))
         sample_rows(logits, p.sampler_rows(0, rows), p.tokens[:rows], p.logprob[:rows], p.status[:rows])

@@ -52,7 +52,7 @@ MIN_BUCKET = 16  # the shortest fresh bucket: prompts this short differ little i
 ROW_BUCKETS = (2, 4, 8, 12, 16, 24, 32, 48, 64)
 # The fixed cost of one more replay in prompt tokens: the batched fresh graphs of 4 to 64 rows x 32
 # tokens replayed in 9.3 to 63.5 ms of GPU on the H200 (7B; profile_prefill.py --batches,
-# results/h200-prefill-batches-be6f849.json): 28.2 us a token plus 5.7 ms a replay (its weight
+# results/h200-prefill-batches-be6f849.txt): 28.2 us a token plus 5.7 ms a replay (its weight
 # reads, 14.5 GB, and the launches' tails), ~200 tokens. Both scale with the parameter count, so
 # the ratio holds for any model size on that GPU. plan_parts weighs padding rows against it: 49
 # prompts of 27 tokens are a 48-row and a 1-row replay (1,968 token-equivalents), not one of 64

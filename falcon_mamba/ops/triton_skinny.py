@@ -40,6 +40,16 @@ class SkinnyConfig:
         return f"bn{self.bn}-bk{self.bk}-s{self.splits}-w{self.warps}-st{self.stages}"
 
 
+# The decode step's projections that took this kernel (fast_step's skinny option) and their launch
+# shapes: the fastest of 18 at the 7B shapes on the H200, each ahead of cuBLAS at 16 and 64 rows
+# (benchmarks/bench_skinny.py, results/h200-skinny-be6f849.txt: out_proj 20.8 against 24.4 us at 64
+# rows, lm_head 129.9 against 141.2, x_proj 6.9 against 8.1). in_proj stays on cuBLAS (35.3 against
+# 35.1: a tie at 92% of the weight-read floor).
+DECODE_CONFIGS = {"out_proj": SkinnyConfig(32, 256, 1), "x_proj": SkinnyConfig(32, 128, 4),
+                  "lm_head": SkinnyConfig(128, 128, 1)}
+MAX_ROWS = 64
+
+
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, KS, sxm, swn, sym, syn, sys,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
@@ -88,7 +98,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, cfg: SkinnyConfig = SkinnyCo
     M, K = x.shape
     N = w.shape[0]
     assert w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1, "x (M, K), w (N, K), K contiguous"
-    assert M <= 64, "skinny_linear takes at most 64 rows"
+    assert M <= MAX_ROWS, "skinny_linear takes at most 64 rows"
     BM = max(16, triton.next_power_of_2(M))
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     S = max(1, cfg.splits)
