@@ -38,6 +38,8 @@ def main():
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--D", type=int, default=4096)
     p.add_argument("--sweep", action="store_true", help="also time length-chunk x window variants")
+    p.add_argument("--maxnreg", default=None,
+                   help="also time the default launch under these register caps, e.g. 128,168,200")
     a = p.parse_args()
     B, L, D, N, R = a.B, a.L, a.D, 16, 256
     dev = torch.device("cuda")
@@ -77,6 +79,16 @@ def main():
         row("old scan_bwd (single pass)", lambda: old.scan_bwd(*args[:-1]))
     row(f"default (chunk {default_cl}, window {tsb.BWD_WINDOW}; {slots} slots)", lambda: tsb.scan_bwd(*args))
     rec = {"shape": f"B={B} L={L} D={D} N={N}", "bytes": nbytes, "rows": rows, "commit": _commit()}
+    if a.maxnreg:  # fewer registers, more resident programs, some spills (inspect_kernels.py counts them)
+        ref = tsb.scan_bwd(*args)
+        for cap in (int(v) for v in a.maxnreg.split(",")):
+            tsb.BWD_MAXNREG = cap
+            row(f"default, maxnreg {cap}", lambda: tsb.scan_bwd(*args))
+            got = tsb.scan_bwd(*args)
+            rec[f"maxnreg_{cap}_rel_err"] = max(  # dB, dC: atomics, so not bit-identical run to run
+                ((g_.float() - r_.float()).norm() / r_.float().norm().clamp(min=1e-30)).item()
+                for g_, r_ in zip(got, ref) if g_ is not None)
+        tsb.BWD_MAXNREG = None
     if a.sweep:  # each window is its own compiled kernel (~10-20 s each on Triton 3.6)
         for cl in sorted({L, 1024, 512, 256, CHK}):
             for w in (CHK, 32, 16, 8):

@@ -26,6 +26,7 @@
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
 #   benchmarks/device_run.sh skinny15   # the skinny batched projections: cuda tests, then serve with them
+#   benchmarks/device_run.sh regcap15   # the scan backward's pass 3 at maxnreg 128 / 168 / 200
 #   benchmarks/device_run.sh serve14    # burst13 + bench_skinny.py + mixed13's first three pairs
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
@@ -153,6 +154,10 @@ case "$MODE" in
       --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--batched-projections=skinny \
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -v "^{" "$OUT/bench.log" ;;
+  regcap15)  # the scan backward's pass 3 under register caps (more resident programs, some spills)
+    timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_scan_bwd.py --maxnreg 128,168,200 \
+      > "$OUT/scan-bwd-maxnreg.txt" 2>&1
+    grep -v "^{" "$OUT/scan-bwd-maxnreg.txt" ;;
   serve14)  # burst13, the skinny decode matmuls against cuBLAS, then mixed13 (its first three pairs)
     timeout 170 python3 benchmarks/profile_prefill.py \
       --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \

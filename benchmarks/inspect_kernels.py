@@ -110,7 +110,8 @@ def specialise(launch, backend):
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
     names = list(fn.arg_names)
     consts = {names[p[0]]: _plain(v) for p, v in constexprs.items()}
-    opts = {k: options.__dict__.get(k) for k in ("num_warps", "num_stages", "launch_pdl", "enable_fp_fusion")}
+    opts = {k: options.__dict__.get(k)
+            for k in ("num_warps", "num_stages", "launch_pdl", "enable_fp_fusion", "maxnreg")}
     key_src = json.dumps([fn.fn.__name__, signature, sorted(consts.items()),
                           sorted((str(k), str(v)) for k, v in attrs.items()), sorted(opts.items())],
                          default=str)

@@ -200,11 +200,33 @@ def _prefill_cases(L: int = 16384) -> None:
                              y_out=E(1, 2048, D), dz_out=E(1, 2048, 2 * D)[..., D:])
 
 
+    for cap in (128, 168, 200):
+        @case(f"train scan bwd L=2048 (resets; fused mixer's) maxnreg={cap}", decode=False)
+        def _(cap=cap):
+            from falcon_mamba.ops import triton_scan_bwd as tsb
+            a = scan_args(2048)[0]
+            chk = E(1, 2048 // triton_scan.CHK, D, N, dtype=F32)
+            saved, tsb.BWD_MAXNREG = tsb.BWD_MAXNREG, cap
+            try:
+                triton_scan.scan_bwd(a["x"], a["dt"], a["A"], a["Bm"], a["Cm"], a["Dv"], a["z"], a["dt_bias"],
+                                     E(1, 2048, dtype=torch.bool), chk, E(1, 2048, D), None, triton_scan.CHK,
+                                     y_out=E(1, 2048, D), dz_out=E(1, 2048, 2 * D)[..., D:])
+            finally:
+                tsb.BWD_MAXNREG = saved
+
+
 # ---- decode at batch B (fast_step without the GEMV modes, model.step) -------------------------
 
 def _batched_decode_cases(B: int = 64) -> None:
     from falcon_mamba.ops import triton_decode, triton_sample
     from falcon_mamba.ops.sample import SamplerRows
+
+    from falcon_mamba.ops.triton_skinny import DECODE_CONFIGS, skinny_linear
+
+    for proj, (K, Nout) in (("out_proj", (D, H)), ("x_proj", (D, R + 2 * N)), ("lm_head", (H, V))):
+        @case(f"decode B={B} {proj} (skinny matmul, --batched-projections skinny)")
+        def _(proj=proj, K=K, Nout=Nout):
+            skinny_linear(E(B, K), E(Nout, K), DECODE_CONFIGS[proj])
 
     @case(f"decode B={B} embeddings gather + first norm")
     def _():

@@ -73,6 +73,9 @@ BWD_WARPS = 1
 # the state: 48 values) and spill: its latency is hidden by the second warp of each scheduler
 # and by loading the next step's dy and z early instead.
 BWD_PROGRAMS_PER_SM = 8
+# A register cap for pass 3 (ptxas maxnreg; None: the compiler's 242-255). 168 would hold 12
+# one-warp programs per SM instead of 8 at the price of spills (bench_scan_bwd.py --sweep times it).
+BWD_MAXNREG = None
 # Steps recomputed into scratch at a time: a divisor of CHK (CHK itself: one level, 256 KiB of
 # scratch per program). 16 minimises CHK/W + W for CHK = 128.
 BWD_WINDOW = 16
@@ -536,6 +539,6 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         *((dz.stride(0), dz.stride(1)) if dz is not None else (0, 0)),
         CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
         HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
-        HAS_Y=y_out is not None, **flags)
+        HAS_Y=y_out is not None, **flags, **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
