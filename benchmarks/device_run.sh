@@ -51,6 +51,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl || echo "no wheels in .whl" >> "$OUT/env.txt"
 export PYTHONPATH=/tmp/site:. FALCON_MAMBA_SHARED=$PWD/.data/shared
 
+left() {  # left RESERVE_S: seconds of LIMIT left after keeping RESERVE_S back, at least 1
+  local s=$(( ${LIMIT:-585} - $1 - SECONDS ))
+  echo $(( s < 1 ? 1 : s ))
+}
+
 cuda_tests() {  # cuda_tests LIMIT_S FILES...: 8 pytest processes (the suite is compile-bound)
   local limit=$1
   shift
@@ -167,7 +172,7 @@ case "$MODE" in
     grep -E "^[a-z_]+ +M=" "$OUT/skinny.log"
     for cfg in ${MIXED_CFGS:-384:1 512:2 256:1}; do
       c=${cfg%%:*}; i=${cfg##*:}
-      timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
+      timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
         --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --clients 1 --requests 2 --max-tokens 8 \
         --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--prefill-chunk=$c \
         --server-arg=--long-prompt-interval=$i --out "$OUT/mixed-$c-$i.json" > "$OUT/mixed-$c-$i.log" 2>&1
@@ -182,7 +187,7 @@ case "$MODE" in
             # prompt's rate against the streams' inter-token p99 (issue #15: >= 50%, <= 3x)
     for cfg in ${MIXED_CFGS:-512:2 384:1 256:1 1024:4}; do
       c=${cfg%%:*}; i=${cfg##*:}
-      timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
+      timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
         --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --clients 1 --requests 2 --max-tokens 8 \
         --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--prefill-chunk=$c \
         --server-arg=--long-prompt-interval=$i --out "$OUT/mixed-$c-$i.json" > "$OUT/mixed-$c-$i.log" 2>&1

@@ -15,7 +15,8 @@ At batch 1 the projections can run several ways (decode/modes.py): the first use
 every supported mode with and without programmatic dependent launch, checks each one's logits
 against the first (cuBLAS) candidate and keeps the fastest; the choice is cached on disk per GPU,
 model shape, dtype and format (decode/tuning.py), so a restarted process skips the timing. Above one
-row every projection is cuBLAS.
+row the projections are cuBLAS, or with DecodeOptions.batched_proj "skinny" (2-64 rows) out_proj,
+x_proj and lm_head by ops/triton_skinny.py.
 
 Without graphs (CPU, the torch op backend, or cuda_graphs=False) the same body runs eagerly: the
 fused step on CUDA with the triton backend, ``model.step`` elsewhere.

@@ -1,10 +1,12 @@
 """The registry of batch-1 projection modes of the decode step, and the decode options.
 
-A mode says how the projections of a batch-1 step run (decode/step.py's fast_step flags). Above one
-row every projection is a cuBLAS matmul (the "cublas" mode). At batch 1 the decoder times every
-supported mode, each with and without programmatic dependent launch (ops/pdl.py), checks each
-one's logits against the cuBLAS path and keeps the fastest (decode/graphs.py); the choice is cached
-on disk per GPU, model shape, dtype and weight format (decode/tuning.py).
+A mode says how the projections of a batch-1 step run (decode/step.py's fast_step flags). Above
+one row the projections are cuBLAS matmuls (the "cublas" mode), or with DecodeOptions.batched_proj
+"skinny" out_proj, x_proj and lm_head of 2-64-row steps by ops/triton_skinny.py. At batch 1 the
+decoder times every supported mode, each with and without programmatic dependent launch
+(ops/pdl.py), checks each one's logits against the cuBLAS path and keeps the fastest
+(decode/graphs.py); the choice is cached on disk per GPU, model shape, dtype and weight format
+(decode/tuning.py).
 
 Which modes exist is measured, not wished: each one below won on some GPU and weight format
 (benchmarks/results/): triton_cx for bf16 and int8 and triton_xp for int4 on the H100 (session 5),
@@ -123,8 +125,9 @@ def add_decode_arguments(parser) -> None:
     g.add_argument("--tuning-cache", default=None, metavar="DIR",
                    help="folder of the decode tuning cache (default ~/.cache/falcon-mamba/tuning; '' = off)")
     g.add_argument("--batched-projections", default="cublas", choices=BATCHED_PROJ_CHOICES,
-                   help="out_proj, x_proj and lm_head of steps of 2-64 rows: cuBLAS, or the skinny Triton "
-                        "matmul (faster in its own loop on the H200; not yet measured in the step)")
+                   help="out_proj, x_proj and lm_head of steps of 2-64 rows (dense bias-free weights; "
+                        "quantized ones stay on their kernels): cuBLAS, or the skinny Triton matmul "
+                        "(faster in its own loop on the H200; not yet measured in the step)")
 
 
 def options_from_args(args) -> DecodeOptions:

@@ -52,7 +52,8 @@ def _proj(mod, x: torch.Tensor, gemv: bool, pairs: torch.Tensor | None = None,
     """mod(x), or for one row the Triton GEMV (ops/triton_gemv.py, tuned per shape and format)
     through a bias-free dense or quantized Linear when asked. pairs: x in the packed int4 kernel's
     pair layout, written by x's producer (_pairs_buffer). skinny: a SkinnyConfig: for 2-64 rows
-    through a bias-free dense Linear of x's dtype, the skinny Triton matmul (ops/triton_skinny.py)."""
+    through a bias-free dense Linear of x's dtype, the skinny Triton matmul (ops/triton_skinny.py;
+    tuned and timed in bf16; fp32 runs full-precision products, as cuBLAS's default)."""
     if (skinny is not None and 2 <= x.shape[0] and _dense(mod) and mod.bias is None
             and x.dtype == mod.weight.dtype):
         from falcon_mamba.ops.triton_skinny import MAX_ROWS, skinny_linear

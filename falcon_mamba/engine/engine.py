@@ -63,7 +63,8 @@ class ShuttingDown(Exception):
 class EngineConfig:
     num_slots: int = 16  # sequences held at once (state slots)
     max_waiting: int = 64  # requests that may wait for a slot before new ones get QueueFull
-    prefill_chunk: int = 576  # prompt tokens per chunk (serve's default: see cli/serve.py)
+    prefill_chunk: int = 576  # prompt tokens per chunk (serve's default, measured with serve's
+    # --long-prompt-interval 2: see cli/serve.py)
     prefill_budget: int | None = None  # prompt tokens per step (default: 4 chunks)
     long_prompt_interval: int = 1  # while streams decode, a prompt's later chunks every N-th step
     max_context: int = 1 << 20  # prompt + max_new_tokens limit

@@ -87,7 +87,7 @@ class Pending:
 
 class Runner:
     def __init__(self, model, pool: StatePool, options: DecodeOptions | None = None,
-                 prefill_chunk: int = 512, prefill_budget: int | None = None):
+                 prefill_chunk: int = 576, prefill_budget: int | None = None):
         self.model = model
         self.pool = pool
         self.device = model.device

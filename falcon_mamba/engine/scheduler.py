@@ -72,7 +72,7 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_waiting: int = 64, prefill_chunk: int = 512,
+    def __init__(self, num_slots: int, max_waiting: int = 64, prefill_chunk: int = 576,
                  prefill_budget: int | None = None,
                  on_admit: Callable[[Request], None] | None = None, long_prompt_interval: int = 1):
         """on_admit(request) runs when a request gets its slots, before its first chunk is

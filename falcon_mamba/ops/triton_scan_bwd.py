@@ -74,7 +74,7 @@ BWD_WARPS = 1
 # and by loading the next step's dy and z early instead.
 BWD_PROGRAMS_PER_SM = 8
 # A register cap for pass 3 (ptxas maxnreg; None: the compiler's 242-255). 168 would hold 12
-# one-warp programs per SM instead of 8 at the price of spills (bench_scan_bwd.py --sweep times it).
+# one-warp programs per SM instead of 8 at the price of spills (bench_scan_bwd.py --maxnreg times it).
 BWD_MAXNREG = None
 # Steps recomputed into scratch at a time: a divisor of CHK (CHK itself: one level, 256 KiB of
 # scratch per program). 16 minimises CHK/W + W for CHK = 128.
