@@ -227,11 +227,6 @@ def _batched_decode_cases(B: int = 64) -> None:
         def _(proj=proj, K=K, Nout=Nout):
             skinny_linear(E(B, K), E(Nout, K), DECODE_CONFIGS[proj])
 
-    @case(f"decode B={B} in_proj + conv step (skinny matmul's epilogue, --batched-projections skinny)")
-    def _():
-        from falcon_mamba.ops.triton_skinny import IN_PROJ_CONV, skinny_in_proj_conv
-        skinny_in_proj_conv(E(B, H), E(2 * D, H), E(B, K - 1, D), E(D, K), E(D), IN_PROJ_CONV)
-
     @case(f"decode B={B} embeddings gather + first norm")
     def _():
         triton_decode.rms_rows(E(V, H), E(H), EPS, x_out=E(B, H, dtype=F32), round_in=BF, round_y=BF,

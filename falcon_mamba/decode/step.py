@@ -114,17 +114,6 @@ def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None, 
                         m.dt_proj.bias.float()), None
 
 
-def _in_proj_conv_fits(m, u: torch.Tensor) -> bool:
-    """in_proj and the conv step of this mixer can run as skinny_in_proj_conv on input u (B, H):
-    2-64 rows, a dense bias-free in_proj of u's dtype, and channel blocks within the x half."""
-    from falcon_mamba.ops.triton_skinny import IN_PROJ_CONV, MAX_ROWS, conv_fits
-
-    w = m.in_proj
-    return (2 <= u.shape[0] <= MAX_ROWS and _dense(w) and w.bias is None and w.weight.dtype == u.dtype
-            and u.stride(-1) == 1 and m.conv1d.weight.is_contiguous()
-            and conv_fits(w.weight.shape[0] // 2, IN_PROJ_CONV))
-
-
 def conv_fold_supported(model) -> bool:
     """True where the conv-folded GEMV mode applies: every x_proj is a GEMV weight (bias-free dense
     Linear or QuantLinear) and every dt_proj is fusable into the SSM kernel with the conv option
@@ -181,8 +170,7 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     and the SSM kernel (_conv_folded; the caller checks conv_fold_supported). xproj_merge: batch 1
     with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
     xproj_merge_supported). skinny: 2-64 rows with out_proj, x_proj and lm_head (dense) by the skinny
-    Triton matmul instead of cuBLAS (ops/triton_skinny.DECODE_CONFIGS; DecodeOptions.batched_proj),
-    and in_proj with the conv step as its epilogue (one launch fewer a layer; _in_proj_conv_fits).
+    Triton matmul instead of cuBLAS (ops/triton_skinny.DECODE_CONFIGS; DecodeOptions.batched_proj).
     decode/modes.py names these combinations."""
     ops = _ops()
     c = model.config
@@ -218,19 +206,13 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
             xz, xc = r[0][None], r[1][None]
             if xw is not None:  # and x_proj as more programs of that launch
                 xdbl = r[2][None]
-        elif sk and _in_proj_conv_fits(m, u):  # in_proj with the conv step as its epilogue
-            from falcon_mamba.ops.triton_skinny import IN_PROJ_CONV, skinny_in_proj_conv
-
-            xz, xc = skinny_in_proj_conv(u, m.in_proj.weight, conv[i], m.conv1d.weight[:, 0],
-                                         m.conv1d.bias, IN_PROJ_CONV)
         else:
             xz = _proj(m.in_proj, u, gemv, pin)
-            xc = None
         pout = _pairs_buffer(m.out_proj, xz.shape[0], xz.dtype, xz.device, gemv)
         if fold:
             y = _conv_folded(m, ssm[i], conv[i], xz.contiguous(), norm_eps, R, N, pout)
         else:
-            if pin is None and xc is None:
+            if pin is None:
                 xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
             if xdbl is None:
                 xdbl = _proj(m.x_proj, xc, gemv, skinny=sk.get("x_proj"))
