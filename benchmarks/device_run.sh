@@ -56,6 +56,18 @@ left() {  # left RESERVE_S: seconds of LIMIT left after keeping RESERVE_S back, 
   echo $(( s < 1 ? 1 : s ))
 }
 
+mixed_pairs() {  # mixed_pairs CHUNK:INTERVAL...: the mixed load alone under each server setting
+  local cfg c i
+  for cfg in "$@"; do
+    c=${cfg%%:*}; i=${cfg##*:}
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --clients 1 --requests 2 --max-tokens 8 \
+      --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--prefill-chunk=$c \
+      --server-arg=--long-prompt-interval=$i --out "$OUT/mixed-$c-$i.json" > "$OUT/mixed-$c-$i.log" 2>&1
+    grep "^mixed" "$OUT/mixed-$c-$i.log" | sed "s/^/chunk $c interval $i: /"
+  done
+}
+
 cuda_tests() {  # cuda_tests LIMIT_S FILES...: 8 pytest processes (the suite is compile-bound)
   local limit=$1
   shift
@@ -170,14 +182,7 @@ case "$MODE" in
     grep -E " x .*replay" "$OUT/burst.log"
     timeout 130 python3 benchmarks/bench_skinny.py --out "$OUT/results/skinny.json" > "$OUT/skinny.log" 2>&1
     grep -E "^[a-z_]+ +M=" "$OUT/skinny.log"
-    for cfg in ${MIXED_CFGS:-384:1 512:2 256:1}; do
-      c=${cfg%%:*}; i=${cfg##*:}
-      timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-        --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --clients 1 --requests 2 --max-tokens 8 \
-        --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--prefill-chunk=$c \
-        --server-arg=--long-prompt-interval=$i --out "$OUT/mixed-$c-$i.json" > "$OUT/mixed-$c-$i.log" 2>&1
-      grep "^mixed" "$OUT/mixed-$c-$i.log" | sed "s/^/chunk $c interval $i: /"
-    done
+    mixed_pairs ${MIXED_CFGS:-384:1 512:2 256:1}
     cp "$OUT/burst.log" "$OUT/bench.log" ;;
   burst13)  # the server's batched fresh-prompt graphs by shape (B x L), replayed and eager
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/profile_prefill.py \
@@ -185,14 +190,7 @@ case "$MODE" in
       > "$OUT/bench.log" 2>&1 ;;
   mixed13)  # the mixed load alone under (prefill chunk, long-prompt interval) pairs: the long
             # prompt's rate against the streams' inter-token p99 (issue #15: >= 50%, <= 3x)
-    for cfg in ${MIXED_CFGS:-512:2 384:1 256:1 1024:4}; do
-      c=${cfg%%:*}; i=${cfg##*:}
-      timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-        --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --clients 1 --requests 2 --max-tokens 8 \
-        --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--prefill-chunk=$c \
-        --server-arg=--long-prompt-interval=$i --out "$OUT/mixed-$c-$i.json" > "$OUT/mixed-$c-$i.log" 2>&1
-      grep "^mixed" "$OUT/mixed-$c-$i.log" | sed "s/^/chunk $c interval $i: /"
-    done ;;
+    mixed_pairs ${MIXED_CFGS:-512:2 384:1 256:1 1024:4} ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
