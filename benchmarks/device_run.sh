@@ -26,6 +26,7 @@
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
 #   benchmarks/device_run.sh skinny15   # the skinny batched projections: cuda tests, then serve with them
+#   benchmarks/device_run.sh prof15     # prefill's kernels: 16 / 64 x 32 prompt graphs, one 2k / 16k row
 #   benchmarks/device_run.sh regcap15   # the scan backward's pass 3 at maxnreg 128 / 168 / 200
 #   benchmarks/device_run.sh serve14    # burst13 + bench_skinny.py + mixed13's first three pairs
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
@@ -171,6 +172,14 @@ case "$MODE" in
       --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--batched-projections=skinny \
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -v "^{" "$OUT/bench.log" ;;
+  prof15)  # where prefill's time goes by kernel: the 16 / 64 x 32 prompt graphs (the server's
+           # bursts) and one fresh 2k / 16k row (bench prefill's shapes)
+    timeout $(left 70) python3 benchmarks/profile_prefill.py --batches 16x32,64x32 --profile \
+      --out "$OUT/results/prefill-kernels-batches.json" > "$OUT/bench.log" 2>&1
+    timeout $(left 3) python3 benchmarks/profile_prefill.py --lengths 2048,16384 --reps 3 --profile \
+      --out "$OUT/results/prefill-kernels-rows.json" >> "$OUT/bench.log" 2>&1
+    grep -v "^ *[-|]\|Name\|^$" "$OUT/bench.log" | grep -v "^ \{30,\}" > "$OUT/prefill-kernels.txt"
+    cp "$OUT/prefill-kernels.txt" "$OUT/bench.log" ;;
   regcap15)  # the scan backward's pass 3 under register caps (more resident programs, some spills)
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_scan_bwd.py --maxnreg 128,168,200 \
       > "$OUT/scan-bwd-maxnreg.txt" 2>&1

@@ -76,7 +76,36 @@ def _gpu_ms(fn, reps: int) -> float:
     return sorted(out)[len(out) // 2]
 
 
-def time_batches(model, spec: str, V: int, flops_tok: int, tf: float, reps: int) -> list[dict]:
+def kernel_table(fn, layers: int, reps: int = 3) -> list[dict]:
+    """fn() run reps times under torch.profiler (CUDA activity): each kernel name's GPU time per
+    call and per layer, and its launches per call, largest first (kernels inside a CUDA graph
+    replay are traced as well)."""
+    from collections import defaultdict
+
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
+            per[ev.name][1] += 1
+    rows = sorted(({"name": n[:90], "ms_per_call": t / reps / 1e3, "us_per_layer": t / reps / layers,
+                    "launches_per_call": c / reps} for n, (t, c) in per.items()),
+                  key=lambda r: -r["ms_per_call"])
+    total = sum(r["ms_per_call"] for r in rows)
+    print(f"   kernels sum {total:.2f} ms per call", flush=True)
+    for r in rows[:18]:
+        print(f"   {r['ms_per_call']:8.3f} ms {r['us_per_layer']:8.2f} us/layer "
+              f"{r['launches_per_call']:7.1f} launches  {r['name']}", flush=True)
+    return rows
+
+
+def time_batches(model, spec: str, V: int, flops_tok: int, tf: float, reps: int,
+                 layers: int, profile_last: bool = False) -> list[dict]:
     """The batched fresh-prompt graphs B x L (all rows real, a reset at each row's start), replayed
     and eager, on the same ids."""
     from falcon_mamba.engine.prefill_graphs import _BatchGraph
@@ -100,6 +129,10 @@ def time_batches(model, spec: str, V: int, flops_tok: int, tf: float, reps: int)
             print(f"{B:3d} x {L:5d}  replay {replay:8.2f} ms  eager {eager:8.2f} ms  "
                   f"{row['us_per_token']:6.1f} us/token  matmul floor {floor:6.2f} ms ({floor / replay:.0%})",
                   flush=True)
+    if profile_last and graphs:
+        g = graphs[-1]
+        print(f"kernels of one {g.ids.shape[0]} x {g.ids.shape[1]} replay:", flush=True)
+        rows[-1]["kernels"] = kernel_table(g.graph.replay, layers)
     return rows
 
 
@@ -110,6 +143,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out")
     ap.add_argument("--batches", default=None, help="B x L of batched fresh graphs to time, e.g. 16x32,48x32")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --batches: the kernels of the last shape's replay; else of one fresh "
+                         "row of --profile-length tokens too")
+    ap.add_argument("--profile-length", type=int, default=16384)
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = get_preset("falcon-mamba-7b").replace(num_hidden_layers=args.layers)
@@ -123,7 +160,8 @@ def main() -> int:
            "torch": torch.__version__, "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "rows": []}
     print(f"bf16 matmul {tf:.0f} TFLOP/s; projections {flops_tok / 1e9:.1f} GFLOP per token", flush=True)
     if args.batches:
-        res["batches"] = time_batches(model, args.batches, V, flops_tok, tf, args.reps)
+        res["batches"] = time_batches(model, args.batches, V, flops_tok, tf, args.reps, args.layers,
+                                      args.profile)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
@@ -151,6 +189,11 @@ def main() -> int:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22)
         print(table, flush=True)
         res["profile_512_continuing"] = table
+        if args.profile:
+            L = args.profile_length
+            ids = torch.randint(100, V, (1, L), device="cuda")
+            print(f"kernels of one fresh {L}-token row:", flush=True)
+            res[f"kernels_fresh_{L}"] = kernel_table(lambda: model(ids, last_only=True), args.layers)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
