@@ -26,6 +26,8 @@
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
 #   benchmarks/device_run.sh skinny15   # the skinny batched projections: cuda tests, then serve with them
+#   benchmarks/device_run.sh scanfwd19  # scan/decode/mixer cuda tests, bench_scan_fwd.py vs .data/base_scan.py
+#                                       # (git show <commit>:falcon_mamba/ops/triton_scan.py > .data/base_scan.py)
 #   benchmarks/device_run.sh prof15     # prefill's kernels: 16 / 64 x 32 prompt graphs, one 2k / 16k row
 #   benchmarks/device_run.sh regcap15   # the scan backward's pass 3 at maxnreg 128 / 168 / 200
 #   benchmarks/device_run.sh serve14    # burst13 + bench_skinny.py + mixed13's first three pairs
@@ -172,6 +174,12 @@ case "$MODE" in
       --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--batched-projections=skinny \
       --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -v "^{" "$OUT/bench.log" ;;
+  scanfwd19)  # the scan forward's 64-bit B/C loads and series softplus: the scan / decode / mixer
+              # cuda tests, then bench_scan_fwd.py against the previous forward (.data/base_scan.py)
+    cuda_tests $(left 150) tests/test_triton_scan.py tests/test_triton_decode.py tests/test_mixer_autograd.py
+    tail -3 "$OUT/tests.txt"
+    timeout $(left 3) python3 benchmarks/bench_scan_fwd.py --base .data/base_scan.py \
+      --variants ${VARIANTS:-32:2:1,64:2:1,64:1:1,32:4:1,64:4:1} > "$OUT/bench.log" 2>&1 ;;
   prof15)  # where prefill's time goes by kernel: the 16 / 64 x 32 prompt graphs (the server's
            # bursts) and one fresh 2k / 16k row (bench prefill's shapes)
     timeout $(left 70) python3 benchmarks/profile_prefill.py --batches 16x32,64x32 --profile \

@@ -83,15 +83,18 @@ def parse_ptxas(log: str) -> dict:
             "spill_loads": loads}
 
 
-def sass_count(cubin: bytes, tool: str) -> int | None:
+def sass_text(cubin: bytes, tool: str) -> str | None:
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.cubin")
         with open(p, "wb") as f:
             f.write(cubin)
         r = subprocess.run([tool, "-sass", p], capture_output=True, text=True)
-    if r.returncode:
-        return None
-    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", r.stdout, flags=re.M))
+    return None if r.returncode else r.stdout
+
+
+def sass_count(cubin: bytes, tool: str) -> int | None:
+    text = sass_text(cubin, tool)
+    return None if text is None else len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", text, flags=re.M))
 
 
 def specialise(launch, backend):
@@ -189,6 +192,8 @@ def inspect(only: str | None, dump: str | None) -> dict:
                     f.write(k.asm[ext])
             with open(f"{base}.ptxas.log", "w") as f:
                 f.write(plog or "")
+            with open(f"{base}.sass", "w") as f:
+                f.write(sass_text(k.asm["cubin"], cuobjdump) or "")
     return {"triton": triton.__version__, "ptxas": ptxas_version[0] if ptxas_version else None,
             "ptxas_cmd": log.cmds[0] if log.cmds else None, "target": "sm_90a",
             "compile_s": round(time.time() - t0, 1), "kernels": list(rows.values())}
@@ -270,7 +275,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help="only the cases whose name contains this text")
     ap.add_argument("--json", default=None, help="write the measurements here")
-    ap.add_argument("--dump", default=None, help="write each kernel's TTGIR, PTX and ptxas log here")
+    ap.add_argument("--dump", default=None, help="write each kernel's TTGIR, PTX, SASS and ptxas log here")
     ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two --json files")
     ap.add_argument("--out", default=None, help="with --compare: write the text here, and OLD+NEW as .json")
     args = ap.parse_args()

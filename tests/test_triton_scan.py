@@ -13,6 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from falcon_mamba.errors import UserError  # noqa: E402
 from falcon_mamba.ops import reference, triton_backend, triton_scan, triton_scan_bwd  # noqa: E402
@@ -103,6 +105,61 @@ def test_forward_minimal_options_bf16(rng):
     yr, hr = reference.selective_scan(x, dt, A, Bm, Cm)
     assert_close(y, yr, 3e-2, 5e-2, "y")
     assert_close(h, hr, 6e-4, 2e-3, "state")
+
+
+@triton.jit
+def _softplus_kernel(v_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(o_ptr + i, triton_scan._softplus(tl.load(v_ptr + i, mask=i < n)), mask=i < n)
+
+
+def test_softplus_to_fp32_precision():
+    """The kernels' softplus (2 atanh series, no log) against float64's, threshold 20 included:
+    within 1e-6 relative wherever the result is a normal fp32 (tiny dt keep their precision),
+    inf -> inf, -inf -> 0, NaN -> NaN."""
+    edges = torch.tensor([-20.0, 20.0, 19.99, 20.01, 0.0, 1e-30, -1e-30])
+    v = torch.cat([torch.linspace(-80, 80, 2001), edges])
+    v = torch.cat([v, torch.tensor([float("inf"), float("-inf"), float("nan")])]).to(DEV)
+    out = torch.empty_like(v)
+    _softplus_kernel[(1,)](v, out, v.numel(), BLOCK=triton.next_power_of_2(v.numel()))
+    out, v = out.cpu(), v.cpu()
+    ref = torch.nn.functional.softplus(v[:-3].double(), threshold=20.0)
+    ok = ref > 1e-37
+    rel = (out[:-3].double() - ref).abs()[ok] / ref[ok]
+    assert rel.max() < 1e-6, f"max relative error {rel.max():.3g} at v={v[:-3][ok][rel.argmax()]:.4g}"
+    assert out[-3] == float("inf") and out[-2] == 0.0 and out[-1].isnan()
+
+
+def test_bc_words_conditions():
+    """The 64-bit B/C loads only where every row starts on 8 bytes: bf16, N a multiple of 4."""
+    xdbl = torch.zeros(2, 5, 8 + 2 * 16, dtype=torch.bfloat16, device=DEV)  # dt_r 8, B 16, C 16
+    Bm, Cm = xdbl[..., 8:24], xdbl[..., 24:]
+    assert triton_scan.bc_words(Bm, Cm)
+    assert not triton_scan.bc_words(Bm.float(), Cm.float())  # fp32: read one by one
+    assert not triton_scan.bc_words(xdbl[..., 7:23], Cm)  # starts on 2 bytes
+    odd = torch.zeros(2, 5, 6 + 2 * 5, dtype=torch.bfloat16, device=DEV)
+    assert not triton_scan.bc_words(odd[..., 6:11], odd[..., 11:])  # N = 5
+
+
+@pytest.mark.parametrize("chunk", [None, 6])
+def test_forward_bc_words_equal_single_loads(rng, monkeypatch, chunk):
+    """The 64-bit loads of bf16 B and C (strided slices of one x_proj output, as in the model)
+    give the same bits as one load per value: one pass, and the chunked passes (state-only first)
+    with an initial state and resets."""
+    monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK", 4)
+    monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK_INFER", 4)
+    B, L, D, N = 2, 19, 20, 8
+    x, dt, A, _, _, Dv, z, dtb, h0, rst = scan_inputs(B, L, D, N, torch.bfloat16, DEV, rng, reset=True)
+    xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16)
+    Bm, Cm = xdbl[..., 4:4 + N], xdbl[..., 4 + N:]
+    assert triton_scan.bc_words(Bm, Cm)
+    y, h, _ = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, chunk=chunk)
+    monkeypatch.setattr(triton_scan, "bc_words", lambda *a: False)
+    y1, h1, _ = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, chunk=chunk)
+    assert torch.equal(y, y1) and torch.equal(h, h1)
+    yr, hr = ref_scan(*[t.double() if t is not None and t.is_floating_point() else t
+                        for t in (x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst)])
+    assert_close(y.double(), yr, 3e-2, 5e-2, "y")
 
 
 def test_backward_small_with_resets(rng, monkeypatch):

@@ -59,13 +59,23 @@ CARRY_BLOCK_D = 32
 
 @triton.jit
 def _softplus(v):
-    # Threshold 20 as the CUDA kernels (identity above it); log1p by Goldberg's trick so tiny dt
-    # keep their precision. The scan kernels repeat these lines inline: each nested jit call
-    # costs milliseconds in the interpreter that the CPU tests use.
-    u = tl.exp(tl.minimum(v, 20.0))
-    w = 1.0 + u
-    lp = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
-    return tl.where(v > 20.0, v, lp)
+    # softplus(v) = max(v, 0) + log1p(t), t = exp(-|v|) in (0, 1], with log1p(t) = 2 atanh(s),
+    # s = t / (2 + t) in (0, 1/3]: the odd series 2s (1 + s^2/3 + ... + s^12/13) is within 2e-8 of
+    # it there (the next term, (1/9)^7 / 15), so tiny dt keep their relative precision, and above
+    # 20 the log1p term is below half an fp32 ulp of v (the CUDA kernels' threshold 20 is implied).
+    # ~20 instructions where libdevice's logf and a division took ~40 (a scan step is ~270). The
+    # scan kernels repeat these lines inline: each nested jit call costs milliseconds in the
+    # interpreter that the CPU tests use.
+    t = tl.exp(-tl.abs(v))
+    s = t / (2.0 + t)
+    q = s * s
+    p = q * 0.07692307692307693 + 0.09090909090909091
+    p = p * q + 0.1111111111111111
+    p = p * q + 0.14285714285714285
+    p = p * q + 0.2
+    p = p * q + 0.3333333333333333
+    p = p * q + 1.0
+    return tl.maximum(v, 0.0) + 2.0 * s * p
 
 
 @triton.jit
@@ -99,7 +109,7 @@ def _scan_fwd_kernel(
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, CHKS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_RST: tl.constexpr, SAVE_CHK: tl.constexpr, DEFER: tl.constexpr, STATE_ONLY: tl.constexpr,
-    STORE_HT: tl.constexpr,
+    STORE_HT: tl.constexpr, BC_WORDS: tl.constexpr,
 ):
     # Layout: every (NP, BD) tensor here is built from 1-D per-channel loads (one lane per
     # channel) and per-state scalars, so Triton gives it its default layout: one register per
@@ -148,18 +158,39 @@ def _scan_fwd_kernel(
             v = tl.load(dt_p, mask=m, other=0.0).to(tl.float32)
             if HAS_DTB:
                 v += dtb
-            # softplus (threshold 20, log1p by Goldberg's trick), inline: see _softplus
-            u = tl.exp(tl.minimum(v, 20.0))
-            w = 1.0 + u
-            lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
-            sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
+            # softplus, inline: see _softplus
+            t_ = tl.exp(-tl.abs(v))
+            s_ = t_ / (2.0 + t_)
+            q_ = s_ * s_
+            p_ = q_ * 0.07692307692307693 + 0.09090909090909091
+            p_ = p_ * q_ + 0.1111111111111111
+            p_ = p_ * q_ + 0.14285714285714285
+            p_ = p_ * q_ + 0.2
+            p_ = p_ * q_ + 0.3333333333333333
+            p_ = p_ * q_ + 1.0
+            sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
             sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
             Bv = tl.zeros((NP, BD), tl.float32)
             Cv = tl.zeros((NP, BD), tl.float32)
-            for k in tl.static_range(N):
-                Bv = tl.where(nn == k, tl.load(bb_p + k, mask=ok, other=0.0).to(tl.float32), Bv)
-                if not STATE_ONLY:
-                    Cv = tl.where(nn == k, tl.load(cc_p + k, mask=ok, other=0.0).to(tl.float32), Cv)
+            if BC_WORDS:  # bf16 B and C rows, four values per 64-bit load (see scan_fwd)
+                bw_p = bb_p.to(tl.pointer_type(tl.int64))
+                cw_p = cc_p.to(tl.pointer_type(tl.int64))
+                for w in tl.static_range(N // 4):
+                    bw = tl.load(bw_p + w, mask=ok, other=0)
+                    if not STATE_ONLY:
+                        cw = tl.load(cw_p + w, mask=ok, other=0)
+                    for j in tl.static_range(4):
+                        # a bf16's bits are the top half of the fp32 it widens to
+                        bf = (((bw >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                        Bv = tl.where(nn == 4 * w + j, bf, Bv)
+                        if not STATE_ONLY:
+                            cf = (((cw >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                            Cv = tl.where(nn == 4 * w + j, cf, Cv)
+            else:
+                for k in tl.static_range(N):
+                    Bv = tl.where(nn == k, tl.load(bb_p + k, mask=ok, other=0.0).to(tl.float32), Bv)
+                    if not STATE_ONLY:
+                        Cv = tl.where(nn == k, tl.load(cc_p + k, mask=ok, other=0.0).to(tl.float32), Cv)
             if HAS_RST:
                 r = tl.load(r_p, mask=ok, other=0)
                 h = tl.where(r != 0, 0.0, h)
@@ -257,6 +288,16 @@ def length_chunk(Bsz: int, L: int, D: int, block_d: int, min_chunk: int | None =
     return max(min_chunk, triton.cdiv(triton.cdiv(L, nc), step) * step)
 
 
+def bc_words(Bm: torch.Tensor, Cm: torch.Tensor) -> bool:
+    """Whether the kernels read B and C (B, L, N) four bf16 values per 64-bit load: both bf16, N a
+    multiple of 4, every row (b, t) starting on 8 bytes. A step's B and C values are the same for
+    all channels, so each lane loads them all: one 64-bit load instead of four 16-bit ones cuts the
+    loads and their address moves (in the 7B forward, 32 of a step's ~290 SASS instructions were
+    these loads and ~27 more the moves of their uniform addresses into registers)."""
+    return all(t.dtype == torch.bfloat16 and t.shape[-1] % 4 == 0 and t.data_ptr() % 8 == 0
+               and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0 for t in (Bm, Cm))
+
+
 def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=None,
              save_chk=False, block_d=None, unroll=None, num_warps=None, defer=None, chunk=None):
     """Launch the forward kernel(s). Shapes: x, dt, z (B, L, D) any row strides, last dim contiguous;
@@ -289,7 +330,7 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     zz = z if z is not None else x
     NP = _np2(N)
     common = dict(N=N, NP=NP, BD=block_d, T=unroll, CHKS=CHK, HAS_Z=z is not None, HAS_D=Dv is not None,
-                  HAS_DTB=dt_bias is not None, HAS_RST=rst is not None,
+                  HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, BC_WORDS=bc_words(Bm, Cm),
                   DEFER=FWD_DEFER if defer is None else defer, num_warps=num_warps or FWD_WARPS,
                   **LAUNCH_OPTIONS)
     strides = (x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),

@@ -128,10 +128,16 @@ def _recompute(h, A2, dtb, x_ptr, dt_ptr, b_ptr, rst_ptr, t0, L, d, md, nn, win_
         v = tl.load(dt_ptr + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
         if HAS_DTB:
             v += dtb
-        u = tl.exp(tl.minimum(v, 20.0))  # softplus, inline: see triton_scan._softplus
-        w = 1.0 + u
-        lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
-        sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
+        t_ = tl.exp(-tl.abs(v))  # softplus, inline: see triton_scan._softplus
+        s_ = t_ / (2.0 + t_)
+        q_ = s_ * s_
+        p_ = q_ * 0.07692307692307693 + 0.09090909090909091
+        p_ = p_ * q_ + 0.1111111111111111
+        p_ = p_ * q_ + 0.14285714285714285
+        p_ = p_ * q_ + 0.2
+        p_ = p_ * q_ + 0.3333333333333333
+        p_ = p_ * q_ + 1.0
+        sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
         sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
         Bv = tl.zeros((NP, BD), tl.float32)
         for k in tl.static_range(N):
@@ -186,10 +192,16 @@ def _scan_bwd_local_kernel(
             v = tl.load(dt_p + t * sdt_l, mask=m, other=0.0).to(tl.float32)
             if HAS_DTB:
                 v += dtb
-            u = tl.exp(tl.minimum(v, 20.0))  # softplus, inline: see triton_scan._softplus
-            w = 1.0 + u
-            lp = tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0))
-            sp = tl.where(v > 20.0, v, tl.where(w == 1.0, u, lp))
+            t_ = tl.exp(-tl.abs(v))  # softplus, inline: see triton_scan._softplus
+            s_ = t_ / (2.0 + t_)
+            q_ = s_ * s_
+            p_ = q_ * 0.07692307692307693 + 0.09090909090909091
+            p_ = p_ * q_ + 0.1111111111111111
+            p_ = p_ * q_ + 0.14285714285714285
+            p_ = p_ * q_ + 0.2
+            p_ = p_ * q_ + 0.3333333333333333
+            p_ = p_ * q_ + 1.0
+            sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
             sp = tl.where(m, sp, 0.0)
             dyv = tl.load(dy_p + t * sdy_l, mask=m, other=0.0).to(tl.float32)
             if HAS_Z:
@@ -355,10 +367,16 @@ def _scan_bwd_kernel(
                 xv = tl.load(x_p + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
                 v = tl.load(dt_p + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
                 v += dtb
-                u = tl.exp(tl.minimum(v, 20.0))
-                ww = 1.0 + u
-                lp = tl.log(ww) * (u / tl.where(ww == 1.0, 1.0, ww - 1.0))
-                sp = tl.where(v > 20.0, v, tl.where(ww == 1.0, u, lp))
+                t_ = tl.exp(-tl.abs(v))  # softplus, inline: see triton_scan._softplus
+                s_ = t_ / (2.0 + t_)
+                q_ = s_ * s_
+                p_ = q_ * 0.07692307692307693 + 0.09090909090909091
+                p_ = p_ * q_ + 0.1111111111111111
+                p_ = p_ * q_ + 0.14285714285714285
+                p_ = p_ * q_ + 0.2
+                p_ = p_ * q_ + 0.3333333333333333
+                p_ = p_ * q_ + 1.0
+                sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
                 sp = tl.where(m, sp, 0.0)
                 Bv = tl.zeros((NP, BD), tl.float32)
                 Cv = tl.zeros((NP, BD), tl.float32)
@@ -402,7 +420,7 @@ def _scan_bwd_kernel(
                 dsp = xv * gB + tl.sum(gha * A2, axis=0) * 0.6931471805599453  # A2 ln2 = A
                 dA_acc += gha * sp[None, :]
                 dB = tl.sum(g * (sp * xv)[None, :], axis=1)
-                dv = tl.where(m, dsp * tl.where(v > 20.0, 1.0, tl.sigmoid(v)), 0.0)
+                dv = tl.where(m, dsp * (tl.where(v > 0.0, 1.0, t_) / (1.0 + t_)), 0.0)  # sigmoid(v)
                 ddtb_acc += dv
                 tl.store(dx_ptr + (b * L + t) * D + d, dxv.to(dx_ptr.dtype.element_ty), mask=m)
                 tl.store(ddt_ptr + (b * L + t) * D + d, dv.to(ddt_ptr.dtype.element_ty), mask=m)
