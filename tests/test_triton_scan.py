@@ -213,6 +213,38 @@ class _GridSpy:
         return self.kernel[grid]
 
 
+class _LaunchSpy:
+    """Stands in for a kernel in its module: records each launch's keyword arguments, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return launch(*args, **kwargs)
+        return run
+
+
+def test_forward_unroll_by_pass(rng, monkeypatch):
+    """T=2 for the chunked passes of an inference row, T=4 for one pass over the whole length and
+    for training's passes (saved states): the unrolls measured fastest for each (FWD_UNROLL*)."""
+    spy = _LaunchSpy(triton_scan._scan_fwd_kernel)
+    monkeypatch.setattr(triton_scan, "_scan_fwd_kernel", spy)
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    x, dt, A, Bm, Cm, *_ = scan_inputs(1, 16, 8, 4, torch.float32, DEV, rng)
+    runs = {"one pass": dict(chunk=16), "chunked": dict(chunk=8),
+            "saved states": dict(chunk=8, save_chk=True)}
+    unrolls = {}
+    for name, kw in runs.items():
+        spy.calls.clear()
+        triton_scan.scan_fwd(x, dt, A, Bm, Cm, **kw)
+        unrolls[name] = [c["T"] for c in spy.calls]
+    assert unrolls == {"one pass": [4], "chunked": [2, 2], "saved states": [4, 4]}
+
+
 def check_backward_options(gen, B, L, D, N, *, resets=(), z=True, skip=True, dtb=True, h0=True,
                            dhT=True, dtype=torch.float32, device=DEV):
     """Every gradient of the fast scan (through its autograd Function) against autograd through the

@@ -40,11 +40,15 @@ LOG2E = 1.4426950408889634
 
 # Launch defaults (tuned on the H100; see benchmarks/NOTES.md).
 FWD_BLOCK_D = 32
-# 2.58 ms vs 3.09 (T=4), 3.75 (T=8) per 7B layer at 16k on the H100: fewer registers, more warps
+# Steps per chunk of loads (T). The chunked passes of a long row: T=2 (7B width, H200, Triton 3.6:
+# 1 x 16384 2.18 ms a layer vs 2.28 at T=4; 1 x 2048 0.338 vs 0.371); one pass over many rows (a
+# burst of prompts, 64 x 32: 0.195 vs 0.207) and training's passes with saved states (8 x 2048 at
+# D 4096: 1.33 vs 1.61): T=4 (results/h200-scan-fwd-30c8da3.txt).
 FWD_UNROLL = 2
+FWD_UNROLL_WIDE = 4
 FWD_WARPS = 1
 FWD_DEFER = True
-CHK = 128  # steps between saved states for the backward; a multiple of FWD_UNROLL
+CHK = 128  # steps between saved states for the backward; a multiple of the unrolls
 # Length chunking of the forward (length_chunk): aim for this many programs in all, at most this
 # many chunks per row (the carry pass walks them in sequence), chunks at least this long.
 FWD_CHUNK_PROGRAMS = 16384
@@ -311,14 +315,14 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
         _check_last_stride(name, t)
     A = A.contiguous()
     block_d = block_d or FWD_BLOCK_D
-    unroll = unroll or FWD_UNROLL
-    if save_chk:  # states are saved at chunk starts: CHK must be a multiple of the unroll
-        unroll = math.gcd(unroll, CHK)
     CL = chunk or (length_chunk(Bsz, L, D, block_d) if save_chk
-                   else length_chunk(Bsz, L, D, block_d, FWD_MIN_CHUNK_INFER, unroll))
+                   else length_chunk(Bsz, L, D, block_d, FWD_MIN_CHUNK_INFER, unroll or FWD_UNROLL))
     if CL < L and save_chk:  # saved states sit at multiples of CHK: chunks must start on them
         CL = triton.cdiv(CL, CHK) * CHK
     CL = max(1, min(CL, L))
+    unroll = unroll or (FWD_UNROLL_WIDE if save_chk or CL >= L else FWD_UNROLL)
+    if save_chk:  # states are saved at chunk starts: CHK must be a multiple of the unroll
+        unroll = math.gcd(unroll, CHK)
     NC = triton.cdiv(L, CL) if L else 1
     y = torch.empty(Bsz, L, D, dtype=x.dtype, device=x.device)
     hT = torch.empty(Bsz, D, N, dtype=torch.float32, device=x.device)
