@@ -25,12 +25,12 @@
 #   benchmarks/device_run.sh kern11     # scan/decode/prefill-graph/mixer cuda tests; scan bwd old vs new; ssm rows; train 1.5B
 #   benchmarks/device_run.sh prof12     # the quantized-dt step's cuda tests; a 1.5B training step profiled
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
-#   benchmarks/device_run.sh skinny15   # the skinny batched projections: cuda tests, then serve with them
 #   benchmarks/device_run.sh scanfwd19  # scan/decode/mixer cuda tests, bench_scan_fwd.py vs .data/base_scan.py
 #                                       # (git show <commit>:falcon_mamba/ops/triton_scan.py > .data/base_scan.py)
+#   benchmarks/device_run.sh final19    # scan/mixer cuda tests, bench prefill, bench_train 1.5B (+ CLI)
 #   benchmarks/device_run.sh prof15     # prefill's kernels: 16 / 64 x 32 prompt graphs, one 2k / 16k row
 #   benchmarks/device_run.sh regcap15   # the scan backward's pass 3 at maxnreg 128 / 168 / 200
-#   benchmarks/device_run.sh serve14    # burst13 + bench_skinny.py + mixed13's first three pairs
+#   benchmarks/device_run.sh serve14    # burst13 + mixed13's first three pairs
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
@@ -166,20 +166,20 @@ case "$MODE" in
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_train.py --shape 1.5b --models mamba \
       --no-cli --warmup 2 --steps 3 --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -v "^{\"" "$OUT/conv_bwd.log"; grep -E "^\||rate" "$OUT/train.log" ;;
-  skinny15)  # the skinny decode matmul: its cuda tests, then the server at 1/16/64/256 + mixed with it
-    cuda_tests 150 tests/test_triton_skinny.py tests/test_decode_graphs.py
-    tail -3 "$OUT/tests.txt"
-    timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
-      --temperature 0 --mixed 32:100000 --procs 8 --server-arg=--batched-projections=skinny \
-      --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -v "^{" "$OUT/bench.log" ;;
   scanfwd19)  # the scan forward's 64-bit B/C loads and series softplus: the scan / decode / mixer
               # cuda tests, then bench_scan_fwd.py against the previous forward (.data/base_scan.py)
     cuda_tests $(left 150) tests/test_triton_scan.py tests/test_triton_decode.py tests/test_mixer_autograd.py
     tail -3 "$OUT/tests.txt"
     timeout $(left 3) python3 benchmarks/bench_scan_fwd.py --base .data/base_scan.py \
       --variants ${VARIANTS:-32:2:1,64:2:1,64:1:1,32:4:1,64:4:1} > "$OUT/bench.log" 2>&1 ;;
+  final19)  # the scan kernels' cuda tests, then `bench prefill` and the 1.5B training step (both
+            # models and the CLI) with the session's scan kernels
+    cuda_tests $(left 420) tests/test_triton_scan.py tests/test_mixer_autograd.py
+    tail -3 "$OUT/tests.txt"
+    timeout $(left 330) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
+    grep -E "prefill|target|ceiling" "$OUT/prefill.log"
+    timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer \
+      --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
   prof15)  # where prefill's time goes by kernel: the 16 / 64 x 32 prompt graphs (the server's
            # bursts) and one fresh 2k / 16k row (bench prefill's shapes)
     timeout $(left 70) python3 benchmarks/profile_prefill.py --batches 16x32,64x32 --profile \
@@ -192,13 +192,11 @@ case "$MODE" in
     timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_scan_bwd.py --maxnreg 128,168,200 \
       > "$OUT/scan-bwd-maxnreg.txt" 2>&1
     grep -v "^{" "$OUT/scan-bwd-maxnreg.txt" ;;
-  serve14)  # burst13, the skinny decode matmuls against cuBLAS, then mixed13 (its first three pairs)
+  serve14)  # burst13, then mixed13 (its first three pairs)
     timeout 170 python3 benchmarks/profile_prefill.py \
       --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \
       > "$OUT/burst.log" 2>&1
     grep -E " x .*replay" "$OUT/burst.log"
-    timeout 130 python3 benchmarks/bench_skinny.py --out "$OUT/results/skinny.json" > "$OUT/skinny.log" 2>&1
-    grep -E "^[a-z_]+ +M=" "$OUT/skinny.log"
     mixed_pairs ${MIXED_CFGS:-384:1 512:2 256:1}
     cp "$OUT/burst.log" "$OUT/bench.log" ;;
   burst13)  # the server's batched fresh-prompt graphs by shape (B x L), replayed and eager

@@ -220,12 +220,6 @@ def _prefill_cases(L: int = 16384) -> None:
 def _batched_decode_cases(B: int = 64) -> None:
     from falcon_mamba.ops import triton_decode, triton_sample
     from falcon_mamba.ops.sample import SamplerRows
-    from falcon_mamba.ops.triton_skinny import DECODE_CONFIGS, skinny_linear
-
-    for proj, (K, Nout) in (("out_proj", (D, H)), ("x_proj", (D, R + 2 * N)), ("lm_head", (H, V))):
-        @case(f"decode B={B} {proj} (skinny matmul, --batched-projections skinny)")
-        def _(proj=proj, K=K, Nout=Nout):
-            skinny_linear(E(B, K), E(Nout, K), DECODE_CONFIGS[proj])
 
     @case(f"decode B={B} embeddings gather + first norm")
     def _():

@@ -80,22 +80,14 @@ def test_fast_step_matches_model_step(preset, rng):
     assert_close(state.conv, twin.conv, 1e-6, 1e-6, "conv state")
 
 
-@pytest.mark.parametrize("B,mode,batched", [(3, "auto", "cublas"), (1, "triton", "cublas"),
-                                            (1, "triton_cx", "cublas"), (3, "auto", "skinny")])
-def test_pool_steps_match_model_step_without_graphs(B, mode, batched, rng, monkeypatch):
+@pytest.mark.parametrize("B,mode", [(3, "auto"), (1, "triton"), (1, "triton_cx")])
+def test_pool_steps_match_model_step_without_graphs(B, mode, rng):
     """The graphs' body, eager, on the pool's rows (the fused step under the interpreter): two
-    steps against model.step, then the states; with batched_proj "skinny" the skinny matmul runs
-    the 3-row steps' out_proj, x_proj and lm_head."""
-    from falcon_mamba.ops import triton_skinny
-
-    calls = []
-    real = triton_skinny.skinny_linear
-    monkeypatch.setattr(triton_skinny, "skinny_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    steps against model.step, then the states."""
     model = _model("tiny-odd")
     state = _prefilled(model, B, rng)
     twin = state.clone()
-    dec = PoolStepper(model, state, DecodeOptions(mode=mode, batched_proj=batched), fast=True)
-    assert dec.graphs.options.batched_proj == batched
+    dec = PoolStepper(model, state, DecodeOptions(mode=mode), fast=True)
     tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng)
     for _ in range(2):
         ref = model.step(tok, twin)
@@ -106,7 +98,6 @@ def test_pool_steps_match_model_step_without_graphs(B, mode, batched, rng, monke
     assert_close(got.conv, twin.conv, 1e-6, 1e-6, "conv state")
     want = "cublas" if mode == "auto" else mode
     assert dec.graphs.mode_for(B)[0].name == (want if B == 1 else "cublas")
-    assert len(calls) == (2 * (2 * model.config.num_hidden_layers + 1) if batched == "skinny" else 0)
 
 
 def test_cpu_steps_run_model_step(rng):

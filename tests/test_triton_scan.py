@@ -162,6 +162,28 @@ def test_forward_bc_words_equal_single_loads(rng, monkeypatch, chunk):
     assert_close(y.double(), yr, 3e-2, 5e-2, "y")
 
 
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_backward_bc_words_equal_single_loads(rng, monkeypatch, chunk):
+    """The backward's 64-bit loads of bf16 B and C (pass 3, the recompute, and pass 1 where the
+    length is chunked) give the same gradients, bit for bit, as one load per value."""
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    B, L, D, N = 2, 21, 12, 8
+    x, dt, A, _, _, Dv, z, dtb, h0, rst = scan_inputs(B, L, D, N, torch.bfloat16, DEV, rng, reset=True)
+    xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16)
+    Bm, Cm = xdbl[..., 4:4 + N], xdbl[..., 4 + N:]
+    _, _, chk = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, None, rst, save_chk=True)
+    dy = torch.randn(B, L, D, generator=rng).to(DEV, torch.bfloat16)
+    dhT = torch.randn(B, D, N, generator=rng).to(DEV)
+    run = lambda: triton_scan_bwd.scan_bwd(x, dt, A, Bm, Cm, Dv, z, dtb, rst, chk, dy, dhT, 8,  # noqa: E731
+                                           chunk=chunk)
+    assert triton_scan_bwd.bc_words(Bm, Cm)
+    words = run()
+    monkeypatch.setattr(triton_scan_bwd, "bc_words", lambda *a: False)
+    single = run()
+    for name, a, b in zip("dx ddt dA dB dC dD dz ddt_bias dh0".split(), words, single):
+        assert torch.equal(a, b), name
+
+
 def test_backward_small_with_resets(rng, monkeypatch):
     monkeypatch.setattr(triton_scan, "CHK", 8)  # several saved-state chunks, one partial
     check_backward(1, 13, 12, 3, torch.float32, rng, reset=True)

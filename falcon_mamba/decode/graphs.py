@@ -15,8 +15,7 @@ At batch 1 the projections can run several ways (decode/modes.py): the first use
 every supported mode with and without programmatic dependent launch, checks each one's logits
 against the first (cuBLAS) candidate and keeps the fastest; the choice is cached on disk per GPU,
 model shape, dtype and format (decode/tuning.py), so a restarted process skips the timing. Above one
-row the projections are cuBLAS, or with DecodeOptions.batched_proj "skinny" (2-64 rows) out_proj,
-x_proj and lm_head by ops/triton_skinny.py.
+row every projection is cuBLAS.
 
 Without graphs (CPU, the torch op backend, or cuda_graphs=False) the same body runs eagerly: the
 fused step on CUDA with the triton backend, ``model.step`` elsewhere.
@@ -81,7 +80,7 @@ class DecodeGraphs:
             st = p.state
             with pdl.enabled(use_pdl):
                 logits = fast_step(self.model, p.tokens[:rows], st.conv[:, :rows], st.ssm[:, :rows],
-                                   **self.options.step_kwargs(mode, rows))
+                                   **mode.step_kwargs(rows))
         else:
             logits = self.model.step(p.tokens[:rows], p.decode_view(rows))
         sample_rows(logits, p.sampler_rows(0, rows), p.tokens[:rows], p.logprob[:rows], p.status[:rows])

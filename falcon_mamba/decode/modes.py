@@ -1,12 +1,10 @@
 """The registry of batch-1 projection modes of the decode step, and the decode options.
 
-A mode says how the projections of a batch-1 step run (decode/step.py's fast_step flags). Above
-one row the projections are cuBLAS matmuls (the "cublas" mode), or with DecodeOptions.batched_proj
-"skinny" out_proj, x_proj and lm_head of 2-64-row steps by ops/triton_skinny.py. At batch 1 the
-decoder times every supported mode, each with and without programmatic dependent launch
-(ops/pdl.py), checks each one's logits against the cuBLAS path and keeps the fastest
-(decode/graphs.py); the choice is cached on disk per GPU, model shape, dtype and weight format
-(decode/tuning.py).
+A mode says how the projections of a batch-1 step run (decode/step.py's fast_step flags). Above one
+row every projection is a cuBLAS matmul (the "cublas" mode). At batch 1 the decoder times every
+supported mode, each with and without programmatic dependent launch (ops/pdl.py), checks each
+one's logits against the cuBLAS path and keeps the fastest (decode/graphs.py); the choice is cached
+on disk per GPU, model shape, dtype and weight format (decode/tuning.py).
 
 Which modes exist is measured, not wished: each one below won on some GPU and weight format
 (benchmarks/results/): triton_cx for bf16 and int8 and triton_xp for int4 on the H100 (session 5),
@@ -66,7 +64,6 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 )}
 
 PDL_CHOICES = ("auto", "on", "off")
-BATCHED_PROJ_CHOICES = ("cublas", "skinny")
 
 
 @dataclass(frozen=True)
@@ -79,29 +76,18 @@ class DecodeOptions:
     triton op backend); False runs the same step eagerly.
     tuning_cache: folder of the on-disk tuning cache (None: the default, ~/.cache/falcon-mamba/tuning;
     "" turns it off).
-    batched_proj: the projections of steps of 2-64 rows: "cublas", or "skinny" (out_proj, x_proj and
-    lm_head by ops/triton_skinny.py: faster than cuBLAS in its own loop on the H200, not yet measured
-    in the step, hence not the default).
     """
 
     mode: str = "auto"
     pdl: str = "auto"
     cuda_graphs: bool = True
     tuning_cache: str | None = None
-    batched_proj: str = "cublas"
 
     def __post_init__(self) -> None:
         if self.mode != "auto" and self.mode not in MODES:
             raise UserError(f"decode mode {self.mode!r} is unknown; use auto or one of {', '.join(MODES)}")
         if self.pdl not in PDL_CHOICES:
             raise UserError(f"pdl {self.pdl!r} is unknown; use one of {', '.join(PDL_CHOICES)}")
-        if self.batched_proj not in BATCHED_PROJ_CHOICES:
-            raise UserError(f"batched projections {self.batched_proj!r} are unknown; use one of "
-                            f"{', '.join(BATCHED_PROJ_CHOICES)}")
-
-    def step_kwargs(self, mode: Mode, rows: int) -> dict:
-        """fast_step's flags at `rows` rows: the batch-1 mode's, and the batched projections'."""
-        return {**mode.step_kwargs(rows), "skinny": rows > 1 and self.batched_proj == "skinny"}
 
     def candidates(self, model) -> list[Mode]:
         """The batch-1 modes to time (the forced one alone), cublas first (the reference)."""
@@ -124,12 +110,8 @@ def add_decode_arguments(parser) -> None:
                    help="run the decode step eagerly instead of as CUDA-graph replays")
     g.add_argument("--tuning-cache", default=None, metavar="DIR",
                    help="folder of the decode tuning cache (default ~/.cache/falcon-mamba/tuning; '' = off)")
-    g.add_argument("--batched-projections", default="cublas", choices=BATCHED_PROJ_CHOICES,
-                   help="out_proj, x_proj and lm_head of steps of 2-64 rows (dense bias-free weights; "
-                        "quantized ones stay on their kernels): cuBLAS, or the skinny Triton matmul "
-                        "(faster in its own loop on the H200; not yet measured in the step)")
 
 
 def options_from_args(args) -> DecodeOptions:
     return DecodeOptions(mode=args.decode_mode, pdl=args.pdl, cuda_graphs=not args.no_cuda_graphs,
-                         tuning_cache=args.tuning_cache, batched_proj=args.batched_projections)
+                         tuning_cache=args.tuning_cache)

@@ -47,19 +47,10 @@ def _dt_weight(mod):
     return GemvWeight.from_module(mod) if isinstance(mod, QuantLinear) else None
 
 
-def _proj(mod, x: torch.Tensor, gemv: bool, pairs: torch.Tensor | None = None,
-          skinny=None) -> torch.Tensor:
+def _proj(mod, x: torch.Tensor, gemv: bool, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """mod(x), or for one row the Triton GEMV (ops/triton_gemv.py, tuned per shape and format)
     through a bias-free dense or quantized Linear when asked. pairs: x in the packed int4 kernel's
-    pair layout, written by x's producer (_pairs_buffer). skinny: a SkinnyConfig: for 2-64 rows
-    through a bias-free dense Linear of x's dtype, the skinny Triton matmul (ops/triton_skinny.py;
-    tuned and timed in bf16; fp32 runs full-precision products, as cuBLAS's default)."""
-    if (skinny is not None and 2 <= x.shape[0] and _dense(mod) and mod.bias is None
-            and x.dtype == mod.weight.dtype):
-        from falcon_mamba.ops.triton_skinny import MAX_ROWS, skinny_linear
-
-        if x.shape[0] <= MAX_ROWS:
-            return skinny_linear(x if x.stride(-1) == 1 else x.contiguous(), mod.weight, skinny)
+    pair layout, written by x's producer (_pairs_buffer)."""
     if gemv and x.shape[0] == 1:
         from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
 
@@ -159,8 +150,7 @@ def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int, pairs=None) -> 
 
 @torch.no_grad()
 def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-              gemv: bool = False, conv_fold: bool = False, xproj_merge: bool = False,
-              skinny: bool = False) -> torch.Tensor:
+              gemv: bool = False, conv_fold: bool = False, xproj_merge: bool = False) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step); each
     layer's slice conv[i], ssm[i] must be contiguous (rows of a state pool are). The projections are
@@ -169,9 +159,7 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     the Triton GEMV instead of cuBLAS. conv_fold: batch 1 with gemv, the conv step folded into x_proj
     and the SSM kernel (_conv_folded; the caller checks conv_fold_supported). xproj_merge: batch 1
     with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
-    xproj_merge_supported). skinny: 2-64 rows with out_proj, x_proj and lm_head (dense) by the skinny
-    Triton matmul instead of cuBLAS (ops/triton_skinny.DECODE_CONFIGS; DecodeOptions.batched_proj).
-    decode/modes.py names these combinations."""
+    xproj_merge_supported). decode/modes.py names these combinations."""
     ops = _ops()
     c = model.config
     D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
@@ -186,9 +174,6 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     out = None
     norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
     fold = conv_fold and gemv and tokens_B.shape[0] == 1
-    sk = {}
-    if skinny and tokens_B.shape[0] > 1:
-        from falcon_mamba.ops.triton_skinny import DECODE_CONFIGS as sk
     if gemv:
         from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
     for i, blk in enumerate(model.backbone.layers):
@@ -215,10 +200,10 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
             if pin is None:
                 xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
             if xdbl is None:
-                xdbl = _proj(m.x_proj, xc, gemv, skinny=sk.get("x_proj"))
+                xdbl = _proj(m.x_proj, xc, gemv)
             y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout,
                                 XP_SSM_BLOCK_D if xproj_merge else None)
-        out = _proj(m.out_proj, y, gemv, pout, skinny=sk.get("out_proj"))
+        out = _proj(m.out_proj, y, gemv, pout)
     norm_f = model.backbone.norm_f
     if gemv and tokens_B.shape[0] == 1:
         from falcon_mamba.ops.triton_gemv import packed_int4  # GemvWeight, fused_gemv: above
@@ -234,4 +219,4 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
             return fused_gemv(lm, h, residual=out, norm_weight=norm_f.weight, eps=norm_f.eps,
                               out_dtype=torch.float32, round_to=model.dtype)[None]
     hn = ops.add_rms_norm(h, out, norm_f.weight, norm_f.eps, round_to=None, out_dtype=model.dtype)
-    return _proj(model.lm_head, hn, gemv, skinny=sk.get("lm_head")).float()
+    return _proj(model.lm_head, hn, gemv).float()

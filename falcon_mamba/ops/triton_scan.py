@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, bc_words, mask_and, row_values
 from falcon_mamba.ops.triton_scan_bwd import scan_bwd  # noqa: F401 (the backward; re-exported)
 
 LOG2E = 1.4426950408889634
@@ -174,27 +174,10 @@ def _scan_fwd_kernel(
             p_ = p_ * q_ + 1.0
             sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
             sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
-            Bv = tl.zeros((NP, BD), tl.float32)
-            Cv = tl.zeros((NP, BD), tl.float32)
-            if BC_WORDS:  # bf16 B and C rows, four values per 64-bit load (see scan_fwd)
-                bw_p = bb_p.to(tl.pointer_type(tl.int64))
-                cw_p = cc_p.to(tl.pointer_type(tl.int64))
-                for w in tl.static_range(N // 4):
-                    bw = tl.load(bw_p + w, mask=ok, other=0)
-                    if not STATE_ONLY:
-                        cw = tl.load(cw_p + w, mask=ok, other=0)
-                    for j in tl.static_range(4):
-                        # a bf16's bits are the top half of the fp32 it widens to
-                        bf = (((bw >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-                        Bv = tl.where(nn == 4 * w + j, bf, Bv)
-                        if not STATE_ONLY:
-                            cf = (((cw >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-                            Cv = tl.where(nn == 4 * w + j, cf, Cv)
-            else:
-                for k in tl.static_range(N):
-                    Bv = tl.where(nn == k, tl.load(bb_p + k, mask=ok, other=0.0).to(tl.float32), Bv)
-                    if not STATE_ONLY:
-                        Cv = tl.where(nn == k, tl.load(cc_p + k, mask=ok, other=0.0).to(tl.float32), Cv)
+            # B and C of this step (C only where y is made); see triton_helpers.row_values
+            Bv = row_values(bb_p, ok, nn, N, NP, BD, BC_WORDS)
+            if not STATE_ONLY:
+                Cv = row_values(cc_p, ok, nn, N, NP, BD, BC_WORDS)
             if HAS_RST:
                 r = tl.load(r_p, mask=ok, other=0)
                 h = tl.where(r != 0, 0.0, h)
@@ -290,16 +273,6 @@ def length_chunk(Bsz: int, L: int, D: int, block_d: int, min_chunk: int | None =
     if nc < 2 or L < 2 * min_chunk:
         return L
     return max(min_chunk, triton.cdiv(triton.cdiv(L, nc), step) * step)
-
-
-def bc_words(Bm: torch.Tensor, Cm: torch.Tensor) -> bool:
-    """Whether the kernels read B and C (B, L, N) four bf16 values per 64-bit load: both bf16, N a
-    multiple of 4, every row (b, t) starting on 8 bytes. A step's B and C values are the same for
-    all channels, so each lane loads them all: one 64-bit load instead of four 16-bit ones cuts the
-    loads and their address moves (in the 7B forward, 32 of a step's ~290 SASS instructions were
-    these loads and ~27 more the moves of their uniform addresses into registers)."""
-    return all(t.dtype == torch.bfloat16 and t.shape[-1] % 4 == 0 and t.data_ptr() % 8 == 0
-               and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0 for t in (Bm, Cm))
 
 
 def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=None,

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, mask_and
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, bc_words, mask_and, row_values
 
 LN2 = 0.6931471805599453
 
@@ -116,7 +116,8 @@ def _store_slot(ptr, h, nn, N: tl.constexpr, BD: tl.constexpr):
 @triton.jit
 def _recompute(h, A2, dtb, x_ptr, dt_ptr, b_ptr, rst_ptr, t0, L, d, md, nn, win_p,
                sx_l, sdt_l, sb_l, sr_l, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
-               T: tl.constexpr, HAS_DTB: tl.constexpr, HAS_RST: tl.constexpr, STORE: tl.constexpr):
+               T: tl.constexpr, HAS_DTB: tl.constexpr, HAS_RST: tl.constexpr, STORE: tl.constexpr,
+               WORDS: tl.constexpr):
     # T forward steps from t0 (x_ptr... at this row); with STORE the state after step t0 + i goes to
     # the scratch slot win_p + i. No step's loads depend on the state: the compiler issues all T
     # steps' loads before the T dependent updates.
@@ -139,9 +140,7 @@ def _recompute(h, A2, dtb, x_ptr, dt_ptr, b_ptr, rst_ptr, t0, L, d, md, nn, win_
         p_ = p_ * q_ + 1.0
         sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
         sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
-        Bv = tl.zeros((NP, BD), tl.float32)
-        for k in tl.static_range(N):
-            Bv = tl.where(nn == k, tl.load(b_ptr + t * sb_l + k, mask=ok, other=0.0).to(tl.float32), Bv)
+        Bv = row_values(b_ptr + t * sb_l, ok, nn, N, NP, BD, WORDS)
         if HAS_RST:
             r = tl.load(rst_ptr + t * sr_l, mask=ok, other=0)
             h = tl.where(r != 0, 0.0, h)
@@ -157,7 +156,7 @@ def _scan_bwd_local_kernel(
     dt_ptr, z_ptr, c_ptr, a_ptr, dtb_ptr, rst_ptr, dy_ptr, gloc_ptr, sum_ptr,
     L, D, CL, sdt_b, sdt_l, sz_b, sz_l, sc_b, sc_l, sr_b, sr_l, sdy_b, sdy_l,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, HAS_RST: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, HAS_RST: tl.constexpr, BC_WORDS: tl.constexpr,
 ):
     # Pass 1: chunk c = program_id(2) + 1 (chunk 0's is never needed) from a zero terminal adjoint.
     # Writes gloc (B, NC, D, N): the adjoint at the chunk's start, and sum (B, NC, D): the chunk's
@@ -207,9 +206,7 @@ def _scan_bwd_local_kernel(
             if HAS_Z:
                 zv = tl.load(z_p + t * sz_l, mask=m, other=0.0).to(tl.float32)
                 dyv = dyv * zv * tl.sigmoid(zv)
-            Cv = tl.zeros((NP, BD), tl.float32)
-            for k in tl.static_range(N):
-                Cv = tl.where(nn == k, tl.load(cc_p + t * sc_l + k, mask=ok, other=0.0).to(tl.float32), Cv)
+            Cv = row_values(cc_p + t * sc_l, ok, nn, N, NP, BD, BC_WORDS)
             g = tl.exp2(sp[None, :] * A2) * (g + Cv * dyv[None, :])
             spsum += sp
             if HAS_RST:
@@ -265,7 +262,7 @@ def _scan_bwd_kernel(
     sdz_b, sdz_l,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr, W: tl.constexpr,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr,
-    HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr,
+    HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr, BC_WORDS: tl.constexpr,
 ):
     # Pass 3. Gradient outputs dx, ddt are (B, L, D) contiguous, dz (B, L, D) with row strides
     # sdz_b, sdz_l (a half of the fused mixer's d(in_proj output)); db, dc (B, L, N) fp32, zeroed;
@@ -323,7 +320,8 @@ def _scan_bwd_kernel(
             i = 0
             while i < W:
                 h = _recompute(h, A2, dtb, x_p, dt_p, bb_p, r_p, tstart + w * W + i, L, d, md, nn,
-                               win_p, sx_l, sdt_l, sb_l, sr_l, N, NP, BD, T, HAS_DTB, HAS_RST, False)
+                               win_p, sx_l, sdt_l, sb_l, sr_l, N, NP, BD, T, HAS_DTB, HAS_RST, False,
+                               BC_WORDS)
                 i += T
             w += 1
             _store_slot(sub_p + w * SLOT, h, nn, N, BD)
@@ -341,7 +339,7 @@ def _scan_bwd_kernel(
             while i < nst:
                 h = _recompute(h, A2, dtb, x_p, dt_p, bb_p, r_p, tw + i, L, d, md, nn,
                                win_p + (i + 1) * SLOT, sx_l, sdt_l, sb_l, sr_l, N, NP, BD, T,
-                               HAS_DTB, HAS_RST, True)
+                               HAS_DTB, HAS_RST, True, BC_WORDS)
                 i += T
             tl.debug_barrier()
             # 3) the reverse recurrence through the window. h_t is carried from the previous step's
@@ -378,12 +376,11 @@ def _scan_bwd_kernel(
                 p_ = p_ * q_ + 1.0
                 sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
                 sp = tl.where(m, sp, 0.0)
-                Bv = tl.zeros((NP, BD), tl.float32)
-                Cv = tl.zeros((NP, BD), tl.float32)
+                inside = t < L  # always: the window lies inside the length
+                Bv = row_values(bb_p + t * sb_l, inside, nn, N, NP, BD, BC_WORDS)
+                Cv = row_values(c_ptr + b * sc_b + t * sc_l, inside, nn, N, NP, BD, BC_WORDS)
                 h_prev = tl.zeros((NP, BD), tl.float32)
                 for k in tl.static_range(N):
-                    Bv = tl.where(nn == k, tl.load(bb_p + t * sb_l + k).to(tl.float32), Bv)
-                    Cv = tl.where(nn == k, tl.load(c_ptr + b * sc_b + t * sc_l + k).to(tl.float32), Cv)
                     h_prev = tl.where(nn == k, tl.load(win_p + (j * N + k) * BD)[None, :], h_prev)
                 hp = h_prev
                 if HAS_RST:
@@ -532,6 +529,7 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         dhT = dhT.contiguous()
     dtb = dt_bias if dt_bias is not None else A
     flags = dict(N=N, NP=NP, BD=BWD_BLOCK_D, num_warps=BWD_WARPS, **LAUNCH_OPTIONS)
+    words = bc_words(Bm, Cm)
     if NC == 1:
         gin, sgi = dhT, (D * N, 0)
     else:
@@ -542,7 +540,8 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
             dt, zz, Cm, A, dtb, rr, dy, gin, dsum, L, D, CL,
             dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1), Cm.stride(0), Cm.stride(1), *sr,
             dy.stride(0), dy.stride(1),
-            T=T, HAS_Z=z is not None, HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, **flags)
+            T=T, HAS_Z=z is not None, HAS_DTB=dt_bias is not None, HAS_RST=rst is not None,
+            BC_WORDS=words, **flags)
         _scan_bwd_carry_kernel[(triton.cdiv(D, CARRY_BLOCK_D), Bsz)](
             gin, dsum, A, dhT if dhT is not None else A, D, NC,
             N=N, NP=NP, BD=CARRY_BLOCK_D, HAS_DHT=dhT is not None, num_warps=1, **LAUNCH_OPTIONS)
@@ -557,6 +556,7 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         *((dz.stride(0), dz.stride(1)) if dz is not None else (0, 0)),
         CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
         HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
-        HAS_Y=y_out is not None, **flags, **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
+        HAS_Y=y_out is not None, BC_WORDS=words, **flags,
+        **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
