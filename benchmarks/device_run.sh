@@ -174,9 +174,9 @@ case "$MODE" in
       --variants ${VARIANTS:-32:2:1,64:2:1,64:1:1,32:4:1,64:4:1} > "$OUT/bench.log" 2>&1 ;;
   final19)  # the scan kernels' cuda tests, then `bench prefill` and the 1.5B training step (both
             # models and the CLI) with the session's scan kernels
-    cuda_tests $(left 420) tests/test_triton_scan.py tests/test_mixer_autograd.py
+    cuda_tests $(left 380) tests/test_triton_scan.py tests/test_mixer_autograd.py
     tail -3 "$OUT/tests.txt"
-    timeout $(left 330) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
+    timeout $(left 300) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
     grep -E "prefill|target|ceiling" "$OUT/prefill.log"
     timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer \
       --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
