@@ -30,6 +30,16 @@ from falcon_mamba.quant import quantize_model  # noqa: E402
 STEPS = 20
 
 
+def kernel_totals(prof) -> dict[str, list]:
+    """A torch.profiler run's GPU kernels: name -> [total us, launches]."""
+    per = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
+            per[ev.name][1] += 1
+    return per
+
+
 @torch.no_grad()
 def profile(model, layers: int, batch: int = 1) -> dict:
     loop = KernelLoop(model, batch)
@@ -44,11 +54,7 @@ def profile(model, layers: int, batch: int = 1) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         loop.run(STEPS)
         torch.cuda.synchronize()
-    per = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
-            per[ev.name][1] += 1
+    per = kernel_totals(prof)
     rows = sorted(((n, t / STEPS, c / STEPS) for n, (t, c) in per.items()), key=lambda r: -r[1])
     m = loop.mode
     return {"mode": m["mode"], "pdl": m.get("pdl"), "timings_ms": m.get("candidates_ms"), "step_ms": step_ms,

@@ -80,7 +80,7 @@ def kernel_table(fn, layers: int, reps: int = 3) -> list[dict]:
     """fn() run reps times under torch.profiler (CUDA activity): each kernel name's GPU time per
     call and per layer, and its launches per call, largest first (kernels inside a CUDA graph
     replay are traced as well)."""
-    from collections import defaultdict
+    from profile_decode import kernel_totals
 
     fn()
     torch.cuda.synchronize()
@@ -88,11 +88,7 @@ def kernel_table(fn, layers: int, reps: int = 3) -> list[dict]:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    per = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
-            per[ev.name][1] += 1
+    per = kernel_totals(prof)
     rows = sorted(({"name": n[:90], "ms_per_call": t / reps / 1e3, "us_per_layer": t / reps / layers,
                     "launches_per_call": c / reps} for n, (t, c) in per.items()),
                   key=lambda r: -r["ms_per_call"])

@@ -17,7 +17,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from falcon_mamba.errors import UserError  # noqa: E402
-from falcon_mamba.ops import reference, triton_backend, triton_scan, triton_scan_bwd  # noqa: E402
+from falcon_mamba.ops import reference, triton_backend, triton_helpers, triton_scan, triton_scan_bwd  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,26 +108,32 @@ def test_forward_minimal_options_bf16(rng):
 
 
 @triton.jit
-def _softplus_kernel(v_ptr, o_ptr, n, BLOCK: tl.constexpr):
+def _softplus_kernel(v_ptr, o_ptr, sig_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
-    tl.store(o_ptr + i, triton_scan._softplus(tl.load(v_ptr + i, mask=i < n)), mask=i < n)
+    v = tl.load(v_ptr + i, mask=i < n)
+    sp, t = triton_helpers.softplus_t(v)
+    tl.store(o_ptr + i, sp, mask=i < n)
+    tl.store(sig_ptr + i, tl.where(v > 0.0, 1.0, t) / (1.0 + t), mask=i < n)
 
 
 def test_softplus_to_fp32_precision():
     """The kernels' softplus (2 atanh series, no log) against float64's, threshold 20 included:
     within 1e-6 relative wherever the result is a normal fp32 (tiny dt keep their precision),
-    inf -> inf, -inf -> 0, NaN -> NaN."""
+    inf -> inf, -inf -> 0, NaN -> NaN; the sigmoid the backward builds from its t within 1e-6."""
     edges = torch.tensor([-20.0, 20.0, 19.99, 20.01, 0.0, 1e-30, -1e-30])
     v = torch.cat([torch.linspace(-80, 80, 2001), edges])
     v = torch.cat([v, torch.tensor([float("inf"), float("-inf"), float("nan")])]).to(DEV)
-    out = torch.empty_like(v)
-    _softplus_kernel[(1,)](v, out, v.numel(), BLOCK=triton.next_power_of_2(v.numel()))
-    out, v = out.cpu(), v.cpu()
+    out, sig = torch.empty_like(v), torch.empty_like(v)
+    _softplus_kernel[(1,)](v, out, sig, v.numel(), BLOCK=triton.next_power_of_2(v.numel()))
+    out, sig, v = out.cpu(), sig.cpu(), v.cpu()
     ref = torch.nn.functional.softplus(v[:-3].double(), threshold=20.0)
     ok = ref > 1e-37
     rel = (out[:-3].double() - ref).abs()[ok] / ref[ok]
     assert rel.max() < 1e-6, f"max relative error {rel.max():.3g} at v={v[:-3][ok][rel.argmax()]:.4g}"
     assert out[-3] == float("inf") and out[-2] == 0.0 and out[-1].isnan()
+    sref = torch.sigmoid(v[:-3].double())
+    ok = sref > 1e-37
+    assert ((sig[:-3].double() - sref).abs()[ok] / sref[ok]).max() < 1e-6
 
 
 def test_bc_words_conditions():

@@ -19,8 +19,7 @@ import triton.language as tl
 
 from falcon_mamba.ops import pdl
 from falcon_mamba.ops.pdl import dep_sync
-from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
-from falcon_mamba.ops.triton_scan import _softplus
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, softplus
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # fused SSM step with dt_proj inside, batch 1 in a CUDA graph on the H100: 32 channels x all 256
@@ -259,7 +258,7 @@ def _ssm_step_kernel(
         Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
     if HAS_DTB:
         v += dtb
-    sp = _softplus(v)
+    sp = softplus(v)
     if CONV_IN:
         xv = _conv_in(x_ptr + b * sx_b, cst_ptr + b * scs_b, cw_ptr, cb_ptr, d, md, s_ck, s_cw, CK, HAS_CB,
                       True, True, ROUND_X)
@@ -315,7 +314,7 @@ def _ssm_rows_kernel(
         Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
     if HAS_DTB:
         v += dtb
-    sp = _softplus(v)
+    sp = softplus(v)
     h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
     tl.store(st, h, mask=mdn)
     yv = tl.sum(h * Cv[None, :], axis=1)

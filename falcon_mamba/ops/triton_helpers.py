@@ -19,6 +19,8 @@ uniform predicate folds to an ``and``.
 ``bc_words`` / ``row_values``: a scan step's B or C row (N values, the same for every channel, so
 every lane loads all of them) into the (NP, BD) register layout the scan kernels use, from bf16
 four values per 64-bit load where the rows allow it.
+
+``softplus`` / ``softplus_t``: dt's softplus as every scan and decode kernel computes it.
 """
 
 from __future__ import annotations
@@ -62,3 +64,30 @@ def row_values(ptr, ok, nn, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
         for k in tl.static_range(N):
             out = tl.where(nn == k, tl.load(ptr + k, mask=ok, other=0.0).to(tl.float32), out)
     return out
+
+
+@triton.jit
+def softplus_t(v):
+    """(softplus(v), t = exp(-|v|)): sigmoid(v), softplus's derivative, is where(v > 0, 1, t) / (1 + t).
+
+    softplus(v) = max(v, 0) + log1p(t), t in (0, 1], with log1p(t) = 2 atanh(s), s = t / (2 + t) in
+    (0, 1/3]: the odd series 2s (1 + s^2/3 + ... + s^12/13) is within 2e-8 of it there (the next
+    term, (1/9)^7 / 15), so tiny dt keep their relative precision, and above 20 the log1p term is
+    below half an fp32 ulp of v (the CUDA kernels' threshold 20 is implied). ~20 instructions where
+    libdevice's logf and a division took ~40 (a scan step is ~270)."""
+    t = tl.exp(-tl.abs(v))
+    s = t / (2.0 + t)
+    q = s * s
+    p = q * 0.07692307692307693 + 0.09090909090909091
+    p = p * q + 0.1111111111111111
+    p = p * q + 0.14285714285714285
+    p = p * q + 0.2
+    p = p * q + 0.3333333333333333
+    p = p * q + 1.0
+    return tl.maximum(v, 0.0) + 2.0 * s * p, t
+
+
+@triton.jit
+def softplus(v):
+    """softplus(v) in fp32, threshold 20 (see softplus_t)."""
+    return softplus_t(v)[0]

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, bc_words, mask_and, row_values
+from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, bc_words, mask_and, row_values, softplus
 from falcon_mamba.ops.triton_scan_bwd import scan_bwd  # noqa: F401 (the backward; re-exported)
 
 LOG2E = 1.4426950408889634
@@ -59,27 +59,6 @@ FWD_MIN_CHUNK = 256
 # results/h200-profile-prefill-9786fe1.json), 61% of the chunk's GPU time: latency, not bytes.
 FWD_MIN_CHUNK_INFER = 64
 CARRY_BLOCK_D = 32
-
-
-@triton.jit
-def _softplus(v):
-    # softplus(v) = max(v, 0) + log1p(t), t = exp(-|v|) in (0, 1], with log1p(t) = 2 atanh(s),
-    # s = t / (2 + t) in (0, 1/3]: the odd series 2s (1 + s^2/3 + ... + s^12/13) is within 2e-8 of
-    # it there (the next term, (1/9)^7 / 15), so tiny dt keep their relative precision, and above
-    # 20 the log1p term is below half an fp32 ulp of v (the CUDA kernels' threshold 20 is implied).
-    # ~20 instructions where libdevice's logf and a division took ~40 (a scan step is ~270). The
-    # scan kernels repeat these lines inline: each nested jit call costs milliseconds in the
-    # interpreter that the CPU tests use.
-    t = tl.exp(-tl.abs(v))
-    s = t / (2.0 + t)
-    q = s * s
-    p = q * 0.07692307692307693 + 0.09090909090909091
-    p = p * q + 0.1111111111111111
-    p = p * q + 0.14285714285714285
-    p = p * q + 0.2
-    p = p * q + 0.3333333333333333
-    p = p * q + 1.0
-    return tl.maximum(v, 0.0) + 2.0 * s * p
 
 
 @triton.jit
@@ -162,17 +141,7 @@ def _scan_fwd_kernel(
             v = tl.load(dt_p, mask=m, other=0.0).to(tl.float32)
             if HAS_DTB:
                 v += dtb
-            # softplus, inline: see _softplus
-            t_ = tl.exp(-tl.abs(v))
-            s_ = t_ / (2.0 + t_)
-            q_ = s_ * s_
-            p_ = q_ * 0.07692307692307693 + 0.09090909090909091
-            p_ = p_ * q_ + 0.1111111111111111
-            p_ = p_ * q_ + 0.14285714285714285
-            p_ = p_ * q_ + 0.2
-            p_ = p_ * q_ + 0.3333333333333333
-            p_ = p_ * q_ + 1.0
-            sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
+            sp = softplus(v)
             sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
             # B and C of this step (C only where y is made); see triton_helpers.row_values
             Bv = row_values(bb_p, ok, nn, N, NP, BD, BC_WORDS)

@@ -57,7 +57,14 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS, bc_words, mask_and, row_values
+from falcon_mamba.ops.triton_helpers import (
+    LAUNCH_OPTIONS,
+    bc_words,
+    mask_and,
+    row_values,
+    softplus,
+    softplus_t,
+)
 
 LN2 = 0.6931471805599453
 
@@ -129,16 +136,7 @@ def _recompute(h, A2, dtb, x_ptr, dt_ptr, b_ptr, rst_ptr, t0, L, d, md, nn, win_
         v = tl.load(dt_ptr + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
         if HAS_DTB:
             v += dtb
-        t_ = tl.exp(-tl.abs(v))  # softplus, inline: see triton_scan._softplus
-        s_ = t_ / (2.0 + t_)
-        q_ = s_ * s_
-        p_ = q_ * 0.07692307692307693 + 0.09090909090909091
-        p_ = p_ * q_ + 0.1111111111111111
-        p_ = p_ * q_ + 0.14285714285714285
-        p_ = p_ * q_ + 0.2
-        p_ = p_ * q_ + 0.3333333333333333
-        p_ = p_ * q_ + 1.0
-        sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
+        sp = softplus(v)
         sp = tl.where(m, sp, 0.0)  # 0 past the end: the state stays put
         Bv = row_values(b_ptr + t * sb_l, ok, nn, N, NP, BD, WORDS)
         if HAS_RST:
@@ -191,16 +189,7 @@ def _scan_bwd_local_kernel(
             v = tl.load(dt_p + t * sdt_l, mask=m, other=0.0).to(tl.float32)
             if HAS_DTB:
                 v += dtb
-            t_ = tl.exp(-tl.abs(v))  # softplus, inline: see triton_scan._softplus
-            s_ = t_ / (2.0 + t_)
-            q_ = s_ * s_
-            p_ = q_ * 0.07692307692307693 + 0.09090909090909091
-            p_ = p_ * q_ + 0.1111111111111111
-            p_ = p_ * q_ + 0.14285714285714285
-            p_ = p_ * q_ + 0.2
-            p_ = p_ * q_ + 0.3333333333333333
-            p_ = p_ * q_ + 1.0
-            sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
+            sp = softplus(v)
             sp = tl.where(m, sp, 0.0)
             dyv = tl.load(dy_p + t * sdy_l, mask=m, other=0.0).to(tl.float32)
             if HAS_Z:
@@ -365,16 +354,7 @@ def _scan_bwd_kernel(
                 xv = tl.load(x_p + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
                 v = tl.load(dt_p + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
                 v += dtb
-                t_ = tl.exp(-tl.abs(v))  # softplus, inline: see triton_scan._softplus
-                s_ = t_ / (2.0 + t_)
-                q_ = s_ * s_
-                p_ = q_ * 0.07692307692307693 + 0.09090909090909091
-                p_ = p_ * q_ + 0.1111111111111111
-                p_ = p_ * q_ + 0.14285714285714285
-                p_ = p_ * q_ + 0.2
-                p_ = p_ * q_ + 0.3333333333333333
-                p_ = p_ * q_ + 1.0
-                sp = tl.maximum(v, 0.0) + 2.0 * s_ * p_
+                sp, t_ = softplus_t(v)
                 sp = tl.where(m, sp, 0.0)
                 inside = t < L  # always: the window lies inside the length
                 Bv = row_values(bb_p + t * sb_l, inside, nn, N, NP, BD, BC_WORDS)
