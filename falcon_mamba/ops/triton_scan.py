@@ -38,7 +38,7 @@ from falcon_mamba.ops.triton_scan_bwd import scan_bwd  # noqa: F401 (the backwar
 
 LOG2E = 1.4426950408889634
 
-# Launch defaults (tuned on the H100; see benchmarks/NOTES.md).
+# Launch defaults (tuned on the H100, the unroll on the H200; see benchmarks/NOTES.md).
 FWD_BLOCK_D = 32
 # Steps per chunk of loads (T). The chunked passes of a long row: T=2 (7B width, H200, Triton 3.6:
 # 1 x 16384 2.18 ms a layer vs 2.28 at T=4; 1 x 2048 0.338 vs 0.371); one pass over many rows (a
