@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Calls on the lent GPU (10 minutes each): the cuda tests and the benchmarks, logs to $OUT.
+#   benchmarks/device_run.sh suite      # the whole cuda suite alone (LIMIT seconds)
 #   benchmarks/device_run.sh verify     # the whole cuda suite (8 pytest processes, every test listed),
 #                                       # then sweep_decode.py (GEMV tiles, decode modes at 16 layers)
 #   benchmarks/device_run.sh speed      # the decode-path cuda tests, then `bench decode prefill`
@@ -81,6 +82,9 @@ cuda_tests() {  # cuda_tests LIMIT_S FILES...: 8 pytest processes (the suite is 
 }
 
 case "$MODE" in
+  suite)  # the whole cuda suite alone, within LIMIT
+    cuda_tests $(left 5) tests/
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -15 ;;
   verify)
     cuda_tests 330 tests/
     timeout $((575 - SECONDS)) python3 benchmarks/sweep_decode.py --out "$OUT/results/sweep.json" \
