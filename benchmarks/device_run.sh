@@ -35,7 +35,6 @@
 #   benchmarks/device_run.sh serve14    # burst13 + mixed13's first three pairs
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
-#   benchmarks/device_run.sh ssm15      # the many-row SSM tile kernel: tests, tiles, then serve11
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
@@ -212,25 +211,6 @@ case "$MODE" in
   mixed13)  # the mixed load alone under (prefill chunk, long-prompt interval) pairs: the long
             # prompt's rate against the streams' inter-token p99 (issue #15: >= 50%, <= 3x)
     mixed_pairs ${MIXED_CFGS:-512:2 384:1 256:1 1024:4} ;;
-  ssm15)  # the many-row SSM step with dt_proj inside (_ssm_tile_kernel): the decode cuda tests, its
-          # tiles against the three launches it replaced (the fastest becomes SSM_TILE_* in this
-          # tree, written to tile_defaults.txt), then the server as serve11
-    cuda_tests 170 tests/test_triton_decode.py tests/test_decode_graphs.py tests/test_warm_up.py
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8
-    timeout 150 python3 benchmarks/kernel_bench.py --parts ssmtile --out "$OUT/results/ssmtile.json" \
-      > "$OUT/ssmtile.log" 2>&1
-    grep -E "^\{'kernel'|^best" "$OUT/ssmtile.log" | cut -c1-220
-    best=$(grep "^best" "$OUT/ssmtile.log")
-    if [ -n "$best" ]; then
-      set -- $best
-      sed -i "s/^SSM_TILE_BM = .*/SSM_TILE_BM = $2/; s/^SSM_TILE_BD = .*/SSM_TILE_BD = $3/; \
-s/^SSM_TILE_WARPS = .*/SSM_TILE_WARPS = $4/" falcon_mamba/ops/triton_decode.py
-    fi
-    grep "^SSM_TILE" falcon_mamba/ops/triton_decode.py | tee "$OUT/tile_defaults.txt"
-    timeout $(left 10) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
-      --temperature 0 --mixed 32:100000 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -v "^{" "$OUT/bench.log" ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \

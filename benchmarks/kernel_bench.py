@@ -1,7 +1,7 @@
 """Kernel-level timings on the GPU, Falcon Mamba 7B shapes (bf16): the conv forward, the inference
 scan's length chunk, and the pieces of one decode step. Prints a table, then one JSON line.
 
-    PYTHONPATH=. python3 benchmarks/kernel_bench.py [--parts conv,decode,...,ssmtile] [--out kernels.json]
+    PYTHONPATH=. python3 benchmarks/kernel_bench.py [--parts conv,decode,...,ssmrows] [--out kernels.json]
 
 Each figure comes with the bytes it must move and the bandwidth that implies, to compare with the
 measured copy rate (ENGINEERING.md section 6: 3.01 TB/s on the lent H100).
@@ -39,13 +39,13 @@ def conv_fwd_part(rows, L=16384, D=8192):
 
 def scan_infer_chunks(rows, D=8192, N=16):
     """The inference scan (no saved states: a prompt chunk's) at batch 1 by length chunk: the
-    chunk length_chunk() picks (FWD_MIN_CHUNK_INFER) against shorter and longer ones."""
+    chunk infer_chunk() picks against shorter and longer ones."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     r = lambda *s, scale=1.0, shift=0.0: torch.randn(*s, device=dev, generator=g) * scale + shift  # noqa
     A = -torch.exp(r(D, N, scale=0.5))
     Dv, dtb = r(D), r(D, scale=0.5)
-    for L in (256, 512, 2048, 16384):
+    for L in (128, 256, 576, 1024, 2048, 4096, 16384):
         xz = r(1, L, 2 * D).bfloat16()
         x, z = xz[..., :D], xz[..., D:]
         dt = r(1, L, D, scale=0.5, shift=-1).bfloat16()
@@ -53,8 +53,8 @@ def scan_infer_chunks(rows, D=8192, N=16):
         Bm, Cm = xdbl[..., 256:256 + N], xdbl[..., 256 + N:]
         h0 = torch.zeros(1, D, N, device=dev)
         ts = triton_scan
-        picked = ts.length_chunk(1, L, D, ts.FWD_BLOCK_D, ts.FWD_MIN_CHUNK_INFER, ts.FWD_UNROLL)
-        for chunk in sorted({8, 16, 32, 64, 128, 256, picked, L}):
+        picked = ts.infer_chunk(1, L, D, ts.FWD_BLOCK_D, ts.FWD_UNROLL)
+        for chunk in sorted({16, 32, 64, 128, 256, 512, picked, L}):
             if chunk > L:
                 continue
             args = (x, dt, A, Bm, Cm, Dv, z, dtb, h0)
@@ -285,77 +285,6 @@ def _ssm_rows_at(rows, B, D, N, R, copy_tbs):
         print(rows[-1], flush=True)
 
 
-# (rows, channels, warps) per program; 64 x 16 and 32 x 64 spill on sm_90a (inspect_kernels.py)
-SSM_TILE_CONFIGS = [(16, 16, 4), (16, 16, 2), (16, 32, 4), (16, 32, 8), (32, 16, 4), (32, 32, 8),
-                    (16, 64, 8)]
-
-
-def ssm_tile_variants(rows, D=8192, N=16, R=256, copy_tbs=4.14):
-    """The decode step's fused SSM update above DT_PROJ_MAX_BATCH rows at 64 and 256 rows, inside
-    CUDA graphs: the three launches it replaced (the dt_r norm, dt_proj by cuBLAS, _ssm_rows_kernel)
-    against _ssm_tile_kernel per (rows, channels, warps) of SSM_TILE_CONFIGS. Prints the fastest as
-    `best BM BD WARPS` (device_run.sh ssm15 sets the defaults from it before the server runs). The
-    floor is the state's read + write at the copy rate; rel_err is each first call's y against the
-    three launches'."""
-    for B in (64, 256):
-        _ssm_tile_at(rows, B, D, N, R, copy_tbs)
-    best = {}
-    for r in rows:
-        if r.get("tile") and "us" in r:
-            cfg = r["tile"]
-            best[cfg] = best.get(cfg, 0.0) + r["us"]
-    if best:
-        cfg = min(best, key=best.get)
-        print("best", *cfg, flush=True)
-        rows.append({"kernel": "ssm tile best (sum of 64 and 256 rows)", "config": list(cfg),
-                     "us": best[cfg]})
-
-
-def _ssm_tile_at(rows, B, D, N, R, copy_tbs):
-    from triton.testing import do_bench_cudagraph
-
-    from falcon_mamba.ops import triton_decode
-
-    dev, bf = "cuda", torch.bfloat16
-    st = torch.randn(B, D, N, device=dev)
-    s0 = st.clone()  # every variant's first call starts here (the timed replays advance st)
-    xz = torch.randn(B, 2 * D, device=dev, dtype=bf)
-    xc = torch.randn(B, D, device=dev, dtype=bf)
-    xdbl = torch.randn(B, R + 2 * N, device=dev, dtype=bf)
-    W_dt = torch.randn(D, R, device=dev, dtype=bf) * R ** -0.5
-    A_log, Dv, dtb = torch.randn(D, N, device=dev), torch.randn(D, device=dev), torch.randn(D, device=dev)
-    floor_us = 2 * st.numel() * 4 / (copy_tbs * 1e12) * 1e6
-
-    def three_launches():
-        dt_r = triton_decode.rms_rows(xdbl[:, :R], None, 1e-6, round_y=bf)
-        dt = torch.nn.functional.linear(dt_r, W_dt)
-        return triton_decode.ssm_step(st, xc, dt, A_log, xdbl[:, R:R + N], xdbl[:, R + N:], Dv, xz[:, D:],
-                                      dtb, norm_eps=1e-6, a_is_log=True)
-
-    variants = [("norm + cuBLAS dt_proj + rows kernel", None, three_launches)]
-    for bm, bd, w in SSM_TILE_CONFIGS:
-        def fn(bm=bm, bd=bd, w=w):
-            return triton_decode.ssm_step(st, xc, xdbl[:, :R], A_log, xdbl[:, R:R + N], xdbl[:, R + N:], Dv,
-                                          xz[:, D:], dtb, W_dt=W_dt, norm_eps=1e-6, a_is_log=True,
-                                          block_m=bm, block_d=bd, num_warps=w)
-        variants.append((f"tile bm={bm} bd={bd} w={w}", (bm, bd, w), fn))
-    ref = None
-    for name, cfg, fn in variants:
-        name = f"ssm B={B} {name} (graph)"
-        try:
-            st.copy_(s0)
-            y = fn()
-            ref = y.float() if ref is None else ref
-            err = ((y.float() - ref).norm() / ref.norm()).item()
-            us = do_bench_cudagraph(fn, rep=50) * 1e3  # ms -> us
-        except Exception as e:  # noqa: BLE001
-            rows.append({"kernel": name, "error": str(e)[:160]})
-            continue
-        rows.append({"kernel": name, "tile": cfg, "B": B, "us": us, "floor_us": floor_us,
-                     "of_floor": floor_us / us, "rel_err": err})
-        print(rows[-1], flush=True)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -365,8 +294,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     table = {"conv": conv_fwd_part, "decode": lambda r: [decode_pieces(r, B) for B in (1, 64)],
              "gemv": gemv_variants, "graph": graph_profile, "prefill": prefill_profile,
-             "ssm": ssm_step_variants, "scaninfer": scan_infer_chunks, "ssmrows": ssm_rows_variants,
-             "ssmtile": ssm_tile_variants}
+             "ssm": ssm_step_variants, "scaninfer": scan_infer_chunks, "ssmrows": ssm_rows_variants}
     for part in [table[k] for k in args.parts.split(",")]:
         try:
             part(rows)

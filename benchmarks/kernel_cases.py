@@ -236,18 +236,14 @@ def _batched_decode_cases(B: int = 64) -> None:
         m = _Mixer(B)
         triton_decode.conv_step(m.conv, m.xz[:, :D], m.cw, m.cb)
 
-    @case(f"decode B={B} ssm step (dense dt_proj inside: the tile kernel)")
+    @case(f"decode B={B} ssm step (dt_proj by GEMM; dt_r norm + plain step)")
     def _():
         _Mixer(B).ssm_step(dt_weight("dense"))
 
-    for bm, bd, w in ((32, 32, 8), (16, 64, 8), (16, 32, 4)):
-        @case(f"decode B={B} ssm step, tile {bm} rows x {bd} channels, {w} warps")
-        def _(bm=bm, bd=bd, w=w):
-            _Mixer(B).ssm_step(dt_weight("dense"), block_m=bm, block_d=bd, num_warps=w)
-
-    @case(f"decode B={B} ssm step (int8 dt_proj by GEMM; dt_r norm + the rows kernel)")
-    def _():
-        _Mixer(B).ssm_step(dt_weight("int8"))
+    for bd, w in ((512, 8), (128, 4)):
+        @case(f"decode B={B} ssm step, {bd} channels, {w} warps")
+        def _(bd=bd, w=w):
+            _Mixer(B).ssm_step(dt_weight("dense"), block_d=bd, num_warps=w)
 
     @case("decode B=4 ssm step, dense dt_proj fused")
     def _():

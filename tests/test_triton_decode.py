@@ -105,41 +105,6 @@ def test_ssm_rows_kernel(rng, block_d):
         assert_close(h, h2, *TOL[torch.bfloat16], f"block_d={block_d} state norm={norm}")  # B, C in bf16
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_ssm_tile_kernel(rng, dtype):
-    """The fused step above DT_PROJ_MAX_BATCH rows (_ssm_tile_kernel: dt_proj as a dot over a tile
-    of rows): B = 37 (the last row tile partial), D = 40 (the last channel block partial), N = 5,
-    R = 20 (the dot's K padded to 32), with and without the norms and per tile shape, against the
-    reference; and a row's y and state are the same bits whatever rows share its batch."""
-    from falcon_mamba.ops import triton_decode
-
-    B, D, N, R = 37, 40, 5, 20
-    xz = _r(rng, B, 2 * D, dtype=dtype)
-    xdbl = _r(rng, B, R + 2 * N, dtype=dtype)
-    Wdt = _r(rng, D, R, dtype=dtype, scale=R ** -0.5)
-    dtb, A_log, Dv = _r(rng, D, scale=0.5), _r(rng, D, N, scale=0.5), _r(rng, D)
-    h0 = _r(rng, B, D, N)
-    # half types: dt is rounded to the model dtype after a sum in another order than the
-    # reference's GEMM, so an ulp of dt flips now and then, which moves y by a few of its ulps
-    tol = TOL[dtype] if dtype == torch.float32 else (6e-2, 1e-1)
-    for eps, (bm, bd, w) in ((1e-6, (16, 16, 4)), (None, (32, 32, 8)), (1e-6, (16, 64, 2))):
-        h, h2 = h0.clone(), h0.clone()
-        y = triton_decode.ssm_step(h, xz[:, :D], xdbl[:, :R], A_log, xdbl[:, R:R + N], xdbl[:, R + N:], Dv,
-                                   xz[:, D:], dtb, W_dt=Wdt, norm_eps=eps, a_is_log=True, block_m=bm,
-                                   block_d=bd, num_warps=w)
-        yr = fused_reference.mixer_ssm_step(h2, xz[:, :D], xz[:, D:], xdbl, Wdt, dtb, A_log, Dv, eps)
-        assert_close(y, yr, *tol, f"tile {bm}x{bd} y eps={eps}")
-        assert_close(h, h2, *tol, f"tile {bm}x{bd} state eps={eps}")
-    sub = torch.arange(3, 12, device=DEV)  # 9 rows: above DT_PROJ_MAX_BATCH, at other tile offsets
-    hs = h0[sub].clone()
-    ys = triton_decode.ssm_step(hs, xz[sub, :D], xdbl[sub, :R], A_log, xdbl[sub, R:R + N], xdbl[sub, R + N:],
-                                Dv, xz[sub, D:], dtb, W_dt=Wdt, norm_eps=1e-6, a_is_log=True)
-    h = h0.clone()
-    y = triton_decode.ssm_step(h, xz[:, :D], xdbl[:, :R], A_log, xdbl[:, R:R + N], xdbl[:, R + N:], Dv,
-                               xz[:, D:], dtb, W_dt=Wdt, norm_eps=1e-6, a_is_log=True)
-    assert torch.equal(ys, y[sub]) and torch.equal(hs, h[sub]), "a row depends on the other rows"
-
-
 def test_ssm_step_conv_needs_the_projection(rng):
     from falcon_mamba.ops import triton_decode
 
@@ -298,7 +263,7 @@ def test_norm_with_grad_uses_autograd_formula(rng):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B", [1, 5, 64, 256])
+@pytest.mark.parametrize("B", [1, 5, 64])
 def test_decode_kernels_cuda(dtype, B, rng):
     check_conv_step(B, 8192, 4, dtype, rng)
     check_ssm_steps(B, 8192, 16, 256, dtype, rng, norm=True)

@@ -154,6 +154,7 @@ def test_forward_bc_words_equal_single_loads(rng, monkeypatch, chunk):
     with an initial state and resets."""
     monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK", 4)
     monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK_INFER", 4)
+    monkeypatch.setattr(triton_scan, "FWD_SPLIT_INFER", 8)
     B, L, D, N = 2, 19, 20, 8
     x, dt, A, _, _, Dv, z, dtb, h0, rst = scan_inputs(B, L, D, N, torch.bfloat16, DEV, rng, reset=True)
     xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16)
@@ -217,10 +218,14 @@ def test_length_chunk_choice(monkeypatch):
     assert triton_scan.length_chunk(1, 1 << 20, 8192, 32) == (1 << 20) // 64
     assert triton_scan.length_chunk(64, 16384, 8192, 32) == 16384
     assert triton_scan.length_chunk(1, 300, 8192, 32) == 300  # too short to split
-    # inference (no saved states): shorter chunks, so a 512-token prompt chunk runs 8 in parallel
-    assert triton_scan.length_chunk(1, 512, 8192, 32, triton_scan.FWD_MIN_CHUNK_INFER, 2) == 64
-    assert triton_scan.length_chunk(1, 100, 8192, 32, triton_scan.FWD_MIN_CHUNK_INFER, 2) == 100
-    assert triton_scan.length_chunk(1, 16384, 8192, 32, triton_scan.FWD_MIN_CHUNK_INFER, 2) == 256
+    # inference (no saved states): 16 chunks of a row up to 4k tokens, at most 256 steps each, at
+    # most 64 chunks; short rows and full batches unsplit
+    ic = triton_scan.infer_chunk
+    assert [ic(1, L, 8192, 32, 2) for L in (256, 512, 576, 2048, 16384)] == [16, 32, 36, 128, 256]
+    assert ic(1, 1 << 20, 8192, 32, 2) == (1 << 20) // 64
+    assert ic(1, 100, 8192, 32, 2) == 100
+    assert ic(64, 2048, 8192, 32, 2) == 2048
+    assert ic(1, 301, 8192, 32, 4) == 20  # cdiv(301, 16) = 19, rounded up to the unroll
 
 
 def test_backward_small_length_chunked(rng, monkeypatch):

@@ -40,11 +40,6 @@ DT_PROJ_MAX_BATCH = 4
 # (84-114 us at 256 rows): they were removed.
 SSM_ROWS_BLOCK_D = 256
 SSM_ROWS_WARPS = 4
-# The fused step above DT_PROJ_MAX_BATCH rows with a dense W_dt (_ssm_tile_kernel): rows x channels
-# per program and warps. Not yet timed on a GPU (kernel_bench.py --parts ssmtile).
-SSM_TILE_BM = 16
-SSM_TILE_BD = 16
-SSM_TILE_WARPS = 4
 
 
 @triton.jit
@@ -331,81 +326,6 @@ def _ssm_rows_kernel(
 
 
 @triton.jit
-def _ssm_tile_kernel(
-    state_ptr, x_ptr, z_ptr, dtr_ptr, b_ptr, c_ptr, wdt_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
-    M, D, R, eps, sx_b, sz_b, sdtr_b, sb_b, sc_b, swd, sy_b,
-    N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
-    A_LOG: tl.constexpr, RMODE: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-):
-    # One program: BD channels of BM rows, with dt_proj inside as one (BM, R) x (R, BD) tensor-core
-    # dot: the W_dt slice is read once per BM rows (the per-row kernel above re-reads it per row,
-    # which is why it stops at DT_PROJ_MAX_BATCH). Replaces the dt_r norm, the dt_proj GEMM and
-    # _ssm_rows_kernel of a many-row step (three launches) with one. A row's values depend on that
-    # row's inputs only (a dot's rows are independent), whatever else is in the batch.
-    pid_d = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    mrow = rows < M
-    rows = rows.to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)
-    md = d < D
-    n = tl.arange(0, NP)
-    mn = n < N
-    r = tl.arange(0, RP)
-    mr = r < R
-    dn = d[:, None].to(tl.int64) * N + n[None, :]
-    mdn = md[:, None] & mn[None, :]
-    A = tl.load(a_ptr + dn, mask=mdn, other=0.0).to(tl.float32)
-    if A_LOG:
-        A = -tl.exp(A)
-    W = tl.load(wdt_ptr + d[:, None].to(tl.int64) * swd + r[None, :], mask=md[:, None] & mr[None, :],
-                other=0.0)
-    if HAS_D:
-        dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
-    if HAS_DTB:
-        dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    st = state_ptr + rows[:, None, None] * D * N + dn[None, :, :]
-    mst = mrow[:, None, None] & mdn[None, :, :]
-    h = tl.load(st, mask=mst, other=0.0)
-    dep_sync(PDL)
-    mrr = mrow[:, None] & mr[None, :]
-    q = tl.load(dtr_ptr + rows[:, None] * sdtr_b + r[None, :], mask=mrr, other=0.0).to(tl.float32)
-    rn = mrow[:, None] & mn[None, :]
-    Bv = tl.load(b_ptr + rows[:, None] * sb_b + n[None, :], mask=rn, other=0.0).to(tl.float32)
-    Cv = tl.load(c_ptr + rows[:, None] * sc_b + n[None, :], mask=rn, other=0.0).to(tl.float32)
-    rd = mrow[:, None] & md[None, :]
-    xv = tl.load(x_ptr + rows[:, None] * sx_b + d[None, :], mask=rd, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zv = tl.load(z_ptr + rows[:, None] * sz_b + d[None, :], mask=rd, other=0.0).to(tl.float32)
-    if NORM:
-        q = q * tl.rsqrt(tl.sum(q * q, axis=1) / R + eps)[:, None]
-        Bv = Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=1) / N + eps)[:, None]
-        Cv = Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=1) / N + eps)[:, None]
-    # the normed dt_r rounded as the GEMM path's input (dt_r's dtype = W_dt's), dt as its output.
-    # The dot takes both in fp32: bf16 and fp16 values are exact in TF32, so a TF32 dot has the
-    # products of a bf16 one (and Triton's interpreter, the CPU tests, multiplies bf16 bit patterns
-    # as integers); fp32 weights take the exact fp32 (IEEE) dot.
-    q = _round(q, RMODE)
-    v = tl.dot(q, tl.trans(W.to(tl.float32)), input_precision=DOT_PREC)
-    v = _round(v, RMODE)
-    Bv = _round(Bv, RMODE)
-    Cv = _round(Cv, RMODE)
-    if HAS_DTB:
-        v += dtb[None, :]
-    sp = softplus(v)
-    dA = tl.exp2(sp[:, :, None] * A[None, :, :] * 1.4426950408889634)
-    h = dA * h + (sp * xv)[:, :, None] * Bv[:, None, :]
-    tl.store(st, h, mask=mst)
-    yv = tl.sum(h * Cv[:, None, :], axis=2)
-    if HAS_D:
-        yv += dsk[None, :] * xv
-    if HAS_Z:
-        yv = yv * zv * tl.sigmoid(zv)
-    tl.store(y_ptr + rows[:, None] * sy_b + d[None, :], yv.to(y_ptr.dtype.element_ty), mask=rd)
-
-
-@triton.jit
 def _rms_kernel(x_ptr, res_ptr, w_ptr, xo_ptr, y_ptr, M, H, eps, sx, sres, sxo, sy,
                 BR: tl.constexpr, BH: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                 WRITE_X: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_Y: tl.constexpr, PDL: tl.constexpr,
@@ -482,30 +402,9 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
     return y
 
 
-def _ssm_tile(state, x, dtr, A, Bm, Cm, Dv, z, dtb, W_dt, norm_eps, a_is_log, block_m, block_d, num_warps):
-    """ssm_step's fused form above DT_PROJ_MAX_BATCH rows with a dense W_dt: _ssm_tile_kernel."""
-    Bsz, D = x.shape
-    N, R = A.shape[1], W_dt.shape[1]
-    assert W_dt.stride(1) == 1 and dtr.stride(-1) == 1 and dtr.dtype == W_dt.dtype, "dt_r as W_dt"
-    y = torch.empty(Bsz, D, dtype=x.dtype, device=x.device)
-    BM, BD = block_m or SSM_TILE_BM, block_d or SSM_TILE_BD
-    _ssm_tile_kernel[(triton.cdiv(D, BD), triton.cdiv(Bsz, BM))](
-        state, x, z if z is not None else x, dtr, Bm, Cm, W_dt, dtb if dtb is not None else A,
-        A.contiguous(), Dv if Dv is not None else A, y,
-        Bsz, D, R, float(norm_eps or 0.0), x.stride(0), z.stride(0) if z is not None else 0,
-        dtr.stride(0), Bm.stride(0), Cm.stride(0), W_dt.stride(0), y.stride(0),
-        N=N, NP=triton.next_power_of_2(N), RP=max(16, triton.next_power_of_2(R)), BM=BM, BD=BD,
-        HAS_Z=z is not None, HAS_D=Dv is not None, HAS_DTB=dtb is not None, NORM=norm_eps is not None,
-        A_LOG=a_is_log, RMODE=_ROUND.get(W_dt.dtype, 0),
-        DOT_PREC="ieee" if W_dt.dtype == torch.float32 else "tf32",
-        num_warps=num_warps or SSM_TILE_WARPS, **pdl.launch_kwargs(x.device), **LAUNCH_OPTIONS,
-    )
-    return y
-
-
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None, conv=None, pairs_out=None, block_m=None) -> torch.Tensor:
+             num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) fp32 in place; returns y (B, D).
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
@@ -513,10 +412,8 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     through the weightless RMSNorm (Falcon Mamba). W_dt is a dense tensor or a quantized
     ops.triton_gemv.GemvWeight (int8: codes (D, R) + fp32 scales (D,); int4: packed (D, Rp/2) +
     fp16 scales and uint8 zeros (D, Rp/G)): dequantized in fp32 in the kernel, dt rounded to
-    dt_or_dtr's dtype (a dense W_dt: to its own dtype). Above DT_PROJ_MAX_BATCH rows a dense W_dt
-    goes to _ssm_tile_kernel (block_m rows x block_d channels a program, dt_proj as a tensor-core
-    dot; defaults SSM_TILE_*); a quantized one to one GEMM after a norm launch (in-kernel, every row
-    would re-read W_dt). a_is_log: A_DN holds A_log.
+    dt_or_dtr's dtype (a dense W_dt: to its own dtype). Above DT_PROJ_MAX_BATCH rows the projection
+    is one GEMM instead (in-kernel, every row would re-read W_dt). a_is_log: A_DN holds A_log.
     conv = (conv state (B, K-1, D), weight (D, K), bias (D,) or None): x_BD is the conv input
     (in_proj's x half) instead of xc; the kernel runs the conv step for its channels (as
     _conv_step_kernel, xc rounded to x's dtype), updates the conv state in place and uses xc as x.
@@ -533,19 +430,16 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         W_dt = W_dt.w  # a dense GemvWeight: its tensor
     wq = None if W_dt is None or isinstance(W_dt, torch.Tensor) else W_dt  # quantized
     fused = W_dt is not None
-    if fused and Bsz > DT_PROJ_MAX_BATCH and wq is None:
-        if conv is not None or pairs_out is not None:
-            raise ValueError("ssm_step: conv and pairs_out need the in-kernel dt_proj "
-                             f"(W_dt given, at most {DT_PROJ_MAX_BATCH} rows)")
-        return _ssm_tile(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, W_dt, norm_eps,
-                         a_is_log, block_m, block_d, num_warps)
-    if fused and Bsz > DT_PROJ_MAX_BATCH:  # quantized W_dt: the norm and dt_proj as their own launches
+    if fused and Bsz > DT_PROJ_MAX_BATCH:
         dt_r = dt_or_dtr
         if norm_eps is not None:
             dt_r = rms_rows(dt_r, None, norm_eps, round_y=dt_r.dtype)
-        from falcon_mamba.quant.qlinear import quant_matmul
+        if wq is None:
+            dt_or_dtr = torch.nn.functional.linear(dt_r, W_dt)
+        else:
+            from falcon_mamba.quant.qlinear import quant_matmul
 
-        dt_or_dtr = quant_matmul(dt_r, wq.w, wq.scales, wq.zeros, wq.bits, wq.group or None, wq.K)
+            dt_or_dtr = quant_matmul(dt_r, wq.w, wq.scales, wq.zeros, wq.bits, wq.group or None, wq.K)
         W_dt = wq = None
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
     if W_dt is None:

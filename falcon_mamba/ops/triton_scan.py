@@ -11,9 +11,10 @@ outputs are stored once at the chunk's end (DEFER), so the compiler can issue al
 loads before its math: the latency is hidden by instruction-level parallelism rather than by many
 warps (batch 1 has only D/BD programs). Length offsets are 64-bit (pointer increments, int64).
 
-Length chunks (length_chunk): where a row's channel blocks are too few programs to fill the GPU,
-the length is split into chunks scanned in parallel: each from a zero state (its final state and
-total decay), a carry kernel across the chunks, then each chunk again from its true initial state.
+Length chunks (length_chunk; infer_chunk without saved states): where a row's channel blocks are
+too few programs to fill the GPU, the length is split into chunks scanned in parallel: each from a
+zero state (its final state and total decay), a carry kernel across the chunks, then each chunk
+again from its true initial state.
 
 Backward (triton_scan_bwd.py): the forward saves the state every CHK steps. The backward is
 parallel over length chunks as well: the adjoint dL/dh is carried backwards across the chunks
@@ -54,10 +55,17 @@ CHK = 128  # steps between saved states for the backward; a multiple of the unro
 FWD_CHUNK_PROGRAMS = 16384
 FWD_MAX_CHUNKS = 64
 FWD_MIN_CHUNK = 256
-# ...and without saved states (inference: prefill chunks): chunks this short. A 7B prompt chunk of
-# 512 tokens at batch 1 spent 2 x 152 us per layer in two 256-step passes (H200,
-# results/h200-profile-prefill-9786fe1.json), 61% of the chunk's GPU time: latency, not bytes.
-FWD_MIN_CHUNK_INFER = 64
+# ...and without saved states (inference: prompt chunks; infer_chunk): a row of at least
+# FWD_SPLIT_INFER steps is cut into FWD_INFER_CHUNKS chunks, each FWD_MIN_CHUNK_INFER to
+# FWD_MAX_CHUNK_INFER steps long (and within length_chunk's caps). Batch 1 at the 7B width on the
+# H200 (session 12's kernels; results/h200-scan-inference-chunks-b1bd195.txt), ms a layer: 256
+# tokens 0.093 in chunks of 16 against 0.121 of 64 and 0.221 unsplit; 512: 0.122 of 32 = of 64;
+# 2048: 0.349 of 128 against 0.365 of 64 and 0.457 of 32; 16k: 2.27 of 256 against 2.38 of 128.
+# Below 256 tokens nothing was timed: rows shorter than FWD_SPLIT_INFER stay one pass, as before.
+FWD_INFER_CHUNKS = 16
+FWD_MIN_CHUNK_INFER = 16
+FWD_MAX_CHUNK_INFER = 256
+FWD_SPLIT_INFER = 128
 CARRY_BLOCK_D = 32
 
 
@@ -244,6 +252,19 @@ def length_chunk(Bsz: int, L: int, D: int, block_d: int, min_chunk: int | None =
     return max(min_chunk, triton.cdiv(triton.cdiv(L, nc), step) * step)
 
 
+def infer_chunk(Bsz: int, L: int, D: int, block_d: int, step: int) -> int:
+    """The chunk length of an inference forward (no saved states), a multiple of step (the
+    unroll): L / FWD_INFER_CHUNKS within [FWD_MIN_CHUNK_INFER, FWD_MAX_CHUNK_INFER], and no more
+    chunks than length_chunk allows (programs in all, chunks per row); L itself (one pass) for rows
+    shorter than FWD_SPLIT_INFER or batches whose channel blocks already fill the GPU."""
+    progs = triton.cdiv(D, block_d) * Bsz
+    nc = min(FWD_MAX_CHUNKS, FWD_CHUNK_PROGRAMS // max(progs, 1))
+    if nc < 2 or L < max(FWD_SPLIT_INFER, 2 * FWD_MIN_CHUNK_INFER):
+        return L
+    cl = min(max(triton.cdiv(L, FWD_INFER_CHUNKS), FWD_MIN_CHUNK_INFER), FWD_MAX_CHUNK_INFER)
+    return triton.cdiv(max(cl, triton.cdiv(L, nc)), step) * step
+
+
 def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=None,
              save_chk=False, block_d=None, unroll=None, num_warps=None, defer=None, chunk=None):
     """Launch the forward kernel(s). Shapes: x, dt, z (B, L, D) any row strides, last dim contiguous;
@@ -258,7 +279,7 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     A = A.contiguous()
     block_d = block_d or FWD_BLOCK_D
     CL = chunk or (length_chunk(Bsz, L, D, block_d) if save_chk
-                   else length_chunk(Bsz, L, D, block_d, FWD_MIN_CHUNK_INFER, unroll or FWD_UNROLL))
+                   else infer_chunk(Bsz, L, D, block_d, unroll or FWD_UNROLL))
     if CL < L and save_chk:  # saved states sit at multiples of CHK: chunks must start on them
         CL = triton.cdiv(CL, CHK) * CHK
     CL = max(1, min(CL, L))
