@@ -28,6 +28,7 @@
 #   benchmarks/device_run.sh conv12     # the conv backward's tap sums and tiles; the 1.5B Mamba step
 #   benchmarks/device_run.sh scanfwd19  # scan/decode/mixer cuda tests, bench_scan_fwd.py vs .data/base_scan.py
 #                                       # (git show <commit>:falcon_mamba/ops/triton_scan.py > .data/base_scan.py)
+#   benchmarks/device_run.sh chunk15    # kernel_bench.py --parts scaninfer, then `bench prefill`
 #   benchmarks/device_run.sh train7b    # bench_train.py --shape 7b (Mamba, the 7B recipe's step)
 #   benchmarks/device_run.sh final19    # scan/mixer cuda tests, bench prefill, bench_train 1.5B (+ CLI)
 #   benchmarks/device_run.sh prof15     # prefill's kernels: 16 / 64 x 32 prompt graphs, one 2k / 16k row
@@ -219,6 +220,11 @@ case "$MODE" in
   train18)
     timeout ${TRAIN_LIMIT:-585} python3 benchmarks/bench_train.py --shape 1.5b \
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
+  chunk15)  # the inference scan's chunk per length (kernel_bench scaninfer), then `bench prefill`
+    timeout $(left 150) python3 benchmarks/kernel_bench.py --parts scaninfer > "$OUT/scaninfer.log" 2>&1
+    grep "^kernel" "$OUT/scaninfer.log" | grep -E "picked|chunk=(16|32|64|128|256) " | cut -c1-120
+    timeout $(left 5) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
+    grep -E "prefill|target|ceiling" "$OUT/prefill.log" ;;
   train7b)  # the 7B recipe's step (micro batch 1 x 2048, activation checkpointing), Mamba only
     timeout $(left 5) python3 benchmarks/bench_train.py --shape 7b --models mamba --no-cli \
       --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
