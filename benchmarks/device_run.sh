@@ -222,7 +222,7 @@ case "$MODE" in
       --models ${TRAIN_MODELS:-mamba,mamba-plain,transformer} --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
   chunk15)  # the inference scan's chunk per length (kernel_bench scaninfer), then `bench prefill`
     timeout $(left 150) python3 benchmarks/kernel_bench.py --parts scaninfer > "$OUT/scaninfer.log" 2>&1
-    grep "^kernel" "$OUT/scaninfer.log" | grep -E "picked|B and C" | cut -c1-120
+    grep "^kernel" "$OUT/scaninfer.log" | grep -E "picked|chunk=(16|32|64|128|256) " | cut -c1-120
     timeout $(left 5) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
     grep -E "prefill|target|ceiling" "$OUT/prefill.log" ;;
   train7b)  # the 7B recipe's step (micro batch 1 x 2048, activation checkpointing), Mamba only

@@ -63,27 +63,6 @@ def scan_infer_chunks(rows, D=8192, N=16):
             rows.append({"kernel": f"scan_fwd inference chunk={chunk}{mark}",
                          "shape": f"B=1 L={L} D={D}", "ms": t * 1e3, "us_per_token": t * 1e6 / L})
             print(rows[-1], flush=True)
-        _scan_fp32_bc(rows, (x, dt, A, Bm, Cm, Dv, z, dtb, h0), f"B=1 L={L} D={D}", L)
-    # a burst of short prompts (the server's batched prompt graphs): one pass over 64 rows
-    xz = r(64, 32, 2 * D).bfloat16()
-    xdbl = r(64, 32, 256 + 2 * N).bfloat16()
-    args = (xz[..., :D], r(64, 32, D, scale=0.5, shift=-1).bfloat16(), A, xdbl[..., 256:256 + N],
-            xdbl[..., 256 + N:], Dv, xz[..., D:], dtb, torch.zeros(64, D, N, device=dev))
-    t = bench(lambda: triton_scan.scan_fwd(*args), reps=30)
-    rows.append({"kernel": "scan_fwd inference (bf16 B and C)", "shape": f"B=64 L=32 D={D}", "ms": t * 1e3})
-    print(rows[-1], flush=True)
-    _scan_fp32_bc(rows, args, f"B=64 L=32 D={D}", 64 * 32)
-
-
-def _scan_fp32_bc(rows, args, shape, tokens):
-    """The inference scan at its default chunk with B and C as fp32 (the model's inference norms
-    them so: two values per 64-bit load) instead of the bf16 slices of the rows above."""
-    x, dt, A, Bm, Cm, Dv, z, dtb, h0 = args
-    a32 = (x, dt, A, Bm.float(), Cm.float(), Dv, z, dtb, h0)
-    t = bench(lambda: triton_scan.scan_fwd(*a32), reps=30)
-    rows.append({"kernel": "scan_fwd inference default chunk, fp32 B and C", "shape": shape, "ms": t * 1e3,
-                 "us_per_token": t * 1e6 / tokens})
-    print(rows[-1], flush=True)
 
 
 def decode_pieces(rows, B, H=4096, D=8192, N=16, R=256, V=65024):

@@ -170,12 +170,6 @@ def _prefill_cases(L: int = 16384) -> None:
     def _():
         triton_scan.scan_fwd(**scan_args(L)[0], h0=E(1, D, N, dtype=F32))
 
-    @case(f"prefill scan L={L} (chunked), fp32 B and C", decode=False)
-    def _():
-        a = scan_args(L)[0]
-        a.update(Bm=E(1, L, N, dtype=F32), Cm=E(1, L, N, dtype=F32))
-        triton_scan.scan_fwd(**a)
-
     @case("prefill scan L=200 (one pass)", decode=False)
     def _():
         triton_scan.scan_fwd(**scan_args(200)[0])

@@ -71,13 +71,8 @@ class MambaMixer(nn.Module):
         dt_r, Bm, Cm = torch.split(self.x_proj(x), [c.time_step_rank, c.state_size, c.state_size], -1)
         if c.bcdt_rms:
             dt_r = ops.rms_norm(dt_r, None, c.mixer_rms_eps)
-            # Inference: B and C stored in fp32 with the model dtype's values (transformers' norm
-            # rounds them so): the scan reads two fp32 per 64-bit load, with no unpacking of bf16
-            # quads (triton_helpers.row_values: ~13% fewer instructions a step on sm_90a). Under
-            # autograd they stay in the model dtype, as do the other activations saved for backward.
-            wide = None if torch.is_grad_enabled() and x.requires_grad else torch.float32
-            Bm = ops.rms_norm(Bm, None, c.mixer_rms_eps, out_dtype=wide)
-            Cm = ops.rms_norm(Cm, None, c.mixer_rms_eps, out_dtype=wide)
+            Bm = ops.rms_norm(Bm, None, c.mixer_rms_eps)
+            Cm = ops.rms_norm(Cm, None, c.mixer_rms_eps)
         dt = self.dt_proj(dt_r)  # without its bias: the scan adds it in fp32
         return dt, Bm, Cm
 

@@ -137,38 +137,31 @@ def test_softplus_to_fp32_precision():
 
 
 def test_bc_words_conditions():
-    """The 64-bit B/C loads only where every row starts on 8 bytes: bf16 quads with N a multiple
-    of 4 (1), fp32 pairs with N even (2); else one load per value (0)."""
+    """The 64-bit B/C loads only where every row starts on 8 bytes: bf16, N a multiple of 4."""
     xdbl = torch.zeros(2, 5, 8 + 2 * 16, dtype=torch.bfloat16, device=DEV)  # dt_r 8, B 16, C 16
     Bm, Cm = xdbl[..., 8:24], xdbl[..., 24:]
-    assert triton_scan.bc_words(Bm, Cm) == 1
-    assert triton_scan.bc_words(Bm.float(), Cm.float()) == 2
-    assert triton_scan.bc_words(Bm.float(), Cm) == 0  # mixed dtypes
-    assert triton_scan.bc_words(Bm.half(), Cm.half()) == 0
-    assert triton_scan.bc_words(xdbl[..., 7:23], Cm) == 0  # starts on 2 bytes
-    f = torch.zeros(2, 5, 7 + 2 * 16, device=DEV)
-    assert triton_scan.bc_words(f[..., 7:23], f[..., 23:]) == 0  # fp32 rows on 4 bytes
+    assert triton_scan.bc_words(Bm, Cm)
+    assert not triton_scan.bc_words(Bm.float(), Cm.float())  # fp32: read one by one
+    assert not triton_scan.bc_words(xdbl[..., 7:23], Cm)  # starts on 2 bytes
     odd = torch.zeros(2, 5, 6 + 2 * 5, dtype=torch.bfloat16, device=DEV)
-    assert triton_scan.bc_words(odd[..., 6:11], odd[..., 11:]) == 0  # N = 5
-    assert triton_scan.bc_words(odd[..., 6:11].float(), odd[..., 11:].float()) == 0
+    assert not triton_scan.bc_words(odd[..., 6:11], odd[..., 11:])  # N = 5
 
 
-@pytest.mark.parametrize("bc_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [None, 6])
-def test_forward_bc_words_equal_single_loads(rng, monkeypatch, chunk, bc_dtype):
-    """The 64-bit loads of B and C (bf16 quads of strided slices of one x_proj output, as in the
-    model's training; fp32 pairs, as its inference norms them) give the same bits as one load per
-    value: one pass, and the chunked passes (state-only first) with an initial state and resets."""
+def test_forward_bc_words_equal_single_loads(rng, monkeypatch, chunk):
+    """The 64-bit loads of bf16 B and C (strided slices of one x_proj output, as in the model)
+    give the same bits as one load per value: one pass, and the chunked passes (state-only first)
+    with an initial state and resets."""
     monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK", 4)
     monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK_INFER", 4)
     monkeypatch.setattr(triton_scan, "FWD_SPLIT_INFER", 8)
     B, L, D, N = 2, 19, 20, 8
     x, dt, A, _, _, Dv, z, dtb, h0, rst = scan_inputs(B, L, D, N, torch.bfloat16, DEV, rng, reset=True)
-    xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16).to(bc_dtype)
+    xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16)
     Bm, Cm = xdbl[..., 4:4 + N], xdbl[..., 4 + N:]
-    assert triton_scan.bc_words(Bm, Cm) == (1 if bc_dtype == torch.bfloat16 else 2)
+    assert triton_scan.bc_words(Bm, Cm)
     y, h, _ = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, chunk=chunk)
-    monkeypatch.setattr(triton_scan, "bc_words", lambda *a: 0)
+    monkeypatch.setattr(triton_scan, "bc_words", lambda *a: False)
     y1, h1, _ = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, h0, rst, chunk=chunk)
     assert torch.equal(y, y1) and torch.equal(h, h1)
     yr, hr = ref_scan(*[t.double() if t is not None and t.is_floating_point() else t
@@ -176,25 +169,23 @@ def test_forward_bc_words_equal_single_loads(rng, monkeypatch, chunk, bc_dtype):
     assert_close(y.double(), yr, 3e-2, 5e-2, "y")
 
 
-@pytest.mark.parametrize("bc_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [None, 8])
-def test_backward_bc_words_equal_single_loads(rng, monkeypatch, chunk, bc_dtype):
-    """The backward's 64-bit loads of B and C, bf16 quads or fp32 pairs (pass 3, the recompute,
-    and pass 1 where the length is chunked) give the same gradients, bit for bit, as one load per
-    value."""
+def test_backward_bc_words_equal_single_loads(rng, monkeypatch, chunk):
+    """The backward's 64-bit loads of bf16 B and C (pass 3, the recompute, and pass 1 where the
+    length is chunked) give the same gradients, bit for bit, as one load per value."""
     monkeypatch.setattr(triton_scan, "CHK", 8)
     B, L, D, N = 2, 21, 12, 8
     x, dt, A, _, _, Dv, z, dtb, h0, rst = scan_inputs(B, L, D, N, torch.bfloat16, DEV, rng, reset=True)
-    xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16).to(bc_dtype)
+    xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16)
     Bm, Cm = xdbl[..., 4:4 + N], xdbl[..., 4 + N:]
     _, _, chk = triton_scan.scan_fwd(x, dt, A, Bm, Cm, Dv, z, dtb, None, rst, save_chk=True)
     dy = torch.randn(B, L, D, generator=rng).to(DEV, torch.bfloat16)
     dhT = torch.randn(B, D, N, generator=rng).to(DEV)
     run = lambda: triton_scan_bwd.scan_bwd(x, dt, A, Bm, Cm, Dv, z, dtb, rst, chk, dy, dhT, 8,  # noqa: E731
                                            chunk=chunk)
-    assert triton_scan_bwd.bc_words(Bm, Cm) == (1 if bc_dtype == torch.bfloat16 else 2)
+    assert triton_scan_bwd.bc_words(Bm, Cm)
     words = run()
-    monkeypatch.setattr(triton_scan_bwd, "bc_words", lambda *a: 0)
+    monkeypatch.setattr(triton_scan_bwd, "bc_words", lambda *a: False)
     single = run()
     for name, a, b in zip("dx ddt dA dB dC dD dz ddt_bias dh0".split(), words, single):
         assert torch.equal(a, b), name

@@ -76,20 +76,17 @@ def _impl(x: torch.Tensor) -> ModuleType:
     return _load(backend_name(x.device))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """See reference.rms_norm. The backend's kernel where it has one (Triton: one pass over the
     rows instead of six elementwise kernels in prefill); the reference formula otherwise. Under
-    autograd, that forward with norm_autograd's backward (which keeps no fp32 copy of x).
-    out_dtype: the result in this dtype, its values those of the default one (widened after)."""
+    autograd, that forward with norm_autograd's backward (which keeps no fp32 copy of x)."""
     impl = _impl(x)
     fwd = getattr(impl, "rms_norm", _load("reference").rms_norm)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         from falcon_mamba.ops import norm_autograd
 
-        y = norm_autograd.rms_norm(x, weight, eps, fwd)  # training: saves x only (not fp32 copies)
-        return y if out_dtype is None else y.to(out_dtype)
-    return fwd(x, weight, eps, out_dtype=out_dtype)
+        return norm_autograd.rms_norm(x, weight, eps, fwd)  # training: saves x only (not fp32 copies)
+    return fwd(x, weight, eps)
 
 
 def causal_conv1d(x_BLD, weight_DK, bias_D, conv_state_BKD=None, silu=True, *, reset_BL=None):

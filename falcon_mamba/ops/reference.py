@@ -13,18 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 and cast back to x.dtype, then times weight.
 
     weight=None is the weightless norm Falcon Mamba applies to dt, B and C. With a weight the result
     is ``weight * rms(x)`` in the promoted dtype (HF's order: cast back first, then multiply).
-    out_dtype: that result then cast to out_dtype (the same values where it is wider).
     """
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    y = y if weight is None else weight * y
-    return y if out_dtype is None else y.to(out_dtype)
+    return y if weight is None else weight * y
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:

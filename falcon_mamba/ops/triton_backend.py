@@ -52,15 +52,11 @@ def _guard(fn):
 
 
 @_guard
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """See reference.rms_norm: y = rms(x) cast to x.dtype, times weight (promoted dtype); stored as
-    out_dtype when given (the weightless norm: the same values, one kernel)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """See reference.rms_norm: y = rms(x) cast to x.dtype, times weight (promoted dtype)."""
     if _needs_grad(x, weight):
-        return reference.rms_norm(x, weight, eps, out_dtype)
-    if out_dtype is not None and weight is not None:
-        return reference.rms_norm(x, weight, eps, out_dtype)
-    out_dtype = out_dtype or (x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype))
+        return reference.rms_norm(x, weight, eps)
+    out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
     xc = x if x.stride(-1) == 1 else x.contiguous()
     return triton_decode.rms_rows(xc, weight, eps, round_y=x.dtype, out_dtype=out_dtype)
 

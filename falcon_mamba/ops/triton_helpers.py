@@ -38,43 +38,28 @@ def mask_and(block_mask, scalar_ok):
     return tl.where(scalar_ok, block_mask, False)
 
 
-def bc_words(Bm: torch.Tensor, Cm: torch.Tensor) -> int:
-    """How the scan kernels read B and C (B, L, N): 1 = four bf16 values per 64-bit load (both
-    bf16), 2 = two fp32 values per 64-bit load (both fp32), 0 = one load per value (anything else).
-    The word modes need N a multiple of the values per word and every row (b, t) on 8 bytes. One
-    64-bit load instead of four 16-bit ones cuts the loads and the moves of their uniform addresses
-    into registers (in the 7B forward, 32 of a step's ~290 SASS instructions were these loads and
-    ~27 more those moves); fp32 pairs also need no unpacking (a bf16 quad does: shifts and masks)."""
-    for mode, dtype, per in ((1, torch.bfloat16, 4), (2, torch.float32, 2)):
-        if all(t.dtype == dtype and t.shape[-1] % per == 0 and t.data_ptr() % 8 == 0
-               and t.stride(0) % (8 // t.element_size()) == 0 and t.stride(1) % (8 // t.element_size()) == 0
-               for t in (Bm, Cm)):
-            return mode
-    return 0
+def bc_words(Bm: torch.Tensor, Cm: torch.Tensor) -> bool:
+    """Whether the scan kernels read B and C (B, L, N) four bf16 values per 64-bit load: both bf16,
+    N a multiple of 4, every row (b, t) starting on 8 bytes. One 64-bit load instead of four 16-bit
+    ones cuts the loads and the moves of their uniform addresses into registers (in the 7B forward,
+    32 of a step's ~290 SASS instructions were these loads and ~27 more those moves)."""
+    return all(t.dtype == torch.bfloat16 and t.shape[-1] % 4 == 0 and t.data_ptr() % 8 == 0
+               and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0 for t in (Bm, Cm))
 
 
 @triton.jit
 def row_values(ptr, ok, nn, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, WORDS: tl.constexpr):
     """(NP, BD) fp32: the N values at ptr (a scalar pointer: one (b, t) row of B or C), value k in
-    every element whose state index nn is k; 0 where the scalar ok is false. WORDS (bc_words): 1,
-    ptr holds bf16 read as N / 4 int64 words (a bf16's bits are the top half of its fp32); 2, ptr
-    holds fp32 read as N / 2 int64 words (value 2w in the low half of word w)."""
+    every element whose state index nn is k; 0 where the scalar ok is false. WORDS (bc_words): ptr
+    holds bf16 and is read as N / 4 int64 words, a bf16's bits being the top half of its fp32."""
     out = tl.zeros((NP, BD), tl.float32)
-    if WORDS == 1:
+    if WORDS:
         wp = ptr.to(tl.pointer_type(tl.int64))
         for w in tl.static_range(N // 4):
             word = tl.load(wp + w, mask=ok, other=0)
             for j in tl.static_range(4):
                 v = (((word >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
                 out = tl.where(nn == 4 * w + j, v, out)
-    elif WORDS == 2:
-        wp = ptr.to(tl.pointer_type(tl.int64))
-        for w in tl.static_range(N // 2):
-            word = tl.load(wp + w, mask=ok, other=0)
-            lo = word.to(tl.int32).to(tl.float32, bitcast=True)  # the low 32 bits
-            hi = (word >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            out = tl.where(nn == 2 * w, lo, out)
-            out = tl.where(nn == 2 * w + 1, hi, out)
     else:
         for k in tl.static_range(N):
             out = tl.where(nn == k, tl.load(ptr + k, mask=ok, other=0.0).to(tl.float32), out)
