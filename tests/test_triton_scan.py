@@ -218,14 +218,14 @@ def test_length_chunk_choice(monkeypatch):
     assert triton_scan.length_chunk(1, 1 << 20, 8192, 32) == (1 << 20) // 64
     assert triton_scan.length_chunk(64, 16384, 8192, 32) == 16384
     assert triton_scan.length_chunk(1, 300, 8192, 32) == 300  # too short to split
-    # inference (no saved states): 16 chunks of a row up to 4k tokens, at most 256 steps each, at
-    # most 64 chunks; short rows and full batches unsplit
+    # inference (no saved states): 16 chunks of a row, each 64 to 256 steps, at most 64 chunks;
+    # short rows and full batches unsplit
     ic = triton_scan.infer_chunk
-    assert [ic(1, L, 8192, 32, 2) for L in (256, 512, 576, 2048, 16384)] == [16, 32, 36, 128, 256]
+    assert [ic(1, L, 8192, 32, 2) for L in (256, 512, 1024, 2048, 4096, 16384)] == [64, 64, 64, 128, 256, 256]
     assert ic(1, 1 << 20, 8192, 32, 2) == (1 << 20) // 64
     assert ic(1, 100, 8192, 32, 2) == 100
     assert ic(64, 2048, 8192, 32, 2) == 2048
-    assert ic(1, 301, 8192, 32, 4) == 20  # cdiv(301, 16) = 19, rounded up to the unroll
+    assert ic(1, 1601, 8192, 32, 4) == 104  # cdiv(1601, 16) = 101, rounded up to the unroll
 
 
 def test_backward_small_length_chunked(rng, monkeypatch):

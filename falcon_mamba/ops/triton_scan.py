@@ -58,12 +58,14 @@ FWD_MIN_CHUNK = 256
 # ...and without saved states (inference: prompt chunks; infer_chunk): a row of at least
 # FWD_SPLIT_INFER steps is cut into FWD_INFER_CHUNKS chunks, each FWD_MIN_CHUNK_INFER to
 # FWD_MAX_CHUNK_INFER steps long (and within length_chunk's caps). Batch 1 at the 7B width on the
-# H200 (session 12's kernels; results/h200-scan-inference-chunks-b1bd195.txt), ms a layer: 256
-# tokens 0.093 in chunks of 16 against 0.121 of 64 and 0.221 unsplit; 512: 0.122 of 32 = of 64;
-# 2048: 0.349 of 128 against 0.365 of 64 and 0.457 of 32; 16k: 2.27 of 256 against 2.38 of 128.
-# Below 256 tokens nothing was timed: rows shorter than FWD_SPLIT_INFER stay one pass, as before.
+# H200 (results/h200-scan-inference-chunks-2e69a9a.txt), ms a layer: 1024 tokens 0.258 in chunks
+# of 64 (= of 32; 0.275 of 128); 2048: 0.351 of 128 against 0.369 of 64 and 0.383 of 256; 4096:
+# 0.669 of 256 (0.650 of 128); 16k: 2.275 of 256 against 2.385 of 128 and 2.312 of 512. Below
+# ~1024 tokens those timings (do_bench, no CUDA graph) are bound by the three launches' host time
+# (~0.25-0.30 ms whatever the chunk), so short rows keep the 64-step chunks chosen before
+# (a 512-token chunk's two 256-step passes took 2 x 152 us a layer: h200-profile-prefill-9786fe1).
 FWD_INFER_CHUNKS = 16
-FWD_MIN_CHUNK_INFER = 16
+FWD_MIN_CHUNK_INFER = 64
 FWD_MAX_CHUNK_INFER = 256
 FWD_SPLIT_INFER = 128
 CARRY_BLOCK_D = 32
