@@ -1,7 +1,7 @@
 """Where a prompt chunk's time goes (GPU): the 7B forward on one row, fresh and continuing a state,
 at the chunk lengths the engine uses, then one continuing chunk under torch.profiler.
 
-    PYTHONPATH=. python3 benchmarks/profile_prefill.py [--layers 64] [--out F.json]
+    PYTHONPATH=. python3 benchmarks/profile_prefill.py [--layers 64] [--host-profile L] [--out F.json]
     PYTHONPATH=. python3 benchmarks/profile_prefill.py --batches 4x32,16x32,48x32,64x32 [--out F.json]
 
 Per length L: GPU ms (CUDA events around the call), host ms (until the call returns, before any
@@ -132,6 +132,29 @@ def time_batches(model, spec: str, V: int, flops_tok: int, tf: float, reps: int,
     return rows
 
 
+def host_profile(model, ids) -> str:
+    """cProfile of one fresh forward (after a warm-up call): the 30 functions of most own time and
+    of most cumulative time, as text (printed too)."""
+    import cProfile
+    import io
+    import pstats
+
+    model(ids, last_only=True)
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    model(ids, last_only=True)
+    pr.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    st = pstats.Stats(pr, stream=out)
+    st.sort_stats("tottime").print_stats(30)
+    st.sort_stats("cumulative").print_stats(30)
+    text = f"host profile of one fresh {ids.shape[1]}-token forward\n" + out.getvalue()
+    print(text, flush=True)
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=64)
@@ -143,6 +166,9 @@ def main() -> int:
                     help="with --batches: the kernels of the last shape's replay; else of one fresh "
                          "row of --profile-length tokens too")
     ap.add_argument("--profile-length", type=int, default=16384)
+    ap.add_argument("--host-profile", type=int, default=None, metavar="L",
+                    help="also one fresh L-token forward under cProfile: where its host time goes "
+                         "(an eager chunk whose host time reaches its GPU time is launch-bound)")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = get_preset("falcon-mamba-7b").replace(num_hidden_layers=args.layers)
@@ -185,6 +211,9 @@ def main() -> int:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22)
         print(table, flush=True)
         res["profile_512_continuing"] = table
+        if args.host_profile:
+            hp_ids = torch.randint(100, V, (1, args.host_profile), device="cuda")
+            res["host_profile"] = host_profile(model, hp_ids)
         if args.profile:
             L = args.profile_length
             ids = torch.randint(100, V, (1, L), device="cuda")
