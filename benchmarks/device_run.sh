@@ -112,7 +112,7 @@ case "$MODE" in
       > "$OUT/bench.log" 2>&1
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -8 ;;
   quantcheck)
-    cuda_tests 240 tests/test_triton_gemv_i4.py tests/test_triton_gemv.py tests/test_decode_graph.py \
+    cuda_tests 240 tests/test_triton_gemv_i4.py tests/test_triton_gemv.py tests/test_decode_graphs.py \
       tests/test_quant_triton.py
     timeout $((585 - SECONDS)) python3 benchmarks/bench_quant.py --layers 64 --json "$OUT/results/quant.json" \
       > "$OUT/bench.log" 2>&1

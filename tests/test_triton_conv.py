@@ -80,6 +80,27 @@ def test_backward_small_with_resets_odd_kernel(rng):
     check(2, 7, 12, 3, torch.float32, rng, reset=True, backward=True)
 
 
+def test_final_state_equals_the_reference_state(rng):
+    """The conv state a chunk leaves (triton_conv.final_state: one copy of the last K-1 inputs where
+    the chunk is that long, a suffix "any" of the resets for which of them survive) is the
+    reference op's, bit for bit: lengths below, at and above K-1, carried state or none, resets or
+    none, a strided x (in_proj's x half) and bf16."""
+    for K in (2, 3, 4, 5):
+        for L in range(0, 8):
+            for carried, with_resets, dtype in ((False, False, torch.bfloat16), (True, True, torch.float32),
+                                                (False, True, torch.bfloat16), (True, False, torch.float32)):
+                D = 6
+                xz = torch.randn(2, L, 2 * D, generator=rng).to(DEV, dtype)
+                x = xz[..., :D]
+                st = torch.randn(2, K - 1, D, generator=rng).to(DEV, dtype) if carried else None
+                rst = (torch.rand(2, L, generator=rng) < 0.4).to(DEV) if with_resets else None
+                w = torch.randn(D, K, generator=rng).to(DEV, dtype)
+                _, want = reference.causal_conv1d(x, w, None, st, True, reset_BL=rst)
+                got = triton_conv.final_state(x, st, rst, K)
+                assert got.is_contiguous() and got.dtype == want.dtype
+                assert torch.equal(got, want), (K, L, carried, with_resets)
+
+
 def test_length_shorter_than_state(rng):
     check(1, 2, 8, 4, torch.float32, rng)
 

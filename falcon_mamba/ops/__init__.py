@@ -13,6 +13,7 @@ tensors' device is an error, never a silent fall back to a slower path.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -49,6 +50,7 @@ def _load(name: str) -> ModuleType:
     return _modules[name]
 
 
+@functools.cache  # a process's answer does not change; asked on every op call (~20 us uncached)
 def _triton_usable() -> bool:
     try:
         import triton  # noqa: F401

@@ -88,10 +88,17 @@ def final_state(x_BLD, conv_state_BKD, reset_BL, K: int) -> torch.Tensor:
     """The last K-1 inputs (B, K-1, D) in x's dtype; with resets, entries before the last document
     start are zero (the next chunk's conv must not see them)."""
     Bsz, L, D = x_BLD.shape
+    if L >= K - 1:  # the state is the last K-1 inputs: one copy (no zeros, no concatenation)
+        new = x_BLD[:, L - (K - 1):].clone(memory_format=torch.contiguous_format)
+        if reset_BL is not None and K > 2:
+            # entry j (position L-(K-1)+j) is dropped if a reset lies after it, in the last K-2
+            # positions from its own + 1: a suffix "any" over them (the last entry always stays)
+            tail = reset_BL[:, L - (K - 2):].flip(1).to(torch.uint8).cummax(dim=1).values.flip(1)
+            new[:, :K - 2] *= (1 - tail).to(new.dtype)[:, :, None]
+        return new
     prev = (conv_state_BKD.to(x_BLD.dtype) if conv_state_BKD is not None
             else x_BLD.new_zeros(Bsz, K - 1, D))
-    # only the last K-1 inputs can survive: concatenating the whole x copied (B, L, D) per call
-    new = torch.cat([prev, x_BLD[:, max(L - (K - 1), 0):]], dim=1)[:, -(K - 1):].clone()
+    new = torch.cat([prev, x_BLD], dim=1)[:, -(K - 1):].clone()
     if reset_BL is not None and L > 0:
         for j in range(K - 1):  # entry j is position p = L-(K-1)+j; dropped if a reset lies in (p, L-1]
             p = L - (K - 1) + j
