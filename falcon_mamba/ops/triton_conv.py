@@ -93,8 +93,8 @@ def final_state(x_BLD, conv_state_BKD, reset_BL, K: int) -> torch.Tensor:
         if reset_BL is not None and K > 2:
             # entry j (position L-(K-1)+j) is dropped if a reset lies after it, in the last K-2
             # positions from its own + 1: a suffix "any" over them (the last entry always stays)
-            tail = reset_BL[:, L - (K - 2):].flip(1).to(torch.uint8).cummax(dim=1).values.flip(1)
-            new[:, :K - 2] *= (1 - tail).to(new.dtype)[:, :, None]
+            dropped = reset_BL[:, L - (K - 2):].flip(1).cummax(dim=1).values.flip(1)
+            new[:, :K - 2].mul_(~dropped[:, :, None])  # in place on the view: no copy back
         return new
     prev = (conv_state_BKD.to(x_BLD.dtype) if conv_state_BKD is not None
             else x_BLD.new_zeros(Bsz, K - 1, D))
