@@ -154,7 +154,6 @@ def test_forward_bc_words_equal_single_loads(rng, monkeypatch, chunk):
     with an initial state and resets."""
     monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK", 4)
     monkeypatch.setattr(triton_scan, "FWD_MIN_CHUNK_INFER", 4)
-    monkeypatch.setattr(triton_scan, "FWD_SPLIT_INFER", 8)
     B, L, D, N = 2, 19, 20, 8
     x, dt, A, _, _, Dv, z, dtb, h0, rst = scan_inputs(B, L, D, N, torch.bfloat16, DEV, rng, reset=True)
     xdbl = torch.randn(B, L, 4 + 2 * N, generator=rng).to(DEV, torch.bfloat16)

@@ -55,8 +55,8 @@ CHK = 128  # steps between saved states for the backward; a multiple of the unro
 FWD_CHUNK_PROGRAMS = 16384
 FWD_MAX_CHUNKS = 64
 FWD_MIN_CHUNK = 256
-# ...and without saved states (inference: prompt chunks; infer_chunk): a row of at least
-# FWD_SPLIT_INFER steps is cut into FWD_INFER_CHUNKS chunks, each FWD_MIN_CHUNK_INFER to
+# ...and without saved states (inference: prompt chunks; infer_chunk): a row of at least two
+# FWD_MIN_CHUNK_INFER is cut into FWD_INFER_CHUNKS chunks, each FWD_MIN_CHUNK_INFER to
 # FWD_MAX_CHUNK_INFER steps long (and within length_chunk's caps). Batch 1 at the 7B width on the
 # H200 (results/h200-scan-inference-chunks-2e69a9a.txt), ms a layer: 1024 tokens 0.258 in chunks
 # of 64 (= of 32; 0.275 of 128); 2048: 0.351 of 128 against 0.369 of 64 and 0.383 of 256; 4096:
@@ -67,7 +67,6 @@ FWD_MIN_CHUNK = 256
 FWD_INFER_CHUNKS = 16
 FWD_MIN_CHUNK_INFER = 64
 FWD_MAX_CHUNK_INFER = 256
-FWD_SPLIT_INFER = 128
 CARRY_BLOCK_D = 32
 
 
@@ -247,21 +246,25 @@ def length_chunk(Bsz: int, L: int, D: int, block_d: int, min_chunk: int | None =
     each chunk from its true initial state, costs a second pass but multiplies the warps in flight
     by the number of chunks."""
     min_chunk = min_chunk or FWD_MIN_CHUNK
-    progs = triton.cdiv(D, block_d) * Bsz
-    nc = min(FWD_MAX_CHUNKS, FWD_CHUNK_PROGRAMS // max(progs, 1))
+    nc = _chunks_allowed(Bsz, D, block_d)
     if nc < 2 or L < 2 * min_chunk:
         return L
     return max(min_chunk, triton.cdiv(triton.cdiv(L, nc), step) * step)
 
 
+def _chunks_allowed(Bsz: int, D: int, block_d: int) -> int:
+    """Length chunks a row may be cut into: FWD_CHUNK_PROGRAMS programs in all, at most
+    FWD_MAX_CHUNKS a row (below 2: one pass)."""
+    return min(FWD_MAX_CHUNKS, FWD_CHUNK_PROGRAMS // max(triton.cdiv(D, block_d) * Bsz, 1))
+
+
 def infer_chunk(Bsz: int, L: int, D: int, block_d: int, step: int) -> int:
     """The chunk length of an inference forward (no saved states), a multiple of step (the
     unroll): L / FWD_INFER_CHUNKS within [FWD_MIN_CHUNK_INFER, FWD_MAX_CHUNK_INFER], and no more
-    chunks than length_chunk allows (programs in all, chunks per row); L itself (one pass) for rows
-    shorter than FWD_SPLIT_INFER or batches whose channel blocks already fill the GPU."""
-    progs = triton.cdiv(D, block_d) * Bsz
-    nc = min(FWD_MAX_CHUNKS, FWD_CHUNK_PROGRAMS // max(progs, 1))
-    if nc < 2 or L < max(FWD_SPLIT_INFER, 2 * FWD_MIN_CHUNK_INFER):
+    chunks than _chunks_allowed; L itself (one pass) for rows shorter than two FWD_MIN_CHUNK_INFER
+    or batches whose channel blocks already fill the GPU."""
+    nc = _chunks_allowed(Bsz, D, block_d)
+    if nc < 2 or L < 2 * FWD_MIN_CHUNK_INFER:
         return L
     cl = min(max(triton.cdiv(L, FWD_INFER_CHUNKS), FWD_MIN_CHUNK_INFER), FWD_MAX_CHUNK_INFER)
     return triton.cdiv(max(cl, triton.cdiv(L, nc)), step) * step
