@@ -46,7 +46,8 @@ Tested with transformers 5.24.0 (CPU) and 5.17.0 (the GPU image), torch 2.11-2.1
 ``kernels`` package; the dispatchers wrap whatever those names held, so with mamba_ssm installed a
 model that is not accelerated still uses mamba_ssm. Other transformers versions that have the same
 hook names work the same way; older ones (4.x, where the mixer calls mamba_ssm directly from
-cuda_kernels_forward) are refused with a UserError.
+cuda_kernels_forward) and 5.25 (FalconMamba's mixer rebuilt around a new Cache API, without the
+mamba_inner_fn hook) are refused with a UserError that names the versions to install.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def _install_dispatchers(module: types.ModuleType) -> None:
     if missing:
         raise UserError(
             f"transformers {transformers.__version__} has no kernel hook {', '.join(missing)} in "
-            f"{module.__name__}; falcon_mamba.hf.accelerate needs transformers 5.x (tested: "
-            f"{', '.join(TESTED_TRANSFORMERS)})")
+            f"{module.__name__}; falcon_mamba.hf.accelerate needs transformers 5.17-5.24 (tested: "
+            f"{', '.join(TESTED_TRANSFORMERS)}): pip install 'transformers>=5.17,<5.25'")
     for name, ours in kernels.HOOKS.items():
         theirs = getattr(module, name)
         if getattr(theirs, _MARK, False):
