@@ -36,6 +36,7 @@
 #   benchmarks/device_run.sh serve14    # burst13 + mixed13's first three pairs
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
+#   benchmarks/device_run.sh diag16     # the whole cuda suite, a fresh 2k forward's host profile, engine waves
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
@@ -212,6 +213,15 @@ case "$MODE" in
   mixed13)  # the mixed load alone under (prefill chunk, long-prompt interval) pairs: the long
             # prompt's rate against the streams' inter-token p99 (issue #15: >= 50%, <= 3x)
     mixed_pairs ${MIXED_CFGS:-512:2 384:1 256:1 1024:4} ;;
+  diag16)  # the whole cuda suite (330 s), one fresh 2k forward's host time under cProfile, then the
+           # engine's 256 / 64 request waves step by step (their prompt steps under torch.profiler)
+    cuda_tests 330 tests/
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
+    timeout $(left 200) python3 benchmarks/profile_prefill.py --lengths 2048 --reps 3 --host-profile 2048 \
+      --out "$OUT/results/profile-prefill-host.json" > "$OUT/host.log" 2>&1
+    timeout $(left 5) python3 benchmarks/profile_engine.py --skip-burst --skip-mixed --wave 256,64 \
+      --out "$OUT/results/engine-waves.json" > "$OUT/bench.log" 2>&1
+    cat "$OUT/host.log" >> "$OUT/bench.log" ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \

@@ -7,6 +7,10 @@ functions by own and cumulative time.
   burst   N short prompts (~27 tokens) at once, 64 tokens each (greedy): wall, time to the first
           token of each request, output tok/s
   mixed   32 streams decoding while one 20k-token prompt is read in chunks: time per engine step
+  wave    (--wave 256,...) that many ~27-token requests at once, 128 tokens each, as the server's
+          sweep starts: each step's time (synchronised), decode rows and prompts read, and the first
+          --trace-steps steps that read prompts under torch.profiler (kernels by GPU time, ops by
+          host time, the GPU's busy time against the steps' wall)
 """
 
 from __future__ import annotations
@@ -93,6 +97,47 @@ def mixed(eng, gen, prof, long_tokens=20000):
             "prompt_tok_s": long_tokens / dt}
 
 
+def wave(eng, n_req, gen, trace_steps):
+    from torch.profiler import ProfilerActivity, profile
+
+    V = eng.model.config.vocab_size
+    reqs = [eng.submit(torch.randint(100, V, (27,), generator=gen).tolist(),
+                       SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True))
+            for _ in range(n_req)]
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    steps, traced, traced_wall = [], 0, 0.0
+    with torch.inference_mode():
+        while eng.busy:
+            dec, waiting = eng.pool.num_decoding, len(eng.scheduler.waiting)
+            trace = traced < trace_steps and waiting > 0
+            if trace and traced == 0:
+                prof.start()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            eng.run_step()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if trace:
+                traced += 1
+                traced_wall += dt
+                if traced == trace_steps or not eng.scheduler.waiting:
+                    prof.stop()
+                    traced = trace_steps
+            steps.append({"ms": round(dt * 1e3, 2), "decode_before": dec,
+                          "joined": eng.pool.num_decoding - dec, "waiting_before": waiting})
+    assert all(r.finished for r in reqs)
+    ka = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                 for e in ka)
+    print(ka.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    with_prompts = [s for s in steps if s["joined"] > 0]
+    return {"requests": n_req, "steps": len(steps), "total_ms": round(sum(s["ms"] for s in steps), 1),
+            "prompt_steps_ms": round(sum(s["ms"] for s in with_prompts), 1),
+            "traced_wall_ms": round(traced_wall * 1e3, 1), "traced_gpu_busy_ms": round(gpu_us / 1e3, 1),
+            "first_steps": steps[:8], "prompt_steps": with_prompts}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=64)
@@ -102,6 +147,10 @@ def main() -> int:
     ap.add_argument("--cache-bytes", type=int, default=1 << 30)
     ap.add_argument("--cache-device", default=None, help="default: the model's device")
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--wave", default="", help="comma-separated request counts (wave part); alone "
+                    "with --skip-burst")
+    ap.add_argument("--trace-steps", type=int, default=5)
+    ap.add_argument("--skip-burst", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -109,7 +158,7 @@ def main() -> int:
     with torch.device("cuda"):
         model = FalconMamba(cfg).to_dtype(torch.bfloat16).eval()
     tok = load_tokenizer(args.tokenizer)
-    eng = Engine(model, tok, EngineConfig(num_slots=args.slots, max_waiting=4096, prefill_chunk=256,
+    eng = Engine(model, tok, EngineConfig(num_slots=args.slots, max_waiting=4096, prefill_chunk=576,
                                           prefill_budget=2048, cache_bytes=args.cache_bytes,
                                           cache_device=args.cache_device))
     t0 = time.perf_counter()
@@ -117,7 +166,9 @@ def main() -> int:
     res = {"warm_up_s": time.perf_counter() - t0, "layers": args.layers, "gpu": torch.cuda.get_device_name()}
     gen = torch.Generator().manual_seed(0)
     burst(eng, 8, gen, cProfile.Profile())  # compile the prefill shapes
-    parts = [("burst", lambda p: burst(eng, args.burst, gen, p))]
+    parts = [] if args.skip_burst else [("burst", lambda p: burst(eng, args.burst, gen, p))]
+    for w in filter(None, args.wave.split(",")):
+        parts.append((f"wave{w}", lambda p, w=int(w): wave(eng, w, gen, args.trace_steps)))
     if not args.skip_mixed:
         parts.append(("mixed", lambda p: mixed(eng, gen, p)))
     res["cache_device"] = str(eng.cache.device)
@@ -125,7 +176,8 @@ def main() -> int:
         prof = cProfile.Profile()
         res[name] = fn(prof)
         print(f"== {name}: {res[name]}", flush=True)
-        print(top(prof), flush=True)
+        if not name.startswith("wave"):  # the wave's profile is torch.profiler's, printed by it
+            print(top(prof), flush=True)
     print(json.dumps(res))
     if args.out:
         with open(args.out, "w") as f:
