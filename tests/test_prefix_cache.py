@@ -194,3 +194,34 @@ def test_next_turn_reads_only_new_tokens(engines, rng):
     r3, _ = _serve(cached, turn1 + [1, 2], p)
     assert r3.num_cached == len(turn1)
     assert cached.cache.hits == 2 and plain.cache.hits == 0
+
+
+def test_a_wave_of_prompts_puts_only_the_states_the_cache_keeps(rng, monkeypatch):
+    """Five prompts read in one step into a cache that keeps two states: only the last two are
+    put (the earlier three would be evicted by them at once), and they are the ones found later."""
+    from falcon_mamba.engine.engine import Engine, EngineConfig
+    from falcon_mamba.model import FalconMamba
+    from falcon_mamba.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = FalconMamba(CFG).eval()
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    eng = Engine(model, Tok(), EngineConfig(num_slots=8, prefill_chunk=16,
+                                            cache_bytes=2 * entry_bytes(6) + 10))
+    puts = []
+    real_put = eng.cache.put
+    monkeypatch.setattr(eng.cache, "put", lambda ids, st: (puts.append(list(ids)), real_put(ids, st)))
+    prompts = [torch.randint(0, CFG.vocab_size, (6,), generator=rng).tolist() for _ in range(5)]
+    reqs = [eng.submit(p, SamplingParams(max_new_tokens=1, temperature=0)) for p in prompts]
+    eng.run_step()  # admits and reads all five, longest (all equal) first in order
+    prompt_puts = [p for p in puts if len(p) == 6]
+    assert prompt_puts == prompts[-2:]
+    for p in prompt_puts:
+        assert eng.cache.lookup(p + [1]) is not None
+    eng.run_until(lambda: all(r.finished for r in reqs))

@@ -43,22 +43,27 @@ def test_buckets_cover_every_batch_within_the_padding():
 
 def test_rows_keep_their_contents_through_joins_leaves_and_parking(rng):
     """Decoding rows stay packed at the front and parked rows at the top, whatever the order of
-    joins, parks and frees; every key's state (and its per-row tables) moves with it."""
-    pool = StatePool(CFG, 6)
+    joins, parks and frees (one key or several at once); every key's state moves with it, and a
+    decoding key's per-row tables too (a parked row's tables are set when it joins)."""
+    pool = StatePool(CFG, 9)
     order = random.Random(0)
     expect: dict = {}
-    for step in range(60):
+    for step in range(200):
         live = list(expect)
         action = order.random()
-        if live and action < 0.35:
-            k = order.choice(live)
-            pool.free(k)
-            del expect[k]
-        elif len(live) < pool.num_slots:
+        if live and action < 0.3:
+            ks = order.sample(live, order.randint(1, min(3, len(live))))
+            if len(ks) == 1 and order.random() < 0.5:
+                pool.free(ks[0])
+            else:
+                pool.free_many(ks)
+            for k in ks:
+                del expect[k]
+        elif len(live) < pool.num_slots and action < 0.75:
             k = f"k{step}"
             st = State.zeros(CFG, 1)
             _fill_random(st, rng)
-            if action < 0.7:
+            if action < 0.55:
                 row = pool.park(k)
                 assert row >= pool.num_rows - len(pool._top)
             else:
@@ -67,14 +72,15 @@ def test_rows_keep_their_contents_through_joins_leaves_and_parking(rng):
             pool.write(k, st)
             pool.tokens[pool.row(k)] = step
             expect[k] = (st, step)
-        elif live:  # a parked key joins the decode rows
+        else:  # some parked keys join the decode rows at once (their prompts ended together)
             parked = [k for k in live if k in pool._top]
             if parked:
-                k = parked[0]
-                st, tok = expect[k]
-                row = pool.join([k])
-                pool.write(k, st)
-                pool.tokens[row] = tok
+                ks = order.sample(parked, order.randint(1, len(parked)))
+                first = pool.join(ks)
+                for i, k in enumerate(ks):
+                    assert pool.row(k) == first + i
+                    pool.write(k, expect[k][0])
+                    pool.tokens[first + i] = expect[k][1]
         # the invariants: decoding rows [0, n), parked rows packed at the top, outside bucket(n)
         n, m = pool.num_decoding, len(pool._top)
         assert sorted(pool.row(k) for k in pool.decode_keys()) == list(range(n))
@@ -83,7 +89,31 @@ def test_rows_keep_their_contents_through_joins_leaves_and_parking(rng):
         for k, (st, tok) in expect.items():
             got = pool.read(k)
             assert torch.equal(got.conv, st.conv) and torch.equal(got.ssm, st.ssm), (step, k)
-            assert int(pool.tokens[pool.row(k)]) == tok, (step, k)
+            if k in pool._dec:
+                assert int(pool.tokens[pool.row(k)]) == tok, (step, k)
+
+
+def test_unwritten_parked_rows_and_waves_move_few_rows(monkeypatch):
+    """A wave of fresh prompts joining together moves no parked row (none holds a state yet),
+    and a wave of answers ending together moves its rows in one gather per table."""
+    pool = StatePool(CFG, 12)
+    moves = []
+    real = pool._move
+    monkeypatch.setattr(pool, "_move", lambda pairs, tensors: (moves.append(list(pairs)), real(pairs, tensors)))
+    keys = [f"p{i}" for i in range(10)]
+    for k in keys:
+        pool.park(k)
+    pool.write("p9", State.zeros(CFG, 1))  # the one parked row holding a state (a long prompt)
+    assert pool.join(keys[:4]) == 0
+    # the holes of p0..p3 are filled by p6..p9; only p9's row holds a state, so only it moves
+    assert moves == [[(pool.num_rows - 1 - 9, pool.num_rows - 1 - 3)]]
+    moves.clear()
+    pool.join(keys[4:9])
+    pool.free_many(keys[:3])
+    # the join: p9 (written) packs down into the one parked row left; the frees: decoding rows
+    # 6, 7, 8 fill 0, 1, 2 in one move of three rows
+    assert [len(m) for m in moves] == [1, 3]
+    assert pool.decode_keys() == ["p6", "p7", "p8", "p3", "p4", "p5"]
 
 
 def test_the_pool_refuses_more_than_its_slots():

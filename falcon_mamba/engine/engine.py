@@ -354,6 +354,9 @@ class Engine:
         for req in plan.dropped:
             self._emit(req, [Delta(s.index, finish_reason=s.finish_reason) for s in req.seqs])
             self._request_done(req, now)
+        # the released rows in one go (a wave of answers ending together moves their rows' tables
+        # in one gather and scatter each, not a copy per row and table)
+        pool.free_many([s.key for s in plan.released if s.key in pool])
         for s in plan.released:
             self._release(s, now)
         for req in plan.admitted:
@@ -406,14 +409,18 @@ class Engine:
         first = pool.num_decoding
         logits, params, seeds, seen = [], [], [], []
         t = time.monotonic()
-        for w, logits_V, state in done:
+        # A wave of prompts puts only the states the cache keeps: with evictions dropped, the
+        # earlier ones of a step would push each other out at once (75 prompts, 27 entries kept)
+        kept = self.cache.entries_kept(done[0][2].nbytes) if self.cache.enabled and done else None
+        cache_from = len(done) - kept if kept is not None else 0
+        for i, (w, logits_V, state) in enumerate(done):
             req = w.tag.request
             if req.cancelled:
                 continue
             if req.extra.get("want_state"):
                 req.extra["prompt_state"] = self._with_seen(
                     State(state.config, state.conv.clone(), state.ssm.clone()), req, 0)
-            if self.cache.enabled:
+            if self.cache.enabled and i >= cache_from:
                 dev = self.cache.device
                 self.cache.put(req.prompt_ids, state.to(dev) if state.device != dev
                                else State(state.config, state.conv.clone(), state.ssm.clone()))
@@ -539,9 +546,7 @@ class Engine:
             self.cache.put(req.prompt_ids + s.output_ids[:fed], self.pool.read(s.key, self.cache.device))
 
     def _release(self, s: Sequence, now: float) -> None:
-        """A sequence ended: free its row."""
-        if s.key in self.pool:  # not when the step that admitted it failed
-            self.pool.free(s.key)
+        """A sequence ended (its row already freed by _execute)."""
         self._live.pop(s.key, None)
         self.m_finished.inc(reason=s.finish_reason)
         req = s.request

@@ -104,6 +104,11 @@ class PrefixCache:
     def num_on_disk(self) -> int:
         return sum(1 for e in self._entries.values() if e.state is None)
 
+    def entries_kept(self, nbytes: int) -> int | None:
+        """How many entries of nbytes the memory budget keeps when evicted entries are dropped;
+        None when they spill to disk (then every entry put is kept somewhere)."""
+        return None if self.spill_dir is not None else self.max_bytes // max(nbytes, 1)
+
     # ---- insert ------------------------------------------------------------------------------
     def put(self, tokens: Sequence[int], state: State) -> None:
         """Keep ``state`` (batch 1, having read exactly ``tokens``); the cache owns it from now."""

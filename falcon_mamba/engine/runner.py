@@ -238,14 +238,12 @@ class Runner:
             reset_BL = reset.pin_memory().to(dev, non_blocking=True) if pin else reset
         logits_B1V, out = self.model(ids, state=state, last_only=True, reset_BL=reset_BL)
         done = []
-        pool_state = self.pool.state
         for b, w in enumerate(group):
+            st = State(self.model.config, out.conv[:, b:b + 1], out.ssm[:, b:b + 1])
             if w.is_last:
-                done.append((w, logits_B1V[b, -1], State(self.model.config, out.conv[:, b:b + 1],
-                                                          out.ssm[:, b:b + 1])))
+                done.append((w, logits_B1V[b, -1], st))
             else:
-                pool_state.conv[:, w.row].copy_(out.conv[:, b])
-                pool_state.ssm[:, w.row].copy_(out.ssm[:, b])
+                self.pool.write_rows(w.row, st)
         return done
 
     def _initial_states(self, rows: list[int | None]) -> State:
