@@ -1,8 +1,9 @@
 """The recurrent state of a sequence batch: the whole memory of a context, a fixed number of bytes.
 
 Per layer: the conv state, the last K-1 pre-conv inputs (B, K-1, D) in the model dtype, and the SSM
-state (B, D, N) in fp32. Both are stacked over layers so that clone, row selection and file I/O are
-single tensor operations:  conv (nL, B, K-1, D),  ssm (nL, B, D, N).
+state (B, D, N) in fp32 (a server's state pool may keep it in bf16: engine/state_pool.py). Both
+are stacked over layers so that clone, row selection and file I/O are single tensor operations:
+conv (nL, B, K-1, D),  ssm (nL, B, D, N).
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ MAX_ABS_VALUE = 1e9
 class State:
     config: ModelConfig
     conv: torch.Tensor  # (nL, B, K-1, D) model dtype
-    ssm: torch.Tensor  # (nL, B, D, N) fp32
+    ssm: torch.Tensor  # (nL, B, D, N) fp32 (bf16 in a state pool that opts in)
     tokens_seen: int = 0  # how many tokens this state has absorbed (informational, per batch)
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch_size: int, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> State:
+              device: torch.device | str = "cpu", ssm_dtype: torch.dtype = torch.float32) -> State:
         nL, K, D, N = (config.num_hidden_layers, config.conv_kernel, config.intermediate_size,
                        config.state_size)
         return cls(config,
                    torch.zeros(nL, batch_size, K - 1, D, dtype=dtype, device=device),
-                   torch.zeros(nL, batch_size, D, N, dtype=torch.float32, device=device))
+                   torch.zeros(nL, batch_size, D, N, dtype=ssm_dtype, device=device))
 
     @property
     def batch_size(self) -> int:

@@ -43,10 +43,10 @@ class PoolStepper:
     """B sequences in a state pool's decode rows, stepped by DecodeGraphs with greedy sampling:
     step(tokens) -> logits (B, V), like model.step on the same state."""
 
-    def __init__(self, model, state, options=None, fast=None, tuning_cache=""):
+    def __init__(self, model, state, options=None, fast=None, tuning_cache="", ssm_dtype=torch.float32):
         B = state.batch_size
         self.B = B
-        self.pool = StatePool(model.config, B, model.dtype, model.device)
+        self.pool = StatePool(model.config, B, model.dtype, model.device, ssm_dtype)
         self.pool.join(list(range(B)))
         self.pool.write_rows(0, state)
         self.pool.set_sampling(0, [SamplingParams(temperature=0.0)] * B, list(range(B)))
@@ -98,6 +98,32 @@ def test_pool_steps_match_model_step_without_graphs(B, mode, rng):
     assert_close(got.conv, twin.conv, 1e-6, 1e-6, "conv state")
     want = "cublas" if mode == "auto" else mode
     assert dec.graphs.mode_for(B)[0].name == (want if B == 1 else "cublas")
+
+
+def _bf16_twin(state):
+    """The state as a bf16 state pool holds it: the SSM state rounded to bf16."""
+    from falcon_mamba.state import State
+
+    return State(state.config, state.conv.clone(), state.ssm.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("B", [3, 6])
+def test_bf16_state_pool_steps_match_model_step_on_a_bf16_state(B, rng):
+    """A bf16 pool (serve --state-dtype bfloat16) under the fused step: the in-kernel dt_proj (3
+    rows) and the rows kernel (6) against model.step on a bf16 SSM state (the reference op reads
+    it into fp32 and rounds the new state once, as the kernels do)."""
+    model = _model("tiny-odd")
+    state = _prefilled(model, B, rng)
+    twin = _bf16_twin(state)
+    dec = PoolStepper(model, state, DecodeOptions(), fast=True, ssm_dtype=torch.bfloat16)
+    tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng)
+    for _ in range(3):
+        ref = model.step(tok, twin)
+        assert_close(dec.step(tok), ref, 1e-3, 1e-3, f"logits B={B}")
+        tok = ref.argmax(-1)
+    got = dec.state()
+    assert got.ssm.dtype == twin.ssm.dtype == torch.bfloat16
+    assert_close(got.ssm.float(), twin.ssm.float(), 1e-2, 1e-3, "ssm state")
 
 
 def test_cpu_steps_run_model_step(rng):
@@ -190,6 +216,22 @@ def test_graphs_match_model_step_cuda(dtype, B, rng):
         assert_close(dec.step(tok), ref, *tol, "logits")
         tok = ref.argmax(-1)
     assert_close(dec.state().ssm, twin.ssm, *tol, "ssm state")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B", [1, 3, 64])
+def test_graphs_on_a_bf16_state_pool_match_model_step_cuda(B, rng):
+    model = _model("tiny", torch.bfloat16, "cuda")
+    state = _prefilled(model, B, rng)
+    twin = _bf16_twin(state)
+    dec = PoolStepper(model, state, ssm_dtype=torch.bfloat16)
+    assert dec.graphs.use_graphs
+    tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng).cuda()
+    for _ in range(3):
+        ref = model.step(tok, twin)
+        assert_close(dec.step(tok), ref, 3e-2, 5e-2, "logits")
+        tok = ref.argmax(-1)
+    assert_close(dec.state().ssm.float(), twin.ssm.float(), 3e-2, 5e-2, "ssm state")
 
 
 @pytest.mark.cuda

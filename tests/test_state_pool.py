@@ -24,6 +24,11 @@ def _fill_random(state: State, rng: torch.Generator) -> None:
 def test_slot_bytes_is_one_rows_state(dtype):
     assert slot_bytes(CFG, dtype) == State.zeros(CFG, 1, dtype).nbytes
     assert StatePool(CFG, 3, dtype).nbytes == (3 + PAD_ROWS) * slot_bytes(CFG, dtype)
+    half = slot_bytes(CFG, dtype, torch.bfloat16)  # a bf16 SSM state (serve --state-dtype)
+    assert half == State.zeros(CFG, 1, dtype, ssm_dtype=torch.bfloat16).nbytes < slot_bytes(CFG, dtype)
+    assert StatePool(CFG, 3, dtype, ssm_dtype=torch.bfloat16).nbytes == (3 + PAD_ROWS) * half
+    with pytest.raises(ValueError, match="ssm_dtype"):
+        StatePool(CFG, 3, dtype, ssm_dtype=torch.float16)
 
 
 def test_slots_for_budget():
@@ -99,7 +104,8 @@ def test_unwritten_parked_rows_and_waves_move_few_rows(monkeypatch):
     pool = StatePool(CFG, 12)
     moves = []
     real = pool._move
-    monkeypatch.setattr(pool, "_move", lambda pairs, tensors: (moves.append(list(pairs)), real(pairs, tensors)))
+    monkeypatch.setattr(pool, "_move",
+                        lambda pairs, tensors: (moves.append(list(pairs)), real(pairs, tensors)))
     keys = [f"p{i}" for i in range(10)]
     for k in keys:
         pool.park(k)

@@ -29,6 +29,11 @@ def add_arguments(p) -> None:
     p.add_argument("--state-memory", default="auto",
                    help="memory for the state slots, e.g. 4GiB (default: a quarter of free GPU "
                         "memory after loading, 1GiB on CPU)")
+    p.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the SSM states the slots hold: bfloat16 halves the bytes each "
+                        "decode step reads and writes per sequence (as transformers' and mamba_ssm's "
+                        "caches in the model dtype; the step still computes in float32) and fits "
+                        "~1.8x the slots in --state-memory; float32 (default) matches generate()")
     p.add_argument("--max-batch", type=int, default=64,
                    help="most sequences served at once (state slots), if the budget allows")
     p.add_argument("--max-queue", type=int, default=256,
@@ -156,7 +161,7 @@ def run(args) -> int:
     from falcon_mamba.checkpoint import load_model
     from falcon_mamba.dtypes import parse_device, parse_dtype
     from falcon_mamba.engine.engine import Engine, EngineConfig
-    from falcon_mamba.engine.state_pool import slot_bytes, slots_for_budget
+    from falcon_mamba.engine.state_pool import SSM_DTYPES, slot_bytes, slots_for_budget
     from falcon_mamba.errors import UserError
     from falcon_mamba.tokenizer import check_fits, load_tokenizer
 
@@ -187,22 +192,25 @@ def run(args) -> int:
     budget = sizes["state"]
     if budget is None:  # auto
         budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 1 << 30
-    slots = slots_for_budget(model.config, dtype, budget, args.max_batch)
+    state_dtype = SSM_DTYPES[args.state_dtype]
+    slots = slots_for_budget(model.config, dtype, budget, args.max_batch, state_dtype)
     engine = Engine(model, tok, EngineConfig(
         num_slots=slots, max_waiting=args.max_queue, prefill_chunk=args.prefill_chunk,
         prefill_budget=max(args.prefill_budget, args.prefill_chunk), max_context=args.max_context,
         long_prompt_interval=args.long_prompt_interval,
         cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir, cache_disk_bytes=sizes["disk"],
-        decode=decode, step_log=step_log))
+        decode=decode, step_log=step_log, state_dtype=state_dtype))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_id = args.served_model_name or Path(str(getattr(model, "source", ref))).name or "falcon-mamba"
     settings = ServerSettings(model_id, api_key=api_key, max_body_bytes=sizes["body"],
                               default_max_tokens=args.default_max_tokens,
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
     engine.start(warm_up=True)  # /health answers 503 "warming up" until the decode graphs are captured
-    log.info("serving %s on http://%s:%d/v1 (%s, %s, %s ops; %d state slots of %.3g MiB%s)", model_id,
-             args.host, args.port, device, str(dtype).removeprefix("torch."), ops.backend_name(device),
-             slots, slot_bytes(model.config, dtype) / 2**20, "; API key required" if api_key else "")
+    log.info("serving %s on http://%s:%d/v1 (%s, %s, %s ops; %d state slots of %.3g MiB, %s SSM "
+             "states%s)", model_id, args.host, args.port, device, str(dtype).removeprefix("torch."),
+             ops.backend_name(device), slots, slot_bytes(model.config, dtype, state_dtype) / 2**20,
+             args.state_dtype,
+             "; API key required" if api_key else "")
     if tok.has_chat_template:  # the fallback is announced as a warning by the app
         log.info("chat requests use %s", tok.describe_chat_template())
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:

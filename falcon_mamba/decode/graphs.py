@@ -106,6 +106,8 @@ class DecodeGraphs:
             return modes[0], pdls[0]
         folder = tuning.cache_dir(self.options.tuning_cache)
         key = tuning.model_key(self.model, 1) + f"|modes={','.join(m.name for m in modes)}|pdl={pdls}"
+        if self.pool.state.ssm.dtype != torch.float32:  # a bf16 state pool times its own steps
+            key += f"|ssm={str(self.pool.state.ssm.dtype).removeprefix('torch.')}"
         hit = tuning.load(folder, self.model.device, key)
         if hit is not None and hit.get("mode") in MODES and MODES[hit["mode"]] in modes:
             self.timings = dict(hit.get("ms", {}))

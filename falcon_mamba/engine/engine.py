@@ -74,6 +74,9 @@ class EngineConfig:
     cache_device: str | None = None  # where cached states live (default: the model's device, so that
     # keeping and restoring one is a device copy, not a synchronising copy to the host)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    # the state pool's SSM states: fp32, or bf16 (half the bytes a decode step moves per row; serve
+    # --state-dtype; results/INDEX.md has both measured)
+    state_dtype: torch.dtype = torch.float32
     step_log: IO[str] | None = None  # one JSON line per computing step (opened by the caller)
 
 
@@ -94,7 +97,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
-        self.pool = StatePool(model.config, cfg.num_slots, model.dtype, model.device)
+        self.pool = StatePool(model.config, cfg.num_slots, model.dtype, model.device, cfg.state_dtype)
         self.cache = PrefixCache(cfg.cache_bytes, cfg.cache_dir, cfg.cache_disk_bytes,
                                  device=cfg.cache_device or model.device)
         budget = cfg.prefill_budget if cfg.prefill_budget is not None else 4 * cfg.prefill_chunk
@@ -540,8 +543,9 @@ class Engine:
             return
         fed = min(s.extra["fed"], len(s.output_ids))
         req = s.request
-        if req.extra.get("want_state"):
-            s.extra["state"] = self._with_seen(self.pool.read(s.key), req, fed)
+        if req.extra.get("want_state"):  # a caller's state keeps State's fp32 SSM (its files need it)
+            st = self.pool.read(s.key)
+            s.extra["state"] = self._with_seen(State(st.config, st.conv, st.ssm.float()), req, fed)
         if self.cache.enabled and fed > 0:
             self.cache.put(req.prompt_ids + s.output_ids[:fed], self.pool.read(s.key, self.cache.device))
 

@@ -259,7 +259,7 @@ class Runner:
         idx_b = _to_device([b for b, _ in have], self.device)
         idx_r = _to_device([r for _, r in have], self.device)
         st.conv.index_copy_(1, idx_b, pool.state.conv.index_select(1, idx_r))
-        st.ssm.index_copy_(1, idx_b, pool.state.ssm.index_select(1, idx_r))
+        st.ssm.index_copy_(1, idx_b, pool.state.ssm.index_select(1, idx_r).to(st.ssm.dtype))
         return st
 
     # ---- a prompt's first token ----------------------------------------------------------------

@@ -34,6 +34,7 @@ from falcon_mamba.errors import UserError
 from falcon_mamba.state import State
 
 PAD_ROWS = 7  # the largest bucket(n) - n of decode/graphs.py's buckets
+SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a pool's SSM state dtypes
 
 
 def bucket(n: int) -> int:
@@ -45,18 +46,20 @@ def bucket(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
-def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one sequence's state: conv (nL, K-1, D) in the model dtype + SSM (nL, D, N) fp32."""
+def slot_bytes(config: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one sequence's state: conv (nL, K-1, D) in the model dtype + SSM (nL, D, N) in
+    ssm_dtype."""
     nL, K, D, N = (config.num_hidden_layers, config.conv_kernel, config.intermediate_size,
                    config.state_size)
-    return nL * (K - 1) * D * torch.finfo(dtype).bits // 8 + nL * D * N * 4
+    return (nL * (K - 1) * D * torch.finfo(dtype).bits // 8
+            + nL * D * N * torch.finfo(ssm_dtype).bits // 8)
 
 
 def slots_for_budget(config: ModelConfig, dtype: torch.dtype, budget_bytes: int,
-                     max_slots: int) -> int:
+                     max_slots: int, ssm_dtype: torch.dtype = torch.float32) -> int:
     """How many slots fit in budget_bytes (the pool's padding rows included), at most max_slots;
     at least one must fit."""
-    per = slot_bytes(config, dtype)
+    per = slot_bytes(config, dtype, ssm_dtype)
     n = min(max_slots, budget_bytes // per - PAD_ROWS)
     if n < 1:
         raise UserError(f"the state memory budget ({budget_bytes:,} bytes) holds no sequence; one "
@@ -66,7 +69,12 @@ def slots_for_budget(config: ModelConfig, dtype: torch.dtype, budget_bytes: int,
 
 class StatePool:
     def __init__(self, config: ModelConfig, num_slots: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", ssm_dtype: torch.dtype = torch.float32):
+        """ssm_dtype: the SSM states' dtype, fp32 or bf16 (SSM_DTYPES: bf16 halves the bytes every
+        decode step reads and writes per row; the step still computes in fp32 and rounds the new
+        state once, as transformers' and mamba_ssm's caches in the model dtype do)."""
+        if ssm_dtype not in SSM_DTYPES.values():
+            raise ValueError(f"ssm_dtype must be one of {sorted(SSM_DTYPES)}, got {ssm_dtype}")
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.config = config
@@ -74,7 +82,8 @@ class StatePool:
         self.device = torch.device(device)
         R = self.num_rows = num_slots + PAD_ROWS
         V = config.vocab_size
-        self.state = State.zeros(config, R, dtype, device)  # conv (nL, R, K-1, D), ssm (nL, R, D, N)
+        # conv (nL, R, K-1, D), ssm (nL, R, D, N)
+        self.state = State.zeros(config, R, dtype, device, ssm_dtype)
         from falcon_mamba.ops.sample import SamplerRows
 
         dev = self.device

@@ -210,7 +210,7 @@ def _ssm_step_kernel(
     if A_LOG:
         A = -tl.exp(A)
     st = state_ptr + b * D * N + dn
-    h = tl.load(st, mask=mdn, other=0.0)
+    h = tl.load(st, mask=mdn, other=0.0).to(tl.float32)  # fp32 or bf16 states (StatePool ssm_dtype)
     if HAS_D:
         dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
@@ -263,7 +263,7 @@ def _ssm_step_kernel(
         xv = _conv_in(x_ptr + b * sx_b, cst_ptr + b * scs_b, cw_ptr, cb_ptr, d, md, s_ck, s_cw, CK, HAS_CB,
                       True, True, ROUND_X)
     h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
-    tl.store(st, h, mask=mdn)
+    tl.store(st, h.to(state_ptr.dtype.element_ty), mask=mdn)  # y below reads the unrounded h
     yv = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
         yv += dsk * xv
@@ -301,7 +301,7 @@ def _ssm_rows_kernel(
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
     st = state_ptr + b * D * N + dn
-    h = tl.load(st, mask=mdn, other=0.0)
+    h = tl.load(st, mask=mdn, other=0.0).to(tl.float32)  # fp32 or bf16 states (StatePool ssm_dtype)
     dep_sync(PDL)
     Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
     Cv = tl.load(c_ptr + b * sc_b + n, mask=mn, other=0.0).to(tl.float32)
@@ -316,7 +316,7 @@ def _ssm_rows_kernel(
         v += dtb
     sp = softplus(v)
     h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
-    tl.store(st, h, mask=mdn)
+    tl.store(st, h.to(state_ptr.dtype.element_ty), mask=mdn)  # y below reads the unrounded h
     yv = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
         yv += dsk * xv
@@ -405,7 +405,9 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
              num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
-    """One token of the scan; updates state_BDN (B, D, N) fp32 in place; returns y (B, D).
+    """One token of the scan; updates state_BDN (B, D, N) in place; returns y (B, D). The state is
+    fp32, or bf16 (a state pool's opt-in: read into fp32, the new state rounded once when stored,
+    y from the unrounded one, as mamba_ssm's selective_state_update does).
 
     Plain form (W_dt None): dt_or_dtr is dt (B, D) without bias. Fused form: dt_or_dtr is the
     rank-R dt input (B, R), projected here by W_dt (D, R); with norm_eps set, dt_r, B and C first go
@@ -424,7 +426,8 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     """
     Bsz, D = x_BD.shape
     N = A_DN.shape[1]
-    assert state_BDN.dtype == torch.float32 and state_BDN.stride(2) == 1 and state_BDN.stride(1) == N
+    assert state_BDN.dtype in (torch.float32, torch.bfloat16)
+    assert state_BDN.stride(2) == 1 and state_BDN.stride(1) == N
     assert state_BDN.stride(0) == D * N or Bsz == 1, "state rows must be (D, N) contiguous"
     if W_dt is not None and not isinstance(W_dt, torch.Tensor) and not W_dt.bits:
         W_dt = W_dt.w  # a dense GemvWeight: its tensor
