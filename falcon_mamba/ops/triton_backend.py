@@ -103,9 +103,10 @@ def conv_step(conv_state_BKD, x_BD, weight_DK, bias_D, silu=True):
 
 @_guard
 def ssm_step(state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D):
-    """See reference.ssm_step: updates state_BDN (fp32) in place, returns y (B, D)."""
+    """See reference.ssm_step: updates state_BDN (fp32, or a state pool's bf16) in place, returns
+    y (B, D)."""
     if (_needs_grad(x_BD, dt_BD, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D)
-            or not state_BDN.is_contiguous() or state_BDN.dtype != torch.float32):
+            or not state_BDN.is_contiguous() or state_BDN.dtype not in (torch.float32, torch.bfloat16)):
         return reference.ssm_step(state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D)
     x_BD, dt_BD, B_BN, C_BN = (t if t.stride(-1) == 1 else t.contiguous()
                                for t in (x_BD, dt_BD, B_BN, C_BN))
