@@ -37,6 +37,7 @@
 #   benchmarks/device_run.sh burst13    # batched fresh-prompt graph replays by shape (profile_prefill --batches)
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
 #   benchmarks/device_run.sh diag16     # the whole cuda suite, a fresh 2k forward's host profile, engine waves
+#   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
@@ -222,6 +223,19 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/profile_engine.py --skip-burst --skip-mixed --wave 256,64 \
       --out "$OUT/results/engine-waves.json" > "$OUT/bench.log" 2>&1
     cat "$OUT/host.log" >> "$OUT/bench.log" ;;
+  serve16)  # the bf16-state cuda tests; the server (1 / 16 / 64 / 256 clients, mixed load) with
+            # fp32 states, then 64 / 256 clients with --state-dtype bfloat16
+    cuda_tests 100 tests/test_triton_decode.py tests/test_decode_graphs.py -k bf16
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -4
+    timeout $(left 170) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
+      --temperature 0 --mixed 32:100000 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --server-arg=--state-dtype=bfloat16 --out "$OUT/serve-bf16.json" \
+      > "$OUT/bf16.log" 2>&1
+    cat "$OUT/bf16.log" >> "$OUT/bench.log"
+    grep -v "^{" "$OUT/bench.log" ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
