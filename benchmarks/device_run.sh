@@ -38,6 +38,7 @@
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
 #   benchmarks/device_run.sh diag16     # the whole cuda suite, a fresh 2k forward's host profile, engine waves
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
+#   benchmarks/device_run.sh final16    # the whole cuda suite, then profile_decode at 64 / 256 rows, fp32 and bf16 states
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
 #   benchmarks/device_run.sh train18    # bench_train.py at the 1.5B shape (Mamba, Mamba without the
@@ -236,6 +237,14 @@ case "$MODE" in
       > "$OUT/bf16.log" 2>&1
     cat "$OUT/bf16.log" >> "$OUT/bench.log"
     grep -v "^{" "$OUT/bench.log" ;;
+  final16)  # the whole cuda suite (330 s), then the 64- and 256-row decode steps' kernels with fp32
+            # and with bf16 SSM states (16 layers)
+    cuda_tests 330 tests/
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
+    for sd in float32 bfloat16; do
+      timeout $(left 5) python3 benchmarks/profile_decode.py --layers 16 --formats bf16 --batches 64,256 \
+        --state-dtype $sd --out "$OUT/results/profile-decode-$sd.json" >> "$OUT/bench.log" 2>&1
+    done ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \

@@ -41,8 +41,8 @@ def kernel_totals(prof) -> dict[str, list]:
 
 
 @torch.no_grad()
-def profile(model, layers: int, batch: int = 1) -> dict:
-    loop = KernelLoop(model, batch)
+def profile(model, layers: int, batch: int = 1, ssm_dtype=torch.float32) -> dict:
+    loop = KernelLoop(model, batch, ssm_dtype=ssm_dtype)
     loop.run(3)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -107,16 +107,19 @@ def main() -> int:
     ap.add_argument("--formats", default="bf16,int8,int4")
     ap.add_argument("--batches", default="1", help="batch sizes (results keyed 'FORMAT' at 1, else "
                                                    "'FORMAT@B')")
+    ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the pool's SSM states (serve --state-dtype)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    ssm_dtype = getattr(torch, args.state_dtype)
     base = random_7b(args.layers)
     res = {"layers": args.layers, "gpu": torch.cuda.get_device_name(0),
-           "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "formats": {}}
+           "commit": os.environ.get("FALCON_MAMBA_COMMIT"), "state_dtype": args.state_dtype, "formats": {}}
     for fmt in args.formats.split(","):
         model = in_format(base, fmt)
         for batch in (int(b) for b in args.batches.split(",")):
             key = fmt if batch == 1 else f"{fmt}@{batch}"
-            r = profile(model, args.layers, batch)
+            r = profile(model, args.layers, batch, ssm_dtype)
             res["formats"][key] = r
             print(f"\n== {key}: mode {r['mode']} pdl {r['pdl']}, step {r['step_ms']:.3f} ms "
                   f"({r['step_ms'] * 1e3 / args.layers:.1f} us per layer); candidates "

@@ -21,10 +21,12 @@ from falcon_mamba.state import State
 
 class KernelLoop:
     def __init__(self, model, rows: int, options: DecodeOptions | None = None,
-                 sampling: SamplingParams | None = None, seed: int = 0):
+                 sampling: SamplingParams | None = None, seed: int = 0,
+                 ssm_dtype: torch.dtype = torch.float32):
+        """ssm_dtype: the pool's SSM states (bf16 as serve --state-dtype bfloat16 keeps them)."""
         self.model = model
         self.rows = rows
-        self.pool = StatePool(model.config, rows, model.dtype, model.device)
+        self.pool = StatePool(model.config, rows, model.dtype, model.device, ssm_dtype)
         self.pool.join(list(range(rows)))
         params = sampling or SamplingParams(temperature=0.0)
         self.pool.set_sampling(0, [params] * rows, [seed + i for i in range(rows)])
