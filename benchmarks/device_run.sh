@@ -238,13 +238,18 @@ case "$MODE" in
     cat "$OUT/bf16.log" >> "$OUT/bench.log"
     grep -v "^{" "$OUT/bench.log" ;;
   final16)  # the whole cuda suite (330 s), then the 64- and 256-row decode steps' kernels with fp32
-            # and with bf16 SSM states (16 layers)
+            # and with bf16 SSM states (16 layers); the 64-client server run with bf16 states again
     cuda_tests 330 tests/
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
     for sd in float32 bfloat16; do
       timeout $(left 5) python3 benchmarks/profile_decode.py --layers 16 --formats bf16 --batches 64,256 \
         --state-dtype $sd --out "$OUT/results/profile-decode-$sd.json" >> "$OUT/bench.log" 2>&1
-    done ;;
+    done
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64 --max-tokens 128 \
+      --temperature 0 --procs 8 --server-arg=--state-dtype=bfloat16 --out "$OUT/serve-bf16-64.json" \
+      > "$OUT/bf16.log" 2>&1
+    grep -v "^{" "$OUT/bf16.log" | head -12 ;;
   serve11)  # the server: 1 / 16 / 64 / 256 clients and the mixed load
     timeout $((${LIMIT:-585} - 10 - SECONDS)) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
