@@ -45,7 +45,8 @@ def test_serve_subprocess_api_key_env_and_clean_shutdown(model_dir):
     env = {**os.environ, "FALCON_MAMBA_API_KEY": "k3y", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
            "FALCON_MAMBA_BACKEND": "reference"}
     proc = subprocess.Popen([sys.executable, "-m", "falcon_mamba", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--shutdown-grace", "3"],
+                             "--port", str(port), "--shutdown-grace", "3",
+                             "--state-dtype", "bfloat16"],  # the flag reaches the pool (banner below)
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -101,6 +102,7 @@ def test_serve_subprocess_api_key_env_and_clean_shutdown(model_dir):
         out = proc.stdout.read()
         assert rc == 0, out
         assert "Traceback" not in out, out
+        assert "bfloat16 SSM states" in out, out
         # The short request finished within the grace period...
         assert short["r"].status_code == 200, short["r"].text
         assert short["r"].json()["choices"][0]["finish_reason"] == "length"
