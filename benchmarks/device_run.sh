@@ -38,6 +38,7 @@
 #   benchmarks/device_run.sh mixed13    # the mixed load under --prefill-chunk x --long-prompt-interval pairs
 #   benchmarks/device_run.sh diag16     # the whole cuda suite, a fresh 2k forward's host profile, engine waves
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
+#   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh final16    # the whole cuda suite, then profile_decode at 64 / 256 rows, fp32 and bf16 states
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
@@ -236,6 +237,16 @@ case "$MODE" in
       --temperature 0 --procs 8 --server-arg=--state-dtype=bfloat16 --out "$OUT/serve-bf16.json" \
       > "$OUT/bf16.log" 2>&1
     cat "$OUT/bf16.log" >> "$OUT/bench.log"
+    grep -v "^{" "$OUT/bench.log" ;;
+  phase16)  # the cuda tests of the files session 14 touched; the server at 64 / 256 clients (fp32
+            # states) with the step log's per-part host times
+    cuda_tests 150 tests/test_engine.py tests/test_prefill_graphs.py tests/test_decode_graphs.py \
+      tests/test_warm_up.py tests/test_triton_decode.py tests/test_state_pool.py tests/test_server.py \
+      tests/test_prefix_cache.py tests/test_generate.py
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -v "^{" "$OUT/bench.log" ;;
   final16)  # the whole cuda suite (330 s), then the 64- and 256-row decode steps' kernels with fp32
             # and with bf16 SSM states (16 layers); the 64-client server run with bf16 states again

@@ -289,6 +289,11 @@ def print_steps(st: dict | None) -> None:
         if gd or gp:
             print(f"  GPU time: decode only p50 {gd.get('p50')} p99 {gd.get('p99')}; with prompt chunks "
                   f"p50 {gp.get('p50')} p99 {gp.get('p99')} max {gp.get('p100')}")
+        for name in ("decode_only", "with_prompts"):
+            h = st.get(f"{name}_host_ms_mean")
+            if h:
+                print(f"  host ms, mean of {name.replace('_', ' ')} steps: "
+                      + ", ".join(f"{k} {v}" for k, v in h.items()))
 
 
 def step_summary(path: str, since: int) -> tuple[dict, int]:
@@ -313,6 +318,12 @@ def step_summary(path: str, since: int) -> tuple[dict, int]:
                "prompt_chunks_per_prompt_step": round(sum(r["prefill"] for r in recs if r["prefill"])
                                                       / max(1, len(with_prompts)), 2),
                "longest": sorted(recs, key=lambda r: -r["ms"])[:5]}
+    for name, want in (("decode_only", False), ("with_prompts", True)):
+        parts = [r["host_ms"] for r in recs if "host_ms" in r and bool(r["prefill"]) == want]
+        if parts:  # mean host ms of each part of such steps (engine.Engine._log_step names them)
+            keys = sorted({k for p in parts for k in p})
+            summary[f"{name}_host_ms_mean"] = {k: round(sum(p.get(k, 0.0) for p in parts) / len(parts), 2)
+                                              for k in keys}
     return summary, since + end
 
 

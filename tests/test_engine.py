@@ -223,6 +223,12 @@ def test_step_log_has_a_line_per_computing_step(model_and_tok, rng, tmp_path):
     assert sum(r["decode"] for r in recs) == len(prompts) * 4
     assert all(r["ms"] >= 0 and r["prefill"] or r["decode"] for r in recs)
     assert max(r["longest"] for r in recs) == 32
+    # the host time of each step's parts: prompt steps have their forwards inside "prompts"
+    for r in recs:
+        assert set(r["host_ms"]) >= {"release", "admit", "decode", "readback"}
+        assert sum(v for k, v in r["host_ms"].items() if k != "prefill") <= r["ms"] + 1e-3
+        if r["prefill"]:
+            assert 0 < r["host_ms"]["prefill"] <= r["host_ms"]["prompts"]
 
 
 def test_prefill_warm_up_leaves_the_rows_as_they_were(model_and_tok):

@@ -55,6 +55,13 @@ log = logging.getLogger("falcon_mamba.engine")
 __all__ = ["Delta", "Engine", "EngineConfig", "QueueFull", "ShuttingDown"]
 
 
+def _phase(phases: dict, name: str, since: float) -> float:
+    """Record the host ms since `since` under name (added to what it holds); returns now."""
+    now = time.perf_counter()
+    phases[name] = round(phases.get(name, 0.0) + (now - since) * 1e3, 3)
+    return now
+
+
 class ShuttingDown(Exception):
     """The engine no longer accepts requests."""
 
@@ -315,12 +322,17 @@ class Engine:
         """One line of --step-log: when the step began (perf_counter s), its host time (which waits
         for the previous step's GPU work at readback), its GPU time (between events recorded
         around its launches: written once the GPU has passed them, a step or two later), its
-        decode rows and its prompt chunks (fresh / continuing, tokens, the longest)."""
+        decode rows and its prompt chunks (fresh / continuing, tokens, the longest), and host_ms:
+        the host time of its parts (release, admit, decode: launching the decode step, prompts:
+        reading the prompt chunks and joining the finished ones, of which prefill: the chunks'
+        forwards and graph replays, readback, wait: for the previous step's GPU work, process:
+        handing its tokens to their sequences)."""
         lengths = [len(c) for c in plan.prefill]
         fresh = sum(1 for c in plan.prefill if c.start == 0)
         rec = {"t": round(t0, 6), "ms": round(took * 1e3, 3), "decode": len(plan.decode),
                "admitted": len(plan.admitted), "prefill": len(lengths), "fresh": fresh,
-               "prefill_tokens": sum(lengths), "longest": max(lengths, default=0)}
+               "prefill_tokens": sum(lengths), "longest": max(lengths, default=0),
+               "host_ms": dict(getattr(self, "_phases", {}))}
         self._step_records.append((rec, events))
         self._flush_step_log(wait=False)
 
@@ -354,6 +366,8 @@ class Engine:
     def _execute(self, plan: StepPlan) -> None:
         now = time.monotonic()
         pool = self.pool
+        phases = self._phases = {}  # host ms of the step's parts, for --step-log
+        t = time.perf_counter()
         for req in plan.dropped:
             self._emit(req, [Delta(s.index, finish_reason=s.finish_reason) for s in req.seqs])
             self._request_done(req, now)
@@ -362,6 +376,7 @@ class Engine:
         pool.free_many([s.key for s in plan.released if s.key in pool])
         for s in plan.released:
             self._release(s, now)
+        t = _phase(phases, "release", t)
         for req in plan.admitted:
             self.m_queue_time.observe(now - req.arrival)
             head = req.seqs[0].key
@@ -373,21 +388,28 @@ class Engine:
         #    scratch rows that joining sequences take below)
         n = pool.num_decoding
         assert n == len(plan.decode), (n, len(plan.decode))
+        t = _phase(phases, "admit", t)
         if n:
             self.runner.decode(n)
             self.m_batch.observe(n)
             for key in pool.decode_keys():
                 self._live[key].extra["fed"] += 1
+        t = _phase(phases, "decode", t)
         # 2. this step's prompt chunks, batched; prompts that are done join the decode rows
         if plan.prefill:
             self._prefill(plan)
+            t = _phase(phases, "prompts", t)  # of which "prefill" (_prefill): the chunks' forwards
         # 3. the step's results go to the host behind it; 4. the previous step's are handled now
         keys = pool.decode_keys()
         top = max((self._live[k].extra["top_logprobs"] for k in keys), default=0)
         pending = self.runner.readback(keys, top) if keys else None
+        t = _phase(phases, "readback", t)
         prev, self._pending = self._pending, pending
         if prev is not None:
+            prev.wait()  # the previous step's GPU work
+            t = _phase(phases, "wait", t)
             self._process(prev)
+            _phase(phases, "process", t)
 
     def _prefill(self, plan: StepPlan) -> None:
         pool = self.pool
@@ -398,6 +420,7 @@ class Engine:
             continues = chunk.start > 0 or "start_state" in req.extra
             works.append(PrefillWork(req.prompt_ids[chunk.start:chunk.end], row, continues, chunk.is_last,
                                      tag=chunk))
+        t0 = time.perf_counter()
         try:
             done = self.runner.prefill(works)
         except Exception as e:  # noqa: BLE001 - the prompts fail, the decoding streams go on
@@ -405,6 +428,7 @@ class Engine:
             for w in works:
                 self._fail_request(w.tag.request, f"{type(e).__name__}: {e}")
             return
+        self._phases["prefill"] = round((time.perf_counter() - t0) * 1e3, 3)
         for w in works:
             cb = w.tag.request.extra.get("progress")
             if cb is not None:
