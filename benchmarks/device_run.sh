@@ -39,6 +39,7 @@
 #   benchmarks/device_run.sh diag16     # the whole cuda suite, a fresh 2k forward's host profile, engine waves
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
+#   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
 #   benchmarks/device_run.sh final16    # the whole cuda suite, then profile_decode at 64 / 256 rows, fp32 and bf16 states
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
@@ -248,6 +249,16 @@ case "$MODE" in
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
       --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -v "^{" "$OUT/bench.log" ;;
+  last16)  # the engine and prefill-graph cuda tests; the server at 64 / 256 clients, fp32 then bf16 states
+    cuda_tests 60 tests/test_engine.py tests/test_prefill_graphs.py tests/test_prefix_cache.py
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -4
+    for sd in float32 bfloat16; do
+      timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+        --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+        --temperature 0 --procs 8 --server-arg=--state-dtype=$sd --out "$OUT/serve-$sd.json" \
+        > "$OUT/serve-$sd.log" 2>&1
+      grep -v "^{" "$OUT/serve-$sd.log"
+    done ;;
   final16)  # the whole cuda suite (330 s), then the 64- and 256-row decode steps' kernels with fp32
             # and with bf16 SSM states (16 layers); the 64-client server run with bf16 states again
     cuda_tests 330 tests/

@@ -158,7 +158,8 @@ def engines():
         def decode(self, ids):
             return "".join(chr(97 + i % 26) for i in ids)
 
-    made = [Engine(model, Tok(), EngineConfig(num_slots=2, prefill_chunk=4, cache_bytes=cb))
+    made = [Engine(model, Tok(), EngineConfig(num_slots=2, prefill_chunk=4, cache_bytes=cb,
+                                              cache_min_prompt=0))  # its 9-token prompts are kept
             for cb in (10**7, 0)]
     for e in made:
         e.start()
@@ -198,7 +199,8 @@ def test_next_turn_reads_only_new_tokens(engines, rng):
 
 def test_a_wave_of_prompts_puts_only_the_states_the_cache_keeps(rng, monkeypatch):
     """Five prompts read in one step into a cache that keeps two states: only the last two are
-    put (the earlier three would be evicted by them at once), and they are the ones found later."""
+    put (the earlier three would be evicted by them at once), and they are the ones found later;
+    the same for the five answers ending at one step; prompts under cache_min_prompt not at all."""
     from falcon_mamba.engine.engine import Engine, EngineConfig
     from falcon_mamba.model import FalconMamba
     from falcon_mamba.sampling import SamplingParams
@@ -212,7 +214,7 @@ def test_a_wave_of_prompts_puts_only_the_states_the_cache_keeps(rng, monkeypatch
         def decode(self, ids):
             return "".join(chr(97 + i % 26) for i in ids)
 
-    eng = Engine(model, Tok(), EngineConfig(num_slots=8, prefill_chunk=16,
+    eng = Engine(model, Tok(), EngineConfig(num_slots=8, prefill_chunk=16, cache_min_prompt=6,
                                             cache_bytes=2 * entry_bytes(6) + 10))
     puts = []
     real_put = eng.cache.put
@@ -225,3 +227,12 @@ def test_a_wave_of_prompts_puts_only_the_states_the_cache_keeps(rng, monkeypatch
     for p in prompt_puts:
         assert eng.cache.lookup(p + [1]) is not None
     eng.run_until(lambda: all(r.finished for r in reqs))
+    # the answers (6 + 1 tokens fed) ended together: the cache keeps two of them, the last two
+    answer_puts = [p for p in puts if len(p) == 7]
+    assert [p[:6] for p in answer_puts] == prompts[-2:]
+    # prompts shorter than cache_min_prompt are read again rather than kept
+    puts.clear()
+    eng.config.cache_min_prompt = 7
+    reqs = [eng.submit(p, SamplingParams(max_new_tokens=1, temperature=0)) for p in prompts]
+    eng.run_until(lambda: all(r.finished for r in reqs))
+    assert not [p for p in puts if len(p) == 6] and len(puts) == 2

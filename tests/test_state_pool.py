@@ -176,3 +176,25 @@ def test_decode_on_the_pool_rows_equals_each_sequence_alone(rng):
             assert_close(pool.read(k).ssm, alone[k].ssm, 6e-4, 2e-3, f"state of {k}")
         pool.free(leave)
         alone.pop(leave)
+
+
+def test_write_many_copies_a_batchs_rows_together(rng, monkeypatch):
+    """States that are consecutive rows of one batch's outputs, written to consecutive rows, go
+    in one write_rows; others (a repeated state, a gap in the rows) one by one; every row ends up
+    with its own state."""
+    pool = StatePool(CFG, 8)
+    pool.join([f"k{i}" for i in range(7)])
+    batch = State.zeros(CFG, 4)
+    _fill_random(batch, rng)
+    other = State.zeros(CFG, 1)
+    _fill_random(other, rng)
+    rows = [State(CFG, batch.conv[:, b:b + 1], batch.ssm[:, b:b + 1]) for b in range(4)]
+    calls = []
+    real = pool.write_rows
+    monkeypatch.setattr(pool, "write_rows", lambda first, st: (calls.append((first, st.batch_size)),
+                                                               real(first, st)))
+    pool.write_many([(0, rows[0]), (1, rows[1]), (2, rows[2]), (3, rows[2]), (4, other), (6, rows[3])])
+    assert calls == [(0, 3), (3, 1), (4, 1), (6, 1)]
+    for r, st in ((0, rows[0]), (1, rows[1]), (2, rows[2]), (3, rows[2]), (4, other), (6, rows[3])):
+        assert torch.equal(pool.state.ssm[:, r:r + 1], st.ssm)
+        assert torch.equal(pool.state.conv[:, r:r + 1], st.conv)

@@ -55,6 +55,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-body", default="16MiB", help="request body size limit (413 above it)")
     p.add_argument("--prefix-cache-memory", default="1GiB",
                    help="memory for cached conversation states (0 turns the cache off)")
+    p.add_argument("--prefix-cache-min-prompt", type=int, default=64,
+                   help="keep a prompt's end state in the cache from this many tokens (shorter "
+                        "prompts are read again; answers' end states are always kept)")
     p.add_argument("--prefix-cache-dir", default=None,
                    help="spill evicted cache states to a private subfolder of this folder (removed "
                         "at exit; nothing else in the folder is touched)")
@@ -115,6 +118,7 @@ def _check(args) -> dict:
                          ("--max-queue", args.max_queue, 0), ("--prefill-chunk", args.prefill_chunk, 1),
                          ("--prefill-budget", args.prefill_budget, 1),
                          ("--long-prompt-interval", args.long_prompt_interval, 1),
+                         ("--prefix-cache-min-prompt", args.prefix_cache_min_prompt, 0),
                          ("--max-context", args.max_context, 2),
                          ("--default-max-tokens", args.default_max_tokens, 1)):
         if v < low:
@@ -199,6 +203,7 @@ def run(args) -> int:
         prefill_budget=max(args.prefill_budget, args.prefill_chunk), max_context=args.max_context,
         long_prompt_interval=args.long_prompt_interval,
         cache_bytes=sizes["cache"], cache_dir=args.prefix_cache_dir, cache_disk_bytes=sizes["disk"],
+        cache_min_prompt=args.prefix_cache_min_prompt,
         decode=decode, step_log=step_log, state_dtype=state_dtype))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_id = args.served_model_name or Path(str(getattr(model, "source", ref))).name or "falcon-mamba"

@@ -80,6 +80,11 @@ class EngineConfig:
     cache_disk_bytes: int = 0
     cache_device: str | None = None  # where cached states live (default: the model's device, so that
     # keeping and restoring one is a device copy, not a synchronising copy to the host)
+    # a prompt's end state goes into the cache from this many tokens (a shorter prompt is read again
+    # by one graph replay, while keeping its state costs a state-sized copy and evicts another
+    # entry: a wave of 75 short prompts pushed out 27 conversations' states); answers' end states
+    # are always kept
+    cache_min_prompt: int = 64
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     # the state pool's SSM states: fp32, or bf16 (half the bytes a decode step moves per row; serve
     # --state-dtype; results/INDEX.md has both measured)
@@ -120,6 +125,7 @@ class Engine:
         self._ready = False
         self.warm_up_seconds: dict[str, float] = {}  # what each part of warm_up() took
         self._step_records: deque = deque()  # --step-log lines waiting for their GPU time
+        self._answer_puts: list = []  # (token ids, sequence key) of answers ended in this _process
         self._live: dict = {}  # sequence key -> Sequence, while it holds a row
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._init_metrics()
@@ -438,8 +444,11 @@ class Engine:
         t = time.monotonic()
         # A wave of prompts puts only the states the cache keeps: with evictions dropped, the
         # earlier ones of a step would push each other out at once (75 prompts, 27 entries kept)
-        kept = self.cache.entries_kept(done[0][2].nbytes) if self.cache.enabled and done else None
-        cache_from = len(done) - kept if kept is not None else 0
+        cached = [i for i, (w, _, _) in enumerate(done)
+                  if self.cache.enabled and len(w.tag.request.prompt_ids) >= self.config.cache_min_prompt]
+        kept = self.cache.entries_kept(done[0][2].nbytes) if cached else None
+        cached = set(cached if kept is None else cached[max(0, len(cached) - kept):])
+        writes: list[tuple[int, State]] = []  # (row, state): written together below
         for i, (w, logits_V, state) in enumerate(done):
             req = w.tag.request
             if req.cancelled:
@@ -447,7 +456,7 @@ class Engine:
             if req.extra.get("want_state"):
                 req.extra["prompt_state"] = self._with_seen(
                     State(state.config, state.conv.clone(), state.ssm.clone()), req, 0)
-            if self.cache.enabled and i >= cache_from:
+            if i in cached:
                 dev = self.cache.device
                 self.cache.put(req.prompt_ids, state.to(dev) if state.device != dev
                                else State(state.config, state.conv.clone(), state.ssm.clone()))
@@ -461,15 +470,18 @@ class Engine:
                 self._emit(req, deltas)
                 continue
             row0 = pool.join([s.key for s in req.seqs])
-            for s in req.seqs:
+            for j, s in enumerate(req.seqs):
                 self._live[s.key] = s
-                pool.write_rows(pool.row(s.key), state)
+                writes.append((row0 + j, state))
                 logits.append(logits_V)
                 params.append(p)
                 seeds.append(s.extra["seed"])
                 seen.append(req.prompt_ids)
             req.extra["t_prefilled"] = t
             assert row0 == first + len(params) - req.n
+        # the joined rows' states: a batch's prompts in few copies, not two per prompt (every torch
+        # call lets the event loop take the interpreter lock: cli/serve.py's switch interval)
+        pool.write_many(writes)
         if logits:
             pool.set_sampling(first, params, seeds, seen)
             self.runner.sample_joined(first, torch.stack(logits))
@@ -530,6 +542,7 @@ class Engine:
             self.m_gen_tokens.inc(tokens)
         for gap, count in gaps.items():
             self.m_tpot.observe(gap, count)
+        self._put_answers()  # before the clients hear of the ends: a next turn finds the state
         for req, deltas in by_req.values():
             self._emit(req, deltas)
 
@@ -570,8 +583,18 @@ class Engine:
         if req.extra.get("want_state"):  # a caller's state keeps State's fp32 SSM (its files need it)
             st = self.pool.read(s.key)
             s.extra["state"] = self._with_seen(State(st.config, st.conv, st.ssm.float()), req, fed)
-        if self.cache.enabled and fed > 0:
-            self.cache.put(req.prompt_ids + s.output_ids[:fed], self.pool.read(s.key, self.cache.device))
+        if self.cache.enabled and fed > 0:  # put at the end of _process (_put_answers)
+            self._answer_puts.append((req.prompt_ids + s.output_ids[:fed], s.key))
+
+    def _put_answers(self) -> None:
+        """The answers that ended at this step into the prefix cache: only the last ones the
+        cache keeps (a wave of answers ending together would evict each other's at once)."""
+        puts, self._answer_puts = self._answer_puts, []
+        if not puts:
+            return
+        kept = self.cache.entries_kept(self.pool.state.nbytes // self.pool.num_rows)
+        for ids, key in puts if kept is None else puts[max(0, len(puts) - kept):]:
+            self.cache.put(ids, self.pool.read(key, self.cache.device))
 
     def _release(self, s: Sequence, now: float) -> None:
         """A sequence ended (its row already freed by _execute)."""

@@ -139,8 +139,8 @@ class StatePool:
             for t, dim in tensors:
                 t.select(dim, dst).copy_(t.select(dim, src))
         elif pairs:
-            src = _index([a for a, _ in pairs], self.device)
-            dst = _index([b for _, b in pairs], self.device)
+            idx = _index([a for a, _ in pairs] + [b for _, b in pairs], self.device)  # one copy
+            src, dst = idx[:len(pairs)], idx[len(pairs):]
             for t, dim in tensors:
                 t.index_copy_(dim, dst, t.index_select(dim, src))
 
@@ -233,6 +233,21 @@ class StatePool:
         self.state.conv[:, first:first + B].copy_(state.conv)
         self.state.ssm[:, first:first + B].copy_(state.ssm)
 
+    def write_many(self, items: Sequence[tuple[int, State]]) -> None:
+        """write_rows for each (row, batch-1 state); a run of consecutive rows whose states are
+        consecutive rows of one tensor (a prompt batch's outputs, in order) is one copy per tensor."""
+        i = 0
+        while i < len(items):
+            first, st = items[i]
+            j = i + 1
+            while (j < len(items) and items[j][0] == first + (j - i)
+                   and _next_row(items[j - 1][1], items[j][1])):
+                j += 1
+            if j - i > 1:
+                st = State(self.config, _rows_view(st.conv, j - i), _rows_view(st.ssm, j - i))
+            self.write_rows(first, st)
+            i = j
+
     def gather(self, rows: Sequence[int]) -> State:
         """The states of these rows as one new State (rows in order)."""
         idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
@@ -270,3 +285,18 @@ def _index(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 row indices on the device without waiting for queued GPU work (pinned, async)."""
     t = torch.tensor(values, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _next_row(a: State, b: State) -> bool:
+    """b's tensors are the row after a's in the same tensors (views of one batch's outputs)."""
+    for x, y in ((a.conv, b.conv), (a.ssm, b.ssm)):
+        if (x.shape != y.shape or x.stride() != y.stride() or x.dtype != y.dtype
+                or x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+                or y.storage_offset() != x.storage_offset() + x.stride(1)):
+            return False
+    return True
+
+
+def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(nL, 1, ...) row view t widened to n rows of the tensor it views."""
+    return t.as_strided((t.shape[0], n, *t.shape[2:]), t.stride(), t.storage_offset())
