@@ -42,12 +42,14 @@ transformers' training path calls mamba_inner_fn first, which returns None here,
 the same conv + scan as inference) and ``generate`` with transformers' cache (prefill through the
 scan, which hands the cache its fp32 final state; single-token steps through the step ops).
 
-Tested with transformers 5.24.0 (CPU) and 5.17.0 (the GPU image), torch 2.11-2.13, without the
-``kernels`` package; the dispatchers wrap whatever those names held, so with mamba_ssm installed a
-model that is not accelerated still uses mamba_ssm. Other transformers versions that have the same
-hook names work the same way; older ones (4.x, where the mixer calls mamba_ssm directly from
-cuda_kernels_forward) and 5.25 (FalconMamba's mixer rebuilt around a new Cache API, without the
-mamba_inner_fn hook) are refused with a UserError that names the versions to install.
+Tested with transformers 5.24.0 and 5.25.0 (CPU) and 5.17.0 (the GPU image), torch 2.11-2.14,
+without the ``kernels`` package; the dispatchers wrap whatever those names held, so with mamba_ssm
+installed a model that is not accelerated still uses mamba_ssm. 5.25 moved FalconMamba's conv and
+scan into the module functions causal_conv1d_forward and mamba_scan_forward (which call the same
+four hook points) and dropped its mamba_inner_fn; its decode step counts each token in the cache
+(``increase_count``), which the decode path here does too. Other transformers versions that have
+the same hook names work the same way; older ones (4.x, where the mixer calls mamba_ssm directly
+from cuda_kernels_forward) are refused with a UserError that names the versions to install.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from falcon_mamba import ops
 from falcon_mamba.errors import UserError
 from falcon_mamba.hf import decode, kernels
 
-TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.17.0", "5.24.0", "5.25.0")
 
 # > 0 while an accelerated mixer's forward runs in this thread / task.
 _ACTIVE: contextvars.ContextVar[int] = contextvars.ContextVar("falcon_mamba_hf_active", default=0)
@@ -87,9 +89,11 @@ def _install_dispatchers(module: types.ModuleType) -> None:
     if missing:
         raise UserError(
             f"transformers {transformers.__version__} has no kernel hook {', '.join(missing)} in "
-            f"{module.__name__}; falcon_mamba.hf.accelerate needs transformers 5.17-5.24 (tested: "
-            f"{', '.join(TESTED_TRANSFORMERS)}): pip install 'transformers>=5.17,<5.25'")
-    for name, ours in kernels.HOOKS.items():
+            f"{module.__name__}; falcon_mamba.hf.accelerate needs transformers 5.17-5.25 (tested: "
+            f"{', '.join(TESTED_TRANSFORMERS)}): pip install 'transformers>=5.17,<5.26'")
+    hooks = {**kernels.HOOKS, **{n: f for n, f in kernels.OPTIONAL_HOOKS.items()
+                                 if callable(getattr(module, n, None))}}
+    for name, ours in hooks.items():
         theirs = getattr(module, name)
         if getattr(theirs, _MARK, False):
             continue
@@ -115,16 +119,19 @@ def _norm_forward(self, x):
 
 
 def _weightless_norm_forward(self, x):
-    return ops.rms_norm(x, None, self.eps)
+    # the epsilon's attribute: eps up to 5.24, variance_epsilon from 5.25
+    return ops.rms_norm(x, None, self.eps if hasattr(self, "eps") else self.variance_epsilon)
 
 
 def _mixer_forward(self, hidden_states, *args, **kwargs):
     found = decode.decode_states(self, hidden_states, args, kwargs)
     if found is None:
         return self._falcon_mamba_theirs(hidden_states, *args, **kwargs)
-    conv, ssm, mask = found
+    conv, ssm, mask, cache = found
     mask_fn = getattr(sys.modules[type(self).__module__], "apply_mask_to_padding_states", None)
-    return decode.mixer_decode(self, hidden_states, conv, ssm, mask, mask_fn)
+    out = decode.mixer_decode(self, hidden_states, conv, ssm, mask, mask_fn)
+    decode.count_token(cache, self.layer_idx)
+    return out
 
 
 def _set_forward(module: nn.Module, fn) -> None:

@@ -39,7 +39,7 @@ def _cache_tensors(mixer, cache) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(conv state (B, D, S), recurrent state (B, D, N)) of this layer when the cache holds a
     previous state the next token continues, else None."""
     i = mixer.layer_idx
-    if hasattr(cache, "get_conv_state"):  # transformers 5.24: LinearAttention cache layers
+    if hasattr(cache, "get_conv_state"):  # transformers 5.24, 5.25: LinearAttention cache layers
         if cache.is_recording_past(i):
             return None
         conv, ssm = cache.get_conv_state(i, state_idx=0), cache.get_recurrent_state(i, state_idx=0)
@@ -69,7 +69,7 @@ def _fusable(mixer, hidden: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor)
 
 
 def decode_states(mixer, hidden: torch.Tensor, args: tuple, kwargs: dict):
-    """(conv state, recurrent state, attention mask) when this call of ``mixer.forward`` is a decode
+    """(conv state, recurrent state, attention mask, cache) when this call of ``mixer.forward`` is a decode
     step our kernels take, else None. hidden (B, L, H); the cache and the mask come as transformers
     passes them (5.17: cache_params=, 5.24: cache=; positionally after hidden_states)."""
     if hidden.dim() != 3 or hidden.shape[1] != 1:
@@ -81,7 +81,15 @@ def decode_states(mixer, hidden: torch.Tensor, args: tuple, kwargs: dict):
     found = _cache_tensors(mixer, cache)
     if found is None or not _fusable(mixer, hidden, *found):
         return None
-    return found[0], found[1], mask
+    return found[0], found[1], mask, cache
+
+
+def count_token(cache, layer_idx: int) -> None:
+    """After a decode step on the cache's tensors: transformers 5.25 counts each decoded token in
+    the cache (its own decode path calls increase_count; the cache's sequence length reads it);
+    earlier versions count in update calls this path does not make, or not at all."""
+    if hasattr(cache, "increase_count"):
+        cache.increase_count(layer_idx, 0)
 
 
 def mixer_decode(mixer, hidden_B1H: torch.Tensor, conv_BDS: torch.Tensor, ssm_BDN: torch.Tensor,

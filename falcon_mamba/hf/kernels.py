@@ -1,9 +1,10 @@
 """Our ops behind transformers' kernel names, with the signatures of mamba_ssm and causal_conv1d.
 
 transformers 5.x (``modeling_falcon_mamba.py``, ``modeling_mamba.py``) sends the mixer's sequence
-work through five module-level functions, each declared with
-``use_kernel_func_from_hub_with_fallback(name, package)``: the Hub kernel when asked for, else the
-package (mamba_ssm, causal_conv1d) when installed, else a torch fallback. The functions here are
+work through five module-level functions (four in 5.25's FalconMamba, which has no
+mamba_inner_fn), each declared with ``use_kernel_func_from_hub_with_fallback(name, package)``:
+the Hub kernel when asked for, else the package (mamba_ssm, causal_conv1d) when installed, else a
+torch fallback. The functions here are
 drop-in implementations of those five, on ``falcon_mamba.ops`` (Triton on CUDA, the chunked torch
 scan on the CPU; see ``falcon_mamba.ops`` for the backend choice), differentiable where the op is:
 
@@ -130,11 +131,12 @@ def mamba_inner_fn(*args, **kwargs) -> None:
     return None
 
 
-# transformers' module-level name -> our implementation
+# transformers' module-level name -> our implementation: every tested version has these four...
 HOOKS = {
     "causal_conv1d_fn": causal_conv1d_fn,
     "causal_conv1d_update": causal_conv1d_update,
     "mamba_selective_scan": selective_scan_fn,
     "mamba_selective_state_update": selective_state_update,
-    "mamba_inner_fn": mamba_inner_fn,
 }
+# ...and these where the module has them (5.25's FalconMamba mixer dropped mamba_inner_fn, Mamba's kept it)
+OPTIONAL_HOOKS = {"mamba_inner_fn": mamba_inner_fn}
