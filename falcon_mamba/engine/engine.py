@@ -126,6 +126,7 @@ class Engine:
         self.warm_up_seconds: dict[str, float] = {}  # what each part of warm_up() took
         self._step_records: deque = deque()  # --step-log lines waiting for their GPU time
         self._answer_puts: list = []  # (token ids, sequence key) of answers ended in this _process
+        self._phases: dict[str, float] = {}  # host ms of the current step's parts (--step-log)
         self._live: dict = {}  # sequence key -> Sequence, while it holds a row
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._init_metrics()
@@ -338,7 +339,7 @@ class Engine:
         rec = {"t": round(t0, 6), "ms": round(took * 1e3, 3), "decode": len(plan.decode),
                "admitted": len(plan.admitted), "prefill": len(lengths), "fresh": fresh,
                "prefill_tokens": sum(lengths), "longest": max(lengths, default=0),
-               "host_ms": dict(getattr(self, "_phases", {}))}
+               "host_ms": dict(self._phases)}
         self._step_records.append((rec, events))
         self._flush_step_log(wait=False)
 
