@@ -496,6 +496,7 @@ class Engine:
         step on the engine thread (which shares the interpreter lock with the server's event
         loop): the metrics are recorded once per step, not per token."""
         pend.wait()
+        self._answer_puts = []  # this step's ends only (a step that raised left none behind)
         toks, lps, status = pend.tokens.tolist(), pend.logprob.tolist(), pend.status.tolist()
         tops = None
         if pend.top_values is not None:
@@ -595,7 +596,8 @@ class Engine:
             return
         kept = self.cache.entries_kept(self.pool.state.nbytes // self.pool.num_rows)
         for ids, key in puts if kept is None else puts[max(0, len(puts) - kept):]:
-            self.cache.put(ids, self.pool.read(key, self.cache.device))
+            if key in self.pool:  # (a failed step may have freed it)
+                self.cache.put(ids, self.pool.read(key, self.cache.device))
 
     def _release(self, s: Sequence, now: float) -> None:
         """A sequence ended (its row already freed by _execute)."""
