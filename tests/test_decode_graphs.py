@@ -89,15 +89,21 @@ def test_pool_steps_match_model_step_without_graphs(B, mode, rng):
     twin = state.clone()
     dec = PoolStepper(model, state, DecodeOptions(mode=mode), fast=True)
     tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng)
-    for _ in range(2):
-        ref = model.step(tok, twin)
-        assert_close(dec.step(tok), ref, 1e-4, 1e-4, f"logits {mode} B={B}")
-        tok = ref.argmax(-1)
+    _steps_match(dec, model, twin, tok, 2, 1e-4, 1e-4, f"logits {mode} B={B}")
     got = dec.state()
     assert_close(got.ssm, twin.ssm, 1e-5, 1e-5, "ssm state")
     assert_close(got.conv, twin.conv, 1e-6, 1e-6, "conv state")
     want = "cublas" if mode == "auto" else mode
     assert dec.graphs.mode_for(B)[0].name == (want if B == 1 else "cublas")
+
+
+def _steps_match(dec, model, twin, tok, steps: int, rtol: float, atol: float, what: str) -> None:
+    """`steps` greedy steps of the pool stepper beside model.step on the twin state, the logits
+    compared at each."""
+    for _ in range(steps):
+        ref = model.step(tok, twin)
+        assert_close(dec.step(tok), ref, rtol, atol, what)
+        tok = ref.argmax(-1)
 
 
 def _bf16_twin(state):
@@ -117,10 +123,7 @@ def test_bf16_state_pool_steps_match_model_step_on_a_bf16_state(B, rng):
     twin = _bf16_twin(state)
     dec = PoolStepper(model, state, DecodeOptions(), fast=True, ssm_dtype=torch.bfloat16)
     tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng)
-    for _ in range(3):
-        ref = model.step(tok, twin)
-        assert_close(dec.step(tok), ref, 1e-3, 1e-3, f"logits B={B}")
-        tok = ref.argmax(-1)
+    _steps_match(dec, model, twin, tok, 3, 1e-3, 1e-3, f"logits B={B}")
     got = dec.state()
     assert got.ssm.dtype == twin.ssm.dtype == torch.bfloat16
     assert_close(got.ssm.float(), twin.ssm.float(), 1e-2, 1e-3, "ssm state")
@@ -227,10 +230,7 @@ def test_graphs_on_a_bf16_state_pool_match_model_step_cuda(B, rng):
     dec = PoolStepper(model, state, ssm_dtype=torch.bfloat16)
     assert dec.graphs.use_graphs
     tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng).cuda()
-    for _ in range(3):
-        ref = model.step(tok, twin)
-        assert_close(dec.step(tok), ref, 3e-2, 5e-2, "logits")
-        tok = ref.argmax(-1)
+    _steps_match(dec, model, twin, tok, 3, 3e-2, 5e-2, "logits")
     assert_close(dec.state().ssm.float(), twin.ssm.float(), 3e-2, 5e-2, "ssm state")
 
 
