@@ -236,3 +236,13 @@ def test_a_wave_of_prompts_puts_only_the_states_the_cache_keeps(rng, monkeypatch
     reqs = [eng.submit(p, SamplingParams(max_new_tokens=1, temperature=0)) for p in prompts]
     eng.run_until(lambda: all(r.finished for r in reqs))
     assert not [p for p in puts if len(p) == 6] and len(puts) == 2
+
+
+def test_kept_of_is_what_the_budget_still_holds(tmp_path):
+    n = entry_bytes(4)
+    dropping = PrefixCache(2 * n + 1)
+    assert dropping.kept_of(list("abcde"), n) == ["d", "e"] and dropping.kept_of(["a"], n) == ["a"]
+    assert PrefixCache(n - 1).kept_of(list("ab"), n) == []
+    spilling = PrefixCache(2 * n + 1, spill_dir=tmp_path, max_disk_bytes=10 * n)
+    assert spilling.kept_of(list("abcde"), n) == list("abcde")  # evicted entries go to disk
+    spilling.close()

@@ -443,12 +443,10 @@ class Engine:
         first = pool.num_decoding
         logits, params, seeds, seen = [], [], [], []
         t = time.monotonic()
-        # A wave of prompts puts only the states the cache keeps: with evictions dropped, the
-        # earlier ones of a step would push each other out at once (75 prompts, 27 entries kept)
+        # a wave of prompts puts only the states the cache keeps (75 prompts, 27 entries kept)
         cached = [i for i, (w, _, _) in enumerate(done)
                   if self.cache.enabled and len(w.tag.request.prompt_ids) >= self.config.cache_min_prompt]
-        kept = self.cache.entries_kept(done[0][2].nbytes) if cached else None
-        cached = set(cached if kept is None else cached[max(0, len(cached) - kept):])
+        cached = set(self.cache.kept_of(cached, done[0][2].nbytes)) if cached else set()
         writes: list[tuple[int, State]] = []  # (row, state): written together below
         for i, (w, logits_V, state) in enumerate(done):
             req = w.tag.request
@@ -594,8 +592,7 @@ class Engine:
         puts, self._answer_puts = self._answer_puts, []
         if not puts:
             return
-        kept = self.cache.entries_kept(self.pool.state.nbytes // self.pool.num_rows)
-        for ids, key in puts if kept is None else puts[max(0, len(puts) - kept):]:
+        for ids, key in self.cache.kept_of(puts, self.pool.state.nbytes // self.pool.num_rows):
             if key in self.pool:  # (a failed step may have freed it)
                 self.cache.put(ids, self.pool.read(key, self.cache.device))
 

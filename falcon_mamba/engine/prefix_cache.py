@@ -104,10 +104,14 @@ class PrefixCache:
     def num_on_disk(self) -> int:
         return sum(1 for e in self._entries.values() if e.state is None)
 
-    def entries_kept(self, nbytes: int) -> int | None:
-        """How many entries of nbytes the memory budget keeps when evicted entries are dropped;
-        None when they spill to disk (then every entry put is kept somewhere)."""
-        return None if self.spill_dir is not None else self.max_bytes // max(nbytes, 1)
+    def kept_of(self, items: list, nbytes: int) -> list:
+        """Of items to put in this order, states of nbytes each, those the cache would still hold
+        after the last: the last ones its memory budget holds when evicted entries are dropped,
+        all of them when they spill to disk. (A wave of prompts or answers ending in one step
+        need put no more: the earlier ones would push each other out at once.)"""
+        if self.spill_dir is not None:
+            return items
+        return items[max(0, len(items) - self.max_bytes // max(nbytes, 1)):]
 
     # ---- insert ------------------------------------------------------------------------------
     def put(self, tokens: Sequence[int], state: State) -> None:
