@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh ssm17      # sweep_ssm_rows.py in the step, then a 16 x 32 prompt replay's kernels
 #   benchmarks/device_run.sh final16    # the whole cuda suite, then profile_decode at 64 / 256 rows, fp32 and bf16 states
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
@@ -259,6 +260,13 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  ssm17)  # the many-row SSM update's launch shapes inside the decode step (64 / 256 rows, fp32 and bf16
+          # states), then each kernel of a 16 x 32 prompt-graph replay (16 layers)
+    timeout $(left 150) python3 benchmarks/sweep_ssm_rows.py --out "$OUT/results/sweep-ssm-rows.json" \
+      > "$OUT/bench.log" 2>&1
+    timeout $(left 5) python3 benchmarks/profile_prefill.py --layers 16 --batches 64x32,16x32 --profile \
+      --out "$OUT/results/prefill-batches.json" > "$OUT/prefill.log" 2>&1
+    grep -v "^{" "$OUT/prefill.log" | head -40 ;;
   final16)  # the whole cuda suite (330 s), then the 64- and 256-row decode steps' kernels with fp32
             # and with bf16 SSM states (16 layers); the 64-client server run with bf16 states again
     cuda_tests 330 tests/

@@ -40,6 +40,8 @@ DT_PROJ_MAX_BATCH = 4
 # (84-114 us at 256 rows): they were removed.
 SSM_ROWS_BLOCK_D = 256
 SSM_ROWS_WARPS = 4
+SSM_ROWS_PER_PROGRAM = 1
+SSM_ROWS_STAGES = 1
 
 
 @triton.jit
@@ -277,16 +279,17 @@ def _ssm_step_kernel(
 @triton.jit
 def _ssm_rows_kernel(
     state_ptr, x_ptr, z_ptr, dt_ptr, b_ptr, c_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
-    D, eps, sx_b, sz_b, sdt_b, sb_b, sc_b, sy_b,
+    D, M, eps, sx_b, sz_b, sdt_b, sb_b, sc_b, sy_b,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
-    A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr,
+    A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1,
 ):
     # One program: BD channels of row b whose dt (B, D) is given (dt_proj already ran as
     # one GEMM); NORM norms B and C (weightless RMSNorm). A and the row's state are loaded before
     # the PDL wait (no other kernel of the step writes them).
     pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b0 = tl.program_id(1).to(tl.int64) * ROWS
     d = pid_d * BD + tl.arange(0, BD)
     md = d < D
     n = tl.arange(0, NP)
@@ -300,29 +303,37 @@ def _ssm_rows_kernel(
         dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    st = state_ptr + b * D * N + dn
-    h = tl.load(st, mask=mdn, other=0.0).to(tl.float32)  # fp32 or bf16 states (StatePool ssm_dtype)
-    dep_sync(PDL)
-    Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
-    Cv = tl.load(c_ptr + b * sc_b + n, mask=mn, other=0.0).to(tl.float32)
-    xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
-    v = tl.load(dt_ptr + b * sdt_b + d, mask=md, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
-    if NORM:
-        Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
-        Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
-    if HAS_DTB:
-        v += dtb
-    sp = softplus(v)
-    h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
-    tl.store(st, h.to(state_ptr.dtype.element_ty), mask=mdn)  # y below reads the unrounded h
-    yv = tl.sum(h * Cv[None, :], axis=1)
-    if HAS_D:
-        yv += dsk * xv
-    if HAS_Z:
-        yv = yv * zv * tl.sigmoid(zv)
-    tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
+    for i in tl.range(0, ROWS, num_stages=STAGES):  # ROWS rows share the A tile (loaded once)
+        b = b0 + i
+        # a row past the last (the last program's group may be partial) has no channels; masks as
+        # comparisons, since Triton's interpreter turns a bool block & a bool scalar into integers
+        live = b < M
+        mbd = d < tl.where(live, D, 0)
+        mbn = n < tl.where(live, N, 0)
+        mbdn = mbd[:, None] & mn[None, :]
+        st = state_ptr + b * D * N + dn
+        h = tl.load(st, mask=mbdn, other=0.0).to(tl.float32)  # fp32 or bf16 states (StatePool ssm_dtype)
+        dep_sync(PDL)
+        Bv = tl.load(b_ptr + b * sb_b + n, mask=mbn, other=0.0).to(tl.float32)
+        Cv = tl.load(c_ptr + b * sc_b + n, mask=mbn, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + b * sx_b + d, mask=mbd, other=0.0).to(tl.float32)
+        v = tl.load(dt_ptr + b * sdt_b + d, mask=mbd, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * sz_b + d, mask=mbd, other=0.0).to(tl.float32)
+        if NORM:
+            Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
+            Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
+        if HAS_DTB:
+            v += dtb
+        sp = softplus(v)
+        h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
+        tl.store(st, h.to(state_ptr.dtype.element_ty), mask=mbdn)  # y below reads the unrounded h
+        yv = tl.sum(h * Cv[None, :], axis=1)
+        if HAS_D:
+            yv += dsk * xv
+        if HAS_Z:
+            yv = yv * zv * tl.sigmoid(zv)
+        tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=mbd)
 
 
 @triton.jit
@@ -404,7 +415,7 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
+             num_warps=None, conv=None, pairs_out=None, rows_per_program=None, stages=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) in place; returns y (B, D). The state is
     fp32, or bf16 (a state pool's opt-in: read into fp32, the new state rounded once when stored,
     y from the unrounded one, as mamba_ssm's selective_state_update does).
@@ -449,16 +460,18 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         if conv is not None or pairs_out is not None:
             raise ValueError("ssm_step: conv and pairs_out need the in-kernel dt_proj "
                              f"(W_dt given, at most {DT_PROJ_MAX_BATCH} rows)")
-        _ssm_rows_kernel[(triton.cdiv(D, block_d or SSM_ROWS_BLOCK_D), Bsz)](
+        rows = rows_per_program or SSM_ROWS_PER_PROGRAM
+        _ssm_rows_kernel[(triton.cdiv(D, block_d or SSM_ROWS_BLOCK_D), triton.cdiv(Bsz, rows))](
             state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
             dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
             D_D if D_D is not None else A_DN, y,
-            D, float(norm_eps or 0.0), x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0,
+            D, Bsz, float(norm_eps or 0.0), x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0,
             dt_or_dtr.stride(0), B_BN.stride(0), C_BN.stride(0), y.stride(0),
             N=N, NP=triton.next_power_of_2(N), BD=block_d or SSM_ROWS_BLOCK_D,
             HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
-            NORM=norm_eps is not None, A_LOG=a_is_log, RMODE=_ROUND.get(dt_or_dtr.dtype, 0),
-            num_warps=num_warps or SSM_ROWS_WARPS, **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS,
+            NORM=norm_eps is not None, A_LOG=a_is_log, RMODE=_ROUND.get(dt_or_dtr.dtype, 0), ROWS=rows,
+            STAGES=stages or SSM_ROWS_STAGES, num_warps=num_warps or SSM_ROWS_WARPS,
+            **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS,
         )
         return y
     BD, warps = block_d or SSM_BLOCK_D, num_warps or SSM_WARPS

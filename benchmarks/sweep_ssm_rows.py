@@ -1,0 +1,107 @@
+"""The many-row SSM update (_ssm_rows_kernel) timed inside the real decode step, per launch shape.
+
+    PYTHONPATH=. python3 benchmarks/sweep_ssm_rows.py [--layers 16] [--batches 64,256]
+        [--configs 256:4:1:1,256:4:4:2,...] [--out F.json]
+
+Each config BD:WARPS:ROWS:STAGES (channels per program, warps, rows per program sharing A's tile,
+software-pipelining stages of the rows loop) is set as the kernel's default, a KernelLoop captures
+its graphs, and 100 steps are timed (CUDA events), then 10 more under torch.profiler for the
+kernel's own time per layer. In the step, every layer's state is cold (16 layers of 64 rows is
+536 MB of fp32 state against a 60 MB L2), unlike a loop over one layer's state (kernel_bench.py
+--parts ssmrows), where 64 rows' 34 MB stayed in L2. Floor: the state read and written at the
+copy rate (--copy-tbs, the H200's measured 4.14 TB/s by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from profile_decode import kernel_totals, random_7b  # noqa: E402
+
+from falcon_mamba.decode.loop import KernelLoop  # noqa: E402
+from falcon_mamba.ops import triton_decode  # noqa: E402
+
+DEFAULT_CONFIGS = ("256:4:1:1,256:4:2:1,256:4:4:1,256:4:4:2,256:4:8:2,128:2:1:1,128:4:1:1,"
+                   "512:4:1:1,512:8:1:1,128:2:4:2,256:8:1:1")
+
+
+@torch.no_grad()
+def time_config(model, layers: int, batch: int, ssm_dtype, cfg: tuple[int, int, int, int]) -> dict:
+    bd, warps, rows, stages = cfg
+    saved = (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS,
+             triton_decode.SSM_ROWS_PER_PROGRAM, triton_decode.SSM_ROWS_STAGES)
+    (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS,
+     triton_decode.SSM_ROWS_PER_PROGRAM, triton_decode.SSM_ROWS_STAGES) = cfg
+    try:
+        loop = KernelLoop(model, batch, ssm_dtype=ssm_dtype)
+        loop.run(3)
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        loop.run(100)
+        e1.record()
+        e1.synchronize()
+        step_ms = e0.elapsed_time(e1) / 100
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            loop.run(10)
+            torch.cuda.synchronize()
+        per = kernel_totals(prof)
+        ssm_us = sum(t for n, (t, _) in per.items() if "_ssm_rows_kernel" in n) / 10 / layers
+        del loop
+        torch.cuda.empty_cache()
+    finally:
+        (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS,
+         triton_decode.SSM_ROWS_PER_PROGRAM, triton_decode.SSM_ROWS_STAGES) = saved
+    return {"config": f"{bd}:{warps}:{rows}:{stages}", "step_ms": step_ms, "ssm_us_per_layer": ssm_us}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--state-dtypes", default="float32,bfloat16")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="BD:WARPS:ROWS:STAGES,...")
+    ap.add_argument("--copy-tbs", type=float, default=4.14)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model = random_7b(args.layers)
+    cfg = model.config
+    D, N = cfg.intermediate_size, cfg.state_size
+    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+    res = {"gpu": torch.cuda.get_device_name(0), "commit": os.environ.get("FALCON_MAMBA_COMMIT"),
+           "torch": torch.__version__, "layers": args.layers, "copy_tbs": args.copy_tbs, "rows": []}
+    import triton
+
+    res["triton"] = triton.__version__
+    for sd in args.state_dtypes.split(","):
+        ssm_dtype = getattr(torch, sd)
+        for batch in (int(b) for b in args.batches.split(",")):
+            floor_us = 2 * batch * D * N * ssm_dtype.itemsize / (args.copy_tbs * 1e12) * 1e6
+            for c in configs:
+                try:
+                    r = time_config(model, args.layers, batch, ssm_dtype, c)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile: report, go on
+                    r = {"config": ":".join(map(str, c)), "error": f"{type(e).__name__}: {e}"[:200]}
+                r.update(batch=batch, state_dtype=sd, floor_us=floor_us)
+                res["rows"].append(r)
+                if "error" in r:
+                    print(f"{sd:8s} @{batch:3d} {r['config']:12s} ERROR {r['error']}", flush=True)
+                else:
+                    print(f"{sd:8s} @{batch:3d} {r['config']:12s} step {r['step_ms']:.3f} ms  ssm "
+                          f"{r['ssm_us_per_layer']:6.2f} us/layer (floor {floor_us:5.1f}: "
+                          f"{floor_us / r['ssm_us_per_layer']:.0%})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
