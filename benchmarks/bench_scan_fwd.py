@@ -30,6 +30,7 @@ SHAPES = {  # name: (B, L, D, training: saved states and resets)
     "1x16384": (1, 16384, 8192, False),
     "1x2048": (1, 2048, 8192, False),
     "64x32": (64, 32, 8192, False),
+    "16x32": (16, 32, 8192, False),
     "train 8x2048": (8, 2048, 4096, True),
 }
 

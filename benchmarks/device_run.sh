@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh gemm17     # bench_decode_gemms.py, then bench_scan_fwd at 16 / 64 x 32
 #   benchmarks/device_run.sh ssm17      # sweep_ssm_rows.py in the step, then a 16 x 32 prompt replay's kernels
 #   benchmarks/device_run.sh final16    # the whole cuda suite, then profile_decode at 64 / 256 rows, fp32 and bf16 states
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
@@ -260,6 +261,13 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  gemm17)  # the decode projections through other cuBLAS entry points; the scan forward's launches at the
+           # prompt bursts' shapes (16 / 64 x 32)
+    timeout $(left 200) python3 benchmarks/bench_decode_gemms.py --out "$OUT/results/decode-gemms.json" \
+      > "$OUT/bench.log" 2>&1
+    timeout $(left 5) python3 benchmarks/bench_scan_fwd.py --shapes 16x32,64x32 \
+      --variants 32:4:1,32:2:1,32:8:1,16:4:1,16:8:1,64:4:2,64:8:2,32:16:1,128:4:4 > "$OUT/scan.log" 2>&1
+    grep -v "^{" "$OUT/scan.log" | tail -30 ;;
   ssm17)  # the many-row SSM update's launch shapes inside the decode step (64 / 256 rows, fp32 and bf16
           # states), then each kernel of a 16 x 32 prompt-graph replay (16 layers)
     timeout $(left 150) python3 benchmarks/sweep_ssm_rows.py --out "$OUT/results/sweep-ssm-rows.json" \

@@ -1,10 +1,9 @@
 """The many-row SSM update (_ssm_rows_kernel) timed inside the real decode step, per launch shape.
 
     PYTHONPATH=. python3 benchmarks/sweep_ssm_rows.py [--layers 16] [--batches 64,256]
-        [--configs 256:4:1:1,256:4:4:2,...] [--out F.json]
+        [--configs 128:4,256:4,...] [--out F.json]
 
-Each config BD:WARPS:ROWS:STAGES (channels per program, warps, rows per program sharing A's tile,
-software-pipelining stages of the rows loop) is set as the kernel's default, a KernelLoop captures
+Each config BD:WARPS (channels per program, warps) is set as the kernel's default, a KernelLoop captures
 its graphs, and 100 steps are timed (CUDA events), then 10 more under torch.profiler for the
 kernel's own time per layer. In the step, every layer's state is cold (16 layers of 64 rows is
 536 MB of fp32 state against a 60 MB L2), unlike a loop over one layer's state (kernel_bench.py
@@ -28,17 +27,16 @@ from profile_decode import kernel_totals, random_7b  # noqa: E402
 from falcon_mamba.decode.loop import KernelLoop  # noqa: E402
 from falcon_mamba.ops import triton_decode  # noqa: E402
 
-DEFAULT_CONFIGS = ("256:4:1:1,256:4:2:1,256:4:4:1,256:4:4:2,256:4:8:2,128:2:1:1,128:4:1:1,"
-                   "512:4:1:1,512:8:1:1,128:2:4:2,256:8:1:1")
+# (results/h200-sweep-ssm-rows-35a8ab0.json also timed rows per program sharing A's tile, a
+# BD:WARPS:ROWS:STAGES launch argument then: removed, slower at every shape)
+DEFAULT_CONFIGS = "128:4,128:2,256:4,256:8,512:4,512:8,64:2"
 
 
 @torch.no_grad()
-def time_config(model, layers: int, batch: int, ssm_dtype, cfg: tuple[int, int, int, int]) -> dict:
-    bd, warps, rows, stages = cfg
-    saved = (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS,
-             triton_decode.SSM_ROWS_PER_PROGRAM, triton_decode.SSM_ROWS_STAGES)
-    (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS,
-     triton_decode.SSM_ROWS_PER_PROGRAM, triton_decode.SSM_ROWS_STAGES) = cfg
+def time_config(model, layers: int, batch: int, ssm_dtype, cfg: tuple[int, int]) -> dict:
+    bd, warps = cfg
+    saved = (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS)
+    triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS = cfg
     try:
         loop = KernelLoop(model, batch, ssm_dtype=ssm_dtype)
         loop.run(3)
@@ -57,9 +55,8 @@ def time_config(model, layers: int, batch: int, ssm_dtype, cfg: tuple[int, int, 
         del loop
         torch.cuda.empty_cache()
     finally:
-        (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS,
-         triton_decode.SSM_ROWS_PER_PROGRAM, triton_decode.SSM_ROWS_STAGES) = saved
-    return {"config": f"{bd}:{warps}:{rows}:{stages}", "step_ms": step_ms, "ssm_us_per_layer": ssm_us}
+        triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS = saved
+    return {"config": f"{bd}:{warps}", "step_ms": step_ms, "ssm_us_per_layer": ssm_us}
 
 
 def main() -> int:
@@ -67,7 +64,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--state-dtypes", default="float32,bfloat16")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="BD:WARPS:ROWS:STAGES,...")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="BD:WARPS,...")
     ap.add_argument("--copy-tbs", type=float, default=4.14)
     ap.add_argument("--out")
     args = ap.parse_args()

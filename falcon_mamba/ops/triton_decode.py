@@ -33,15 +33,17 @@ RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): int4 ~0.4 us less per 7B
 # and int8 the same (benchmarks/sweep_xproj.py, results/archive/dev-runs/h100-sweep-xproj-6233aa4.json)
 DT_PROJ_MAX_BATCH = 4
 # The step without the in-kernel projection (_ssm_rows_kernel: dt from one GEMM, batches above
-# DT_PROJ_MAX_BATCH): one row of 256 channels per 4-warp program, the fastest of 12 layouts timed
-# on the H200 (kernel_bench.py --parts ssmrows, results/h200-ssmrows-ef4bc9a.json: 75.6 us a 7B
-# layer at 256 rows = 86% of the copy rate for its state, 16.4 us = 99% at 64; 512 x 8 warps
-# 80.0 / 17.3 us). Two to eight rows per program sharing A's loads were slower at every width
-# (84-114 us at 256 rows): they were removed.
-SSM_ROWS_BLOCK_D = 256
+# DT_PROJ_MAX_BATCH): one row of 128 channels per 4-warp program, timed inside the 16-layer decode
+# step on the H200, where every layer's state is cold (benchmarks/sweep_ssm_rows.py,
+# results/h200-sweep-ssm-rows-35a8ab0.json), us a 7B layer, 128 x 4 against the 256 x 4 before it:
+# 256 rows fp32 76.6 / 80.9 (85% of the copy rate for the state), bf16 50.3 / 55.8; 64 rows fp32
+# 18.1 / 19.1, bf16 13.0 / 13.9; 128 x 2 warps, 256 x 8 and 512 x 4 / 8 were between the two or
+# slower. (A loop over one layer's state, kernel_bench.py --parts ssmrows, had put 256 x 4 first:
+# there 64 rows' 34 MB of state stayed in the 60 MB L2.) Two to eight rows per program sharing A's
+# tile, as a plain or a software-pipelined loop, were slower in the step too (64 rows fp32
+# 20.6-23.2, 256 rows 83.7-90.7): they were removed again.
+SSM_ROWS_BLOCK_D = 128
 SSM_ROWS_WARPS = 4
-SSM_ROWS_PER_PROGRAM = 1
-SSM_ROWS_STAGES = 1
 
 
 @triton.jit
@@ -279,17 +281,16 @@ def _ssm_step_kernel(
 @triton.jit
 def _ssm_rows_kernel(
     state_ptr, x_ptr, z_ptr, dt_ptr, b_ptr, c_ptr, dtb_ptr, a_ptr, dskip_ptr, y_ptr,
-    D, M, eps, sx_b, sz_b, sdt_b, sb_b, sc_b, sy_b,
+    D, eps, sx_b, sz_b, sdt_b, sb_b, sc_b, sy_b,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, NORM: tl.constexpr,
-    A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr = 1,
-    STAGES: tl.constexpr = 1,
+    A_LOG: tl.constexpr, RMODE: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program: BD channels of row b whose dt (B, D) is given (dt_proj already ran as
     # one GEMM); NORM norms B and C (weightless RMSNorm). A and the row's state are loaded before
     # the PDL wait (no other kernel of the step writes them).
     pid_d = tl.program_id(0)
-    b0 = tl.program_id(1).to(tl.int64) * ROWS
+    b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     md = d < D
     n = tl.arange(0, NP)
@@ -303,37 +304,29 @@ def _ssm_rows_kernel(
         dsk = tl.load(dskip_ptr + d, mask=md, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
-    for i in tl.range(0, ROWS, num_stages=STAGES):  # ROWS rows share the A tile (loaded once)
-        b = b0 + i
-        # a row past the last (the last program's group may be partial) has no channels; masks as
-        # comparisons, since Triton's interpreter turns a bool block & a bool scalar into integers
-        live = b < M
-        mbd = d < tl.where(live, D, 0)
-        mbn = n < tl.where(live, N, 0)
-        mbdn = mbd[:, None] & mn[None, :]
-        st = state_ptr + b * D * N + dn
-        h = tl.load(st, mask=mbdn, other=0.0).to(tl.float32)  # fp32 or bf16 states (StatePool ssm_dtype)
-        dep_sync(PDL)
-        Bv = tl.load(b_ptr + b * sb_b + n, mask=mbn, other=0.0).to(tl.float32)
-        Cv = tl.load(c_ptr + b * sc_b + n, mask=mbn, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + b * sx_b + d, mask=mbd, other=0.0).to(tl.float32)
-        v = tl.load(dt_ptr + b * sdt_b + d, mask=mbd, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + b * sz_b + d, mask=mbd, other=0.0).to(tl.float32)
-        if NORM:
-            Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
-            Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
-        if HAS_DTB:
-            v += dtb
-        sp = softplus(v)
-        h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
-        tl.store(st, h.to(state_ptr.dtype.element_ty), mask=mbdn)  # y below reads the unrounded h
-        yv = tl.sum(h * Cv[None, :], axis=1)
-        if HAS_D:
-            yv += dsk * xv
-        if HAS_Z:
-            yv = yv * zv * tl.sigmoid(zv)
-        tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=mbd)
+    st = state_ptr + b * D * N + dn
+    h = tl.load(st, mask=mdn, other=0.0).to(tl.float32)  # fp32 or bf16 states (StatePool ssm_dtype)
+    dep_sync(PDL)
+    Bv = tl.load(b_ptr + b * sb_b + n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(c_ptr + b * sc_b + n, mask=mn, other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0).to(tl.float32)
+    v = tl.load(dt_ptr + b * sdt_b + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + b * sz_b + d, mask=md, other=0.0).to(tl.float32)
+    if NORM:
+        Bv = _round(Bv * tl.rsqrt(tl.sum(Bv * Bv, axis=0) / N + eps), RMODE)
+        Cv = _round(Cv * tl.rsqrt(tl.sum(Cv * Cv, axis=0) / N + eps), RMODE)
+    if HAS_DTB:
+        v += dtb
+    sp = softplus(v)
+    h = tl.exp2(sp[:, None] * A * 1.4426950408889634) * h + (sp * xv)[:, None] * Bv[None, :]
+    tl.store(st, h.to(state_ptr.dtype.element_ty), mask=mdn)  # y below reads the unrounded h
+    yv = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        yv += dsk * xv
+    if HAS_Z:
+        yv = yv * zv * tl.sigmoid(zv)
+    tl.store(y_ptr + b * sy_b + d, yv.to(y_ptr.dtype.element_ty), mask=md)
 
 
 @triton.jit
@@ -415,7 +408,7 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None, conv=None, pairs_out=None, rows_per_program=None, stages=None) -> torch.Tensor:
+             num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) in place; returns y (B, D). The state is
     fp32, or bf16 (a state pool's opt-in: read into fp32, the new state rounded once when stored,
     y from the unrounded one, as mamba_ssm's selective_state_update does).
@@ -460,18 +453,16 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         if conv is not None or pairs_out is not None:
             raise ValueError("ssm_step: conv and pairs_out need the in-kernel dt_proj "
                              f"(W_dt given, at most {DT_PROJ_MAX_BATCH} rows)")
-        rows = rows_per_program or SSM_ROWS_PER_PROGRAM
-        _ssm_rows_kernel[(triton.cdiv(D, block_d or SSM_ROWS_BLOCK_D), triton.cdiv(Bsz, rows))](
+        _ssm_rows_kernel[(triton.cdiv(D, block_d or SSM_ROWS_BLOCK_D), Bsz)](
             state_BDN, x_BD, z_BD if z_BD is not None else x_BD, dt_or_dtr, B_BN, C_BN,
             dt_bias_D if dt_bias_D is not None else A_DN, A_DN.contiguous(),
             D_D if D_D is not None else A_DN, y,
-            D, Bsz, float(norm_eps or 0.0), x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0,
+            D, float(norm_eps or 0.0), x_BD.stride(0), z_BD.stride(0) if z_BD is not None else 0,
             dt_or_dtr.stride(0), B_BN.stride(0), C_BN.stride(0), y.stride(0),
             N=N, NP=triton.next_power_of_2(N), BD=block_d or SSM_ROWS_BLOCK_D,
             HAS_Z=z_BD is not None, HAS_D=D_D is not None, HAS_DTB=dt_bias_D is not None,
-            NORM=norm_eps is not None, A_LOG=a_is_log, RMODE=_ROUND.get(dt_or_dtr.dtype, 0), ROWS=rows,
-            STAGES=stages or SSM_ROWS_STAGES, num_warps=num_warps or SSM_ROWS_WARPS,
-            **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS,
+            NORM=norm_eps is not None, A_LOG=a_is_log, RMODE=_ROUND.get(dt_or_dtr.dtype, 0),
+            num_warps=num_warps or SSM_ROWS_WARPS, **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS,
         )
         return y
     BD, warps = block_d or SSM_BLOCK_D, num_warps or SSM_WARPS
