@@ -9,8 +9,9 @@ asked another way may get another kernel. Per projection and row count, each var
 distinct weights (16 layers' worth, so the weights come from DRAM as in the step) inside a CUDA
 graph: F.linear (the step today); the swapped product W @ x^T (cuBLAS sees m and n exchanged; its
 output transposed, and made contiguous again as the next kernel needs); F.linear through cuBLASLt
-(torch.backends.cuda.preferred_blas_library). us per call, median of the graph replays, with the
-weight-read floor at the copy rate.
+(torch.backends.cuda.preferred_blas_library), and F.linear with a zero bias (PyTorch's addmm with a
+1-D bias takes cuBLASLt's gemm-and-bias entry point; adding 0 leaves every output as it was).
+us per call, median of the graph replays, with the weight-read floor at the copy rate.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def variants(xs, ws):
         for x, w in zip(xs, ws):
             F.linear(x, w)
 
+    zero = torch.zeros(ws[0].shape[0], dtype=ws[0].dtype, device=ws[0].device)
+
+    def zero_bias():  # addmm with a 1-D bias: PyTorch's cuBLASLt path (gemm_and_bias)
+        for x, w in zip(xs, ws):
+            F.linear(x, w, zero)
+
     def swapped_view():
         for x, w in zip(xs, ws):
             torch.mm(w, x.t())
@@ -62,7 +69,8 @@ def variants(xs, ws):
         for x, w in zip(xs, ws):
             torch.mm(w, x.t()).t().contiguous()
 
-    return {"linear": linear, "swapped": swapped_view, "swapped+contiguous": swapped_contiguous}
+    return {"linear": linear, "linear+zero bias": zero_bias, "swapped": swapped_view,
+            "swapped+contiguous": swapped_contiguous}
 
 
 def main() -> int:

@@ -266,7 +266,7 @@ case "$MODE" in
     timeout $(left 200) python3 benchmarks/bench_decode_gemms.py --out "$OUT/results/decode-gemms.json" \
       > "$OUT/bench.log" 2>&1
     timeout $(left 5) python3 benchmarks/bench_scan_fwd.py --shapes 16x32,64x32 \
-      --variants 32:4:1,32:2:1,32:8:1,16:4:1,16:8:1,64:4:2,64:8:2,32:16:1,128:4:4 > "$OUT/scan.log" 2>&1
+      --variants 32:4:1,32:2:1,32:8:1,16:4:1,16:8:1,64:4:2,64:8:2,64:4:1,128:4:4,128:8:4 > "$OUT/scan.log" 2>&1
     grep -v "^{" "$OUT/scan.log" | tail -30 ;;
   ssm17)  # the many-row SSM update's launch shapes inside the decode step (64 / 256 rows, fp32 and bf16
           # states), then each kernel of a 16 x 32 prompt-graph replay (16 layers)
