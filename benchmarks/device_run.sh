@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh serve17    # decode-graph tests, the server at 64 / 256 (fp32, bf16), profile_decode
 #   benchmarks/device_run.sh gemm17     # bench_decode_gemms.py, then bench_scan_fwd at 16 / 64 x 32
 #   benchmarks/device_run.sh ssm17      # sweep_ssm_rows.py in the step, then a 16 x 32 prompt replay's kernels
 #   benchmarks/device_run.sh final16    # the whole cuda suite, then profile_decode at 64 / 256 rows, fp32 and bf16 states
@@ -261,6 +262,22 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  serve17)  # the decode-graph and warm-up cuda tests (the per-bucket cublas / cublas_lt autotune); the
+            # server at 64 / 256 clients with fp32, then bf16 states; the 64- / 256-row step's kernels
+    cuda_tests 90 tests/test_decode_graphs.py tests/test_warm_up.py
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -4
+    timeout $(left 240) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    timeout $(left 60) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --server-arg=--state-dtype=bfloat16 --out "$OUT/serve-bf16.json" \
+      > "$OUT/bf16.log" 2>&1
+    cat "$OUT/bf16.log" >> "$OUT/bench.log"
+    timeout $(left 5) python3 benchmarks/profile_decode.py --layers 16 --formats bf16 --batches 64,256 \
+      --out "$OUT/results/profile-decode.json" > "$OUT/profile.log" 2>&1
+    grep -E "^==|us/layer +16.0 launches" "$OUT/profile.log" | head -30
+    grep -v "^{" "$OUT/bench.log" ;;
   gemm17)  # the decode projections through other cuBLAS entry points; the scan forward's launches at the
            # prompt bursts' shapes (16 / 64 x 32)
     timeout $(left 200) python3 benchmarks/bench_decode_gemms.py --out "$OUT/results/decode-gemms.json" \

@@ -166,9 +166,11 @@ def test_unknown_options_are_user_errors(kw, word):
 
 
 def test_the_registry_holds_only_measured_modes():
-    assert list(MODES) == ["cublas", "triton", "triton_cx", "triton_xp"]
-    assert MODES["triton_cx"].step_kwargs(1) == {"gemv": True, "conv_fold": True, "xproj_merge": False}
-    assert MODES["triton_cx"].step_kwargs(4) == {"gemv": False, "conv_fold": False, "xproj_merge": False}
+    assert list(MODES) == ["cublas", "cublas_lt", "triton", "triton_cx", "triton_xp"]
+    assert MODES["triton_cx"].step_kwargs(1) == {"gemv": True, "conv_fold": True, "xproj_merge": False,
+                                                 "lt_out_proj": False}
+    assert MODES["triton_cx"].step_kwargs(4) == {"gemv": False, "conv_fold": False, "xproj_merge": False,
+                                                 "lt_out_proj": False}
 
 
 def test_pdl_switch_is_scoped_and_off_where_unsupported():
@@ -200,6 +202,38 @@ def test_tuning_cache_round_trip(tmp_path):
     tuning.store(tmp_path, dev, "k", {"mode": "triton"})
     assert tuning.load(tmp_path, dev, "k") == {"mode": "triton"}
     assert tuning.cache_dir("") is None and tuning.cache_dir(str(tmp_path)) == tmp_path
+
+
+def test_out_proj_with_a_zero_bias_is_the_same_step(rng):
+    """The cublas_lt mode's out_proj, F.linear with a zero bias, leaves the step as it was: the
+    same logits and states bit for bit (the fused step under the interpreter, 3 rows)."""
+    model = _model("tiny-odd")
+    state = _prefilled(model, 3, rng)
+    twin = state.clone()
+    tok = torch.randint(0, model.config.vocab_size, (3,), generator=rng)
+    zero = torch.zeros(model.config.hidden_size)
+    plain = fast_step(model, tok, state.conv, state.ssm)
+    lt = fast_step(model, tok, twin.conv, twin.ssm, out_zero_bias=zero)
+    assert torch.equal(plain, lt) and torch.equal(state.ssm, twin.ssm) and torch.equal(state.conv, twin.conv)
+
+
+def test_batched_candidates(rng):
+    """Above one row the candidates are cublas and, where out_proj is a bias-free dense Linear on
+    CUDA, cublas_lt; a forced batch-1 mode means cublas there, and cublas_lt is never a batch-1
+    candidate of its own (at one row it is the cublas step)."""
+    cpu = _model("tiny")
+    assert [m.name for m in DecodeOptions().candidates(cpu, 4)] == ["cublas"]
+    assert [m.name for m in DecodeOptions(mode="triton").candidates(cpu, 4)] == ["cublas"]
+    with pytest.raises(UserError, match="cublas_lt"):
+        DecodeOptions(mode="cublas_lt").candidates(cpu, 4)
+    assert "cublas_lt" not in [m.name for m in DecodeOptions().candidates(cpu)]
+    lt = MODES["cublas_lt"]
+    assert not lt.step_kwargs(1)["lt_out_proj"] and lt.step_kwargs(4)["lt_out_proj"]
+    assert not any(MODES["cublas"].step_kwargs(r)["lt_out_proj"] for r in (1, 4))
+    # the mode routes: DecodeGraphs passes the zero bias only where step_kwargs asks for it
+    g = DecodeGraphs(cpu, StatePool(cpu.config, 4, cpu.dtype, cpu.device), fast=True)
+    assert g._zero_bias is not None and g._zero_bias.shape == (cpu.config.hidden_size,)
+    assert not g._zero_bias.any()
 
 
 # ---- CUDA: real graphs -------------------------------------------------------------------------
@@ -263,6 +297,38 @@ def test_autotune_times_every_mode_and_keeps_the_fastest_cuda(quant, rng, tmp_pa
         tok = ref.argmax(-1)
     again = PoolStepper(model, state, tuning_cache=str(tmp_path)).graphs
     assert again.batch1_choice() == (mode, use_pdl) and again.tuned_from_cache
+
+
+@pytest.mark.cuda
+def test_buckets_time_cublas_and_cublas_lt_and_keep_the_fastest_cuda(rng, tmp_path):
+    """Above one row on CUDA: each bucket times cublas and cublas_lt (with PDL where the GPU has
+    it), keeps the faster, and its replays match model.step; a second decoder reads the bucket's
+    choice from the tuning cache."""
+    model = _model("tiny", torch.bfloat16, "cuda")
+    state = _prefilled(model, 3, rng)
+    twin = state.clone()
+    dec = PoolStepper(model, state, tuning_cache=str(tmp_path))
+    g = dec.graphs
+    mode, use_pdl = g.mode_for(3)
+    times = g.bucket_timings[4]
+    assert {n.split("+")[0] for n in times} == {"cublas", "cublas_lt"} and not g.bucket_errors[4]
+    assert mode.name + ("+pdl" if use_pdl else "") == min(times, key=times.get)
+    tok = torch.randint(0, model.config.vocab_size, (3,), generator=rng).cuda()
+    _steps_match(dec, model, twin, tok, 3, 3e-2, 5e-2, f"logits ({mode.name})")
+    again = PoolStepper(model, state, tuning_cache=str(tmp_path)).graphs
+    assert again.mode_for(3) == (mode, use_pdl) and 4 not in again.bucket_timings
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["cublas", "cublas_lt"])
+def test_forced_batched_modes_match_model_step_cuda(mode, rng):
+    model = _model("tiny", torch.bfloat16, "cuda")
+    state = _prefilled(model, 5, rng)
+    twin = state.clone()
+    dec = PoolStepper(model, state, DecodeOptions(mode=mode))
+    assert dec.graphs.mode_for(5)[0].name == mode
+    tok = torch.randint(0, model.config.vocab_size, (5,), generator=rng).cuda()
+    _steps_match(dec, model, twin, tok, 3, 3e-2, 5e-2, f"logits ({mode})")
 
 
 @pytest.mark.cuda

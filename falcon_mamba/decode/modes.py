@@ -1,15 +1,20 @@
-"""The registry of batch-1 projection modes of the decode step, and the decode options.
+"""The registry of projection modes of the decode step, and the decode options.
 
-A mode says how the projections of a batch-1 step run (decode/step.py's fast_step flags). Above one
-row every projection is a cuBLAS matmul (the "cublas" mode). At batch 1 the decoder times every
-supported mode, each with and without programmatic dependent launch (ops/pdl.py), checks each
-one's logits against the cuBLAS path and keeps the fastest (decode/graphs.py); the choice is cached
-on disk per GPU, model shape, dtype and weight format (decode/tuning.py).
+A mode says how the projections of a step run (decode/step.py's fast_step flags). At batch 1 the
+decoder times every supported batch-1 mode, each with and without programmatic dependent launch
+(ops/pdl.py), checks each one's logits against the cuBLAS path and keeps the fastest
+(decode/graphs.py). Above one row every projection is a cuBLAS matmul, and per batch bucket the
+decoder times the two ways of asking cuBLAS for out_proj: "cublas" (F.linear) and "cublas_lt"
+(F.linear with a zero bias: PyTorch sends a product with a 1-D bias to cuBLASLt's gemm-and-bias,
+whose heuristic picks another kernel; adding 0 changes no output bit). Every choice is cached on
+disk per GPU, model shape, rows, dtype and weight format (decode/tuning.py).
 
 Which modes exist is measured, not wished: each one below won on some GPU and weight format
 (benchmarks/results/): triton_cx for bf16 and int8 and triton_xp for int4 on the H100 (session 5),
-triton for int8 before triton_cx existed; cublas is the correctness reference of the autotune and
-the mode of every batch above 1. The "fused" (norm + in_proj + conv in one launch) and "chain"
+triton for int8 before triton_cx existed; cublas is the correctness reference of the autotune;
+cublas_lt at 64 rows of the 7B on the H200 (out_proj 20.9 against 23.4 us a layer, 16 distinct
+weights in a CUDA graph; at 16 and 256 rows F.linear was as fast or faster:
+results/h200-decode-gemms-ffdd39d.json). The "fused" (norm + in_proj + conv in one launch) and "chain"
 (out_proj's epilogue computing the next norm's statistics) modes never won (H100: +0.35 and +0.12 ms
 per bf16 step over triton_cx) and were removed.
 """
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from falcon_mamba.errors import UserError
 
@@ -28,6 +35,8 @@ class Mode:
     gemv: bool = False  # the Triton batch-1 GEMV for every projection
     conv_fold: bool = False  # the conv step folded into x_proj's GEMV input and the SSM kernel
     xproj_merge: bool = False  # int4 x_proj as extra programs of the packed in_proj launch
+    lt_out_proj: bool = False  # above one row: out_proj through cuBLASLt (a zero bias); at batch 1
+    # this mode is cublas
     supported: Callable | None = None  # model -> bool; None: always
     needs: str = ""  # what `supported` checks, for the error of a forced mode
 
@@ -35,16 +44,24 @@ class Mode:
         return self.supported is None or bool(self.supported(model))
 
     def step_kwargs(self, rows: int) -> dict:
-        """fast_step's flags for this mode at `rows` rows (every mode is cuBLAS above one row)."""
+        """fast_step's flags for this mode at `rows` rows (every mode is cuBLAS above one row), and
+        lt_out_proj (the caller passes fast_step the zero bias it needs)."""
         one = rows == 1
         return {"gemv": self.gemv and one, "conv_fold": self.conv_fold and one,
-                "xproj_merge": self.xproj_merge and one}
+                "xproj_merge": self.xproj_merge and one, "lt_out_proj": self.lt_out_proj and not one}
 
 
 def _conv_fold(model) -> bool:
     from falcon_mamba.decode.step import conv_fold_supported
 
     return conv_fold_supported(model)
+
+
+def _plain_out_proj(model) -> bool:
+    """Every out_proj a bias-free dense torch Linear on CUDA (a quantized one has its own kernel)."""
+    layers = model.backbone.layers
+    return model.device.type == "cuda" and len(layers) > 0 and all(
+        type(b.mixer.out_proj) is torch.nn.Linear and b.mixer.out_proj.bias is None for b in layers)
 
 
 def _xproj_merge(model) -> bool:
@@ -55,6 +72,8 @@ def _xproj_merge(model) -> bool:
 
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("cublas"),
+    Mode("cublas_lt", lt_out_proj=True, supported=_plain_out_proj,
+         needs="a bias-free dense out_proj on a CUDA GPU"),
     Mode("triton", gemv=True),
     Mode("triton_cx", gemv=True, conv_fold=True, supported=_conv_fold,
          needs="GEMV-able x_proj and a fusable dt_proj (dense, or quantized with its bias outside the "
@@ -70,7 +89,8 @@ PDL_CHOICES = ("auto", "on", "off")
 class DecodeOptions:
     """How decoding runs; parsed once at the edge (CLI flags, server flags, generate() keywords).
 
-    mode: "auto" (batch 1: timed, the fastest correct one kept) or a name of MODES (forced at batch 1).
+    mode: "auto" (timed at batch 1 and per batch bucket, the fastest correct one kept) or a name of
+    MODES, forced (above one row a batch-1-only mode means cublas).
     pdl: programmatic dependent launch of the Triton kernels: "auto" (timed both ways), "on", "off".
     cuda_graphs: replay the step as CUDA graphs (one per batch bucket) where it can run (CUDA and the
     triton op backend); False runs the same step eagerly.
@@ -89,21 +109,25 @@ class DecodeOptions:
         if self.pdl not in PDL_CHOICES:
             raise UserError(f"pdl {self.pdl!r} is unknown; use one of {', '.join(PDL_CHOICES)}")
 
-    def candidates(self, model) -> list[Mode]:
-        """The batch-1 modes to time (the forced one alone), cublas first (the reference)."""
+    def candidates(self, model, rows: int = 1) -> list[Mode]:
+        """The modes to time at `rows` rows (the forced one alone), cublas first (the reference):
+        at batch 1 the batch-1 modes, above it cublas and cublas_lt."""
+        batched = [MODES["cublas"], MODES["cublas_lt"]]
         if self.mode != "auto":
             m = MODES[self.mode]
             if not m.applies(model):
                 raise UserError(f"decode mode {m.name} needs {m.needs}; use --decode-mode auto")
-            return [m]
-        return [m for m in MODES.values() if m.applies(model)]
+            return [m] if rows == 1 or m in batched else [MODES["cublas"]]
+        if rows > 1:
+            return [m for m in batched if m.applies(model)]
+        return [m for m in MODES.values() if not m.lt_out_proj and m.applies(model)]
 
 
 def add_decode_arguments(parser) -> None:
     """The decode flags shared by generate, chat, serve and bench."""
     g = parser.add_argument_group("decoding (CUDA)")
     g.add_argument("--decode-mode", default="auto", choices=("auto", *MODES),
-                   help="batch-1 projection mode: auto (timed at start, cached on disk) or forced")
+                   help="projection mode: auto (timed at start per batch size, cached on disk) or forced")
     g.add_argument("--pdl", default="auto", choices=PDL_CHOICES,
                    help="programmatic dependent launch of the decode kernels (auto: timed)")
     g.add_argument("--no-cuda-graphs", action="store_true",

@@ -150,7 +150,8 @@ def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int, pairs=None) -> 
 
 @torch.no_grad()
 def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
-              gemv: bool = False, conv_fold: bool = False, xproj_merge: bool = False) -> torch.Tensor:
+              gemv: bool = False, conv_fold: bool = False, xproj_merge: bool = False,
+              out_zero_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step); each
     layer's slice conv[i], ssm[i] must be contiguous (rows of a state pool are). The projections are
@@ -159,7 +160,9 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     the Triton GEMV instead of cuBLAS. conv_fold: batch 1 with gemv, the conv step folded into x_proj
     and the SSM kernel (_conv_folded; the caller checks conv_fold_supported). xproj_merge: batch 1
     with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
-    xproj_merge_supported). decode/modes.py names these combinations."""
+    xproj_merge_supported). out_zero_bias (H,) zeros: above one row, out_proj as F.linear with it as
+    bias (cuBLASLt's gemm-and-bias; the mode cublas_lt, which checks that out_proj is a bias-free
+    dense Linear). decode/modes.py names these combinations."""
     ops = _ops()
     c = model.config
     D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
@@ -203,7 +206,10 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
                 xdbl = _proj(m.x_proj, xc, gemv)
             y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout,
                                 XP_SSM_BLOCK_D if xproj_merge else None)
-        out = _proj(m.out_proj, y, gemv, pout)
+        if out_zero_bias is not None and B > 1:
+            out = torch.nn.functional.linear(y, m.out_proj.weight, out_zero_bias)
+        else:
+            out = _proj(m.out_proj, y, gemv, pout)
     norm_f = model.backbone.norm_f
     if gemv and tokens_B.shape[0] == 1:
         from falcon_mamba.ops.triton_gemv import packed_int4  # GemvWeight, fused_gemv: above
