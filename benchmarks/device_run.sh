@@ -262,6 +262,9 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  check17)  # the decode-graph cuda tests on the bucket autotune and the forced batched modes
+    cuda_tests $(left 5) tests/test_decode_graphs.py -k "bucket or batched or forced or graphs_match"
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -12 ;;
   serve17)  # the decode-graph and warm-up cuda tests (the per-bucket cublas / cublas_lt autotune); the
             # server at 64 / 256 clients with fp32, then bf16 states; the 64- / 256-row step's kernels
     cuda_tests 90 tests/test_decode_graphs.py tests/test_warm_up.py

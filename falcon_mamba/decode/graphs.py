@@ -73,6 +73,7 @@ class DecodeGraphs:
         self.errors: dict[str, str] = {}  # batch-1 candidates that failed or disagreed
         self.bucket_timings: dict[int, dict[str, float]] = {}  # the same per bucket above 1
         self.bucket_errors: dict[int, dict[str, str]] = {}
+        self.buckets_from_cache: set[int] = set()  # buckets whose choice came from the tuning cache
         self.tuned_from_cache = False
 
     # ---- what runs ---------------------------------------------------------------------------
@@ -127,8 +128,10 @@ class DecodeGraphs:
         modes = self.options.candidates(self.model, rows) if self.fast else [MODES["cublas"]]
         if len(modes) == 1 or not self.use_graphs:
             return modes[0], use_pdl
-        choice, self.bucket_timings[rows], self.bucket_errors[rows], _ = self._tuned(
+        choice, self.bucket_timings[rows], self.bucket_errors[rows], cached = self._tuned(
             rows, [(m, use_pdl) for m in modes])
+        if cached:
+            self.buckets_from_cache.add(rows)
         return choice
 
     def _tuned(self, rows: int, candidates: list[tuple[Mode, bool]]):
