@@ -42,7 +42,7 @@
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
 #   benchmarks/device_run.sh serve17    # decode-graph tests, the server at 64 / 256 (fp32, bf16), profile_decode
 #   benchmarks/device_run.sh gemm17     # bench_decode_gemms.py, then bench_scan_fwd at 16 / 64 x 32
-#   benchmarks/device_run.sh ssm17      # sweep_ssm_rows.py in the step, then a 16 x 32 prompt replay's kernels
+#   benchmarks/device_run.sh ssm17      # sweep_step_kernels.py in the step, then a 16 x 32 prompt replay's kernels
 #   benchmarks/device_run.sh final16    # the whole cuda suite, then profile_decode at 64 / 256 rows, fp32 and bf16 states
 #   benchmarks/device_run.sh serve11    # serve 1/16/64/256 + mixed (kern11 also needs .data/old_scan.py:
 #                                       # git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > .data/old_scan.py)
@@ -262,6 +262,11 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  conv17)  # the conv step's launch shapes inside the decode step (64 / 256 rows), after its cuda tests
+    cuda_tests 45 tests/test_triton_decode.py -k "conv_step"
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -3
+    timeout $(left 5) python3 benchmarks/sweep_step_kernels.py --kernel conv --state-dtypes float32 \
+      --out "$OUT/results/sweep-conv.json" > "$OUT/bench.log" 2>&1 ;;
   check17)  # the decode-graph cuda tests on the bucket autotune and the forced batched modes
     cuda_tests $(left 5) tests/test_decode_graphs.py -k "bucket or batched or forced or graphs_match"
     grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -12 ;;
@@ -290,7 +295,7 @@ case "$MODE" in
     grep -v "^{" "$OUT/scan.log" | tail -30 ;;
   ssm17)  # the many-row SSM update's launch shapes inside the decode step (64 / 256 rows, fp32 and bf16
           # states), then each kernel of a 16 x 32 prompt-graph replay (16 layers)
-    timeout $(left 150) python3 benchmarks/sweep_ssm_rows.py --out "$OUT/results/sweep-ssm-rows.json" \
+    timeout $(left 150) python3 benchmarks/sweep_step_kernels.py --out "$OUT/results/sweep-ssm-rows.json" \
       > "$OUT/bench.log" 2>&1
     timeout $(left 5) python3 benchmarks/profile_prefill.py --layers 16 --batches 64x32,16x32 --profile \
       --out "$OUT/results/prefill-batches.json" > "$OUT/prefill.log" 2>&1

@@ -77,7 +77,12 @@ def check_norms(M, H, dtype, gen):
         assert_close(y, yr, rtol, atol, "rms_norm")
 
 
-def test_conv_step_small(rng):
+@pytest.mark.parametrize("early", [False, True])
+def test_conv_step_small(rng, early, monkeypatch):
+    """Both orders of the conv step's launch (the state's taps after or before the PDL wait)."""
+    from falcon_mamba.ops import triton_decode
+
+    monkeypatch.setattr(triton_decode, "CONV_STEP_EARLY", early)
     check_conv_step(3, 40, 4, torch.float32, rng)
     check_conv_step(2, 20, 3, torch.bfloat16, rng)
 

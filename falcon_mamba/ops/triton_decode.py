@@ -34,7 +34,7 @@ RMS_WARPS_B1 = 16  # one row of 2048+ (batch-1 decode): int4 ~0.4 us less per 7B
 DT_PROJ_MAX_BATCH = 4
 # The step without the in-kernel projection (_ssm_rows_kernel: dt from one GEMM, batches above
 # DT_PROJ_MAX_BATCH): one row of 128 channels per 4-warp program, timed inside the 16-layer decode
-# step on the H200, where every layer's state is cold (benchmarks/sweep_ssm_rows.py,
+# step on the H200, where every layer's state is cold (benchmarks/sweep_step_kernels.py,
 # results/h200-sweep-ssm-rows-35a8ab0.json), us a 7B layer, 128 x 4 against the 256 x 4 before it:
 # 256 rows fp32 76.6 / 80.9 (85% of the copy rate for the state), bf16 50.3 / 55.8; 64 rows fp32
 # 18.1 / 19.1, bf16 13.0 / 13.9; 128 x 2 warps, 256 x 8 and 512 x 4 / 8 were between the two or
@@ -44,6 +44,11 @@ DT_PROJ_MAX_BATCH = 4
 # 20.6-23.2, 256 rows 83.7-90.7): they were removed again.
 SSM_ROWS_BLOCK_D = 128
 SSM_ROWS_WARPS = 4
+# The conv step (_conv_step_kernel): channels per program, warps, and whether the state's taps are
+# read before the PDL wait (benchmarks/sweep_step_kernels.py --kernel conv times these in the step).
+CONV_STEP_BLOCK_D = 256
+CONV_STEP_WARPS = 2
+CONV_STEP_EARLY = False
 
 
 @triton.jit
@@ -119,16 +124,22 @@ def _conv_in(x_ptr, cst_ptr, cw_ptr, cb_ptr, k, mk, s_ck, s_cw, CK: tl.constexpr
 @triton.jit
 def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, ss_d, sx_b, sy_b, sw_d,
                       K: tl.constexpr, EXTRA: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SILU: tl.constexpr, PDL: tl.constexpr):
+                      SILU: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
     # The state holds EXTRA + K-1 slots of the last inputs (slot stride ss_k, channel stride ss_d):
     # the conv reads the last K-1; all of them shift left by one and the new input goes last.
-    dep_sync(PDL)
+    # EARLY: the state's part of the sum and its shift run before the PDL wait (no other kernel of
+    # the step touches this layer's conv state; only x comes from in_proj), x's tap added last.
+    if not EARLY:
+        dep_sync(PDL)
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     md = d < D
-    xraw = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0)
-    acc = tl.load(w_ptr + d * sw_d + (K - 1), mask=md, other=0.0).to(tl.float32) * xraw.to(tl.float32)
+    if not EARLY:
+        xraw = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0)
+        acc = tl.load(w_ptr + d * sw_d + (K - 1), mask=md, other=0.0).to(tl.float32) * xraw.to(tl.float32)
+    else:
+        acc = tl.zeros((BD,), tl.float32)
     s0 = state_ptr + b * ss_b + d * ss_d
     for e in tl.static_range(EXTRA):  # slots the conv does not read only move (before the window
         tl.store(s0 + e * ss_k, tl.load(s0 + (e + 1) * ss_k, mask=md, other=0.0), mask=md)  # shifts)
@@ -138,6 +149,11 @@ def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, s
         acc += tl.load(w_ptr + d * sw_d + k, mask=md, other=0.0).to(tl.float32) * sk.to(tl.float32)
         if k > 0:
             tl.store(sp + (k - 1) * ss_k, sk, mask=md)  # shift left by one
+    if EARLY:
+        wx = tl.load(w_ptr + d * sw_d + (K - 1), mask=md, other=0.0).to(tl.float32)
+        dep_sync(PDL)
+        xraw = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0)
+        acc += wx * xraw.to(tl.float32)
     tl.store(sp + (K - 2) * ss_k, xraw.to(state_ptr.dtype.element_ty), mask=md)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -397,11 +413,11 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
     K = weight_DK.shape[1]
     assert x_BD.stride(-1) == 1 and weight_DK.stride(1) == 1
     y = torch.empty(Bsz, D, dtype=x_BD.dtype, device=x_BD.device)
-    BD = 256
+    BD = CONV_STEP_BLOCK_D
     _conv_step_kernel[(triton.cdiv(D, BD), Bsz)](
         state, x_BD, weight_DK, bias_D if bias_D is not None else weight_DK, y, D,
         state.stride(0), ss_k, ss_d, x_BD.stride(0), y.stride(0), weight_DK.stride(0), K=K, EXTRA=extra,
-        BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=2,
+        BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=CONV_STEP_WARPS, EARLY=CONV_STEP_EARLY,
         **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS)
     return y
 

@@ -1,9 +1,11 @@
-"""The many-row SSM update (_ssm_rows_kernel) timed inside the real decode step, per launch shape.
+"""The batched decode step's own kernels timed inside the real decode step, per launch shape: the
+many-row SSM update (_ssm_rows_kernel) or, with --kernel conv, the conv step (_conv_step_kernel).
 
-    PYTHONPATH=. python3 benchmarks/sweep_ssm_rows.py [--layers 16] [--batches 64,256]
-        [--configs 128:4,256:4,...] [--out F.json]
+    PYTHONPATH=. python3 benchmarks/sweep_step_kernels.py [--kernel ssm|conv] [--layers 16]
+        [--batches 64,256] [--configs 128:4,256:4,...] [--out F.json]
 
-Each config BD:WARPS (channels per program, warps) is set as the kernel's default, a KernelLoop captures
+Each config (ssm BD:WARPS, channels per program and warps; conv BD:WARPS:EARLY, EARLY 1 reading
+the state's taps before the PDL wait) is set as the kernel's default, a KernelLoop captures
 its graphs, and 100 steps are timed (CUDA events), then 10 more under torch.profiler for the
 kernel's own time per layer. In the step, every layer's state is cold (16 layers of 64 rows is
 536 MB of fp32 state against a 60 MB L2), unlike a loop over one layer's state (kernel_bench.py
@@ -29,14 +31,20 @@ from falcon_mamba.ops import triton_decode  # noqa: E402
 
 # (results/h200-sweep-ssm-rows-35a8ab0.json also timed rows per program sharing A's tile, a
 # BD:WARPS:ROWS:STAGES launch argument then: removed, slower at every shape)
-DEFAULT_CONFIGS = "128:4,128:2,256:4,256:8,512:4,512:8,64:2"
+DEFAULT_CONFIGS = {"ssm": "128:4,128:2,256:4,256:8,512:4,512:8,64:2",
+                   "conv": "256:2:0,256:2:1,128:1:0,256:4:0,512:2:0,512:4:0,512:4:1,1024:4:0,1024:4:1,"
+                           "1024:8:1"}
+# module constants each kernel's launch reads, and the kernel's name in the profile
+KNOBS = {"ssm": (("SSM_ROWS_BLOCK_D", "SSM_ROWS_WARPS"), "_ssm_rows_kernel"),
+         "conv": (("CONV_STEP_BLOCK_D", "CONV_STEP_WARPS", "CONV_STEP_EARLY"), "_conv_step_kernel")}
 
 
 @torch.no_grad()
-def time_config(model, layers: int, batch: int, ssm_dtype, cfg: tuple[int, int]) -> dict:
-    bd, warps = cfg
-    saved = (triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS)
-    triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS = cfg
+def time_config(model, layers: int, batch: int, ssm_dtype, kernel: str, cfg: tuple[int, ...]) -> dict:
+    names, kname = KNOBS[kernel]
+    saved = tuple(getattr(triton_decode, n) for n in names)
+    for n, v in zip(names, cfg):
+        setattr(triton_decode, n, type(getattr(triton_decode, n))(v))
     try:
         loop = KernelLoop(model, batch, ssm_dtype=ssm_dtype)
         loop.run(3)
@@ -51,12 +59,13 @@ def time_config(model, layers: int, batch: int, ssm_dtype, cfg: tuple[int, int])
             loop.run(10)
             torch.cuda.synchronize()
         per = kernel_totals(prof)
-        ssm_us = sum(t for n, (t, _) in per.items() if "_ssm_rows_kernel" in n) / 10 / layers
+        k_us = sum(t for n, (t, _) in per.items() if kname in n) / 10 / layers
         del loop
         torch.cuda.empty_cache()
     finally:
-        triton_decode.SSM_ROWS_BLOCK_D, triton_decode.SSM_ROWS_WARPS = saved
-    return {"config": f"{bd}:{warps}", "step_ms": step_ms, "ssm_us_per_layer": ssm_us}
+        for n, v in zip(names, saved):
+            setattr(triton_decode, n, v)
+    return {"config": ":".join(map(str, cfg)), "step_ms": step_ms, "kernel_us_per_layer": k_us}
 
 
 def main() -> int:
@@ -64,26 +73,33 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--state-dtypes", default="float32,bfloat16")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="BD:WARPS,...")
+    ap.add_argument("--kernel", default="ssm", choices=sorted(KNOBS))
+    ap.add_argument("--configs", default=None, help="BD:WARPS[:EARLY],... (default: the kernel's list)")
     ap.add_argument("--copy-tbs", type=float, default=4.14)
     ap.add_argument("--out")
     args = ap.parse_args()
     model = random_7b(args.layers)
     cfg = model.config
     D, N = cfg.intermediate_size, cfg.state_size
-    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+    spec = args.configs or DEFAULT_CONFIGS[args.kernel]
+    configs = [tuple(int(v) for v in c.split(":")) for c in spec.split(",")]
     res = {"gpu": torch.cuda.get_device_name(0), "commit": os.environ.get("FALCON_MAMBA_COMMIT"),
-           "torch": torch.__version__, "layers": args.layers, "copy_tbs": args.copy_tbs, "rows": []}
+           "torch": torch.__version__, "layers": args.layers, "copy_tbs": args.copy_tbs,
+           "kernel": args.kernel, "rows": []}
     import triton
 
     res["triton"] = triton.__version__
     for sd in args.state_dtypes.split(","):
         ssm_dtype = getattr(torch, sd)
         for batch in (int(b) for b in args.batches.split(",")):
-            floor_us = 2 * batch * D * N * ssm_dtype.itemsize / (args.copy_tbs * 1e12) * 1e6
+            if args.kernel == "ssm":  # the state read and written
+                nbytes = 2 * batch * D * N * ssm_dtype.itemsize
+            else:  # the conv state (K-1 taps) read and written, x read, y written, bf16
+                nbytes = 2 * batch * D * 2 * cfg.conv_kernel
+            floor_us = nbytes / (args.copy_tbs * 1e12) * 1e6
             for c in configs:
                 try:
-                    r = time_config(model, args.layers, batch, ssm_dtype, c)
+                    r = time_config(model, args.layers, batch, ssm_dtype, args.kernel, c)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile: report, go on
                     r = {"config": ":".join(map(str, c)), "error": f"{type(e).__name__}: {e}"[:200]}
                 r.update(batch=batch, state_dtype=sd, floor_us=floor_us)
@@ -91,9 +107,9 @@ def main() -> int:
                 if "error" in r:
                     print(f"{sd:8s} @{batch:3d} {r['config']:12s} ERROR {r['error']}", flush=True)
                 else:
-                    print(f"{sd:8s} @{batch:3d} {r['config']:12s} step {r['step_ms']:.3f} ms  ssm "
-                          f"{r['ssm_us_per_layer']:6.2f} us/layer (floor {floor_us:5.1f}: "
-                          f"{floor_us / r['ssm_us_per_layer']:.0%})", flush=True)
+                    print(f"{sd:8s} @{batch:3d} {r['config']:12s} step {r['step_ms']:.3f} ms  {args.kernel} "
+                          f"{r['kernel_us_per_layer']:6.2f} us/layer (floor {floor_us:5.1f}: "
+                          f"{floor_us / r['kernel_us_per_layer']:.0%})", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
