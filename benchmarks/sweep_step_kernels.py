@@ -4,8 +4,7 @@ many-row SSM update (_ssm_rows_kernel) or, with --kernel conv, the conv step (_c
     PYTHONPATH=. python3 benchmarks/sweep_step_kernels.py [--kernel ssm|conv] [--layers 16]
         [--batches 64,256] [--configs 128:4,256:4,...] [--out F.json]
 
-Each config (ssm BD:WARPS, channels per program and warps; conv BD:WARPS:EARLY, EARLY 1 reading
-the state's taps before the PDL wait) is set as the kernel's default, a KernelLoop captures
+Each config BD:WARPS (channels per program and warps) is set as the kernel's default, a KernelLoop captures
 its graphs, and 100 steps are timed (CUDA events), then 10 more under torch.profiler for the
 kernel's own time per layer. In the step, every layer's state is cold (16 layers of 64 rows is
 536 MB of fp32 state against a 60 MB L2), unlike a loop over one layer's state (kernel_bench.py
@@ -32,11 +31,12 @@ from falcon_mamba.ops import triton_decode  # noqa: E402
 # (results/h200-sweep-ssm-rows-35a8ab0.json also timed rows per program sharing A's tile, a
 # BD:WARPS:ROWS:STAGES launch argument then: removed, slower at every shape)
 DEFAULT_CONFIGS = {"ssm": "128:4,128:2,256:4,256:8,512:4,512:8,64:2",
-                   "conv": "256:2:0,256:2:1,128:1:0,256:4:0,512:2:0,512:4:0,512:4:1,1024:4:0,1024:4:1,"
-                           "1024:8:1"}
+                   "conv": "512:8,256:2,256:4,1024:16,512:4,128:2"}
+# (results/h200-sweep-conv-51d8f9b.txt also timed an EARLY order of the conv step, reading the
+# state's taps before the PDL wait, then a third config field: no faster, removed)
 # module constants each kernel's launch reads, and the kernel's name in the profile
 KNOBS = {"ssm": (("SSM_ROWS_BLOCK_D", "SSM_ROWS_WARPS"), "_ssm_rows_kernel"),
-         "conv": (("CONV_STEP_BLOCK_D", "CONV_STEP_WARPS", "CONV_STEP_EARLY"), "_conv_step_kernel")}
+         "conv": (("CONV_STEP_BLOCK_D", "CONV_STEP_WARPS"), "_conv_step_kernel")}
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--state-dtypes", default="float32,bfloat16")
     ap.add_argument("--kernel", default="ssm", choices=sorted(KNOBS))
-    ap.add_argument("--configs", default=None, help="BD:WARPS[:EARLY],... (default: the kernel's list)")
+    ap.add_argument("--configs", default=None, help="BD:WARPS,... (default: the kernel's list)")
     ap.add_argument("--copy-tbs", type=float, default=4.14)
     ap.add_argument("--out")
     args = ap.parse_args()

@@ -77,12 +77,13 @@ def check_norms(M, H, dtype, gen):
         assert_close(y, yr, rtol, atol, "rms_norm")
 
 
-@pytest.mark.parametrize("early", [False, True])
-def test_conv_step_small(rng, early, monkeypatch):
-    """Both orders of the conv step's launch (the state's taps after or before the PDL wait)."""
+@pytest.mark.parametrize("block_d", [16, 512])
+def test_conv_step_small(rng, block_d, monkeypatch):
+    """The conv step with channel blocks narrower than D (the last partial) and wider (all masked
+    past D: the default 512)."""
     from falcon_mamba.ops import triton_decode
 
-    monkeypatch.setattr(triton_decode, "CONV_STEP_EARLY", early)
+    monkeypatch.setattr(triton_decode, "CONV_STEP_BLOCK_D", block_d)
     check_conv_step(3, 40, 4, torch.float32, rng)
     check_conv_step(2, 20, 3, torch.bfloat16, rng)
 

@@ -44,11 +44,14 @@ DT_PROJ_MAX_BATCH = 4
 # 20.6-23.2, 256 rows 83.7-90.7): they were removed again.
 SSM_ROWS_BLOCK_D = 128
 SSM_ROWS_WARPS = 4
-# The conv step (_conv_step_kernel): channels per program, warps, and whether the state's taps are
-# read before the PDL wait (benchmarks/sweep_step_kernels.py --kernel conv times these in the step).
-CONV_STEP_BLOCK_D = 256
-CONV_STEP_WARPS = 2
-CONV_STEP_EARLY = False
+# The conv step (_conv_step_kernel): 512 channels per 8-warp program (2 a thread), timed inside
+# the 16-layer decode step on the H200 (benchmarks/sweep_step_kernels.py --kernel conv,
+# results/h200-sweep-conv-51d8f9b.txt), us a 7B layer against the 256 x 2 warps before: 256 rows
+# 10.0 / 13.4 (81% of the copy rate for its bytes), 64 rows 3.8 / 4.7; 1024 x 16 was within noise,
+# 4 channels a thread (128 x 1, 512 x 4, 1024 x 8) 13.5-20.9 at 256 rows. Reading the state's taps
+# before the PDL wait (only x comes from in_proj) changed nothing (13.5 against 13.4) and went.
+CONV_STEP_BLOCK_D = 512
+CONV_STEP_WARPS = 8
 
 
 @triton.jit
@@ -124,22 +127,16 @@ def _conv_in(x_ptr, cst_ptr, cw_ptr, cb_ptr, k, mk, s_ck, s_cw, CK: tl.constexpr
 @triton.jit
 def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, ss_d, sx_b, sy_b, sw_d,
                       K: tl.constexpr, EXTRA: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SILU: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
+                      SILU: tl.constexpr, PDL: tl.constexpr):
     # The state holds EXTRA + K-1 slots of the last inputs (slot stride ss_k, channel stride ss_d):
     # the conv reads the last K-1; all of them shift left by one and the new input goes last.
-    # EARLY: the state's part of the sum and its shift run before the PDL wait (no other kernel of
-    # the step touches this layer's conv state; only x comes from in_proj), x's tap added last.
-    if not EARLY:
-        dep_sync(PDL)
+    dep_sync(PDL)
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     md = d < D
-    if not EARLY:
-        xraw = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0)
-        acc = tl.load(w_ptr + d * sw_d + (K - 1), mask=md, other=0.0).to(tl.float32) * xraw.to(tl.float32)
-    else:
-        acc = tl.zeros((BD,), tl.float32)
+    xraw = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0)
+    acc = tl.load(w_ptr + d * sw_d + (K - 1), mask=md, other=0.0).to(tl.float32) * xraw.to(tl.float32)
     s0 = state_ptr + b * ss_b + d * ss_d
     for e in tl.static_range(EXTRA):  # slots the conv does not read only move (before the window
         tl.store(s0 + e * ss_k, tl.load(s0 + (e + 1) * ss_k, mask=md, other=0.0), mask=md)  # shifts)
@@ -149,11 +146,6 @@ def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, D, ss_b, ss_k, s
         acc += tl.load(w_ptr + d * sw_d + k, mask=md, other=0.0).to(tl.float32) * sk.to(tl.float32)
         if k > 0:
             tl.store(sp + (k - 1) * ss_k, sk, mask=md)  # shift left by one
-    if EARLY:
-        wx = tl.load(w_ptr + d * sw_d + (K - 1), mask=md, other=0.0).to(tl.float32)
-        dep_sync(PDL)
-        xraw = tl.load(x_ptr + b * sx_b + d, mask=md, other=0.0)
-        acc += wx * xraw.to(tl.float32)
     tl.store(sp + (K - 2) * ss_k, xraw.to(state_ptr.dtype.element_ty), mask=md)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
@@ -417,7 +409,7 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
     _conv_step_kernel[(triton.cdiv(D, BD), Bsz)](
         state, x_BD, weight_DK, bias_D if bias_D is not None else weight_DK, y, D,
         state.stride(0), ss_k, ss_d, x_BD.stride(0), y.stride(0), weight_DK.stride(0), K=K, EXTRA=extra,
-        BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=CONV_STEP_WARPS, EARLY=CONV_STEP_EARLY,
+        BD=BD, HAS_BIAS=bias_D is not None, SILU=silu, num_warps=CONV_STEP_WARPS,
         **pdl.launch_kwargs(x_BD.device), **LAUNCH_OPTIONS)
     return y
 
