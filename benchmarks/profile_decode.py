@@ -41,8 +41,8 @@ def kernel_totals(prof) -> dict[str, list]:
 
 
 @torch.no_grad()
-def profile(model, layers: int, batch: int = 1, ssm_dtype=torch.float32) -> dict:
-    loop = KernelLoop(model, batch, ssm_dtype=ssm_dtype)
+def timed_and_profiled(loop: KernelLoop, steps: int):
+    """(ms per step over 100 steps after 3 warm-up steps, a torch.profiler run of `steps` more)."""
     loop.run(3)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -50,10 +50,16 @@ def profile(model, layers: int, batch: int = 1, ssm_dtype=torch.float32) -> dict
     loop.run(100)
     end.record()
     end.synchronize()
-    step_ms = start.elapsed_time(end) / 100
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        loop.run(STEPS)
+        loop.run(steps)
         torch.cuda.synchronize()
+    return start.elapsed_time(end) / 100, prof
+
+
+@torch.no_grad()
+def profile(model, layers: int, batch: int = 1, ssm_dtype=torch.float32) -> dict:
+    loop = KernelLoop(model, batch, ssm_dtype=ssm_dtype)
+    step_ms, prof = timed_and_profiled(loop, STEPS)
     per = kernel_totals(prof)
     rows = sorted(((n, t / STEPS, c / STEPS) for n, (t, c) in per.items()), key=lambda r: -r[1])
     m = loop.mode

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from profile_decode import kernel_totals, random_7b  # noqa: E402
+from profile_decode import kernel_totals, random_7b, timed_and_profiled  # noqa: E402
 
 from falcon_mamba.decode.loop import KernelLoop  # noqa: E402
 from falcon_mamba.ops import triton_decode  # noqa: E402
@@ -47,17 +47,7 @@ def time_config(model, layers: int, batch: int, ssm_dtype, kernel: str, cfg: tup
         setattr(triton_decode, n, type(getattr(triton_decode, n))(v))
     try:
         loop = KernelLoop(model, batch, ssm_dtype=ssm_dtype)
-        loop.run(3)
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        loop.run(100)
-        e1.record()
-        e1.synchronize()
-        step_ms = e0.elapsed_time(e1) / 100
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            loop.run(10)
-            torch.cuda.synchronize()
+        step_ms, prof = timed_and_profiled(loop, 10)
         per = kernel_totals(prof)
         k_us = sum(t for n, (t, _) in per.items() if kname in n) / 10 / layers
         del loop

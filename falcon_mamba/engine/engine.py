@@ -278,8 +278,7 @@ class Engine:
             except Exception:  # serving still works: graphs are then captured on first use
                 log.exception("decode warm-up failed")
             g = self.runner.graphs
-            above = "".join(f"; {name} at {len(bs)} batch sizes ({bs[0]}-{bs[-1]})"
-                            for name, bs in g.batched_modes().items())
+            above = "".join(f"; {name} at {','.join(map(str, bs))}" for name, bs in g.batched_modes().items())
             log.info("decoder ready in %.1f s (graphs for %d batch sizes%s%s; %s)", time.perf_counter() - t0,
                      len(g.buckets), f"; batch 1: {g.batch1_choice()[0].name}" if g.use_graphs else "", above,
                      ", ".join(f"{k} {v} s" for k, v in self.warm_up_seconds.items()))
