@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh final18    # the whole cuda suite, then the server at 64 / 256 (session 16's first call)
 #   benchmarks/device_run.sh serve17    # decode-graph tests, the server at 64 / 256 (fp32, bf16), profile_decode
 #   benchmarks/device_run.sh gemm17     # bench_decode_gemms.py, then bench_scan_fwd at 16 / 64 x 32
 #   benchmarks/device_run.sh ssm17      # sweep_step_kernels.py in the step, then a 16 x 32 prompt replay's kernels
@@ -262,6 +263,14 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  final18)  # the whole cuda suite (300 s), then the server at 64 / 256 clients (fp32 states) with the
+            # conv step's 512 x 8 launch (session 15's last change, not yet through the server)
+    cuda_tests 300 tests/
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -v "^{" "$OUT/bench.log" | head -24 ;;
   conv17)  # the conv step's launch shapes inside the decode step (64 / 256 rows), after its cuda tests
     cuda_tests 45 tests/test_triton_decode.py -k "conv_step"
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -3
