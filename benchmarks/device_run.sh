@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh xproj18    # the split x_proj: cuda tests, its shapes in the step, the server
 #   benchmarks/device_run.sh final18    # the whole cuda suite, then the server at 64 / 256 (session 16's first call)
 #   benchmarks/device_run.sh serve17    # decode-graph tests, the server at 64 / 256 (fp32, bf16), profile_decode
 #   benchmarks/device_run.sh gemm17     # bench_decode_gemms.py, then bench_scan_fwd at 16 / 64 x 32
@@ -263,6 +264,17 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  xproj18)  # the split x_proj's cuda tests; its launch shapes in the 64- / 256-row step against
+            # cublas / cublas_lt; the server at 64 / 256 (fp32 states) with the 4-mode bucket autotune
+    cuda_tests 100 tests/test_triton_decode.py tests/test_decode_graphs.py -k "xproj or forced or bucket"
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -8
+    timeout $(left 300) python3 benchmarks/sweep_step_kernels.py --kernel xproj --state-dtypes float32 \
+      --out "$OUT/results/sweep-xproj.json" > "$OUT/sweep.log" 2>&1
+    grep -E "@|Error|error" "$OUT/sweep.log" | head -30
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -v "^{" "$OUT/bench.log" | head -24 ;;
   final18)  # the whole cuda suite (300 s), then the server at 64 / 256 clients (fp32 states) with the
             # conv step's 512 x 8 launch (session 15's last change, not yet through the server)
     cuda_tests 300 tests/

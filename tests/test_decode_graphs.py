@@ -166,11 +166,14 @@ def test_unknown_options_are_user_errors(kw, word):
 
 
 def test_the_registry_holds_only_measured_modes():
-    assert list(MODES) == ["cublas", "cublas_lt", "triton", "triton_cx", "triton_xp"]
-    assert MODES["triton_cx"].step_kwargs(1) == {"gemv": True, "conv_fold": True, "xproj_merge": False,
-                                                 "lt_out_proj": False}
-    assert MODES["triton_cx"].step_kwargs(4) == {"gemv": False, "conv_fold": False, "xproj_merge": False,
-                                                 "lt_out_proj": False}
+    assert list(MODES) == ["cublas", "cublas_lt", "split_x", "split_x_lt", "triton", "triton_cx",
+                           "triton_xp"]
+    off = {"gemv": False, "conv_fold": False, "xproj_merge": False, "lt_out_proj": False, "split_x": False}
+    assert MODES["triton_cx"].step_kwargs(1) == {**off, "gemv": True, "conv_fold": True}
+    assert MODES["triton_cx"].step_kwargs(4) == off
+    # split_x only above the rows whose SSM kernel runs dt_proj itself (DT_PROJ_MAX_BATCH = 4)
+    assert MODES["split_x_lt"].step_kwargs(4) == {**off, "lt_out_proj": True}
+    assert MODES["split_x_lt"].step_kwargs(5) == {**off, "lt_out_proj": True, "split_x": True}
 
 
 def test_pdl_switch_is_scoped_and_off_where_unsupported():
@@ -217,6 +220,28 @@ def test_out_proj_with_a_zero_bias_is_the_same_step(rng):
     assert torch.equal(plain, lt) and torch.equal(state.ssm, twin.ssm) and torch.equal(state.conv, twin.conv)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_xproj_step_matches_the_cublas_step(dtype, rng):
+    """split_x (x_proj as split-K partials summed with dt_r's norm, ops/triton_xproj.py) gives the
+    step of the plain one to rounding: 6 rows (above DT_PROJ_MAX_BATCH), the fused step under the
+    interpreter; at 4 rows the flag changes nothing (bit for bit)."""
+    model = _model("tiny-odd", dtype)
+    for B in (6, 4):
+        state = _prefilled(model, B, rng)
+        twin = state.clone()
+        tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng)
+        plain = fast_step(model, tok, state.conv, state.ssm)
+        split = fast_step(model, tok, twin.conv, twin.ssm, split_x=True)
+        if B == 4:
+            assert torch.equal(plain, split) and torch.equal(state.ssm, twin.ssm)
+            continue
+        tol = (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 5e-2)
+        assert_close(split, plain, *tol, "logits")
+        assert_close(twin.ssm, state.ssm, *tol, "ssm state")
+        assert torch.equal(twin.conv[0], state.conv[0])  # later layers' inputs differ by rounding
+        assert_close(twin.conv, state.conv, *tol, "conv state")
+
+
 def test_batched_candidates(rng):
     """Above one row the candidates are cublas and, where out_proj is a bias-free dense Linear on
     CUDA, cublas_lt; a forced batch-1 mode means cublas there, and cublas_lt is never a batch-1
@@ -224,8 +249,10 @@ def test_batched_candidates(rng):
     cpu = _model("tiny")
     assert [m.name for m in DecodeOptions().candidates(cpu, 4)] == ["cublas"]
     assert [m.name for m in DecodeOptions(mode="triton").candidates(cpu, 4)] == ["cublas"]
-    with pytest.raises(UserError, match="cublas_lt"):
-        DecodeOptions(mode="cublas_lt").candidates(cpu, 4)
+    for name in ("cublas_lt", "split_x", "split_x_lt"):  # CUDA only
+        with pytest.raises(UserError, match=name):
+            DecodeOptions(mode=name).candidates(cpu, 8)
+        assert name not in [m.name for m in DecodeOptions().candidates(cpu)]
     assert "cublas_lt" not in [m.name for m in DecodeOptions().candidates(cpu)]
     lt = MODES["cublas_lt"]
     assert not lt.step_kwargs(1)["lt_out_proj"] and lt.step_kwargs(4)["lt_out_proj"]
@@ -312,23 +339,28 @@ def test_buckets_time_cublas_and_cublas_lt_and_keep_the_fastest_cuda(rng, tmp_pa
     mode, use_pdl = g.mode_for(3)
     times = g.bucket_timings[4]
     assert {n.split("+")[0] for n in times} == {"cublas", "cublas_lt"} and not g.bucket_errors[4]
+    g.mode_for(6)  # above DT_PROJ_MAX_BATCH rows the split x_proj modes too
+    assert ({n.split("+")[0] for n in g.bucket_timings[8]} == {"cublas", "cublas_lt", "split_x", "split_x_lt"}
+            and not g.bucket_errors[8]), g.bucket_errors[8]
     assert mode.name + ("+pdl" if use_pdl else "") == min(times, key=times.get)
     assert not g.buckets_from_cache
     tok = torch.randint(0, model.config.vocab_size, (3,), generator=rng).cuda()
     _steps_match(dec, model, twin, tok, 3, 3e-2, 5e-2, f"logits ({mode.name})")
     again = PoolStepper(model, state, tuning_cache=str(tmp_path)).graphs
     assert again.mode_for(3) == (mode, use_pdl) and again.buckets_from_cache == {4}
+    assert again.mode_for(8) == g.mode_for(8) and again.buckets_from_cache == {4, 8}
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["cublas", "cublas_lt"])
-def test_forced_batched_modes_match_model_step_cuda(mode, rng):
+@pytest.mark.parametrize("mode", ["cublas", "cublas_lt", "split_x", "split_x_lt"])
+@pytest.mark.parametrize("B", [5, 64])
+def test_forced_batched_modes_match_model_step_cuda(mode, B, rng):
     model = _model("tiny", torch.bfloat16, "cuda")
-    state = _prefilled(model, 5, rng)
+    state = _prefilled(model, B, rng)
     twin = state.clone()
     dec = PoolStepper(model, state, DecodeOptions(mode=mode))
-    assert dec.graphs.mode_for(5)[0].name == mode
-    tok = torch.randint(0, model.config.vocab_size, (5,), generator=rng).cuda()
+    assert dec.graphs.mode_for(B)[0].name == mode
+    tok = torch.randint(0, model.config.vocab_size, (B,), generator=rng).cuda()
     _steps_match(dec, model, twin, tok, 3, 3e-2, 5e-2, f"logits ({mode})")
 
 

@@ -345,3 +345,47 @@ def test_rms_rows_gathers_table_rows(rng):
     ref = triton_decode.rms_rows(table[idx], w, 1e-5, x_out=xo2, round_in=torch.bfloat16,
                                  round_y=torch.bfloat16)
     assert y.shape == (4, 48) and torch.equal(y, ref) and torch.equal(xo, xo2)
+
+
+def check_xproj_rows(M, K, E, R, dtype, gen, norm=True):
+    """ops/triton_xproj.py: x_proj as split-K partials, summed with dt_r's norm, against F.linear
+    then rms_rows on the first R columns (the step's plain path)."""
+    from falcon_mamba.ops import triton_decode, triton_xproj
+
+    x = _r(gen, M, K, dtype=dtype)
+    w = _r(gen, E, K, dtype=dtype, scale=K ** -0.5)
+    eps = 1e-6 if norm else None
+    y = triton_xproj.xproj_rows(x, w, R, eps)
+    ref = torch.nn.functional.linear(x, w)
+    if norm:
+        ref = torch.cat([triton_decode.rms_rows(ref[:, :R], None, eps, round_y=dtype), ref[:, R:]], 1)
+    assert y.dtype == dtype and y.shape == (M, E)
+    assert_close(y, ref, *TOL[dtype], f"xproj rows {M}x{K}x{E} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xproj_rows_small_odd_sizes(dtype, rng):
+    # K not a multiple of the split, E not of the column block, M over one row block (64)
+    check_xproj_rows(70, 300, 50, 20, dtype, rng)
+    check_xproj_rows(6, 128, 37, 37, dtype, rng, norm=False)
+
+
+def test_xproj_rows_sums_in_a_fixed_order(rng):
+    """A row's result depends on nothing but its own row (the partials are summed in split order,
+    no atomics): the same rows give the same bits when the other rows change, run after run."""
+    from falcon_mamba.ops import triton_xproj
+
+    x = _r(rng, 70, 300, dtype=torch.bfloat16)
+    w = _r(rng, 50, 300, dtype=torch.bfloat16, scale=300 ** -0.5)
+    other = x.clone()
+    other[10:] = _r(rng, 60, 300, dtype=torch.bfloat16)
+    y = triton_xproj.xproj_rows(x, w, 20, 1e-6)
+    assert torch.equal(y[:10], triton_xproj.xproj_rows(other, w, 20, 1e-6)[:10])
+    assert torch.equal(y, triton_xproj.xproj_rows(x, w, 20, 1e-6))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [5, 64, 256])
+def test_xproj_rows_7b_cuda(dtype, M, rng):
+    check_xproj_rows(M, 8192, 288, 256, dtype, rng)

@@ -37,6 +37,7 @@ class Mode:
     xproj_merge: bool = False  # int4 x_proj as extra programs of the packed in_proj launch
     lt_out_proj: bool = False  # above one row: out_proj through cuBLASLt (a zero bias); at batch 1
     # this mode is cublas
+    split_x: bool = False  # above DT_PROJ_MAX_BATCH rows: x_proj by ops/triton_xproj.py
     supported: Callable | None = None  # model -> bool; None: always
     needs: str = ""  # what `supported` checks, for the error of a forced mode
 
@@ -48,7 +49,8 @@ class Mode:
         lt_out_proj (the caller passes fast_step the zero bias it needs)."""
         one = rows == 1
         return {"gemv": self.gemv and one, "conv_fold": self.conv_fold and one,
-                "xproj_merge": self.xproj_merge and one, "lt_out_proj": self.lt_out_proj and not one}
+                "xproj_merge": self.xproj_merge and one, "lt_out_proj": self.lt_out_proj and not one,
+                "split_x": self.split_x and rows > _split_min_rows()}
 
 
 def _conv_fold(model) -> bool:
@@ -64,6 +66,23 @@ def _plain_out_proj(model) -> bool:
         type(b.mixer.out_proj) is torch.nn.Linear and b.mixer.out_proj.bias is None for b in layers)
 
 
+def _split_min_rows() -> int:
+    """split_x applies above this many rows (at fewer the SSM kernel runs dt_proj and its norm)."""
+    from falcon_mamba.ops.triton_decode import DT_PROJ_MAX_BATCH
+
+    return DT_PROJ_MAX_BATCH
+
+
+def _split_x(model) -> bool:
+    from falcon_mamba.decode.step import split_xproj_supported
+
+    return model.device.type == "cuda" and split_xproj_supported(model)
+
+
+def _split_x_lt(model) -> bool:
+    return _split_x(model) and _plain_out_proj(model)
+
+
 def _xproj_merge(model) -> bool:
     from falcon_mamba.decode.step import xproj_merge_supported
 
@@ -74,6 +93,10 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("cublas"),
     Mode("cublas_lt", lt_out_proj=True, supported=_plain_out_proj,
          needs="a bias-free dense out_proj on a CUDA GPU"),
+    Mode("split_x", split_x=True, supported=_split_x,
+         needs="bias-free dense x_proj Linears on a CUDA GPU"),
+    Mode("split_x_lt", split_x=True, lt_out_proj=True, supported=_split_x_lt,
+         needs="bias-free dense x_proj and out_proj Linears on a CUDA GPU"),
     Mode("triton", gemv=True),
     Mode("triton_cx", gemv=True, conv_fold=True, supported=_conv_fold,
          needs="GEMV-able x_proj and a fusable dt_proj (dense, or quantized with its bias outside the "
@@ -82,6 +105,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          needs="int4 in_proj and x_proj on the packed int4 kernel (a CUDA GPU)"),
 )}
 
+# the modes of the steps above one row (cublas, the reference, first)
+BATCHED = ("cublas", "cublas_lt", "split_x", "split_x_lt")
 PDL_CHOICES = ("auto", "on", "off")
 
 
@@ -111,16 +136,17 @@ class DecodeOptions:
 
     def candidates(self, model, rows: int = 1) -> list[Mode]:
         """The modes to time at `rows` rows (the forced one alone), cublas first (the reference):
-        at batch 1 the batch-1 modes, above it cublas and cublas_lt."""
-        batched = [MODES["cublas"], MODES["cublas_lt"]]
+        at batch 1 the batch-1 modes, above it cublas and cublas_lt, and above
+        DT_PROJ_MAX_BATCH rows split_x and split_x_lt too."""
+        batched = [MODES[n] for n in BATCHED]
         if self.mode != "auto":
             m = MODES[self.mode]
             if not m.applies(model):
                 raise UserError(f"decode mode {m.name} needs {m.needs}; use --decode-mode auto")
             return [m] if rows == 1 or m in batched else [MODES["cublas"]]
         if rows > 1:
-            return [m for m in batched if m.applies(model)]
-        return [m for m in MODES.values() if not m.lt_out_proj and m.applies(model)]
+            return [m for m in batched if m.applies(model) and (rows > _split_min_rows() or not m.split_x)]
+        return [m for m in MODES.values() if m not in batched[1:] and m.applies(model)]
 
 
 def add_decode_arguments(parser) -> None:

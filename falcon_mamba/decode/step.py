@@ -81,28 +81,51 @@ def _pairs_buffer(mod, rows: int, dtype: torch.dtype, device, gemv: bool) -> tor
 XP_SSM_BLOCK_D = 16
 
 
-def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None, block_d=None):
+def _ssm_tail(ops, m, ssm_i, xc, z, xdbl, norm_eps, R: int, N: int, pairs=None, block_d=None,
+              dt_normed: bool = False):
     """x_proj output -> (gated y (B, D), pairs or None): one fused kernel when dt_proj is dense or
     quantized (_dt_weight), which also fills pairs (y in the pair layout) when given; else split +
     norms + dt_proj module + the plain SSM step, and no pairs. block_d: channels per program of the
-    quantized-W_dt kernel (default triton_decode.SSM_BLOCK_D)."""
+    quantized-W_dt kernel (default triton_decode.SSM_BLOCK_D). dt_normed: xdbl's dt_r columns are
+    already normed (_split_xproj)."""
     w_dt = _dt_weight(m.dt_proj)
     if isinstance(w_dt, torch.Tensor):
         y = ops.mixer_ssm_step(ssm_i, xc, z, xdbl, w_dt, m.dt_proj.bias, m.A_log, m.D, norm_eps,
-                               pairs_out=pairs)
+                               pairs_out=pairs, dt_normed=dt_normed)
         return y, pairs
     if w_dt is not None:  # quantized: the kernel directly (the op's reference twin takes a dense W_dt)
         from falcon_mamba.ops import triton_decode
 
         y = triton_decode.ssm_step(ssm_i, xc, xdbl[:, :R], m.A_log, xdbl[:, R:R + N], xdbl[:, R + N:], m.D,
                                    z, m.dt_proj.bias, W_dt=w_dt, norm_eps=norm_eps, a_is_log=True,
-                                   pairs_out=pairs, block_d=block_d)
+                                   pairs_out=pairs, block_d=block_d, dt_normed=dt_normed)
         return y, pairs
     dt_r, Bm, Cm = torch.split(xdbl, [R, N, N], dim=-1)
     if norm_eps is not None:
-        dt_r, Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (dt_r, Bm, Cm))
+        Bm, Cm = (ops.rms_norm(t, None, norm_eps) for t in (Bm, Cm))
+        if not dt_normed:
+            dt_r = ops.rms_norm(dt_r, None, norm_eps)
     return ops.ssm_step(ssm_i, xc, m.dt_proj(dt_r), -torch.exp(m.A_log.float()), Bm, Cm, m.D.float(), z,
                         m.dt_proj.bias.float()), None
+
+
+def split_xproj_supported(model) -> bool:
+    """True where the many-row step can run every x_proj by ops/triton_xproj.py: each a bias-free
+    dense torch Linear (a quantized one has its own kernel)."""
+    from falcon_mamba.ops import triton_xproj
+
+    layers = model.backbone.layers
+    return len(layers) > 0 and all(
+        type(b.mixer.x_proj) is torch.nn.Linear and b.mixer.x_proj.bias is None
+        and triton_xproj.supported(b.mixer.x_proj.weight) for b in layers)
+
+
+def _split_xproj(m, xc, norm_eps, R: int) -> torch.Tensor:
+    """Above DT_PROJ_MAX_BATCH rows: x_proj as split-K partials and their sum with dt_r normed
+    (ops/triton_xproj.py; 3 cuBLAS and norm launches become 2)."""
+    from falcon_mamba.ops import triton_xproj
+
+    return triton_xproj.xproj_rows(xc, m.x_proj.weight, R, norm_eps)
 
 
 def conv_fold_supported(model) -> bool:
@@ -151,7 +174,7 @@ def _conv_folded(m, ssm_i, conv_i, xz, norm_eps, R: int, N: int, pairs=None) -> 
 @torch.no_grad()
 def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
               gemv: bool = False, conv_fold: bool = False, xproj_merge: bool = False,
-              out_zero_bias: torch.Tensor | None = None) -> torch.Tensor:
+              split_x: bool = False, out_zero_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step with the fused kernels: tokens (B,) -> logits (B, V) fp32.
     conv (nL, B, K-1, D) and ssm (nL, B, D, N) are updated in place (same math as model.step); each
     layer's slice conv[i], ssm[i] must be contiguous (rows of a state pool are). The projections are
@@ -162,7 +185,9 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     with gemv, x_proj inside the packed int4 in_proj launch (the caller checks
     xproj_merge_supported). out_zero_bias (H,) zeros: above one row, out_proj as F.linear with it as
     bias (cuBLASLt's gemm-and-bias; the mode cublas_lt, which checks that out_proj is a bias-free
-    dense Linear). decode/modes.py names these combinations."""
+    dense Linear). split_x: above DT_PROJ_MAX_BATCH rows, x_proj and dt_r's norm by
+    ops/triton_xproj.py (the caller checks split_xproj_supported). decode/modes.py names these
+    combinations."""
     ops = _ops()
     c = model.config
     D, R, N = c.intermediate_size, c.time_step_rank, c.state_size
@@ -177,6 +202,9 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
     out = None
     norm_eps = c.mixer_rms_eps if c.bcdt_rms else None
     fold = conv_fold and gemv and tokens_B.shape[0] == 1
+    from falcon_mamba.ops.triton_decode import DT_PROJ_MAX_BATCH
+
+    split = split_x and tokens_B.shape[0] > DT_PROJ_MAX_BATCH
     if gemv:
         from falcon_mamba.ops.triton_gemv import GemvWeight, fused_gemv
     for i, blk in enumerate(model.backbone.layers):
@@ -203,9 +231,10 @@ def fast_step(model, tokens_B: torch.Tensor, conv: torch.Tensor, ssm: torch.Tens
             if pin is None:
                 xc = ops.conv_step(conv[i], xz[:, :D], m.conv1d.weight[:, 0], m.conv1d.bias)
             if xdbl is None:
-                xdbl = _proj(m.x_proj, xc, gemv)
+                xdbl = _split_xproj(m, xc, norm_eps, R) if split else _proj(m.x_proj, xc, gemv)
             y, pout = _ssm_tail(ops, m, ssm[i], xc, xz[:, D:], xdbl, norm_eps, R, N, pout,
-                                XP_SSM_BLOCK_D if xproj_merge else None)
+                                XP_SSM_BLOCK_D if xproj_merge else None,
+                                dt_normed=split and norm_eps is not None)
         if out_zero_bias is not None and B > 1:
             out = torch.nn.functional.linear(y, m.out_proj.weight, out_zero_bias)
         else:

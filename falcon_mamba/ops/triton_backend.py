@@ -118,14 +118,15 @@ def ssm_step(state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D):
 
 @_guard
 def mixer_ssm_step(state_BDN, x_BD, z_BD, xdbl_BE, W_dt_DR, dt_bias_D, A_log_DN, D_D,
-                   norm_eps: float | None, pairs_out=None):
+                   norm_eps: float | None, pairs_out=None, dt_normed: bool = False):
     """Fused decode tail of a mixer (see fused_reference.mixer_ssm_step): from the x_proj output
     [dt_r, B, C] (B, R+2N) to the gated y (B, D). Updates state_BDN in place. pairs_out: y also in
-    the packed int4 GEMV's pair layout (triton_decode.ssm_step)."""
+    the packed int4 GEMV's pair layout; dt_normed: dt_r already normed (triton_decode.ssm_step)."""
     R, N = W_dt_DR.shape[1], A_log_DN.shape[1]
     return triton_decode.ssm_step(
         state_BDN, x_BD, xdbl_BE[:, :R], A_log_DN, xdbl_BE[:, R:R + N], xdbl_BE[:, R + N:], D_D,
-        z_BD, dt_bias_D, W_dt=W_dt_DR, norm_eps=norm_eps, a_is_log=True, pairs_out=pairs_out)
+        z_BD, dt_bias_D, W_dt=W_dt_DR, norm_eps=norm_eps, a_is_log=True, pairs_out=pairs_out,
+        dt_normed=dt_normed)
 
 
 @_guard

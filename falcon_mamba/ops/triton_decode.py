@@ -416,7 +416,7 @@ def _conv_step(state, ss_k: int, ss_d: int, extra: int, x_BD, weight_DK, bias_D,
 
 def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D, *,
              W_dt=None, norm_eps=None, a_is_log=False, block_d=None, rb=None,
-             num_warps=None, conv=None, pairs_out=None) -> torch.Tensor:
+             num_warps=None, conv=None, pairs_out=None, dt_normed=False) -> torch.Tensor:
     """One token of the scan; updates state_BDN (B, D, N) in place; returns y (B, D). The state is
     fp32, or bf16 (a state pool's opt-in: read into fp32, the new state rounded once when stored,
     y from the unrounded one, as mamba_ssm's selective_state_update does).
@@ -434,7 +434,9 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
     pairs_out (D,) in x's dtype, batch 1: y again in the packed int4 GEMV's pair layout (out_proj's
     input; _pair_index). conv and pairs_out need the in-kernel projection (W_dt, at most
     DT_PROJ_MAX_BATCH rows). Without it (W_dt None, or more rows) the step is _ssm_rows_kernel:
-    block_d channels of one row per program (default SSM_ROWS_BLOCK_D).
+    block_d channels of one row per program (default SSM_ROWS_BLOCK_D). dt_normed: the fused
+    form above DT_PROJ_MAX_BATCH rows with dt_r already through its norm (ops/triton_xproj.py's
+    finish kernel did it); B and C are still normed here.
     """
     Bsz, D = x_BD.shape
     N = A_DN.shape[1]
@@ -445,9 +447,11 @@ def ssm_step(state_BDN, x_BD, dt_or_dtr, A_DN, B_BN, C_BN, D_D, z_BD, dt_bias_D,
         W_dt = W_dt.w  # a dense GemvWeight: its tensor
     wq = None if W_dt is None or isinstance(W_dt, torch.Tensor) else W_dt  # quantized
     fused = W_dt is not None
+    if dt_normed and not (fused and Bsz > DT_PROJ_MAX_BATCH):
+        raise ValueError(f"ssm_step: dt_normed needs W_dt and more than {DT_PROJ_MAX_BATCH} rows")
     if fused and Bsz > DT_PROJ_MAX_BATCH:
         dt_r = dt_or_dtr
-        if norm_eps is not None:
+        if norm_eps is not None and not dt_normed:
             dt_r = rms_rows(dt_r, None, norm_eps, round_y=dt_r.dtype)
         if wq is None:
             dt_or_dtr = torch.nn.functional.linear(dt_r, W_dt)
