@@ -13,9 +13,9 @@ kernel walks a long K loop per program, so it is bound by load latency, not byte
   slice of W's n rows, one tl.dot per BK-wide piece, and stores its fp32 partial P[s, m, n]. The
   slice is short (XPROJ_BLOCK_K), so there are enough programs to pull the weight at the copy rate,
   and the first piece of the weight is loaded before the PDL wait (no kernel of the step writes W).
-- ``_xproj_finish_kernel``: a program per BR rows sums the S partials in a fixed order
-  (deterministic: a row's result never depends on timing), rounds to the model dtype as cuBLAS's
-  output would be, and for dt_r's R columns applies the weightless RMSNorm (rounded as
+- ``_xproj_finish_kernel``: a program per row sums its S partials in a fixed order
+  (deterministic: a row's result never depends on timing or on the other rows), rounds to the
+  model dtype as cuBLAS's output would be, and for dt_r's R columns applies the weightless RMSNorm (rounded as
   triton_decode.rms_rows rounds it). B and C are left raw: the SSM kernel norms them.
 The result equals F.linear(x, W) then rms_rows on the first R columns, to the summation order.
 """
@@ -75,23 +75,23 @@ def _xproj_part_kernel(x_ptr, w_ptr, p_ptr, M, E, K, sx_m, sw_e,
 
 @triton.jit
 def _xproj_finish_kernel(p_ptr, y_ptr, M, E, R, S, eps, sy_m,
-                         BR: tl.constexpr, BE: tl.constexpr, NORM: tl.constexpr, RMODE: tl.constexpr,
+                         SP: tl.constexpr, BE: tl.constexpr, NORM: tl.constexpr, RMODE: tl.constexpr,
                          PDL: tl.constexpr):
+    # One program per row: its S partials as one (SP, BE) tile (independent loads, not a chain of
+    # S dependent ones), summed by tl.sum's fixed tree (the same bits whatever runs beside it).
     dep_sync(PDL)
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SP)
     cols = tl.arange(0, BE)
-    msk = (rows < M)[:, None] & (cols < E)[None, :]
-    ptrs = p_ptr + rows[:, None] * E + cols[None, :]
-    acc = tl.zeros((BR, BE), dtype=tl.float32)
-    for s in range(S):  # a fixed order: the same sum whatever runs beside it
-        acc += tl.load(ptrs + s * M * E, mask=msk, other=0.0)
-    v = _round(acc, RMODE)  # the product as a matmul's output in the model dtype
+    mc = cols < E
+    part = tl.load(p_ptr + (sp[:, None] * M + r) * E + cols[None, :], mask=(sp < S)[:, None] & mc[None, :],
+                   other=0.0)
+    v = _round(tl.sum(part, axis=0), RMODE)  # the product as a matmul's output in the model dtype
     if NORM:  # dt_r's weightless RMSNorm over its R columns
-        is_dt = (cols < R)[None, :]
-        ss = tl.sum(tl.where(is_dt, v * v, 0.0), axis=1)
-        rstd = tl.rsqrt(ss / R + eps)
-        v = tl.where(is_dt, _round(v * rstd[:, None], RMODE), v)
-    tl.store(y_ptr + rows[:, None] * sy_m + cols[None, :], v.to(y_ptr.dtype.element_ty), mask=msk)
+        is_dt = cols < R
+        rstd = tl.rsqrt(tl.sum(tl.where(is_dt, v * v, 0.0), axis=0) / R + eps)
+        v = tl.where(is_dt, _round(v * rstd, RMODE), v)
+    tl.store(y_ptr + r * sy_m + cols, v.to(y_ptr.dtype.element_ty), mask=mc)
 
 
 def supported(weight: torch.Tensor) -> bool:
@@ -119,10 +119,9 @@ def xproj_rows(x_MK: torch.Tensor, w_EK: torch.Tensor, rank: int, norm_eps: floa
         BM=BM, BN=BN, BK=BK, PIECES=pieces, F32_DOT=x_MK.dtype == torch.float32 or pdl._interpreting(),
         num_warps=XPROJ_WARPS,
         **pdl.launch_kwargs(x_MK.device), **LAUNCH_OPTIONS)
-    BE = triton.next_power_of_2(E)
-    BR = max(1, min(16, 2048 // BE))
-    _xproj_finish_kernel[(triton.cdiv(M, BR),)](
+    SP, BE = triton.next_power_of_2(S), triton.next_power_of_2(E)
+    _xproj_finish_kernel[(M,)](
         part, y, M, E, rank, S, float(norm_eps or 0.0), y.stride(0),
-        BR=BR, BE=BE, NORM=norm_eps is not None, RMODE=_ROUND.get(y.dtype, 0),
-        num_warps=4 if BR * BE >= 2048 else 1, **pdl.launch_kwargs(x_MK.device), **LAUNCH_OPTIONS)
+        SP=SP, BE=BE, NORM=norm_eps is not None, RMODE=_ROUND.get(y.dtype, 0),
+        num_warps=8 if SP * BE >= 8192 else 4, **pdl.launch_kwargs(x_MK.device), **LAUNCH_OPTIONS)
     return y
