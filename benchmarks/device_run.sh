@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh ab18       # the server at 5bfdc65 and at this tree in one call
 #   benchmarks/device_run.sh xproj18    # the split x_proj: cuda tests, its shapes in the step, the server
 #   benchmarks/device_run.sh final18    # the whole cuda suite, then the server at 64 / 256 (session 16's first call)
 #   benchmarks/device_run.sh serve17    # decode-graph tests, the server at 64 / 256 (fp32, bf16), profile_decode
@@ -264,6 +265,19 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  ab18)  # decode cuda tests; the server at 64 / 256 at 5bfdc65 (.data/old5bf: git archive 5bfdc65
+         # falcon_mamba benchmarks/load_test.py; auto = cublas / cublas_lt) and at this tree (auto with
+         # split_x / split_x_lt too), in one call
+    cuda_tests 120 tests/test_decode_graphs.py tests/test_warm_up.py tests/test_triton_decode.py
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -8
+    (cd .data/old5bf && PYTHONPATH=/tmp/site:. timeout $(left 200) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir ../shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve-old.json" > "$OUT/bench-old.log" 2>&1)
+    echo "== 5bfdc65"; grep -E "^throughput|GPU time|banner|ready" "$OUT/bench-old.log" | head -8
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    echo "== this tree"; grep -v "^{" "$OUT/bench.log" | head -24 ;;
   xproj18)  # the split x_proj's cuda tests; its launch shapes in the 64- / 256-row step against
             # cublas / cublas_lt; the server at 64 / 256 (fp32 states) with the 4-mode bucket autotune
     cuda_tests 100 tests/test_triton_decode.py tests/test_decode_graphs.py -k "xproj or forced or bucket"

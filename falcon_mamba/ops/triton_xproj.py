@@ -32,9 +32,13 @@ from falcon_mamba.ops.triton_decode import _ROUND, _round
 from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
 # D per program (S = D / XPROJ_BLOCK_K splits) and its pieces per tl.dot; output columns per
-# program; warps. Chosen by benchmarks/sweep_step_kernels.py --kernel xproj inside the decode step.
+# program; warps. Timed inside the 16-layer decode step on the H200 (benchmarks/
+# sweep_step_kernels.py --kernel xproj, results/h200-sweep-xproj-b3a1f2f.txt): 256 x one piece
+# was the fastest of seven at 64 rows (both kernels 10.8 us a layer by their profiled durations,
+# which under PDL include the wait for the conv step) and second at 256 rows (17.9 against 15.6
+# for 64 columns a program, a row count where the bucket autotune keeps cuBLAS's x_proj anyway).
 XPROJ_BLOCK_K = 256
-XPROJ_PIECE_K = 128
+XPROJ_PIECE_K = 256
 XPROJ_BLOCK_N = 32
 XPROJ_WARPS = 4
 XPROJ_MAX_BLOCK_M = 64  # rows per program (at least 16: tl.dot's smallest M)
