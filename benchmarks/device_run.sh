@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh gc18       # the server at 0caa448 and at this tree (the heap frozen after warm-up)
 #   benchmarks/device_run.sh ab18       # the server at 5bfdc65 and at this tree in one call
 #   benchmarks/device_run.sh xproj18    # the split x_proj: cuda tests, its shapes in the step, the server
 #   benchmarks/device_run.sh final18    # the whole cuda suite, then the server at 64 / 256 (session 16's first call)
@@ -265,6 +266,19 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  gc18)  # warm-up cuda tests; the server at 64 / 256 at 0caa448 (.data/oldsplit: git archive 0caa448
+         # falcon_mamba benchmarks/load_test.py; the heap frozen before the warm-up) and at this tree
+         # (frozen after it), in one call
+    cuda_tests 45 tests/test_warm_up.py
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -4
+    (cd .data/oldsplit && PYTHONPATH=/tmp/site:. timeout $(left 150) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir ../shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve-old.json" > "$OUT/bench-old.log" 2>&1)
+    echo "== 0caa448"; grep -E "^throughput|GPU time" "$OUT/bench-old.log" | head -8
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    echo "== this tree"; grep -v "^{" "$OUT/bench.log" | head -24 ;;
   ab18)  # decode cuda tests; the server at 64 / 256 at 5bfdc65 (.data/old5bf: git archive 5bfdc65
          # falcon_mamba benchmarks/load_test.py; auto = cublas / cublas_lt) and at this tree (auto with
          # split_x / split_x_lt too), in one call

@@ -295,3 +295,48 @@ def test_streams_are_those_of_the_window_path_and_metrics_count_every_token(mode
     assert runs["table"] == runs["window"]
     finishes = [d[4] for d in runs["table"] if d[4]]
     assert finishes.count("stop") >= 2 and "length" in finishes, "no stop rule was exercised"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_on_ready_runs_once_on_the_engine_thread_before_the_first_step(model_and_tok, fail):
+    """Engine.start(on_ready=...): called once on the engine's thread after the warm-up, before
+    any step (serve freezes the garbage collector's heap there); a hook that raises is logged and
+    serving goes on."""
+    import threading
+    import time
+
+    model, tok = model_and_tok
+    eng = Engine(model, tok, EngineConfig(num_slots=4, max_waiting=8, prefill_chunk=32))
+    seen = []
+
+    def hook():
+        seen.append((threading.current_thread().name, eng.ready, eng.pool.num_used))
+        if fail:
+            raise RuntimeError("hook failed")
+
+    done = threading.Event()
+    eng.start(warm_up=True, on_ready=hook)
+    try:
+        eng.submit([11, 12, 13], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
+                   sink=lambda ds: any(d.finish_reason for d in ds) and done.set())
+        assert done.wait(60), "the request did not finish"
+        deadline = time.monotonic() + 10
+        while not eng.ready:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert seen == [("falcon-mamba-engine", False, 0)]
+    finally:
+        eng.shutdown(5)
+
+
+def test_serve_freezes_the_heap_it_built():
+    """serve's on_ready hook: after it, everything built so far is out of the collector's sight."""
+    import gc
+
+    from falcon_mamba.cli.serve import freeze_heap
+
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
