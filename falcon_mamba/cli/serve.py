@@ -155,18 +155,6 @@ def _check(args) -> dict:
     }
 
 
-def freeze_heap() -> None:
-    """Everything built before serving (torch, the model's modules, the tokenizer's byte table, and
-    what the warm-up made: Triton's compiled kernels, the captured graphs, the tuning results) lives
-    as long as the server: out of the collector's sight, a full collection scans only what serving
-    allocates. (A 256-row engine on the CPU: its longest step, one full collection, 120 -> 2 ms.
-    Frozen before the warm-up instead, the H200 server still had steps whose Python phases, the
-    rows' release and the results' processing, took 20-75 ms: results/h200-serve-0caa448.json.)
-    Called on the engine thread once the warm-up is over (Engine.start's on_ready)."""
-    gc.collect()
-    gc.freeze()
-
-
 def run(args) -> int:
     import logging
     from pathlib import Path
@@ -222,8 +210,7 @@ def run(args) -> int:
     settings = ServerSettings(model_id, api_key=api_key, max_body_bytes=sizes["body"],
                               default_max_tokens=args.default_max_tokens,
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
-    # /health answers 503 "warming up" until the decode graphs are captured
-    engine.start(warm_up=True, on_ready=freeze_heap)
+    engine.start(warm_up=True)  # /health answers 503 "warming up" until the decode graphs are captured
     log.info("serving %s on http://%s:%d/v1 (%s, %s, %s ops; %d state slots of %.3g MiB, %s SSM "
              "states%s)", model_id, args.host, args.port, device, str(dtype).removeprefix("torch."),
              ops.backend_name(device), slots, slot_bytes(model.config, dtype, state_dtype) / 2**20,
@@ -234,6 +221,10 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use it",
                     args.host)
+    # Everything built so far (torch, the model's modules, the tokenizer's byte table) lives as
+    # long as the server: out of the collector's sight, a full collection scans only what serving
+    # allocates (a 256-row engine on the CPU: its longest step, one full collection, 120 -> 2 ms).
+    gc.freeze()
     # The engine thread and the event loop share the interpreter lock. A thread that wants it waits
     # for the holder's switch interval (5 ms by default) at every re-acquisition, and the engine
     # thread re-acquires it after each CUDA call that released it: behind a burst of requests being

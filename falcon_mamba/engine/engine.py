@@ -122,7 +122,6 @@ class Engine:
         self._closing = False
         self._pending: Pending | None = None
         self._warm = False
-        self._on_ready: Callable[[], None] | None = None
         self._ready = False
         self.warm_up_seconds: dict[str, float] = {}  # what each part of warm_up() took
         self._step_records: deque = deque()  # --step-log lines waiting for their GPU time
@@ -134,13 +133,10 @@ class Engine:
         getattr(tokenizer, "byte_table", None)  # the detokenizer's table: built now, not in a request
 
     # ---- public API (any thread) -----------------------------------------------------------
-    def start(self, warm_up: bool = False, on_ready: Callable[[], None] | None = None) -> None:
+    def start(self, warm_up: bool = False) -> None:
         """Run steps on a background thread; warm_up: first capture the decode graphs (``ready``
-        turns True after; requests submitted meanwhile wait in the queue). on_ready: called on
-        that thread once, after the warm-up and before the first step (serve freezes the garbage
-        collector's view of everything the warm-up built)."""
+        turns True after; requests submitted meanwhile wait in the queue)."""
         self._warm = warm_up
-        self._on_ready = on_ready
         self._thread = threading.Thread(target=self._loop, name="falcon-mamba-engine", daemon=True)
         self._thread.start()
 
@@ -288,11 +284,6 @@ class Engine:
                      ", ".join(f"{k} {v} s" for k, v in self.warm_up_seconds.items()))
             if g.use_graphs:
                 watch_late_compiles()
-        if self._on_ready is not None:
-            try:
-                self._on_ready()
-            except Exception:  # a failing hook must not stop serving
-                log.exception("the engine's on_ready hook failed")
         self._ready = True
         while True:
             with self._cv:
