@@ -198,3 +198,36 @@ def test_write_many_copies_a_batchs_rows_together(rng, monkeypatch):
     for r, st in ((0, rows[0]), (1, rows[1]), (2, rows[2]), (3, rows[2]), (4, other), (6, rows[3])):
         assert torch.equal(pool.state.ssm[:, r:r + 1], st.ssm)
         assert torch.equal(pool.state.conv[:, r:r + 1], st.conv)
+
+
+def test_a_wave_larger_than_the_move_scratch_keeps_every_state(rng):
+    """Answers ending together in a wave of more rows than MOVE_ROWS: the rows left move in rounds
+    through the pool's one scratch (allocated once, MOVE_ROWS rows: no allocation that grows with
+    the wave), and every key keeps its state and its tables."""
+    from falcon_mamba.engine.state_pool import MOVE_ROWS
+
+    pool = StatePool(CFG, 40)
+    keys = [f"k{i}" for i in range(36)]
+    pool.join(keys)
+    states = {}
+    for i, k in enumerate(keys):
+        st = State.zeros(CFG, 1)
+        _fill_random(st, rng)
+        pool.write(k, st)
+        pool.tokens[i] = i
+        states[k] = (st, i)
+    bufs = None
+    for wave in (keys[:20:2] + keys[1:9:2], keys[20:26]):  # 14 holes, then 6
+        pool.free_many(wave)
+        for k in wave:
+            del states[k]
+        if bufs is None:
+            bufs = {dt: b.data_ptr() for dt, b in pool._move_buf.items()}
+            assert all(b.numel() == MOVE_ROWS * pool.state.ssm[:, 0].numel()
+                       for dt, b in pool._move_buf.items() if dt == pool.state.ssm.dtype)
+        assert {dt: b.data_ptr() for dt, b in pool._move_buf.items()} == bufs  # the same scratch
+        assert sorted(pool.row(k) for k in states) == list(range(len(states)))
+        for k, (st, tok) in states.items():
+            got = pool.read(k)
+            assert torch.equal(got.conv, st.conv) and torch.equal(got.ssm, st.ssm), k
+            assert int(pool.tokens[pool.row(k)]) == tok, k

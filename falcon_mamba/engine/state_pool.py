@@ -34,6 +34,9 @@ from falcon_mamba.errors import UserError
 from falcon_mamba.state import State
 
 PAD_ROWS = 7  # the largest bucket(n) - n of decode/graphs.py's buckets
+# Rows of state a bulk move carries per gather / scatter round, through one scratch buffer the pool
+# keeps (see StatePool._move_state_rows)
+MOVE_ROWS = 8
 SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a pool's SSM state dtypes
 
 
@@ -94,6 +97,7 @@ class StatePool:
         self._dec: list[Hashable] = []  # row i holds _dec[i]
         self._top: list[Hashable] = []  # row R - 1 - i holds _top[i]
         self._filled: set[Hashable] = set()  # parked keys whose row holds a written state
+        self._move_buf: dict[torch.dtype, torch.Tensor] = {}  # _move_state_rows' scratch, per dtype
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -142,7 +146,27 @@ class StatePool:
             idx = _index([a for a, _ in pairs] + [b for _, b in pairs], self.device)  # one copy
             src, dst = idx[:len(pairs)], idx[len(pairs):]
             for t, dim in tensors:
-                t.index_copy_(dim, dst, t.index_select(dim, src))
+                if t is self.state.conv or t is self.state.ssm:
+                    self._move_state_rows(t, src, dst)
+                else:
+                    t.index_copy_(dim, dst, t.index_select(dim, src))
+
+    def _move_state_rows(self, t: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Rows src -> dst of a state tensor (nL, R, ...) through a scratch of MOVE_ROWS rows kept
+        by the pool. (A gather into a fresh tensor asked the allocator for k rows of state at
+        every wave of answers ending: 40 rows of the 7B are 1.5 GB, a new size each time; the H200
+        server's steps that released rows took 20-75 ms of host time there,
+        results/h200-serve-0caa448.json.)"""
+        row = t[:, 0].numel()  # one row's elements over the layers
+        buf = self._move_buf.get(t.dtype)
+        if buf is None:  # sized for the larger of the state's tensors of this dtype
+            most = max(x[:, 0].numel() for x in (self.state.conv, self.state.ssm) if x.dtype == t.dtype)
+            buf = self._move_buf[t.dtype] = torch.empty(MOVE_ROWS * most, dtype=t.dtype, device=t.device)
+        for i in range(0, src.numel(), MOVE_ROWS):
+            s, d = src[i:i + MOVE_ROWS], dst[i:i + MOVE_ROWS]
+            rows = buf[:s.numel() * row].view(t.shape[0], s.numel(), *t.shape[2:])
+            torch.index_select(t, 1, s, out=rows)
+            t.index_copy_(1, d, rows)
 
     def _check_room(self) -> None:
         if bucket(len(self._dec)) > self.num_rows - len(self._top):
