@@ -111,10 +111,13 @@ def main() -> int:
                 res["rows"].append(r)
                 if "error" in r:
                     print(f"{sd:8s} @{batch:3d} {r['config']:12s} ERROR {r['error']}", flush=True)
+                elif isinstance(c, str):  # a mode's step as it is: the baseline
+                    print(f"{sd:8s} @{batch:3d} {r['config']:12s} step {r['step_ms']:.3f} ms", flush=True)
                 else:
                     print(f"{sd:8s} @{batch:3d} {r['config']:12s} step {r['step_ms']:.3f} ms  {args.kernel} "
                           f"{r['kernel_us_per_layer']:6.2f} us/layer (floor {floor_us:5.1f}: "
-                          f"{floor_us / max(r['kernel_us_per_layer'], 1e-9):.0%})", flush=True)
+                          f"{floor_us / r['kernel_us_per_layer']:.0%}; under PDL a duration includes "
+                          "the wait for the kernel before)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -3,18 +3,24 @@
 A mode says how the projections of a step run (decode/step.py's fast_step flags). At batch 1 the
 decoder times every supported batch-1 mode, each with and without programmatic dependent launch
 (ops/pdl.py), checks each one's logits against the cuBLAS path and keeps the fastest
-(decode/graphs.py). Above one row every projection is a cuBLAS matmul, and per batch bucket the
-decoder times the two ways of asking cuBLAS for out_proj: "cublas" (F.linear) and "cublas_lt"
+(decode/graphs.py). Above one row in_proj and dt_proj are cuBLAS matmuls, and per batch bucket the
+decoder times two ways of asking cuBLAS for out_proj: "cublas" (F.linear) and "cublas_lt"
 (F.linear with a zero bias: PyTorch sends a product with a 1-D bias to cuBLASLt's gemm-and-bias,
-whose heuristic picks another kernel; adding 0 changes no output bit). Every choice is cached on
-disk per GPU, model shape, rows, dtype and weight format (decode/tuning.py).
+whose heuristic picks another kernel; adding 0 changes no output bit), each with x_proj by cuBLAS
+or, above DT_PROJ_MAX_BATCH rows, by ops/triton_xproj.py ("split_x", "split_x_lt": split-K
+partials and one kernel that sums them and norms dt_r, 2 launches for cuBLAS's 2 and the norm's
+1). Every choice is cached on disk per GPU, model shape, rows, dtype and weight format
+(decode/tuning.py).
 
 Which modes exist is measured, not wished: each one below won on some GPU and weight format
 (benchmarks/results/): triton_cx for bf16 and int8 and triton_xp for int4 on the H100 (session 5),
 triton for int8 before triton_cx existed; cublas is the correctness reference of the autotune;
 cublas_lt at 64 rows of the 7B on the H200 (out_proj 20.9 against 23.4 us a layer, 16 distinct
 weights in a CUDA graph; at 16 and 256 rows F.linear was as fast or faster:
-results/h200-decode-gemms-ffdd39d.json). The "fused" (norm + in_proj + conv in one launch) and "chain"
+results/h200-decode-gemms-ffdd39d.json); split_x at 8-16 rows and split_x_lt at 24-120 rows of the
+7B on the H200 (the server's bucket timing, three calls; the 64-row step's GPU time 6.92 -> 6.61 ms
+and 64 streaming clients 7,874 -> 8,118 tok/s against the code before it in the same call:
+results/h200-serve-0caa448.json). The "fused" (norm + in_proj + conv in one launch) and "chain"
 (out_proj's epilogue computing the next norm's statistics) modes never won (H100: +0.35 and +0.12 ms
 per bf16 step over triton_cx) and were removed.
 """

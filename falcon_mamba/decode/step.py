@@ -11,6 +11,9 @@ projection mode (decode/modes.py) picks how the projections run:
   as its input and the fused SSM kernel recomputes it for its channels and updates the conv state
   (where x_proj is a GEMV weight and dt_proj is fusable: conv_fold_supported);
 - xproj_merge (with gemv; "triton_xp"): int4 x_proj as extra programs of the packed in_proj launch.
+Above DT_PROJ_MAX_BATCH rows, split_x ("split_x", "split_x_lt") runs x_proj and dt_r's norm by
+ops/triton_xproj.py (split-K partials, then one kernel summing them) instead of cuBLAS + its split-K
+reduce + the norm kernel.
 dt_proj is fused into the SSM kernel when it is a dense Linear or a QuantLinear whose bias is added
 outside its forward (the model's: the scan adds it in fp32); the kernel dequantizes it (_dt_weight).
 Where a batch-1 GEMV is the packed int4 kernel (ops/triton_gemv_i4.py: int4 g128 in_proj, out_proj,
