@@ -87,6 +87,20 @@ mixed_pairs() {  # mixed_pairs CHUNK:INTERVAL...: the mixed load alone under eac
   done
 }
 
+serve_ab() {  # serve_ab OLD_TREE RESERVE_S: the server at 64 / 256 clients from OLD_TREE (a `git archive`
+  # of an earlier commit's falcon_mamba and benchmarks/load_test.py under .data), keeping RESERVE_S
+  # for the second run, then from this tree, in one call
+  local root=$PWD
+  (cd "$1" && PYTHONPATH=/tmp/site:. timeout $(left "$2") python3 benchmarks/load_test.py --random 7b \
+    --tokenizer-dir "$root/.data/shared/tokenizers/falcon" --slots 256 --sweep 64,256 --max-tokens 128 \
+    --temperature 0 --procs 8 --out "$OUT/serve-old.json" > "$OUT/bench-old.log" 2>&1)
+  echo "== $1"; grep -E "^throughput|GPU time" "$OUT/bench-old.log" | head -8
+  timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+    --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+    --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+  echo "== this tree"; grep -v "^{" "$OUT/bench.log" | head -24
+}
+
 cuda_tests() {  # cuda_tests LIMIT_S FILES...: 8 pytest processes (the suite is compile-bound)
   local limit=$1
   shift
@@ -273,32 +287,16 @@ case "$MODE" in
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 64 --sweep 64 --max-tokens 128 \
       --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
     grep -v "^{" "$OUT/bench.log" | head -12 ;;
-  gc18)  # warm-up cuda tests; the server at 64 / 256 at 0caa448 (.data/oldsplit: git archive 0caa448
-         # falcon_mamba benchmarks/load_test.py; the heap frozen before the warm-up) and at this tree
-         # (frozen after it), in one call
+  gc18)  # warm-up cuda tests; the server at 0caa448 (.data/oldsplit: git archive 0caa448 falcon_mamba
+         # benchmarks/load_test.py) and at this tree (at 7a75a9e: the heap frozen after the warm-up)
     cuda_tests 45 tests/test_warm_up.py
     grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -4
-    (cd .data/oldsplit && PYTHONPATH=/tmp/site:. timeout $(left 150) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir ../shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve-old.json" > "$OUT/bench-old.log" 2>&1)
-    echo "== 0caa448"; grep -E "^throughput|GPU time" "$OUT/bench-old.log" | head -8
-    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    echo "== this tree"; grep -v "^{" "$OUT/bench.log" | head -24 ;;
-  ab18)  # decode cuda tests; the server at 64 / 256 at 5bfdc65 (.data/old5bf: git archive 5bfdc65
-         # falcon_mamba benchmarks/load_test.py; auto = cublas / cublas_lt) and at this tree (auto with
-         # split_x / split_x_lt too), in one call
+    serve_ab .data/oldsplit 150 ;;
+  ab18)  # decode cuda tests; the server at 5bfdc65 (.data/old5bf: git archive 5bfdc65 falcon_mamba
+         # benchmarks/load_test.py; auto = cublas / cublas_lt) and at this tree (split_x modes too)
     cuda_tests 120 tests/test_decode_graphs.py tests/test_warm_up.py tests/test_triton_decode.py
     grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -8
-    (cd .data/old5bf && PYTHONPATH=/tmp/site:. timeout $(left 200) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir ../shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve-old.json" > "$OUT/bench-old.log" 2>&1)
-    echo "== 5bfdc65"; grep -E "^throughput|GPU time|banner|ready" "$OUT/bench-old.log" | head -8
-    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    echo "== this tree"; grep -v "^{" "$OUT/bench.log" | head -24 ;;
+    serve_ab .data/old5bf 200 ;;
   xproj18)  # the split x_proj's cuda tests; its launch shapes in the 64- / 256-row step against
             # cublas / cublas_lt; the server at 64 / 256 (fp32 states) with the 4-mode bucket autotune
     cuda_tests 100 tests/test_triton_decode.py tests/test_decode_graphs.py -k "xproj or forced or bucket"
