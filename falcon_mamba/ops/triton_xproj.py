@@ -15,9 +15,12 @@ kernel walks a long K loop per program, so it is bound by load latency, not byte
   and the first piece of the weight is loaded before the PDL wait (no kernel of the step writes W).
 - ``_xproj_finish_kernel``: a program per row sums its S partials in a fixed order
   (deterministic: a row's result never depends on timing or on the other rows), rounds to the
-  model dtype as cuBLAS's output would be, and for dt_r's R columns applies the weightless RMSNorm (rounded as
-  triton_decode.rms_rows rounds it). B and C are left raw: the SSM kernel norms them.
+  model dtype as cuBLAS's output would be, and for dt_r's R columns applies the weightless
+  RMSNorm (rounded as triton_decode.rms_rows rounds it). B and C are left raw: the SSM kernel
+  norms them.
 The result equals F.linear(x, W) then rms_rows on the first R columns, to the summation order.
+Measured in the server (H200, 7B): the bucket timing keeps it at 8-120 rows; the 64-row step's GPU
+time 6.92 -> 6.61 ms against cuBLAS's x_proj in the same call (results/h200-serve-0caa448.json).
 """
 
 from __future__ import annotations
