@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
 #   benchmarks/device_run.sh gc18       # the server at 0caa448 and at this tree (the heap frozen after warm-up)
 #   benchmarks/device_run.sh ab18       # the server at 5bfdc65 and at this tree in one call
@@ -281,6 +282,15 @@ case "$MODE" in
         > "$OUT/serve-$sd.log" 2>&1
       grep -v "^{" "$OUT/serve-$sd.log"
     done ;;
+  final19)  # session 17's first call: the whole cuda suite (300 s; the engine and server files not run
+            # since 5bfdc65), then the server at 64 / 256 with the pool's scratch moves (its step log's
+            # release phase: were the 20-75 ms stalls the allocator?)
+    cuda_tests 300 tests/
+    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -v "^{" "$OUT/bench.log" | head -24 ;;
   move18)  # the server at 64 clients (64 slots: a short warm-up) with the state pool's bulk moves
            # through its scratch: the release phase's host times in the step log
     timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
