@@ -240,6 +240,12 @@ def _batched_decode_cases(B: int = 64) -> None:
     def _():
         _Mixer(B).ssm_step(dt_weight("dense"))
 
+    @case(f"decode B={B} split x_proj (split_x modes): partials, then their sum with dt_r's norm")
+    def _():
+        from falcon_mamba.ops import triton_xproj
+
+        triton_xproj.xproj_rows(E(B, D), E(XN, D), R, MIX_EPS)
+
     for bd, w in ((512, 8), (128, 4)):
         @case(f"decode B={B} ssm step, {bd} channels, {w} warps")
         def _(bd=bd, w=w):
