@@ -30,7 +30,6 @@
 #                                       # (git show <commit>:falcon_mamba/ops/triton_scan.py > .data/base_scan.py)
 #   benchmarks/device_run.sh chunk15    # kernel_bench.py --parts scaninfer, then `bench prefill`
 #   benchmarks/device_run.sh train7b    # bench_train.py --shape 7b (Mamba, the 7B recipe's step)
-#   benchmarks/device_run.sh final19    # scan/mixer cuda tests, bench prefill, bench_train 1.5B (+ CLI)
 #   benchmarks/device_run.sh prof15     # prefill's kernels: 16 / 64 x 32 prompt graphs, one 2k / 16k row
 #   benchmarks/device_run.sh regcap15   # the scan backward's pass 3 at maxnreg 128 / 168 / 200
 #   benchmarks/device_run.sh serve14    # burst13 + mixed13's first three pairs
@@ -88,6 +87,13 @@ mixed_pairs() {  # mixed_pairs CHUNK:INTERVAL...: the mixed load alone under eac
   done
 }
 
+serve_here() {  # the server from this tree at 64 / 256 clients (fp32 states) in what LIMIT leaves
+  timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+    --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+    --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+  grep -v "^{" "$OUT/bench.log" | head -24
+}
+
 serve_ab() {  # serve_ab OLD_TREE RESERVE_S: the server at 64 / 256 clients from OLD_TREE (a `git archive`
   # of an earlier commit's falcon_mamba and benchmarks/load_test.py under .data), keeping RESERVE_S
   # for the second run, then from this tree, in one call
@@ -96,10 +102,7 @@ serve_ab() {  # serve_ab OLD_TREE RESERVE_S: the server at 64 / 256 clients from
     --tokenizer-dir "$root/.data/shared/tokenizers/falcon" --slots 256 --sweep 64,256 --max-tokens 128 \
     --temperature 0 --procs 8 --out "$OUT/serve-old.json" > "$OUT/bench-old.log" 2>&1)
   echo "== $1"; grep -E "^throughput|GPU time" "$OUT/bench-old.log" | head -8
-  timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-    --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-    --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-  echo "== this tree"; grep -v "^{" "$OUT/bench.log" | head -24
+  echo "== this tree"; serve_here
 }
 
 cuda_tests() {  # cuda_tests LIMIT_S FILES...: 8 pytest processes (the suite is compile-bound)
@@ -206,91 +209,6 @@ case "$MODE" in
     tail -3 "$OUT/tests.txt"
     timeout $(left 3) python3 benchmarks/bench_scan_fwd.py --base .data/base_scan.py \
       --variants ${VARIANTS:-32:2:1,64:2:1,64:1:1,32:4:1,64:4:1} > "$OUT/bench.log" 2>&1 ;;
-  final19)  # the scan kernels' cuda tests, then `bench prefill` and the 1.5B training step (both
-            # models and the CLI) with the session's scan kernels
-    cuda_tests $(left 380) tests/test_triton_scan.py tests/test_mixer_autograd.py
-    tail -3 "$OUT/tests.txt"
-    timeout $(left 300) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
-    grep -E "prefill|target|ceiling" "$OUT/prefill.log"
-    timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer \
-      --out "$OUT/results" > "$OUT/bench.log" 2>&1 ;;
-  prof15)  # where prefill's time goes by kernel: the 16 / 64 x 32 prompt graphs (the server's
-           # bursts) and one fresh 2k / 16k row (bench prefill's shapes)
-    timeout $(left 70) python3 benchmarks/profile_prefill.py --batches 16x32,64x32 --profile \
-      --out "$OUT/results/prefill-kernels-batches.json" > "$OUT/bench.log" 2>&1
-    timeout $(left 3) python3 benchmarks/profile_prefill.py --lengths 2048,16384 --reps 3 --profile \
-      --out "$OUT/results/prefill-kernels-rows.json" >> "$OUT/bench.log" 2>&1
-    grep -v "^ *[-|]\|Name\|^$" "$OUT/bench.log" | grep -v "^ \{30,\}" > "$OUT/prefill-kernels.txt"
-    cp "$OUT/prefill-kernels.txt" "$OUT/bench.log" ;;
-  regcap15)  # the scan backward's pass 3 under register caps (more resident programs, some spills)
-    timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/bench_scan_bwd.py --maxnreg 128,168,200 \
-      > "$OUT/scan-bwd-maxnreg.txt" 2>&1
-    grep -v "^{" "$OUT/scan-bwd-maxnreg.txt" ;;
-  serve14)  # burst13, then mixed13 (its first three pairs)
-    timeout 170 python3 benchmarks/profile_prefill.py \
-      --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \
-      > "$OUT/burst.log" 2>&1
-    grep -E " x .*replay" "$OUT/burst.log"
-    mixed_pairs ${MIXED_CFGS:-384:1 512:2 256:1}
-    cp "$OUT/burst.log" "$OUT/bench.log" ;;
-  burst13)  # the server's batched fresh-prompt graphs by shape (B x L), replayed and eager
-    timeout $((${LIMIT:-585} - 5 - SECONDS)) python3 benchmarks/profile_prefill.py \
-      --batches ${BATCHES:-4x32,12x32,16x32,24x32,32x32,48x32,64x32} --out "$OUT/results/prefill-batches.json" \
-      > "$OUT/bench.log" 2>&1 ;;
-  mixed13)  # the mixed load alone under (prefill chunk, long-prompt interval) pairs: the long
-            # prompt's rate against the streams' inter-token p99 (issue #15: >= 50%, <= 3x)
-    mixed_pairs ${MIXED_CFGS:-512:2 384:1 256:1 1024:4} ;;
-  diag16)  # the whole cuda suite (330 s), one fresh 2k forward's host time under cProfile, then the
-           # engine's 256 / 64 request waves step by step (their prompt steps under torch.profiler)
-    cuda_tests 330 tests/
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
-    timeout $(left 200) python3 benchmarks/profile_prefill.py --lengths 2048 --reps 3 --host-profile 2048 \
-      --out "$OUT/results/profile-prefill-host.json" > "$OUT/host.log" 2>&1
-    timeout $(left 5) python3 benchmarks/profile_engine.py --skip-burst --skip-mixed --wave 256,64 \
-      --out "$OUT/results/engine-waves.json" > "$OUT/bench.log" 2>&1
-    cat "$OUT/host.log" >> "$OUT/bench.log" ;;
-  serve16)  # the bf16-state cuda tests; the server (1 / 16 / 64 / 256 clients, mixed load) with
-            # fp32 states, then 64 / 256 clients with --state-dtype bfloat16
-    cuda_tests 100 tests/test_triton_decode.py tests/test_decode_graphs.py -k bf16
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -4
-    timeout $(left 170) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 1,16,64,256 --max-tokens 128 \
-      --temperature 0 --mixed 32:100000 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --server-arg=--state-dtype=bfloat16 --out "$OUT/serve-bf16.json" \
-      > "$OUT/bf16.log" 2>&1
-    cat "$OUT/bf16.log" >> "$OUT/bench.log"
-    grep -v "^{" "$OUT/bench.log" ;;
-  phase16)  # the cuda tests of the files session 14 touched; the server at 64 / 256 clients (fp32
-            # states) with the step log's per-part host times
-    cuda_tests 150 tests/test_engine.py tests/test_prefill_graphs.py tests/test_decode_graphs.py \
-      tests/test_warm_up.py tests/test_triton_decode.py tests/test_state_pool.py tests/test_server.py \
-      tests/test_prefix_cache.py tests/test_generate.py
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
-    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -v "^{" "$OUT/bench.log" ;;
-  last16)  # the engine and prefill-graph cuda tests; the server at 64 / 256 clients, fp32 then bf16 states
-    cuda_tests 60 tests/test_engine.py tests/test_prefill_graphs.py tests/test_prefix_cache.py
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -4
-    for sd in float32 bfloat16; do
-      timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-        --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-        --temperature 0 --procs 8 --server-arg=--state-dtype=$sd --out "$OUT/serve-$sd.json" \
-        > "$OUT/serve-$sd.log" 2>&1
-      grep -v "^{" "$OUT/serve-$sd.log"
-    done ;;
-  final19)  # session 17's first call: the whole cuda suite (300 s; the engine and server files not run
-            # since 5bfdc65), then the server at 64 / 256 with the pool's scratch moves (its step log's
-            # release phase: were the 20-75 ms stalls the allocator?)
-    cuda_tests 300 tests/
-    grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
-    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -v "^{" "$OUT/bench.log" | head -24 ;;
   move18)  # the server at 64 clients (64 slots: a short warm-up) with the state pool's bulk moves
            # through its scratch: the release phase's host times in the step log
     timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
@@ -314,18 +232,14 @@ case "$MODE" in
     timeout $(left 300) python3 benchmarks/sweep_step_kernels.py --kernel xproj --state-dtypes float32 \
       --out "$OUT/results/sweep-xproj.json" > "$OUT/sweep.log" 2>&1
     grep -E "@|Error|error" "$OUT/sweep.log" | head -30
-    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -v "^{" "$OUT/bench.log" | head -24 ;;
-  final18)  # the whole cuda suite (300 s), then the server at 64 / 256 clients (fp32 states) with the
-            # conv step's 512 x 8 launch (session 15's last change, not yet through the server)
+    serve_here ;;
+  final18|final19)  # the whole cuda suite (300 s), then the server at 64 / 256 clients (fp32 states).
+            # final18 (session 16's first call): the conv step's 512 x 8 launch; final19 (session 17's
+            # first call; the engine and server files not run since 5bfdc65): the pool's scratch
+            # moves, whose step log's release phase tells whether the 20-75 ms stalls were the allocator
     cuda_tests 300 tests/
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -6
-    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
-      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
-      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -v "^{" "$OUT/bench.log" | head -24 ;;
+    serve_here ;;
   conv17)  # the conv step's launch shapes inside the decode step (64 / 256 rows), after its cuda tests
     cuda_tests 45 tests/test_triton_decode.py -k "conv_step"
     grep -E "passed|failed|FAILED|ERROR|^exit" "$OUT/tests.txt" | tail -3
