@@ -5,6 +5,7 @@ document resets, no carried state, dhT None (as in `falcon-mamba train`). The de
 the same inputs in the same run. Prints the table, then one JSON line.
 
     git show 2d4f3fa:falcon_mamba/ops/triton_scan.py > old_scan.py   # the single-pass backward
+    git show a6a7929:falcon_mamba/ops/triton_scan_bwd.py > old_bwd.py  # before the lane sums
     PYTHONPATH=. python3 benchmarks/bench_scan_bwd.py [--old old_scan.py] [--B 1] [--sweep]
 
 Bytes: x, dt, z, dy read and dx, ddt, dz written (bf16), the saved states read (fp32); the
@@ -33,7 +34,8 @@ def bench(fn):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--old", default=None, help="an earlier triton_scan.py whose scan_bwd to time too")
+    p.add_argument("--old", default=None, help="an earlier triton_scan.py (single-pass backward) or "
+                                               "triton_scan_bwd.py whose scan_bwd to time too")
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--D", type=int, default=4096)
@@ -76,9 +78,18 @@ def main():
         spec = importlib.util.spec_from_file_location("old_scan", a.old)
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
-        row("old scan_bwd (single pass)", lambda: old.scan_bwd(*args[:-1]))
+        if hasattr(old, "backward_chunk"):  # a triton_scan_bwd.py of the chunked backward
+            row("old scan_bwd", lambda: old.scan_bwd(*args))
+            rec_old = old.scan_bwd(*args)
+        else:  # a triton_scan.py of the single-pass backward
+            row("old scan_bwd (single pass)", lambda: old.scan_bwd(*args[:-1]))
+            rec_old = old.scan_bwd(*args[:-1])
     row(f"default (chunk {default_cl}, window {tsb.BWD_WINDOW}; {slots} slots)", lambda: tsb.scan_bwd(*args))
     rec = {"shape": f"B={B} L={L} D={D} N={N}", "bytes": nbytes, "rows": rows, "commit": _commit()}
+    if a.old:  # dB, dC: atomics, so not bit-identical run to run
+        rec["old_vs_default_rel_err"] = max(
+            ((g_.float() - r_.float()).norm() / r_.float().norm().clamp(min=1e-30)).item()
+            for g_, r_ in zip(tsb.scan_bwd(*args), rec_old) if g_ is not None and r_ is not None)
     if a.maxnreg:  # fewer registers, more resident programs, some spills (inspect_kernels.py counts them)
         ref = tsb.scan_bwd(*args)
         for cap in (int(v) for v in a.maxnreg.split(",")):

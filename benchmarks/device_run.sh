@@ -39,6 +39,7 @@
 #   benchmarks/device_run.sh serve16    # bf16-state cuda tests; serve fp32 (sweep + mixed), then bf16 (64, 256)
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
+#   benchmarks/device_run.sh lanes20    # the backward's lane sums, the conv final-state kernel: tests, bench_scan_bwd, training, prompt replays
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
 #   benchmarks/device_run.sh gc18       # the server at 0caa448 and at this tree (the heap frozen after warm-up)
@@ -233,6 +234,25 @@ case "$MODE" in
       --out "$OUT/results/sweep-xproj.json" > "$OUT/sweep.log" 2>&1
     grep -E "@|Error|error" "$OUT/sweep.log" | head -30
     serve_here ;;
+  lanes20)  # the backward's dB / dC as lane sums and the conv final state as one kernel: their cuda
+            # tests; bench_scan_bwd.py against a6a7929's backward (.data/old_bwd.py: git show
+            # a6a7929:falcon_mamba/ops/triton_scan_bwd.py); the 1.5B training step, both models; the
+            # batched prompt replays at a6a7929 (.data/olda6: git archive a6a7929 falcon_mamba
+            # benchmarks/load_test.py benchmarks/profile_prefill.py) and here
+    cuda_tests 170 tests/test_triton_scan.py tests/test_mixer_autograd.py tests/test_triton_conv.py \
+      tests/test_prefill_graphs.py -k "backward or bwd or mixer or conv or prefill or graph or lane"
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6
+    timeout $(left 330) python3 benchmarks/bench_scan_bwd.py --old .data/old_bwd.py > "$OUT/scan_bwd.log" 2>&1
+    tail -4 "$OUT/scan_bwd.log"
+    timeout $(left 90) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --no-cli \
+      --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "^\||x \(target|rate" "$OUT/train.log"
+    (cd .data/olda6 && PYTHONPATH=/tmp/site:. timeout $(left 45) python3 benchmarks/profile_prefill.py \
+      --lengths 32 --reps 5 --batches 16x32,64x32 --out "$OUT/results/prefill-batches-old.json" \
+      > "$OUT/prefill-old.log" 2>&1)
+    timeout $(left 5) python3 benchmarks/profile_prefill.py --lengths 32 --reps 5 --batches 16x32,64x32 \
+      --out "$OUT/results/prefill-batches.json" > "$OUT/prefill.log" 2>&1
+    echo "== a6a7929"; grep -E " x " "$OUT/prefill-old.log"; echo "== this tree"; grep -E " x " "$OUT/prefill.log" ;;
   final18|final19)  # the whole cuda suite (300 s), then the server at 64 / 256 clients (fp32 states).
             # final18 (session 16's first call): the conv step's 512 x 8 launch; final19 (session 17's
             # first call; the engine and server files not run since 5bfdc65): the pool's scratch

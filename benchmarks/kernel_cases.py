@@ -152,6 +152,10 @@ def _prefill_cases(L: int = 16384) -> None:
         triton_conv.conv_fwd(E(1, 2048, 2 * D)[..., :D], E(D, K), E(D), None,
                              reset_BL=E(1, 2048, dtype=torch.bool))
 
+    @case("prompt batch conv final state (document resets)", decode=False)
+    def _():
+        triton_conv.final_state(E(16, 32, 2 * D)[..., :D], None, E(16, 32, dtype=torch.bool), K)
+
     @case("train conv bwd (document resets, final state dropped)", decode=False)
     def _():
         triton_conv_bwd.conv_bwd(E(1, 2048, 2 * D)[..., :D], E(D, K, dtype=F32), E(D, dtype=F32), None,

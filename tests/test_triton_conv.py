@@ -220,3 +220,21 @@ def test_backward_falls_back_to_the_twin_when_triton_cannot_build_the_kernel(mon
     dx, dw, db, _ = tc.conv_bwd_reference(x.detach(), w.detach(), b.detach(), None, None, True,
                                           torch.ones_like(y), None)
     assert torch.allclose(x.grad, dx) and torch.allclose(w.grad, dw) and torch.allclose(b.grad, db)
+
+
+def test_final_state_kernel_wide_rows_with_resets(rng):
+    """The final-state kernel over several channel blocks (D past FINAL_BLOCK_D), resets on each of
+    the last positions of a row (every entry dropped, some, none) and a row-strided x: equal to
+    the PyTorch twin bit for bit."""
+    D, K, L = triton_conv.FINAL_BLOCK_D + 70, 4, 9
+    xz = torch.randn(4, L, 2 * D, generator=rng).to(DEV, torch.bfloat16)
+    x = xz[..., :D]
+    rst = torch.zeros(4, L, dtype=torch.bool)
+    rst[0, L - 1] = True  # drops entries 0 and 1
+    rst[1, L - 2] = True  # drops entry 0
+    rst[2, 0] = True      # drops none
+    rst = rst.to(DEV)
+    got = triton_conv.final_state(x, None, rst, K)
+    want = triton_conv.final_state_torch(x, None, rst, K)
+    assert torch.equal(got, want)
+    assert got[0, :2].abs().sum() == 0 and got[1, 0].abs().sum() == 0 and got[2].abs().sum() > 0

@@ -195,6 +195,16 @@ def test_backward_small_with_resets(rng, monkeypatch):
     check_backward(1, 13, 12, 3, torch.float32, rng, reset=True)
 
 
+@pytest.mark.parametrize("N", [1, 16, 32, 40])
+def test_backward_state_sizes_of_the_lane_sums(rng, monkeypatch, N):
+    """dB and dC leave pass 3 as lane sums (triton_scan_bwd.lane_sums: a reduce-scatter of the
+    states over a program's 32 channels) where N pads to at most 32 states, as tl.sum above: the
+    model's 16, one state, as many states as channels, more (40 pads to 64), over two channel
+    blocks, one of them partial (D 40)."""
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    check_backward(1, 11, 40, N, torch.float32, rng, reset=True)
+
+
 @pytest.mark.parametrize("reset", [False, True])
 def test_forward_length_chunked_matches_reference(rng, monkeypatch, reset):
     """The three-pass forward (chunks from a zero state, carry, chunks again): chunk lengths that

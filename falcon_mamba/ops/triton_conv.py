@@ -84,9 +84,48 @@ def _keep_masks(reset_BL: torch.Tensor | None, Bsz: int, L: int, K: int, device)
     return keeps
 
 
+@triton.jit
+def _final_state_kernel(x_ptr, rst_ptr, out_ptr, L, D, sx_b, sx_l, sr_b, sr_l,
+                        K: tl.constexpr, BD: tl.constexpr):
+    # out[b, j] = x[b, L-(K-1)+j], zero when a document starts after that position: walking from
+    # the last entry (always kept) back, entry j is dropped from the first reset at p_j + 1 on.
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    md = d < D
+    dropped = tl.zeros((), tl.int32)
+    for i in tl.static_range(K - 1):
+        j = K - 2 - i
+        p = (L - (K - 1) + j).to(tl.int64)
+        if i > 0:
+            dropped = dropped | (tl.load(rst_ptr + b * sr_b + (p + 1) * sr_l) != 0).to(tl.int32)
+        xv = tl.load(x_ptr + b * sx_b + p * sx_l + d, mask=md, other=0.0)
+        xv = tl.where(dropped == 0, xv, tl.zeros_like(xv))
+        tl.store(out_ptr + (b * (K - 1) + j) * D + d, xv, mask=md)
+
+
+FINAL_BLOCK_D = 1024
+
+
 def final_state(x_BLD, conv_state_BKD, reset_BL, K: int) -> torch.Tensor:
     """The last K-1 inputs (B, K-1, D) in x's dtype; with resets, entries before the last document
-    start are zero (the next chunk's conv must not see them)."""
+    start are zero (the next chunk's conv must not see them). With resets and a chunk of at least
+    K-1 positions: one kernel (in PyTorch, a copy and a suffix "any" over the resets took six small
+    launches a layer: ~15 us a layer of a batched prompt graph's replay on the H200,
+    results/h200-prefill-batches-16layers-35a8ab0.txt); otherwise final_state_torch."""
+    Bsz, L, D = x_BLD.shape
+    if reset_BL is None or K <= 2 or L < K - 1 or x_BLD.stride(-1) != 1:
+        return final_state_torch(x_BLD, conv_state_BKD, reset_BL, K)
+    out = torch.empty(Bsz, K - 1, D, dtype=x_BLD.dtype, device=x_BLD.device)
+    rst = reset_BL.contiguous().view(torch.uint8)
+    _final_state_kernel[(triton.cdiv(D, FINAL_BLOCK_D), Bsz)](
+        x_BLD, rst, out, L, D, x_BLD.stride(0), x_BLD.stride(1), rst.stride(0), rst.stride(1),
+        K=K, BD=FINAL_BLOCK_D, num_warps=4, **LAUNCH_OPTIONS)
+    return out
+
+
+def final_state_torch(x_BLD, conv_state_BKD, reset_BL, K: int) -> torch.Tensor:
+    """final_state in PyTorch: any length (a chunk shorter than K-1 keeps part of the carried state)."""
     Bsz, L, D = x_BLD.shape
     if L >= K - 1:  # the state is the last K-1 inputs: one copy (no zeros, no concatenation)
         new = x_BLD[:, L - (K - 1):].clone(memory_format=torch.contiguous_format)
@@ -162,7 +201,7 @@ def conv_bwd_reference(x, w, bias, state, reset, silu, dy, dstate):
         dw[:, K - 1 - m] = (dpre * taps[m]).sum((0, 1))
     if dstate is not None:
         # new_state = last K-1 of xx, masked by the resets after each entry
-        keep_final = final_state(torch.ones(Bsz, L, 1, device=x.device), None if state is None else
+        keep_final = final_state_torch(torch.ones(Bsz, L, 1, device=x.device), None if state is None else
                                  torch.ones(Bsz, K - 1, 1, device=x.device), reset, K)
         dxx[:, L:] += dstate.float() * keep_final
     dbias = dpre.sum((0, 1)) if bias is not None else None

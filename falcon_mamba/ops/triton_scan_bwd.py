@@ -241,6 +241,35 @@ def _scan_bwd_carry_kernel(gloc_ptr, sum_ptr, a_ptr, dhT_ptr, D, NC,
         tl.store(base + k, tl.sum(tl.where(nn == k, g, 0.0), axis=0), mask=md)
 
 
+
+@triton.jit
+def _halve_rows(v, lane, BIT: tl.constexpr, R: tl.constexpr, BD: tl.constexpr):
+    """(R, BD) -> (R // 2, BD): a lane whose bit BIT is set keeps the upper half of the rows, the
+    others the lower half, and adds its partner's (lane ^ 2^BIT) copy of the half it keeps."""
+    lo, hi = tl.split(tl.permute(tl.reshape(v, (2, R // 2, BD)), (1, 2, 0)))
+    up = ((lane >> BIT) & 1)[None, :] != 0
+    partner = (lane ^ (1 << BIT))[None, :] + tl.zeros((R // 2, BD), tl.int32)
+    return tl.where(up, hi, lo) + tl.gather(tl.where(up, lo, hi), partner, axis=1)
+
+
+@triton.jit
+def lane_sums(P, NP: tl.constexpr, BD: tl.constexpr, LOG_NP: tl.constexpr, LOG_BD: tl.constexpr):
+    """P (NP, BD) -> (BD,): element l holds sum_d P[l >> (LOG_BD - LOG_NP), d], the row sums of P
+    scattered over the BD elements (two or more hold each). With the channels on a warp's lanes
+    (BD = 32, one warp) this is a reduce-scatter: each halving level shuffles half the rows left, so
+    the 16 row sums of dB (or dC) cost 16 shuffles and adds and 30 selects a step, against 80
+    shuffles and 64 adds for tl.sum(P, axis=1), which sums every row on every lane (pass 3's
+    reverse step: ~320 of its ~780 SASS instructions were those two sums; sm_90a, Triton 3.9)."""
+    lane = tl.arange(0, BD)
+    v = P
+    for i in tl.static_range(LOG_NP):
+        v = _halve_rows(v, lane, LOG_BD - 1 - i, NP >> i, BD)
+    v = tl.reshape(v, (BD,))
+    for i in tl.static_range(LOG_BD - LOG_NP):
+        v = v + tl.gather(v, lane ^ (1 << (LOG_BD - LOG_NP - 1 - i)), axis=0)
+    return v
+
+
 @triton.jit(do_not_specialize=_INTS_BWD)
 def _scan_bwd_kernel(
     x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dtb_ptr, rst_ptr, chk_ptr, dy_ptr,
@@ -252,6 +281,7 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr, W: tl.constexpr,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr, BC_WORDS: tl.constexpr,
+    LOG_NP: tl.constexpr, LOG_BD: tl.constexpr,
 ):
     # Pass 3. Gradient outputs dx, ddt are (B, L, D) contiguous, dz (B, L, D) with row strides
     # sdz_b, sdz_l (a half of the fused mixer's d(in_proj output)); db, dc (B, L, N) fp32, zeroed;
@@ -268,8 +298,15 @@ def _scan_bwd_kernel(
     md = d < D
     d64 = d.to(tl.int64)
     n = tl.arange(0, NP)
-    mn = n < N
     nn = n[:, None] + tl.zeros((NP, BD), tl.int32)
+    # dB and dC of a step leave as lane_sums: element l holds state ln[l] (its lowest
+    # duplicate stores it)
+    if LOG_NP <= LOG_BD:
+        ln = tl.arange(0, BD) >> (LOG_BD - LOG_NP)
+        mln = (ln < N) & ((tl.arange(0, BD) & ((1 << (LOG_BD - LOG_NP)) - 1)) == 0)
+    else:
+        ln = n
+        mln = n < N
     A2 = _load_state(a_ptr, d64, md, nn, N, NP, BD) * 1.4426950408889634
     if HAS_GIN:
         g = _load_state(gin_ptr + b * sgi_b + pid_c * sgi_c, d64, md, nn, N, NP, BD)
@@ -389,14 +426,20 @@ def _scan_bwd_kernel(
                     dD_acc += dyv * xv
                     dxv = dyv * Dv
                 g = g + Cv * dyv[None, :]  # dL/dh_t
-                dC = tl.sum(h_t * dyv[None, :], axis=1)
+                if LOG_NP <= LOG_BD:
+                    dC = lane_sums(h_t * dyv[None, :], NP, BD, LOG_NP, LOG_BD)
+                else:  # more states than channels a program: every lane sums every state
+                    dC = tl.sum(h_t * dyv[None, :], axis=1)
                 a = tl.exp2(sp[None, :] * A2)
                 gB = tl.sum(g * Bv, axis=0)
                 dxv += sp * gB
                 gha = g * hp * a
                 dsp = xv * gB + tl.sum(gha * A2, axis=0) * 0.6931471805599453  # A2 ln2 = A
                 dA_acc += gha * sp[None, :]
-                dB = tl.sum(g * (sp * xv)[None, :], axis=1)
+                if LOG_NP <= LOG_BD:
+                    dB = lane_sums(g * (sp * xv)[None, :], NP, BD, LOG_NP, LOG_BD)
+                else:
+                    dB = tl.sum(g * (sp * xv)[None, :], axis=1)
                 dv = tl.where(m, dsp * (tl.where(v > 0.0, 1.0, t_) / (1.0 + t_)), 0.0)  # sigmoid(v)
                 ddtb_acc += dv
                 tl.store(dx_ptr + (b * L + t) * D + d, dxv.to(dx_ptr.dtype.element_ty), mask=m)
@@ -404,8 +447,8 @@ def _scan_bwd_kernel(
                 # relaxed: plain sums read by later kernels. Triton's default (acq_rel) made each
                 # of these two a fence that waited for the step's stores and held back the next
                 # step's loads.
-                tl.atomic_add(db_ptr + (b * L + t) * N + n, dB, mask=mn, sem="relaxed")
-                tl.atomic_add(dc_ptr + (b * L + t) * N + n, dC, mask=mn, sem="relaxed")
+                tl.atomic_add(db_ptr + (b * L + t) * N + ln, dB, mask=mln, sem="relaxed")
+                tl.atomic_add(dc_ptr + (b * L + t) * N + ln, dC, mask=mln, sem="relaxed")
                 g = g * a  # dL/dh_{t-1} through the decay ...
                 if HAS_RST:
                     g = tl.where(r != 0, 0.0, g)  # ... unless t started a new document
@@ -536,7 +579,8 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         *((dz.stride(0), dz.stride(1)) if dz is not None else (0, 0)),
         CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
         HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
-        HAS_Y=y_out is not None, BC_WORDS=words, **flags,
+        HAS_Y=y_out is not None, BC_WORDS=words, LOG_NP=NP.bit_length() - 1,
+        LOG_BD=BWD_BLOCK_D.bit_length() - 1, **flags,
         **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
