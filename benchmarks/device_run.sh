@@ -40,6 +40,7 @@
 #   benchmarks/device_run.sh phase16    # session 14's cuda tests; serve 64 / 256 with per-part host times
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
 #   benchmarks/device_run.sh lanes20    # the backward's lane sums, the conv final-state kernel: tests, bench_scan_bwd, training, prompt replays
+#   benchmarks/device_run.sh check20    # lanes20's unfinished cuda tests, bench_scan_bwd with register caps, the server
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
 #   benchmarks/device_run.sh gc18       # the server at 0caa448 and at this tree (the heap frozen after warm-up)
@@ -253,6 +254,16 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/profile_prefill.py --lengths 32 --reps 5 --batches 16x32,64x32 \
       --out "$OUT/results/prefill-batches.json" > "$OUT/prefill.log" 2>&1
     echo "== a6a7929"; grep -E " x " "$OUT/prefill-old.log"; echo "== this tree"; grep -E " x " "$OUT/prefill.log" ;;
+  check20)  # lanes20's cuda tests cut by its limit (the long scan and conv backward ones, the prompt
+            # graphs, the engine); bench_scan_bwd.py against a6a7929's backward with register caps
+            # (10 and 9 one-warp programs an SM); the server at 64 / 256 clients
+    cuda_tests 200 tests/test_triton_scan.py::test_backward_cuda tests/test_triton_scan.py::test_backward_cuda_past_65k \
+      tests/test_triton_conv.py::test_backward_cuda tests/test_prefill_graphs.py tests/test_engine.py
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6
+    timeout $(left 150) python3 benchmarks/bench_scan_bwd.py --old .data/old_bwd.py --maxnreg 200,216 \
+      > "$OUT/scan_bwd.log" 2>&1
+    grep -v Warn "$OUT/scan_bwd.log" | tail -6
+    serve_here ;;
   final18|final19)  # the whole cuda suite (300 s), then the server at 64 / 256 clients (fp32 states).
             # final18 (session 16's first call): the conv step's 512 x 8 launch; final19 (session 17's
             # first call; the engine and server files not run since 5bfdc65): the pool's scratch
