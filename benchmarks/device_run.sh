@@ -41,6 +41,7 @@
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
 #   benchmarks/device_run.sh lanes20    # the backward's lane sums, the conv final-state kernel: tests, bench_scan_bwd, training, prompt replays
 #   benchmarks/device_run.sh check20    # lanes20's unfinished cuda tests, bench_scan_bwd with register caps, the server
+#   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
 #   benchmarks/device_run.sh gc18       # the server at 0caa448 and at this tree (the heap frozen after warm-up)
@@ -264,6 +265,13 @@ case "$MODE" in
       > "$OUT/scan_bwd.log" 2>&1
     grep -v Warn "$OUT/scan_bwd.log" | tail -6
     serve_here ;;
+  ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
+            # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
+            # then the scan backward's cuda tests in what is left
+    timeout 150 python3 benchmarks/bench_scan_bwd.py --old .data/old_bwd.py > "$OUT/scan_bwd.log" 2>&1
+    grep -v Warn "$OUT/scan_bwd.log" | tail -4
+    cuda_tests $(left 5) tests/test_triton_scan.py -k "backward_cuda"
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6 ;;
   final18|final19)  # the whole cuda suite (300 s), then the server at 64 / 256 clients (fp32 states).
             # final18 (session 16's first call): the conv step's 512 x 8 launch; final19 (session 17's
             # first call; the engine and server files not run since 5bfdc65): the pool's scratch

@@ -195,14 +195,19 @@ def test_backward_small_with_resets(rng, monkeypatch):
     check_backward(1, 13, 12, 3, torch.float32, rng, reset=True)
 
 
-@pytest.mark.parametrize("N", [1, 16, 32, 40])
-def test_backward_state_sizes_of_the_lane_sums(rng, monkeypatch, N):
+@pytest.mark.parametrize("N,dtype", [(1, torch.float32), (16, torch.float32), (32, torch.float32),
+                                     (40, torch.float32), (16, torch.bfloat16)])
+def test_backward_state_sizes_of_the_lane_sums(rng, monkeypatch, N, dtype):
     """dB and dC leave pass 3 as lane sums (triton_scan_bwd.lane_sums: a reduce-scatter of the
     states over a program's 32 channels) where N pads to at most 32 states, as tl.sum above: the
     model's 16, one state, as many states as channels, more (40 pads to 64), over two channel
-    blocks, one of them partial (D 40)."""
+    blocks, one of them partial (D 40). bf16 with 16 states: B and C as 64-bit words, loaded a step
+    ahead with x and dt (BWD_AHEAD)."""
     monkeypatch.setattr(triton_scan, "CHK", 8)
-    check_backward(1, 11, 40, N, torch.float32, rng, reset=True)
+    if dtype == torch.bfloat16:
+        x, dt, A, Bm, Cm, *_ = scan_inputs(1, 11, 40, N, dtype, DEV, rng, True)
+        assert triton_helpers.bc_words(Bm, Cm)  # the inputs check_backward builds take the words path
+    check_backward(1, 11, 40, N, dtype, rng, reset=True)
 
 
 @pytest.mark.parametrize("reset", [False, True])

@@ -83,6 +83,9 @@ BWD_PROGRAMS_PER_SM = 8
 # A register cap for pass 3 (ptxas maxnreg; None: the compiler's 242-255). 168 would hold 12
 # one-warp programs per SM instead of 8 at the price of spills (bench_scan_bwd.py --maxnreg times it).
 BWD_MAXNREG = None
+# The reverse step's x, dt, B and C loaded a step ahead (bf16 B and C of 16 states, as bc_words'
+# 64-bit words: 18 registers more), so that a step's math does not wait on its own L2 loads.
+BWD_AHEAD = True
 # Steps recomputed into scratch at a time: a divisor of CHK (CHK itself: one level, 256 KiB of
 # scratch per program). 16 minimises CHK/W + W for CHK = 128.
 BWD_WINDOW = 16
@@ -242,6 +245,34 @@ def _scan_bwd_carry_kernel(gloc_ptr, sum_ptr, a_ptr, dhT_ptr, D, NC,
 
 
 
+
+@triton.jit
+def _words4(ptr, ok):
+    """The 4 int64 words (16 bf16 values) of one (b, t) row of B or C at ptr (bc_words' layout)."""
+    wp = ptr.to(tl.pointer_type(tl.int64))
+    return (tl.load(wp, mask=ok, other=0), tl.load(wp + 1, mask=ok, other=0),
+            tl.load(wp + 2, mask=ok, other=0), tl.load(wp + 3, mask=ok, other=0))
+
+
+@triton.jit
+def _bf16_of(word, j: tl.constexpr):
+    """The j-th bf16 of an int64 word as fp32 (a bf16's bits are the top half of its fp32)."""
+    return (((word >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unpack16(w0, w1, w2, w3, nn, NP: tl.constexpr, BD: tl.constexpr):
+    """(NP, BD) fp32 from _words4's words: value k in every element whose state index nn is k (the
+    row_values layout)."""
+    out = tl.zeros((NP, BD), tl.float32)
+    for j in tl.static_range(4):
+        out = tl.where(nn == j, _bf16_of(w0, j), out)
+        out = tl.where(nn == 4 + j, _bf16_of(w1, j), out)
+        out = tl.where(nn == 8 + j, _bf16_of(w2, j), out)
+        out = tl.where(nn == 12 + j, _bf16_of(w3, j), out)
+    return out
+
+
 @triton.jit
 def _halve_rows(v, lane, BIT: tl.constexpr, R: tl.constexpr, BD: tl.constexpr):
     """(R, BD) -> (R // 2, BD): a lane whose bit BIT is set keeps the upper half of the rows, the
@@ -281,7 +312,7 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr, W: tl.constexpr,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr, BC_WORDS: tl.constexpr,
-    LOG_NP: tl.constexpr, LOG_BD: tl.constexpr,
+    LOG_NP: tl.constexpr, LOG_BD: tl.constexpr, AHEAD: tl.constexpr,
 ):
     # Pass 3. Gradient outputs dx, ddt are (B, L, D) contiguous, dz (B, L, D) with row strides
     # sdz_b, sdz_l (a half of the fused mixer's d(in_proj output)); db, dc (B, L, N) fp32, zeroed;
@@ -379,6 +410,12 @@ def _scan_bwd_kernel(
             zv = dout
             if HAS_Z:
                 zv = tl.load(z_ptr + b * sz_b + (tw + j) * sz_l + d, mask=md, other=0.0)
+            if AHEAD:  # this step's x, dt, B and C, loaded a step ahead as dy and z
+                t0 = (tw + j).to(tl.int64)
+                x_n = tl.load(x_p + t0 * sx_l + d, mask=md, other=0.0)
+                v_n = tl.load(dt_p + t0 * sdt_l + d, mask=md, other=0.0)
+                b0, b1, b2, b3 = _words4(bb_p + t0 * sb_l, t0 < L)
+                c0, c1, c2, c3 = _words4(c_ptr + b * sc_b + t0 * sc_l, t0 < L)
             while j >= 0:
                 t = (tw + j).to(tl.int64)
                 m = md  # t < L inside the window
@@ -388,14 +425,25 @@ def _scan_bwd_kernel(
                 if HAS_Z:
                     zv_next = tl.load(z_ptr + b * sz_b + (t - 1) * sz_l + d, mask=mnext, other=0.0)
                 dout = dout.to(tl.float32)
-                xv = tl.load(x_p + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
-                v = tl.load(dt_p + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
+                if AHEAD:
+                    xv = x_n.to(tl.float32)
+                    v = v_n.to(tl.float32)
+                    Bv = _unpack16(b0, b1, b2, b3, nn, NP, BD)
+                    Cv = _unpack16(c0, c1, c2, c3, nn, NP, BD)
+                    okn = j > 0
+                    x_n = tl.load(x_p + (t - 1) * sx_l + d, mask=mnext, other=0.0)
+                    v_n = tl.load(dt_p + (t - 1) * sdt_l + d, mask=mnext, other=0.0)
+                    b0, b1, b2, b3 = _words4(bb_p + (t - 1) * sb_l, okn)
+                    c0, c1, c2, c3 = _words4(c_ptr + b * sc_b + (t - 1) * sc_l, okn)
+                else:
+                    xv = tl.load(x_p + t * sx_l + d, mask=m, other=0.0).to(tl.float32)
+                    v = tl.load(dt_p + t * sdt_l + d, mask=m, other=0.0).to(tl.float32)
+                    inside = t < L  # always: the window lies inside the length
+                    Bv = row_values(bb_p + t * sb_l, inside, nn, N, NP, BD, BC_WORDS)
+                    Cv = row_values(c_ptr + b * sc_b + t * sc_l, inside, nn, N, NP, BD, BC_WORDS)
                 v += dtb
                 sp, t_ = softplus_t(v)
                 sp = tl.where(m, sp, 0.0)
-                inside = t < L  # always: the window lies inside the length
-                Bv = row_values(bb_p + t * sb_l, inside, nn, N, NP, BD, BC_WORDS)
-                Cv = row_values(c_ptr + b * sc_b + t * sc_l, inside, nn, N, NP, BD, BC_WORDS)
                 h_prev = tl.zeros((NP, BD), tl.float32)
                 for k in tl.static_range(N):
                     h_prev = tl.where(nn == k, tl.load(win_p + (j * N + k) * BD)[None, :], h_prev)
@@ -580,7 +628,7 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
         HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
         HAS_Y=y_out is not None, BC_WORDS=words, LOG_NP=NP.bit_length() - 1,
-        LOG_BD=BWD_BLOCK_D.bit_length() - 1, **flags,
+        LOG_BD=BWD_BLOCK_D.bit_length() - 1, AHEAD=BWD_AHEAD and words and N == 16, **flags,
         **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
