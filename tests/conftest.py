@@ -4,6 +4,13 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # The kernels' CPU tests run in Triton's interpreter, which must be on before anything imports
+    # triton: triton.language's own jit functions (tl.zeros ...) become interpreted functions only
+    # then. Each Triton test module also sets it, but a run whose first collected module imports
+    # triton without it (tests/test_kernel_launches.py with tests/test_triton_conv.py, -n 2) failed
+    # every interpreted kernel with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ../shared beside the checkout (as in CI); FALCON_MAMBA_SHARED overrides it.
 SHARED = os.environ.get("FALCON_MAMBA_SHARED") or os.path.join(
