@@ -20,7 +20,10 @@ one. Three launches, as the length-chunked forward (triton_scan.scan_fwd):
    dx, ddt, dz, adds dB, dC with relaxed atomics (sums over channel blocks) and keeps dA, dD and
    d(dt bias) in registers, stored per (row, chunk) and summed by the host. dh0 is chunk 0's
    adjoint at t = 0. With one chunk (NC = 1) passes 1 and 2 are skipped and pass 3 is the old
-   single-pass kernel.
+   single-pass kernel. A step's dB and dC leave its 32 channels as lane sums (lane_sums: a
+   reduce-scatter, 32 shuffles where tl.sum took 160), and its x, dt, B and C are loaded during the
+   step before it (BWD_AHEAD), as dy and z: the loop waits on latency more than on issue (8
+   one-warp programs an SM), so a step's math should not wait on its own loads.
 
 Pass 1 cannot be folded into pass 3: chunk c's terminal adjoint depends on every later chunk's
 g_loc, so a chunk could only start after all later ones had finished their local pass, a grid-wide
