@@ -41,6 +41,7 @@
 #   benchmarks/device_run.sh last16     # engine cuda tests; serve 64 / 256 with fp32 and with bf16 states
 #   benchmarks/device_run.sh lanes20    # the backward's lane sums, the conv final-state kernel: tests, bench_scan_bwd, training, prompt replays
 #   benchmarks/device_run.sh check20    # lanes20's unfinished cuda tests, bench_scan_bwd with register caps, the server
+#   benchmarks/device_run.sh train21    # the 1.5B step (both models, the CLI, profiled), then `bench prefill`
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -265,6 +266,14 @@ case "$MODE" in
       > "$OUT/scan_bwd.log" 2>&1
     grep -v Warn "$OUT/scan_bwd.log" | tail -6
     serve_here ;;
+  train21)  # the 1.5B training step at the final scan backward (lane sums + loads a step ahead): both
+            # models and `falcon-mamba train`, one more step of each under torch.profiler; then
+            # `bench prefill` (2k / 16k against the Mistral-7B shape) in what is left
+    timeout $(left 170) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --profile \
+      --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "^\||x \(target|rate|benchmark:" "$OUT/train.log"
+    timeout $(left 5) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
+    grep -E "prefill|target|ceiling" "$OUT/prefill.log" ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left
