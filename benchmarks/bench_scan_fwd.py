@@ -77,7 +77,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=None, help="an earlier triton_scan.py whose scan_fwd to time too")
     p.add_argument("--variants", default="32:2:1,64:2:1,64:1:1,32:4:1",
-                   help="block_d:unroll:warps launches of this tree's forward")
+                   help="block_d:unroll:warps[:chunk] launches of this tree's forward (chunk: the "
+                        "length chunk, a multiple of CHK with saved states; the length itself: one pass)")
     p.add_argument("--shapes", default=",".join(SHAPES))
     a = p.parse_args()
     base = None
@@ -97,10 +98,10 @@ def main():
             rows.append({"shape": shape, "kernel": "base", "ms": ref_ms, "rel_err": rel_err(y, args)})
             print(rows[-1], flush=True)
         for v in a.variants.split(","):
-            bd, unroll, warps = (int(t) for t in v.split(":"))
-            name = f"bd={bd} T={unroll} w={warps}"
-            fn = lambda args=args, bd=bd, unroll=unroll, warps=warps: triton_scan.scan_fwd(  # noqa: E731
-                **args, block_d=bd, unroll=unroll, num_warps=warps)
+            bd, unroll, warps, chunk = ([int(t) for t in v.split(":")] + [0])[:4]
+            name = f"bd={bd} T={unroll} w={warps}" + (f" chunk={chunk}" if chunk else "")
+            fn = lambda args=args, bd=bd, unroll=unroll, warps=warps, chunk=chunk: triton_scan.scan_fwd(  # noqa: E731
+                **args, block_d=bd, unroll=unroll, num_warps=warps, chunk=chunk or None)
             try:
                 y = fn()[0]
                 ms = bench(fn, graph=B * L <= 4096)

@@ -42,6 +42,7 @@
 #   benchmarks/device_run.sh lanes20    # the backward's lane sums, the conv final-state kernel: tests, bench_scan_bwd, training, prompt replays
 #   benchmarks/device_run.sh check20    # lanes20's unfinished cuda tests, bench_scan_bwd with register caps, the server
 #   benchmarks/device_run.sh train21    # the 1.5B step (both models, the CLI, profiled), then `bench prefill`
+#   benchmarks/device_run.sh norm21     # the norm backward kernel: cuda tests, the forward's chunk at training, the 1.5B step
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -274,6 +275,17 @@ case "$MODE" in
     grep -E "^\||x \(target|rate|benchmark:" "$OUT/train.log"
     timeout $(left 5) python3 -m falcon_mamba bench prefill --out "$OUT/results" > "$OUT/prefill.log" 2>&1
     grep -E "prefill|target|ceiling" "$OUT/prefill.log" ;;
+  norm21)  # the training norm's Triton backward (block norm, dt/B/C norms into x_proj's gradient) and
+           # x_proj's input gradient added by addmm: their cuda tests, the forward scan's length chunk
+           # at the training shape, then the 1.5B Mamba step (profiled)
+    cuda_tests 150 tests/test_triton_norm_bwd.py tests/test_triton_norm_autograd.py tests/test_mixer_autograd.py
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6
+    timeout 60 python3 benchmarks/bench_scan_fwd.py --shapes "train 8x2048" \
+      --variants 32:4:1,32:4:1:2048,32:4:1:1024,32:4:1:512,32:4:1:128,32:2:1:2048 > "$OUT/scan_fwd.log" 2>&1
+    grep "^shape" "$OUT/scan_fwd.log"
+    timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli --profile \
+      --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "^\||rate" "$OUT/train.log"; grep -A22 "one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left

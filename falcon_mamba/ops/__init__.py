@@ -81,13 +81,15 @@ def _impl(x: torch.Tensor) -> ModuleType:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """See reference.rms_norm. The backend's kernel where it has one (Triton: one pass over the
     rows instead of six elementwise kernels in prefill); the reference formula otherwise. Under
-    autograd, that forward with norm_autograd's backward (which keeps no fp32 copy of x)."""
+    autograd, that forward with norm_autograd's backward (which keeps no fp32 copy of x), run by
+    the backend's rms_norm_backward where it has one (Triton: one pass instead of ~12)."""
     impl = _impl(x)
     fwd = getattr(impl, "rms_norm", _load("reference").rms_norm)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         from falcon_mamba.ops import norm_autograd
 
-        return norm_autograd.rms_norm(x, weight, eps, fwd)  # training: saves x only (not fp32 copies)
+        # training: saves x only (not fp32 copies); the backend's backward kernel where it has one
+        return norm_autograd.rms_norm(x, weight, eps, fwd, getattr(impl, "rms_norm_backward", None))
     return fwd(x, weight, eps)
 
 

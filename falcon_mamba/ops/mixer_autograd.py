@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from falcon_mamba.ops import triton_backend, triton_scan
-from falcon_mamba.ops.norm_autograd import rms_norm_backward
+from falcon_mamba.ops.triton_norm_bwd import rms_norm_backward
 from falcon_mamba.ops.triton_conv import conv_backward, conv_fwd, final_state
 
 
@@ -121,15 +121,20 @@ class MixerFn(torch.autograd.Function):
             dW_out = (_flat(dout).t() @ _flat(y)).to(W_out.dtype) if need[10] else None
             db_out = _flat(dout).sum(0).to(b_out.dtype) if b_out is not None and need[11] else None
             del y
-            # dt_proj, the weightless dt/B/C norms, x_proj
+            # dt_proj, the weightless dt/B/C norms (one Triton pass each, written into their
+            # slices of x_proj's output gradient), x_proj
             dW_dt = (_flat(ddt).t() @ _flat(dt_rn)).to(W_dt.dtype) if need[6] else None
-            dgrads = [ddt @ W_dt_m, dB.to(mm_dtype), dC.to(mm_dtype)]
-            if norm_eps is not None:
-                dgrads = [rms_norm_backward(t, None, norm_eps, g, True, False)[0]
-                          for t, g in zip((dt_r, Bm, Cm), dgrads)]
-            dxdbl = torch.cat(dgrads, -1)
+            dgrads = (ddt @ W_dt_m, dB, dC)  # dB, dC fp32: rounded to x's dtype as .to() would
+            dxdbl = torch.empty_like(xdbl)
+            for raw, g, part in zip((dt_r, Bm, Cm), dgrads, torch.split(dxdbl, [R, N, N], -1)):
+                if norm_eps is not None:
+                    rms_norm_backward(raw, None, norm_eps, g, True, False, dx_out=part)
+                else:
+                    part.copy_(g)
             dW_x = (_flat(dxdbl).t() @ _flat(xc)).to(W_x.dtype) if need[5] else None
-            dxc = dxc + dxdbl @ W_x_m  # the conv output feeds the scan and x_proj
+            # the conv output feeds the scan and x_proj: x_proj's input gradient is added by the
+            # matmul itself (C = C + A B in its epilogue, one rounding), not by another pass
+            _flat(dxc).addmm_(_flat(dxdbl), W_x_m)
             del xc, dxdbl
             _, dw_conv, db_conv, _ = conv_backward(x, w_conv, b_conv, None, reset, True, dxc,
                                                    dconv_state, dx_out=dxz[..., :D])

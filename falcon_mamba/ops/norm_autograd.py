@@ -20,16 +20,17 @@ import torch
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float, fwd: Callable) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float, fwd: Callable,
+                bwd: Callable) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.eps = eps
+        ctx.eps, ctx.bwd = eps, bwd
         return fwd(x, weight, eps)  # autograd is off inside forward: the backend's inference kernel
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight = ctx.saved_tensors
-        dx, dw = rms_norm_backward(x, weight, ctx.eps, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dw, None, None
+        dx, dw = ctx.bwd(x, weight, ctx.eps, g, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, dw, None, None, None
 
 
 def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, g: torch.Tensor,
@@ -53,8 +54,10 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, 
     return dx, dw
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fwd: Callable) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fwd: Callable,
+             bwd: Callable | None = None) -> torch.Tensor:
     """reference.rms_norm(x, weight, eps) with the forward computed by ``fwd`` (a backend's
-    rms_norm, same signature, run without autograd) and the lean backward above.
+    rms_norm, same signature, run without autograd) and the lean backward: ``bwd`` (a backend's
+    rms_norm_backward, this module's signature; the Triton kernel on a GPU), else the one above.
     x (..., H); weight (H,) or None -> (..., H) in x's dtype promoted with weight's."""
-    return _RMSNormFn.apply(x, weight, eps, fwd)
+    return _RMSNormFn.apply(x, weight, eps, fwd, bwd or rms_norm_backward)

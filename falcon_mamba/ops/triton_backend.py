@@ -3,8 +3,10 @@
 Legend: B batch, L length, D inner width, N state size, K conv taps, R dt rank, H hidden.
 
 Training: selective_scan and causal_conv1d are autograd Functions (Triton forward, Triton scan
-backward, Triton conv backward). rms_norm and the single-token steps are inference kernels; when
-autograd needs their gradient they run the reference formula instead (the same math, in torch).
+backward, Triton conv backward); rms_norm_backward is the training norm's backward (ops.rms_norm
+under autograd: norm_autograd with this module's forward and backward kernels). The single-token
+steps are inference kernels; when autograd needs their gradient they run the reference formula
+instead (the same math, in torch).
 
 The kernels need CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors, for the CPU tests). A
 kernel that cannot compile or launch on this GPU raises a UserError that says so: there is no
@@ -19,7 +21,7 @@ import os
 import torch
 
 from falcon_mamba.errors import UserError
-from falcon_mamba.ops import reference, triton_conv, triton_decode, triton_scan
+from falcon_mamba.ops import reference, triton_conv, triton_decode, triton_norm_bwd, triton_scan
 
 NAME = "triton"
 
@@ -59,6 +61,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
     xc = x if x.stride(-1) == 1 else x.contiguous()
     return triton_decode.rms_rows(xc, weight, eps, round_y=x.dtype, out_dtype=out_dtype)
+
+
+@_guard
+def rms_norm_backward(x, weight, eps, g, need_dx=True, need_dw=True):
+    """See norm_autograd.rms_norm_backward: one Triton pass (triton_norm_bwd)."""
+    return triton_norm_bwd.rms_norm_backward(x, weight, eps, g, need_dx, need_dw)
 
 
 @_guard
