@@ -45,7 +45,8 @@ def test_ops_rms_norm_takes_the_triton_backward(rng, monkeypatch):
 
     calls = []
     real = triton_norm_bwd.rms_norm_backward
-    monkeypatch.setattr(triton_norm_bwd, "rms_norm_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(triton_norm_bwd, "rms_norm_backward",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     ops.set_backend("triton")
     try:
         x = torch.randn(3, 16, generator=rng).to(DEV).requires_grad_()

@@ -88,7 +88,8 @@ def test_strided_rows_and_dx_into_a_slice(rng):
 def test_dx_out_must_be_a_row_view(rng):
     x, w, g = inputs(rng, 4, 8, torch.float32, None, torch.float32)
     with pytest.raises(AssertionError, match="dx_out"):
-        triton_norm_bwd.rms_norm_backward(x, w, 1e-5, g, dx_out=torch.empty(4, 8, dtype=torch.bfloat16, device=DEV))
+        wrong = torch.empty(4, 8, dtype=torch.bfloat16, device=DEV)  # x is fp32
+        triton_norm_bwd.rms_norm_backward(x, w, 1e-5, g, dx_out=wrong)
 
 
 def test_no_rows(rng):

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from falcon_mamba.ops import triton_backend, triton_scan
-from falcon_mamba.ops.triton_norm_bwd import rms_norm_backward
 from falcon_mamba.ops.triton_conv import conv_backward, conv_fwd, final_state
+from falcon_mamba.ops.triton_norm_bwd import rms_norm_backward
 
 
 def saved_bytes(batch: int, length: int, H: int, D: int, N: int, R: int, bcdt_rms: bool,

@@ -116,7 +116,8 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, 
         x2, g2, weight if weight is not None else x2, dx2 if need_dx else x2,
         partial if partial is not None else x2, M, H, float(eps), x2.stride(0), g2.stride(0),
         dx2.stride(0) if need_dx else 0, BM=BM, BH=BH, HAS_W=weight is not None, NEED_DX=need_dx,
-        NEED_DW=need_dw, ROUND_X=_ROUND[x.dtype], ROUND_G=_ROUND[g.dtype], num_warps=8 if BM * BH >= 2048 else 4,
+        NEED_DW=need_dw, ROUND_X=_ROUND[x.dtype], ROUND_G=_ROUND[g.dtype],
+        num_warps=8 if BM * BH >= 2048 else 4,
         **LAUNCH_OPTIONS)
     dw = partial.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
