@@ -43,6 +43,7 @@
 #   benchmarks/device_run.sh check20    # lanes20's unfinished cuda tests, bench_scan_bwd with register caps, the server
 #   benchmarks/device_run.sh train21    # the 1.5B step (both models, the CLI, profiled), then `bench prefill`
 #   benchmarks/device_run.sh norm21     # the norm backward kernel: cuda tests, the forward's chunk at training, the 1.5B step
+#   benchmarks/device_run.sh ce21       # the loss's softmax kernel: cuda tests, the forward's unroll x chunk, the 1.5B step
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -286,6 +287,17 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli --profile \
       --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -E "^\||rate" "$OUT/train.log"; grep -A22 "one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
+  ce21)  # the loss's softmax step as one kernel (ops/triton_ce.py): its cuda tests and the norm
+         # backward's; the forward scan's unroll x length chunk at the training shape; the 1.5B
+         # Mamba step (profiled)
+    cuda_tests 120 tests/test_linear_ce.py tests/test_triton_norm_bwd.py
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6
+    timeout 80 python3 benchmarks/bench_scan_fwd.py --shapes "train 8x2048" \
+      --variants 32:2:1,32:2:1:2048,32:1:1:2048,32:2:1:1024,32:2:1:512,32:4:1:256,64:2:2:2048 > "$OUT/scan_fwd.log" 2>&1
+    grep "^shape" "$OUT/scan_fwd.log"
+    timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli --profile \
+      --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "^\||rate" "$OUT/train.log"; grep -A30 "one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left

@@ -199,3 +199,71 @@ def test_fusable_needs_a_dense_head():
     assert fusable(model)
     model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
     assert not fusable(model) and not LMObjective(model).fused
+
+
+@pytest.mark.parametrize("mode", ["fp32", "autocast-bf16", "bf16"])
+@pytest.mark.parametrize("B,L,H,V,chunk", [(1, 1, 8, 5, 0), (2, 37, 24, 97, 16), (3, 50, 33, 301, 64)])
+def test_the_rows_kernel_matches_the_pytorch_step(rng, mode, B, L, H, V, chunk):
+    """ops/triton_ce.py (Triton's interpreter here; the GPU default) against the PyTorch ops it
+    replaces: loss and both gradients, with blocks of the vocabulary smaller than a row."""
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from falcon_mamba.ops import triton_ce
+
+    h, W, t, mask = inputs(rng, B, L, H, V, "random")
+    want = run(lambda *a: linear_cross_entropy(*a, chunk=chunk, rows_kernel=False), h, W, t, mask, mode)
+    old = triton_ce.BLOCK_V
+    triton_ce.BLOCK_V = 32  # several blocks a row, the last one ragged
+    try:
+        got = run(lambda *a: linear_cross_entropy(*a, chunk=chunk, rows_kernel=True), h, W, t, mask, mode)
+    finally:
+        triton_ce.BLOCK_V = old
+    for name, a, b in zip(("loss", "grad h", "grad W"), got, want):
+        check(a.float(), b.float(), "fp32" if mode == "fp32" else "bf16", f"{mode} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rows_kernel_per_row(rng, dtype):
+    """ce_rows_ alone: each row's loss and softmax gradient against the fp32 formula, tight."""
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from falcon_mamba.ops import triton_ce
+
+    logits = (torch.randn(7, 301, generator=rng) * 4).to(dtype)
+    t = torch.randint(0, 301, (7,), generator=rng)
+    lf = logits.float()
+    want_loss = torch.logsumexp(lf, -1) - lf.gather(1, t[:, None]).squeeze(1)
+    want_g = (torch.softmax(lf, -1) - F.one_hot(t, 301).float()).to(dtype)
+    old = triton_ce.BLOCK_V
+    triton_ce.BLOCK_V = 64
+    try:
+        g = logits.clone()
+        loss = triton_ce.ce_rows_(g, t, grad=True)
+        kept = logits.clone()
+        loss2 = triton_ce.ce_rows_(kept, t, grad=False)
+    finally:
+        triton_ce.BLOCK_V = old
+    assert_close(loss, want_loss, 1e-5, 1e-5, "loss rows")
+    assert torch.equal(loss, loss2) and torch.equal(kept, logits)  # no gradient asked: untouched
+    assert_close(g.float(), want_g.float(), 1e-5 if dtype == torch.float32 else 8e-3, 1e-6, "g")
+
+
+@pytest.mark.cuda
+def test_the_rows_kernel_at_falcons_vocabulary(rng):
+    """A 1.5B step's chunk: 2,048 bf16 rows of 65,024 logits (16 blocks a row) on the GPU."""
+    from falcon_mamba.ops import triton_ce
+
+    logits = (torch.randn(2048, 65024, generator=rng) * 3).to("cuda", torch.bfloat16)
+    t = torch.randint(0, 65024, (2048,), generator=rng).cuda()
+    lf = logits.float()
+    want_loss = torch.logsumexp(lf, -1) - lf.gather(1, t[:, None]).squeeze(1)
+    want_g = (torch.softmax(lf, -1) - F.one_hot(t, 65024).float()).bfloat16()
+    g = logits.clone()
+    assert_close(triton_ce.ce_rows_(g, t, grad=True), want_loss, 1e-5, 1e-4, "loss rows")
+    assert_close(g.float(), want_g.float(), 8e-3, 1e-7, "g")

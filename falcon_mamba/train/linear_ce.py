@@ -41,7 +41,7 @@ def default_chunk(vocab_size: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_NH: torch.Tensor, W_VH: torch.Tensor, targets_N: torch.Tensor, chunk: int,
-                dtype: torch.dtype, need_h: bool, need_w: bool) -> torch.Tensor:
+                dtype: torch.dtype, need_h: bool, need_w: bool, rows_kernel: bool) -> torch.Tensor:
         N = h_NH.shape[0]
         W = W_VH.to(dtype)  # one cast for every chunk (autocast caches the same one)
         h = h_NH.to(dtype)
@@ -50,14 +50,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_W = torch.zeros(W_VH.shape, dtype=torch.float32, device=h.device) if need_w else None
         for lo in range(0, N, chunk):
             hc, tc = h[lo:lo + chunk], targets_N[lo:lo + chunk]
-            logits = (hc @ W.t()).float()  # (n, V): rounded to dtype, then fp32 (a copy unless fp32)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if rows_kernel:  # ops/triton_ce.py: the math below in one kernel, g over the logits
+                from falcon_mamba.ops import triton_ce  # Triton: imported only where it runs
+
+                g = hc @ W.t()  # (n, V) in dtype
+                loss += triton_ce.ce_rows_(g, tc, need_h or need_w).sum()
+            else:
+                logits = (hc @ W.t()).float()  # (n, V): rounded to dtype, then fp32 (a copy unless fp32)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    # d(lse - logit[t]) / d logits = softmax - onehot(t), computed in place.
+                    g = logits.sub_(lse[:, None]).exp_()
+                    g.scatter_add_(1, tc[:, None], torch.full((g.shape[0], 1), -1.0, device=g.device))
+                    g = g.to(dtype)
             if need_h or need_w:
-                # d(lse - logit[t]) / d logits = softmax - onehot(t), computed in place.
-                g = logits.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, tc[:, None], torch.full((g.shape[0], 1), -1.0, device=g.device))
-                g = g.to(dtype)
                 if need_h:
                     grad_h[lo:lo + chunk] = g @ W
                 if need_w:
@@ -74,7 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_W = ctx.saved_tensors
         gh = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)).to(ctx.h_dtype)
         gw = None if grad_W is None else grad_W.mul_(grad_loss).to(ctx.w_dtype)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -86,14 +93,16 @@ def compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          mask: torch.Tensor | None = None, ignore_index: int = -100,
-                         chunk: int = 0) -> torch.Tensor:
+                         chunk: int = 0, rows_kernel: bool | None = None) -> torch.Tensor:
     """sum over trained targets of cross_entropy(h @ weight^T, target), as an fp32 scalar.
 
     h (..., H) in any float dtype; weight (V, H) (the lm_head's, or the tied embedding table);
     targets (...) int64 with h's leading shape; mask (...) bool or None: False drops a target, as
     does a target equal to ``ignore_index`` (F.cross_entropy's convention). ``chunk``: tokens per
     chunk (0: default_chunk(V)). Equals ``(F.cross_entropy(F.linear(h, weight).float(), targets,
-    reduction="none") * mask).sum()`` within rounding, forward and backward, under autocast too."""
+    reduction="none") * mask).sum()`` within rounding, forward and backward, under autocast too.
+    ``rows_kernel``: each chunk's softmax step by ops/triton_ce.py (None: where the op backend is
+    Triton, the GPU default) instead of the PyTorch ops of the forward."""
     H = h.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != H:
         raise ValueError(f"weight must be (vocab, {H}), got {tuple(weight.shape)}")
@@ -110,6 +119,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     grad_on = torch.is_grad_enabled()
     dtype = compute_dtype(h, weight)
     chunk = chunk if chunk > 0 else default_chunk(weight.shape[0])
+    if rows_kernel is None:
+        from falcon_mamba import ops
+
+        rows_kernel = h.device.type == "cuda" and ops.backend_name(h.device) == "triton"
     with torch.autocast(h.device.type, enabled=False):  # the Function casts explicitly
         return _LinearCrossEntropy.apply(h_NH, weight, t_N, chunk, dtype, grad_on and h_NH.requires_grad,
-                                         grad_on and weight.requires_grad)
+                                         grad_on and weight.requires_grad, rows_kernel)
