@@ -44,6 +44,7 @@
 #   benchmarks/device_run.sh train21    # the 1.5B step (both models, the CLI, profiled), then `bench prefill`
 #   benchmarks/device_run.sh norm21     # the norm backward kernel: cuda tests, the forward's chunk at training, the 1.5B step
 #   benchmarks/device_run.sh ce21       # the loss's softmax kernel: cuda tests, the forward's unroll x chunk, the 1.5B step
+#   benchmarks/device_run.sh step21     # cuda tests of the loss kernel, norm backward, scan forward; the 1.5B step profiled
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -298,6 +299,13 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli --profile \
       --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -E "^\||rate" "$OUT/train.log"; grep -A30 "one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
+  step21)  # the cuda tests of the loss kernel, the norm backward and the scan forward; the 1.5B Mamba
+           # step (profiled)
+    cuda_tests 150 tests/test_linear_ce.py tests/test_triton_norm_bwd.py tests/test_triton_scan.py -k "not backward"
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6
+    timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli --profile \
+      --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "^\||rate|Error|error" "$OUT/train.log" | head; grep -A30 "one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left

@@ -23,7 +23,7 @@ from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
 BLOCK_V = 4096
 WARPS = 8
-NEG = -3.0e38  # a masked lane: exp(NEG - m) is 0 and NEG - NEG is 0 (no inf - inf)
+NEG = tl.constexpr(-3.0e38)  # a masked lane: exp(NEG - m) is 0 and NEG - NEG is 0 (no inf - inf)
 
 
 @triton.jit
