@@ -232,8 +232,6 @@ def test_length_chunk_choice(monkeypatch):
     assert triton_scan.length_chunk(1, 1 << 20, 8192, 32) == (1 << 20) // 64
     assert triton_scan.length_chunk(64, 16384, 8192, 32) == 16384
     assert triton_scan.length_chunk(1, 300, 8192, 32) == 300  # too short to split
-    assert triton_scan.length_chunk(8, 2048, 4096, 32) == 2048  # 1.5B training: 1024 programs, one pass
-    assert triton_scan.length_chunk(4, 2048, 4096, 32) == 256  # 512 programs: 8 chunks
     # inference (no saved states): 16 chunks of a row, each 64 to 256 steps, at most 64 chunks;
     # short rows and full batches unsplit
     ic = triton_scan.infer_chunk

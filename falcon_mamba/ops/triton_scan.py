@@ -43,9 +43,8 @@ LOG2E = 1.4426950408889634
 FWD_BLOCK_D = 32
 # Steps per chunk of loads (T). The chunked passes of a long row: T=2 (7B width, H200, Triton 3.6:
 # 1 x 16384 2.18 ms a layer vs 2.28 at T=4; 1 x 2048 0.338 vs 0.371); one pass over many rows (a
-# burst of prompts, 64 x 32: 0.195 vs 0.207) and training's chunked passes with saved states (8 x
-# 2048 at D 4096: 1.33 vs 1.61): T=4 (results/h200-scan-fwd-30c8da3.txt); training's one pass with
-# saved states: T=2 (1.22 vs 1.92, FWD_ONE_PASS_PROGRAMS).
+# burst of prompts, 64 x 32: 0.195 vs 0.207) and training's passes with saved states (8 x 2048 at
+# D 4096: 1.33 vs 1.61): T=4 (results/h200-scan-fwd-30c8da3.txt).
 FWD_UNROLL = 2
 FWD_UNROLL_WIDE = 4
 FWD_WARPS = 1
@@ -56,11 +55,9 @@ CHK = 128  # steps between saved states for the backward; a multiple of the unro
 FWD_CHUNK_PROGRAMS = 16384
 FWD_MAX_CHUNKS = 64
 FWD_MIN_CHUNK = 256
-# ...but with saved states (training) one pass at T = FWD_UNROLL from this many (row, channel
-# block) programs: at the 1.5B training shape (8 x 2048 at D 4096: 1024 programs) one pass at T=2
-# took 1.19 / 1.22 ms a layer against 1.34 / 1.36 for 8 chunks of 256 at T=4 and 1.92 for one pass
-# at T=4, in two calls (results/h200-scan-fwd-train-8d87f75.txt)
-FWD_ONE_PASS_PROGRAMS = 1024
+# (Measured and removed: one pass at T=2 from 1024 (row, channel block) programs, the 1.5B training
+# shape: 1.19-1.22 ms a layer under do_bench against 1.34-1.36 for these chunks, but 2.7 ms inside
+# the training step against 1.2 there; results/h200-scan-fwd-train-8d87f75.txt, NOTES session 18.)
 # ...and without saved states (inference: prompt chunks; infer_chunk): a row of at least two
 # FWD_MIN_CHUNK_INFER is cut into FWD_INFER_CHUNKS chunks, each FWD_MIN_CHUNK_INFER to
 # FWD_MAX_CHUNK_INFER steps long (and within length_chunk's caps). Batch 1 at the 7B width on the
@@ -253,7 +250,7 @@ def length_chunk(Bsz: int, L: int, D: int, block_d: int, min_chunk: int | None =
     by the number of chunks."""
     min_chunk = min_chunk or FWD_MIN_CHUNK
     nc = _chunks_allowed(Bsz, D, block_d)
-    if nc < 2 or L < 2 * min_chunk or Bsz * triton.cdiv(D, block_d) >= FWD_ONE_PASS_PROGRAMS:
+    if nc < 2 or L < 2 * min_chunk:
         return L
     return max(min_chunk, triton.cdiv(triton.cdiv(L, nc), step) * step)
 
@@ -294,9 +291,7 @@ def scan_fwd(x, dt, A, Bm, Cm, Dv=None, z=None, dt_bias=None, h0=None, reset=Non
     if CL < L and save_chk:  # saved states sit at multiples of CHK: chunks must start on them
         CL = triton.cdiv(CL, CHK) * CHK
     CL = max(1, min(CL, L))
-    # T: 4 for chunked passes with saved states and one pass without; 2 for one pass with saved
-    # states and chunked passes without (the measured winners: FWD_UNROLL's comment above)
-    unroll = unroll or (FWD_UNROLL_WIDE if save_chk == (CL < L) else FWD_UNROLL)
+    unroll = unroll or (FWD_UNROLL_WIDE if save_chk or CL >= L else FWD_UNROLL)
     if save_chk:  # states are saved at chunk starts: CHK must be a multiple of the unroll
         unroll = math.gcd(unroll, CHK)
     NC = triton.cdiv(L, CL) if L else 1
