@@ -220,6 +220,25 @@ class FalconMamba(nn.Module):
 
         return triton_backend
 
+    def _train_add_norm(self, state: State | None):
+        """A function (h, out, weight, eps, u_dtype) -> (h + out, the block norm's output) running
+        the training residual add and block norm as one autograd Function of Triton kernels
+        (norm_autograd.add_rms_norm), where they train on the triton backend (CUDA, autograd on, no
+        carried state); else None."""
+        if state is not None or self.device.type != "cuda" or not torch.is_grad_enabled():
+            return None
+        from falcon_mamba import ops
+
+        if ops.backend_name(self.device) != "triton":
+            return None
+        from falcon_mamba.ops import norm_autograd, triton_backend
+
+        def add_norm(h, out, weight, eps, u_dtype):
+            return norm_autograd.add_rms_norm(h, out, weight, eps, u_dtype, triton_backend.add_rms_norm,
+                                              triton_backend.rms_norm_backward)
+
+        return add_norm
+
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 last_only: bool = False, reset_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """input_ids (B, L) int64 -> logits (B, L, V) fp32 (or (B, 1, V) with last_only) and the
@@ -247,6 +266,7 @@ class FalconMamba(nn.Module):
         h = self.backbone.embeddings(input_ids)
         convs, ssms = [], []
         fused = self._fused_add_norm()
+        train = None if fused else self._train_add_norm(state)
         hbuf = out = None
         for i, blk in enumerate(self.backbone.layers):
             if fused:  # one kernel for the residual add, the cast and the norm (same rounding)
@@ -255,16 +275,21 @@ class FalconMamba(nn.Module):
                 u = fused.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps,
                                        round_to=blk.norm.weight.dtype, h_out=hbuf)
                 h = hbuf
+            elif train is not None and out is not None:  # training: the add and norm as one Function
+                dev = h.device.type
+                u_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                           else torch.promote_types(torch.float32, blk.norm.weight.dtype))
+                h, u = train(h.float(), out, blk.norm.weight, blk.norm.eps, u_dtype)
             else:
                 u = blk.norm(h.to(blk.norm.weight.dtype))
             out, conv, ssm = blk.mixer(u, None if state is None else state.conv[i],
                                        None if state is None else state.ssm[i], reset_BL)
-            if not fused:
+            if not fused and train is None:
                 h = h.float() + out
             convs.append(conv)
             ssms.append(ssm)
-        if fused and out is not None:
-            h = h + out  # the last layer's residual add
+        if (fused or train is not None) and out is not None:
+            h = h.float() + out  # the last layer's residual add
         seen = (0 if state is None else state.tokens_seen) + input_ids.shape[1]
         return h, State(self.config, torch.stack(convs), torch.stack(ssms), seen)
 

@@ -291,3 +291,13 @@ def test_lora_wrapped_projections_fall_back_with_correct_gradients(rng, fused_ca
     want = grads(model)
     assert got.keys() == want.keys() and len(got) == 8
     compare(list(got.values()), list(want.values()), list(got), *TOL[torch.float32], "lora")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,with_resets,D,N,use_bias,bcdt,conv_bias,bwd_chunk", CASES)
+def test_gradients_match_the_float64_reference_cuda(rng, monkeypatch, fused_calls, dtype, with_resets, D,
+                                                    N, use_bias, bcdt, conv_bias, bwd_chunk):
+    """The CPU test above on the GPU (the cuda suite runs marked tests only): the compiled kernels,
+    the Triton norm backward into x_proj's gradient slices, cuBLAS's addmm."""
+    test_gradients_match_the_float64_reference(rng, monkeypatch, fused_calls, dtype, with_resets, D, N,
+                                               use_bias, bcdt, conv_bias, bwd_chunk)

@@ -104,3 +104,67 @@ def test_the_1p5b_block_norm_shape(rng):
     x, w, g = inputs(rng, 16384, 2048, torch.float32, torch.float32, torch.float32)
     check(triton_norm_bwd.rms_norm_backward(x, w, 1e-5, g),
           norm_autograd.rms_norm_backward(x, w, 1e-5, g), "16384 x 2048", False)
+
+
+def _add_norm_grads(fn, h0, out0, w0, a, b):
+    h, out, w = (t.detach().clone().requires_grad_() for t in (h0, out0, w0))
+    hn, u = fn(h, out, w)
+    ((hn * a).sum() + (u.float() * b).sum()).backward()
+    return [hn.detach(), u.detach(), h.grad, out.grad, w.grad]
+
+
+@pytest.mark.parametrize("u_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("twin", [False, True])
+def test_add_rms_norm_matches_autograd_through_the_pair(rng, u_dtype, twin):
+    """norm_autograd.add_rms_norm (the training add + block norm as one Function, Triton forward,
+    the Triton or the twin backward) against autograd through h + out, then the reference norm."""
+    from falcon_mamba.ops import reference, triton_backend
+
+    h = torch.randn(2, 9, 48, generator=rng).to(DEV)
+    out = torch.randn(2, 9, 48, generator=rng).to(DEV, torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(48, generator=rng)).to(DEV)
+    a, b = (torch.randn(2, 9, 48, generator=rng).to(DEV) for _ in range(2))
+
+    def pair(h, out, w):
+        hn = h.float() + out
+        return hn, reference.rms_norm(hn, w, 1e-5).to(u_dtype)
+
+    def fused(h, out, w):
+        return norm_autograd.add_rms_norm(h, out, w, 1e-5, u_dtype, triton_backend.add_rms_norm,
+                                          None if twin else triton_backend.rms_norm_backward)
+
+    want = _add_norm_grads(pair, h, out, w, a, b)
+    got = _add_norm_grads(fused, h, out, w, a, b)
+    assert got[0].dtype == torch.float32 and got[1].dtype == u_dtype and got[3].dtype == torch.bfloat16
+    assert torch.equal(got[0], want[0])  # the same fp32 add
+    for name, x, y in zip(("u", "grad h", "grad out", "grad weight"), got[1:], want[1:]):
+        low = name in ("grad out",) or (name == "u" and u_dtype == torch.bfloat16)
+        rtol, atol = TOL[torch.bfloat16 if low else torch.float32]
+        scale = y.float().abs().max().clamp(min=1e-30)
+        assert_close(x.float() / scale, y.float() / scale, rtol, atol, f"{name} {u_dtype} twin={twin}")
+
+
+@pytest.mark.cuda
+def test_model_gradients_with_the_training_add_norm(rng, monkeypatch):
+    """A model's gradients on the GPU with the block add + norm as one Function (the default
+    there) equal those of the separate add and norm, under bf16 autocast."""
+    import falcon_mamba as fm
+    from falcon_mamba.model import FalconMamba
+
+    cfg = fm.get_preset("tiny-odd")
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=rng).cuda()
+    grads = []
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = FalconMamba(cfg).cuda()
+        if on:
+            assert model._train_add_norm(None) is not None  # CUDA, the triton backend, autograd on
+        else:
+            monkeypatch.setattr(FalconMamba, "_train_add_norm", lambda self, state: None)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids)[0].logsumexp(-1).mean()
+        loss.backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters()})
+    for name, g in grads[1].items():
+        scale = g.abs().max().clamp(min=1e-30)
+        assert_close(grads[0][name] / scale, g / scale, 3e-2, 5e-2, name)

@@ -64,9 +64,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 @_guard
-def rms_norm_backward(x, weight, eps, g, need_dx=True, need_dw=True):
-    """See norm_autograd.rms_norm_backward: one Triton pass (triton_norm_bwd)."""
-    return triton_norm_bwd.rms_norm_backward(x, weight, eps, g, need_dx, need_dw)
+def rms_norm_backward(x, weight, eps, g, need_dx=True, need_dw=True, *, residual_grad=None,
+                      dx_dtype=None, y_dtype=None):
+    """See norm_autograd.rms_norm_backward (and, with residual_grad and dx_dtype, the backward of
+    norm_autograd.add_rms_norm): one Triton pass (triton_norm_bwd)."""
+    return triton_norm_bwd.rms_norm_backward(x, weight, eps, g, need_dx, need_dw,
+                                             residual_grad=residual_grad, dx_dtype=dx_dtype,
+                                             y_dtype=y_dtype)
 
 
 @_guard

@@ -45,11 +45,14 @@ def _round(v, MODE: tl.constexpr):
 
 
 @triton.jit
-def _rms_bwd_kernel(x_ptr, g_ptr, w_ptr, dx_ptr, dw_ptr, M, H, eps, sx, sg, sdx,
-                    BM: tl.constexpr, BH: tl.constexpr, HAS_W: tl.constexpr, NEED_DX: tl.constexpr,
-                    NEED_DW: tl.constexpr, ROUND_X: tl.constexpr, ROUND_G: tl.constexpr):
+def _rms_bwd_kernel(x_ptr, g_ptr, w_ptr, dx_ptr, dw_ptr, res_ptr, dx2_ptr, M, H, eps, sx, sg, sdx,
+                    sres, sdx2, BM: tl.constexpr, BH: tl.constexpr, HAS_W: tl.constexpr,
+                    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, ROUND_X: tl.constexpr,
+                    ROUND_G: tl.constexpr, HAS_RES: tl.constexpr, HAS_DX2: tl.constexpr):
     # Program p takes the row tiles p, p + P, p + 2P, ...; writes dx (rows with stride sdx) and,
-    # with NEED_DW, its (H,) partial of dw at dw_ptr + p * H.
+    # with NEED_DW, its (H,) partial of dw at dw_ptr + p * H. HAS_RES: dx += res (the gradient
+    # that reached x by the residual stream); HAS_DX2: dx also in dx2's dtype (the residual
+    # branch's input gradient).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BH)
@@ -74,7 +77,13 @@ def _rms_bwd_kernel(x_ptr, g_ptr, w_ptr, dx_ptr, dw_ptr, M, H, eps, sx, sg, sdx,
             gx = _round(gv, ROUND_X)
             c = tl.sum(gx * xhat, axis=1) / H
             dxv = rstd[:, None] * (gx - xhat * c[:, None])
+            if HAS_RES:
+                rv = tl.load(res_ptr + rows[:, None] * sres + cols[None, :], mask=m, other=0.0)
+                dxv += rv.to(tl.float32)
             tl.store(dx_ptr + rows[:, None] * sdx + cols[None, :], dxv.to(dx_ptr.dtype.element_ty), mask=m)
+            if HAS_DX2:
+                tl.store(dx2_ptr + rows[:, None] * sdx2 + cols[None, :], dxv.to(dx2_ptr.dtype.element_ty),
+                         mask=m)
         tile += nprog
     if NEED_DW:
         tl.store(dw_ptr + pid * H + cols, dw, mask=mc)
@@ -87,13 +96,20 @@ def _rows(t: torch.Tensor, H: int) -> torch.Tensor:
 
 
 def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, g: torch.Tensor,
-                      need_dx: bool = True, need_dw: bool = True, dx_out: torch.Tensor | None = None):
+                      need_dx: bool = True, need_dw: bool = True, dx_out: torch.Tensor | None = None,
+                      residual_grad: torch.Tensor | None = None, dx_dtype: torch.dtype | None = None,
+                      y_dtype: torch.dtype | None = None):
     """norm_autograd.rms_norm_backward's contract on Triton: (dx in x's dtype or None, dweight in
     weight's dtype or None) for y = reference.rms_norm(x, weight, eps) and the output gradient g.
     x, g (..., H), any dtypes, rows of any stride with the last dim contiguous; dx_out (..., H),
-    optional: where dx goes (a slice of a wider buffer, the fused mixer's d(x_proj output))."""
+    optional: where dx goes (a slice of a wider buffer, the fused mixer's d(x_proj output)).
+    residual_grad (..., H), optional: added to dx (x also fed the residual stream: the training
+    add + norm, norm_autograd.add_rms_norm); dx_dtype: then also returns dx in that dtype, as a
+    third value (the residual branch's output gradient), from the same fp32 sum. y_dtype: the
+    norm's output dtype where g arrives rounded to another (default g's): dw takes y in it."""
     H = x.shape[-1]
     x2, g2 = _rows(x, H), _rows(g, H)
+    r2 = _rows(residual_grad, H) if residual_grad is not None else None
     M = x2.shape[0]
     need_dw = need_dw and weight is not None
     dx = None
@@ -101,10 +117,12 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, 
         dx = dx_out if dx_out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
         assert dx.shape == x.shape and dx.dtype == x.dtype and dx.stride(-1) == 1, \
             "dx_out: x's shape and dtype, last dim contiguous"
-        dx2 = dx.view(-1, H)  # raises where the rows are no (M, H) view: the kernel writes in place
+        dxr = dx.view(-1, H)  # raises where the rows are no (M, H) view: the kernel writes in place
+    dx2 = (torch.empty(x.shape, dtype=dx_dtype, device=x.device)
+           if dx_dtype is not None and need_dx else None)
     if M == 0 or not (need_dx or need_dw):
         dw0 = torch.zeros_like(weight) if need_dw else None
-        return dx, dw0
+        return (dx, dw0) if dx_dtype is None else (dx, dw0, dx2)
     BH = triton.next_power_of_2(H)
     BM = max(1, min(256, TILE // BH))
     tiles = triton.cdiv(M, BM)
@@ -112,12 +130,14 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, 
            if x.device.type == "cuda" else 4)
     P = max(1, min(tiles, sms * PROGRAMS_PER_SM))
     partial = torch.empty(P, H, dtype=torch.float32, device=x.device) if need_dw else None
+    d2 = dx2.view(-1, H) if dx2 is not None else None
     _rms_bwd_kernel[(P,)](
-        x2, g2, weight if weight is not None else x2, dx2 if need_dx else x2,
-        partial if partial is not None else x2, M, H, float(eps), x2.stride(0), g2.stride(0),
-        dx2.stride(0) if need_dx else 0, BM=BM, BH=BH, HAS_W=weight is not None, NEED_DX=need_dx,
-        NEED_DW=need_dw, ROUND_X=_ROUND[x.dtype], ROUND_G=_ROUND[g.dtype],
-        num_warps=8 if BM * BH >= 2048 else 4,
-        **LAUNCH_OPTIONS)
+        x2, g2, weight if weight is not None else x2, dxr if need_dx else x2,
+        partial if partial is not None else x2, r2 if r2 is not None else x2, d2 if d2 is not None else x2,
+        M, H, float(eps), x2.stride(0), g2.stride(0), dxr.stride(0) if need_dx else 0,
+        r2.stride(0) if r2 is not None else 0, d2.stride(0) if d2 is not None else 0,
+        BM=BM, BH=BH, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw,
+        ROUND_X=_ROUND[x.dtype], ROUND_G=_ROUND[y_dtype or g.dtype], HAS_RES=r2 is not None and need_dx,
+        HAS_DX2=d2 is not None, num_warps=8 if BM * BH >= 2048 else 4, **LAUNCH_OPTIONS)
     dw = partial.sum(0).to(weight.dtype) if need_dw else None
-    return dx, dw
+    return (dx, dw) if dx_dtype is None else (dx, dw, dx2)
