@@ -45,6 +45,7 @@
 #   benchmarks/device_run.sh norm21     # the norm backward kernel: cuda tests, the forward's chunk at training, the 1.5B step
 #   benchmarks/device_run.sh ce21       # the loss's softmax kernel: cuda tests, the forward's unroll x chunk, the 1.5B step
 #   benchmarks/device_run.sh step21     # cuda tests of the loss kernel, norm backward, scan forward; the 1.5B step profiled
+#   benchmarks/device_run.sh train22    # the training add + norm, loss kernel, norm backward: cuda tests; the 1.5B step (both, CLI)
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -306,6 +307,14 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli --profile \
       --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -E "^\||rate|Error|error" "$OUT/train.log" | head; grep -A30 "one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
+  train22)  # the training add + norm Function, the loss kernel, the norm backward: their cuda tests (and
+            # the fused mixer's on the GPU); then the 1.5B step, both models and `falcon-mamba train`,
+            # each model profiled
+    cuda_tests 120 tests/test_triton_norm_bwd.py tests/test_mixer_autograd.py tests/test_linear_ce.py
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6
+    timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --profile \
+      --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "^\||x \(target|rate|benchmark:|Error" "$OUT/train.log"; grep -A30 "mamba: one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left
