@@ -118,6 +118,15 @@ class MambaMixer(nn.Module):
         return self.out_proj(y)
 
 
+def joint_add_norm(h, out, weight, eps, u_dtype):
+    """(h + out, rms_norm(h + out, weight) in u_dtype) as one autograd Function of Triton kernels
+    (norm_autograd.add_rms_norm): FalconMamba's training add + block norm (_train_add_norm)."""
+    from falcon_mamba.ops import norm_autograd, triton_backend  # Triton: imported only where it runs
+
+    return norm_autograd.add_rms_norm(h, out, weight, eps, u_dtype, triton_backend.add_rms_norm,
+                                      triton_backend.rms_norm_backward)
+
+
 class MambaBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -231,13 +240,7 @@ class FalconMamba(nn.Module):
 
         if ops.backend_name(self.device) != "triton":
             return None
-        from falcon_mamba.ops import norm_autograd, triton_backend
-
-        def add_norm(h, out, weight, eps, u_dtype):
-            return norm_autograd.add_rms_norm(h, out, weight, eps, u_dtype, triton_backend.add_rms_norm,
-                                              triton_backend.rms_norm_backward)
-
-        return add_norm
+        return joint_add_norm
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 last_only: bool = False, reset_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
@@ -267,15 +270,20 @@ class FalconMamba(nn.Module):
         convs, ssms = [], []
         fused = self._fused_add_norm()
         train = None if fused else self._train_add_norm(state)
+        layers = self.backbone.layers
+        # joint[i]: block i's norm takes the previous block's residual add with it (training, fp32
+        # norm weights: the recipe's; a bf16 norm rounds its input first, the separate path below)
+        joint = [train is not None and i > 0 and blk.norm.weight.dtype == torch.float32
+                 for i, blk in enumerate(layers)] + [False]
         hbuf = out = None
-        for i, blk in enumerate(self.backbone.layers):
+        for i, blk in enumerate(layers):
             if fused:  # one kernel for the residual add, the cast and the norm (same rounding)
                 if hbuf is None:
                     hbuf = torch.empty(h.shape, dtype=torch.float32, device=h.device)
                 u = fused.add_rms_norm(h, out, blk.norm.weight, blk.norm.eps,
                                        round_to=blk.norm.weight.dtype, h_out=hbuf)
                 h = hbuf
-            elif train is not None and out is not None:  # training: the add and norm as one Function
+            elif joint[i]:  # training: the residual add and the norm as one Function
                 dev = h.device.type
                 u_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                            else torch.promote_types(torch.float32, blk.norm.weight.dtype))
@@ -284,12 +292,12 @@ class FalconMamba(nn.Module):
                 u = blk.norm(h.to(blk.norm.weight.dtype))
             out, conv, ssm = blk.mixer(u, None if state is None else state.conv[i],
                                        None if state is None else state.ssm[i], reset_BL)
-            if not fused and train is None:
+            if not fused and not joint[i + 1]:  # (else the next block's add + norm adds it)
                 h = h.float() + out
             convs.append(conv)
             ssms.append(ssm)
-        if (fused or train is not None) and out is not None:
-            h = h.float() + out  # the last layer's residual add
+        if fused and out is not None:
+            h = h + out  # the last layer's residual add
         seen = (0 if state is None else state.tokens_seen) + input_ids.shape[1]
         return h, State(self.config, torch.stack(convs), torch.stack(ssms), seen)
 

@@ -168,3 +168,42 @@ def test_model_gradients_with_the_training_add_norm(rng, monkeypatch):
     for name, g in grads[1].items():
         scale = g.abs().max().clamp(min=1e-30)
         assert_close(grads[0][name] / scale, g / scale, 3e-2, 5e-2, name)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_model_plumbing_of_the_training_add_norm(rng, monkeypatch, autocast):
+    """The model's training loop with the add + norm Function forced on (on the CPU through the
+    interpreter; a GPU takes it by itself): its losses and gradients equal the separate add and
+    norm's, under bf16 autocast and in fp32; under autocast a block whose norm weight is bf16 keeps
+    the separate pair (its input is rounded first)."""
+    import falcon_mamba as fm
+    from falcon_mamba import model as model_mod
+    from falcon_mamba.model import FalconMamba
+
+    cfg = fm.get_preset("tiny-odd")
+    ids = torch.randint(0, cfg.vocab_size, (2, 21), generator=rng)
+    calls = []
+
+    def counted(*a):
+        calls.append(1)
+        return model_mod.joint_add_norm(*a)
+
+    results = []
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = FalconMamba(cfg)
+        if autocast:  # (a bf16 norm weight outside autocast would feed bf16 to fp32 projections)
+            model.backbone.layers[2].norm.weight.data = model.backbone.layers[2].norm.weight.data.bfloat16()
+        monkeypatch.setattr(FalconMamba, "_train_add_norm", (lambda self, state: counted) if on
+                            else (lambda self, state: None))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids)[0].logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    n = cfg.num_hidden_layers
+    assert len(calls) == n - 1 - autocast  # every block but the first (and the bf16-normed one)
+    rtol, atol = (3e-2, 5e-2) if autocast else (2e-4, 2e-4)
+    assert_close(results[0][0], results[1][0], rtol, atol, "loss")
+    for name, g in results[1][1].items():
+        scale = g.abs().max().clamp(min=1e-30)
+        assert_close(results[0][1][name] / scale, g / scale, rtol, atol, name)
