@@ -46,6 +46,7 @@
 #   benchmarks/device_run.sh ce21       # the loss's softmax kernel: cuda tests, the forward's unroll x chunk, the 1.5B step
 #   benchmarks/device_run.sh step21     # cuda tests of the loss kernel, norm backward, scan forward; the 1.5B step profiled
 #   benchmarks/device_run.sh train22    # the training add + norm, loss kernel, norm backward: cuda tests; the 1.5B step (both, CLI)
+#   benchmarks/device_run.sh final22    # session 18's final: training cuda tests, the 1.5B step, serve at 0.5 / 0.1 ms switch
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -315,6 +316,22 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --profile \
       --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -E "^\||x \(target|rate|benchmark:|Error" "$OUT/train.log"; grep -A30 "mamba: one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
+  final22)  # session 18's final code: the training cuda tests again (the add + norm per block), the 1.5B
+            # Mamba step; the server at 64 / 256 clients with the 0.5 ms switch interval, then 0.1 ms
+    cuda_tests 110 tests/test_triton_norm_bwd.py tests/test_mixer_autograd.py tests/test_linear_ce.py
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6
+    timeout 100 python3 benchmarks/bench_train.py --shape 1.5b --models mamba --no-cli \
+      --out "$OUT/results" > "$OUT/train.log" 2>&1
+    grep -E "^\| Falcon|rate" "$OUT/train.log"
+    timeout $(left 150) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
+    grep -v "^{" "$OUT/bench.log" | grep -E "clients|tok/s" | head -8
+    timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
+      --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
+      --temperature 0 --procs 8 --server-arg=--switch-interval-ms=0.1 --out "$OUT/serve-switch01.json" \
+      > "$OUT/bench-switch01.log" 2>&1
+    grep -v "^{" "$OUT/bench-switch01.log" | grep -E "clients|tok/s" | head -8 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left
