@@ -326,12 +326,12 @@ case "$MODE" in
     timeout $(left 150) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
       --temperature 0 --procs 8 --out "$OUT/serve.json" > "$OUT/bench.log" 2>&1
-    grep -v "^{" "$OUT/bench.log" | grep -E "clients|tok/s" | head -8
+    grep -v "^{" "$OUT/bench.log" | head -24
     timeout $(left 5) python3 benchmarks/load_test.py --random 7b \
       --tokenizer-dir .data/shared/tokenizers/falcon --slots 256 --sweep 64,256 --max-tokens 128 \
       --temperature 0 --procs 8 --server-arg=--switch-interval-ms=0.1 --out "$OUT/serve-switch01.json" \
       > "$OUT/bench-switch01.log" 2>&1
-    grep -v "^{" "$OUT/bench-switch01.log" | grep -E "clients|tok/s" | head -8 ;;
+    grep -v "^{" "$OUT/bench-switch01.log" | head -24 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left
