@@ -316,7 +316,8 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/bench_train.py --shape 1.5b --models mamba,transformer --profile \
       --out "$OUT/results" > "$OUT/train.log" 2>&1
     grep -E "^\||x \(target|rate|benchmark:|Error" "$OUT/train.log"; grep -A30 "mamba: one step under" "$OUT/train.log" | cut -c1-70,140-175 ;;
-  final22)  # session 18's final code: the training cuda tests again (the add + norm per block), the 1.5B
+  final22)  # session 18's final code (8d5ee15; its --switch-interval-ms was removed after this run: no
+            # gain): the training cuda tests again (the add + norm per block), the 1.5B
             # Mamba step; the server at 64 / 256 clients with the 0.5 ms switch interval, then 0.1 ms
     cuda_tests 110 tests/test_triton_norm_bwd.py tests/test_mixer_autograd.py tests/test_linear_ce.py
     grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6

@@ -10,6 +10,7 @@ NAME = "serve"
 HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
 
 API_KEY_ENV = "FALCON_MAMBA_API_KEY"
+GIL_SWITCH_S = 0.0005  # the interpreter's switch interval while serving (see run())
 
 
 def add_arguments(p) -> None:
@@ -68,10 +69,6 @@ def add_arguments(p) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send a request's body (408 after)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--switch-interval-ms", type=float, default=0.5,
-                   help="the interpreter's thread switch interval while serving, in ms (default 0.5; "
-                        "Python's own is 5): how long the engine thread can wait for the interpreter "
-                        "lock behind the HTTP event loop after each CUDA call")
     p.add_argument("--step-log", default=None, metavar="FILE",
                    help="append one JSON line per engine step to FILE (its time, decode rows, prompt "
                         "chunks): what a latency spike was made of")
@@ -187,8 +184,6 @@ def run(args) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if not 0.01 <= args.switch_interval_ms <= 100:
-        raise UserError(f"--switch-interval-ms must be between 0.01 and 100, got {args.switch_interval_ms}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("falcon_mamba.serve")
@@ -236,7 +231,7 @@ def run(args) -> int:
     # parsed and tokenized on the loop, a step's launches were spread over 50-60 ms of GPU time for
     # ~10 ms of work (H200, results/h200-serve-99b6cab.json, the steps' GPU times). 0.5 ms bounds
     # each wait; both threads still run in slices far longer than a switch costs (~5 us).
-    sys.setswitchinterval(args.switch_interval_ms / 1000)
+    sys.setswitchinterval(GIL_SWITCH_S)
     try:
         run_server(engine, tok, settings, args.host, args.port, args.shutdown_grace,
                    log_level="warning" if args.log_level == "info" else args.log_level)
