@@ -108,7 +108,14 @@ def case(name: str, decode: bool = True):
 # ---- prefill and training (model.forward through ops.triton_backend) --------------------------
 
 def _prefill_cases(L: int = 16384) -> None:
-    from falcon_mamba.ops import triton_conv, triton_conv_bwd, triton_decode, triton_scan
+    from falcon_mamba.ops import (
+        triton_ce,
+        triton_conv,
+        triton_conv_bwd,
+        triton_decode,
+        triton_norm_bwd,
+        triton_scan,
+    )
 
     def scan_args(Lx):
         x, z = E(1, Lx, 2 * D)[..., :D], E(1, Lx, 2 * D)[..., D:]
@@ -203,6 +210,28 @@ def _prefill_cases(L: int = 16384) -> None:
                              E(1, 2048, dtype=torch.bool), chk, E(1, 2048, D), None, triton_scan.CHK,
                              y_out=E(1, 2048, D), dz_out=E(1, 2048, 2 * D)[..., D:])
 
+
+    @case("train block norm bwd (fp32 rows, the norm alone: the first block)", decode=False)
+    def _():
+        triton_norm_bwd.rms_norm_backward(E(1, 2048, H, dtype=F32), E(H, dtype=F32), EPS,
+                                          E(1, 2048, H, dtype=F32))
+
+    @case("train add + block norm bwd (stream gradient added, the branch's in bf16)", decode=False)
+    def _():
+        triton_norm_bwd.rms_norm_backward(E(1, 2048, H, dtype=F32), E(H, dtype=F32), EPS, E(1, 2048, H),
+                                          residual_grad=E(1, 2048, H, dtype=F32), dx_dtype=BF, y_dtype=F32)
+
+    @case("train dt / B norm bwd into x_proj's gradient slices (weightless)", decode=False)
+    def _():
+        xdbl, dxdbl = E(1, 2048, XN), E(1, 2048, XN)
+        triton_norm_bwd.rms_norm_backward(xdbl[..., :R], None, MIX_EPS, E(1, 2048, R), True, False,
+                                          dx_out=dxdbl[..., :R])
+        triton_norm_bwd.rms_norm_backward(xdbl[..., R:R + N], None, MIX_EPS, E(1, 2048, N, dtype=F32),
+                                          True, False, dx_out=dxdbl[..., R:R + N])
+
+    @case("train loss softmax rows (2048 x V, gradient over the logits)", decode=False)
+    def _():
+        triton_ce.ce_rows_(E(2048, V), torch.empty(2048, dtype=torch.int64), True)
 
     for cap in (128, 168, 200):
         @case(f"train scan bwd L=2048 (resets; fused mixer's) maxnreg={cap}", decode=False)
