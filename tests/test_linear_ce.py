@@ -125,6 +125,11 @@ def test_shape_errors(rng):
         linear_cross_entropy(h, W[:, :5], t)
     with pytest.raises(ValueError, match="leading shape"):
         linear_cross_entropy(h, W, t[:, :3])
+    for bad in (10, -1):  # outside [0, V) and not ignore_index
+        with pytest.raises(ValueError, match=r"token ids in \[0, 10\)"):
+            linear_cross_entropy(h, W, torch.full_like(t, bad))
+    masked = torch.zeros_like(t, dtype=torch.bool)  # masked out: not trained, so not checked
+    assert linear_cross_entropy(h, W, torch.full_like(t, 10), masked).item() == 0.0
 
 
 def test_default_chunk():

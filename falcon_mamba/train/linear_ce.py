@@ -113,7 +113,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     keep = t_N != ignore_index
     if mask is not None:
         keep &= mask.reshape(-1)
-    if not bool(keep.all()):  # one host sync; the selection spares the lm_head the dropped tokens
+    V = weight.shape[0]
+    # one host sync for both: a trained target outside the vocabulary (the row kernel would read
+    # past its row; gather would fail on the device), and whether tokens are dropped
+    all_kept, out_of_range = torch.stack([keep.all(), (keep & ((t_N < 0) | (t_N >= V))).any()]).tolist()
+    if out_of_range:
+        raise ValueError(f"targets must be token ids in [0, {V}) (or ignore_index {ignore_index}); "
+                         "some are not: check the data's vocabulary against the model's")
+    if not all_kept:  # the selection spares the lm_head the dropped tokens
         idx = keep.nonzero().squeeze(1)
         h_NH, t_N = h_NH.index_select(0, idx), t_N.index_select(0, idx)
     grad_on = torch.is_grad_enabled()
