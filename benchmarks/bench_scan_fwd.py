@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 
 import torch
 import triton
@@ -32,6 +33,9 @@ SHAPES = {  # name: (B, L, D, training: saved states and resets)
     "64x32": (64, 32, 8192, False),
     "16x32": (16, 32, 8192, False),
     "train 8x2048": (8, 2048, 4096, True),
+    # the training step's own layout and data (MixerFn): x the conv's contiguous output, B and C
+    # the norms' contiguous outputs, a reset tensor without resets, dt and A as initialised
+    "train-step 8x2048": (8, 2048, 4096, True),
 }
 
 
@@ -41,6 +45,24 @@ def bench(fn, graph: bool = False) -> float:
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
     return triton.testing.do_bench(fn, warmup=5, rep=60, return_mode="median")  # ms
+
+
+def step_inputs(B: int, L: int, D: int, N: int = 16):
+    """As MixerFn.forward hands them to scan_fwd at a freshly initialised layer (model.init_weights)."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    xz = torch.randn(B, L, 2 * D, device=dev, generator=g).bfloat16()
+    x = torch.nn.functional.silu(torch.randn(B, L, D, device=dev, generator=g)).bfloat16()
+    dt = (torch.randn(B, L, D, device=dev, generator=g) * 0.1).bfloat16()
+    u = torch.rand(D, device=dev, generator=g)
+    lo, hi = math.log(0.001), math.log(0.1)
+    dtv = torch.exp(u * (hi - lo) + lo)
+    dtb = dtv + torch.log(-torch.expm1(-dtv))
+    A = -torch.arange(1, N + 1, dtype=torch.float32, device=dev).expand(D, N).contiguous()
+    Bm = torch.randn(B, L, N, device=dev, generator=g).bfloat16()
+    Cm = torch.randn(B, L, N, device=dev, generator=g).bfloat16()
+    return dict(x=x, dt=dt, A=A, Bm=Bm, Cm=Cm, Dv=torch.ones(D, device=dev), z=xz[..., D:], dt_bias=dtb,
+                reset=torch.zeros(B, L, dtype=torch.bool, device=dev), save_chk=True)
 
 
 def inputs(B: int, L: int, D: int, training: bool, N: int = 16, R: int = 256):
@@ -89,7 +111,7 @@ def main():
     rows = []
     for shape in a.shapes.split(","):
         B, L, D, training = SHAPES[shape]
-        args = inputs(B, L, D, training)
+        args = step_inputs(B, L, D) if shape.startswith("train-step") else inputs(B, L, D, training)
         ref_ms = None
         if base is not None:
             fn = lambda args=args: base.scan_fwd(**args)  # noqa: E731

@@ -47,6 +47,7 @@
 #   benchmarks/device_run.sh step21     # cuda tests of the loss kernel, norm backward, scan forward; the 1.5B step profiled
 #   benchmarks/device_run.sh train22    # the training add + norm, loss kernel, norm backward: cuda tests; the 1.5B step (both, CLI)
 #   benchmarks/device_run.sh final22    # session 18's final: training cuda tests, the 1.5B step, serve at 0.5 / 0.1 ms switch
+#   benchmarks/device_run.sh fwd22      # the training forward's one pass on the bench's and the step's inputs
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -333,6 +334,11 @@ case "$MODE" in
       --temperature 0 --procs 8 --server-arg=--switch-interval-ms=0.1 --out "$OUT/serve-switch01.json" \
       > "$OUT/bench-switch01.log" 2>&1
     grep -v "^{" "$OUT/bench-switch01.log" | head -24 ;;
+  fwd22)  # the training forward scan's one pass against the default chunks, on the bench's inputs and
+          # on the training step's own layout and data (train-step: why one pass was 2.7 ms in the step)
+    timeout $(left 5) python3 benchmarks/bench_scan_fwd.py --shapes "train 8x2048,train-step 8x2048" \
+      --variants 32:4:1,32:2:1:2048 > "$OUT/scan_fwd.log" 2>&1
+    grep "^shape" "$OUT/scan_fwd.log"; grep -i error "$OUT/scan_fwd.log" | head -3 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left
