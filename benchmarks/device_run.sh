@@ -48,6 +48,7 @@
 #   benchmarks/device_run.sh train22    # the training add + norm, loss kernel, norm backward: cuda tests; the 1.5B step (both, CLI)
 #   benchmarks/device_run.sh final22    # session 18's final: training cuda tests, the 1.5B step, serve at 0.5 / 0.1 ms switch
 #   benchmarks/device_run.sh fwd22      # the training forward's one pass on the bench's and the step's inputs
+#   benchmarks/device_run.sh pf23       # the scan backward's state loads a step ahead (prepared) against the default
 #   benchmarks/device_run.sh ahead20    # the backward's loads a step ahead against the lane sums alone
 #   benchmarks/device_run.sh final19    # the whole cuda suite, then the server at 64 / 256 (session 17's first call)
 #   benchmarks/device_run.sh move18     # the server at 64 clients, 64 slots (the pool's scratch moves)
@@ -339,6 +340,15 @@ case "$MODE" in
     timeout $(left 5) python3 benchmarks/bench_scan_fwd.py --shapes "train 8x2048,train-step 8x2048" \
       --variants 32:4:1,32:2:1:2048 > "$OUT/scan_fwd.log" 2>&1
     grep "^shape" "$OUT/scan_fwd.log"; grep -i error "$OUT/scan_fwd.log" | head -3 ;;
+  pf23)  # the scan backward's h_{t-1} loaded a step ahead (BWD_PREFETCH_H, prepared in session 18, off):
+         # bench_scan_bwd.py with it on (as the --old file) against the default in one call, then the
+         # scan backward's cuda tests
+    sed 's/^BWD_PREFETCH_H = False/BWD_PREFETCH_H = True/' falcon_mamba/ops/triton_scan_bwd.py > .data/pf_bwd.py
+    grep -q "^BWD_PREFETCH_H = True" .data/pf_bwd.py || echo "pf23: the switch was not found" >> "$OUT/env.txt"
+    timeout 150 python3 benchmarks/bench_scan_bwd.py --old .data/pf_bwd.py > "$OUT/scan_bwd.log" 2>&1
+    grep -v Warn "$OUT/scan_bwd.log" | tail -4
+    cuda_tests $(left 5) tests/test_triton_scan.py -k "backward_cuda"
+    grep -E "passed|failed|FAILED|ERROR|^exit|^E " "$OUT/tests.txt" | tail -6 ;;
   ahead20)  # the reverse step's x, dt, B and C loaded a step ahead: bench_scan_bwd.py against the lane
             # sums alone (.data/old_bwd.py: git show 749e76a:falcon_mamba/ops/triton_scan_bwd.py),
             # then the scan backward's cuda tests in what is left

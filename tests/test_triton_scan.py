@@ -195,6 +195,18 @@ def test_backward_small_with_resets(rng, monkeypatch):
     check_backward(1, 13, 12, 3, torch.float32, rng, reset=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_with_the_state_loaded_a_step_ahead(rng, monkeypatch, dtype):
+    """BWD_PREFETCH_H (off by default, not yet timed): the reverse step's h_{t-1} loaded during the
+    step before it, across windows of 4 steps (one partial) and saved-state chunks of 8, resets."""
+    from falcon_mamba.ops import triton_scan_bwd
+
+    monkeypatch.setattr(triton_scan_bwd, "BWD_PREFETCH_H", True)
+    monkeypatch.setattr(triton_scan_bwd, "BWD_WINDOW", 4)
+    monkeypatch.setattr(triton_scan, "CHK", 8)
+    check_backward(1, 11, 40, 16, dtype, rng, reset=True)
+
+
 @pytest.mark.parametrize("N,dtype", [(1, torch.float32), (16, torch.float32), (32, torch.float32),
                                      (40, torch.float32), (16, torch.bfloat16)])
 def test_backward_state_sizes_of_the_lane_sums(rng, monkeypatch, N, dtype):

@@ -89,6 +89,11 @@ BWD_MAXNREG = None
 # The reverse step's x, dt, B and C loaded a step ahead (bf16 B and C of 16 states, as bc_words'
 # 64-bit words: 18 registers more), so that a step's math does not wait on its own L2 loads.
 BWD_AHEAD = True
+# The reverse step's h_{t-1} (16 scratch loads from L2) issued a step ahead too (16 registers more).
+# Prepared in session 18 without a GPU, so off: on sm_90a (Triton 3.9, inspect_kernels.py) it
+# compiles to 254 registers, no spills, a reverse loop of 793 SASS instructions against 799; its
+# time is not measured (benchmarks/NOTES.md, session 18).
+BWD_PREFETCH_H = False
 # Steps recomputed into scratch at a time: a divisor of CHK (CHK itself: one level, 256 KiB of
 # scratch per program). 16 minimises CHK/W + W for CHK = 128.
 BWD_WINDOW = 16
@@ -315,7 +320,7 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHKS: tl.constexpr, W: tl.constexpr,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DTB: tl.constexpr,
     HAS_RST: tl.constexpr, HAS_GIN: tl.constexpr, HAS_Y: tl.constexpr, BC_WORDS: tl.constexpr,
-    LOG_NP: tl.constexpr, LOG_BD: tl.constexpr, AHEAD: tl.constexpr,
+    LOG_NP: tl.constexpr, LOG_BD: tl.constexpr, AHEAD: tl.constexpr, PREFETCH_H: tl.constexpr,
 ):
     # Pass 3. Gradient outputs dx, ddt are (B, L, D) contiguous, dz (B, L, D) with row strides
     # sdz_b, sdz_l (a half of the fused mixer's d(in_proj output)); db, dc (B, L, N) fp32, zeroed;
@@ -419,6 +424,10 @@ def _scan_bwd_kernel(
                 v_n = tl.load(dt_p + t0 * sdt_l + d, mask=md, other=0.0)
                 b0, b1, b2, b3 = _words4(bb_p + t0 * sb_l, t0 < L)
                 c0, c1, c2, c3 = _words4(c_ptr + b * sc_b + t0 * sc_l, t0 < L)
+            if PREFETCH_H:  # this step's h_{t-1} (scratch slot j), loaded a step ahead as well
+                h_pre = tl.zeros((NP, BD), tl.float32)
+                for k in tl.static_range(N):
+                    h_pre = tl.where(nn == k, tl.load(win_p + (j * N + k) * BD)[None, :], h_pre)
             while j >= 0:
                 t = (tw + j).to(tl.int64)
                 m = md  # t < L inside the window
@@ -447,9 +456,16 @@ def _scan_bwd_kernel(
                 v += dtb
                 sp, t_ = softplus_t(v)
                 sp = tl.where(m, sp, 0.0)
-                h_prev = tl.zeros((NP, BD), tl.float32)
-                for k in tl.static_range(N):
-                    h_prev = tl.where(nn == k, tl.load(win_p + (j * N + k) * BD)[None, :], h_prev)
+                if PREFETCH_H:
+                    h_prev = h_pre
+                    h_pre = tl.zeros((NP, BD), tl.float32)
+                    for k in tl.static_range(N):
+                        h_pre = tl.where(nn == k, tl.load(win_p + ((j - 1) * N + k) * BD, mask=mnext,
+                                                          other=0.0)[None, :], h_pre)
+                else:
+                    h_prev = tl.zeros((NP, BD), tl.float32)
+                    for k in tl.static_range(N):
+                        h_prev = tl.where(nn == k, tl.load(win_p + (j * N + k) * BD)[None, :], h_prev)
                 hp = h_prev
                 if HAS_RST:
                     r = tl.load(r_p + t * sr_l)
@@ -631,7 +647,8 @@ def scan_bwd(x, dt, A, Bm, Cm, Dv, z, dt_bias, reset, chk, dy, dhT, chk_every, c
         CHKS=chk_every, W=W, T=T, HAS_Z=z is not None, HAS_D=Dv is not None,
         HAS_DTB=dt_bias is not None, HAS_RST=rst is not None, HAS_GIN=gin is not None,
         HAS_Y=y_out is not None, BC_WORDS=words, LOG_NP=NP.bit_length() - 1,
-        LOG_BD=BWD_BLOCK_D.bit_length() - 1, AHEAD=BWD_AHEAD and words and N == 16, **flags,
+        LOG_BD=BWD_BLOCK_D.bit_length() - 1, AHEAD=BWD_AHEAD and words and N == 16,
+        PREFETCH_H=BWD_PREFETCH_H, **flags,
         **({"maxnreg": BWD_MAXNREG} if BWD_MAXNREG else {}))
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if Dv is not None else None, dz,
             ddtb.sum((0, 1)) if dt_bias is not None else None, dh0)
