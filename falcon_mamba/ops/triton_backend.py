@@ -74,6 +74,15 @@ def rms_norm_backward(x, weight, eps, g, need_dx=True, need_dw=True, *, residual
 
 
 @_guard
+def ce_rows_(logits, targets, grad):
+    """See triton_ce.ce_rows_: a loss chunk's per-row cross-entropy (and, with grad, its softmax
+    gradient written over the logits) in one kernel; the fused loss's GPU path."""
+    from falcon_mamba.ops import triton_ce
+
+    return triton_ce.ce_rows_(logits, targets, grad)
+
+
+@_guard
 def causal_conv1d(x_BLD, weight_DK, bias_D, conv_state_BKD=None, silu=True, reset_BL=None):
     """See reference.causal_conv1d. Returns (y (B, L, D), new conv state (B, K-1, D))."""
     if x_BLD.stride(-1) != 1:

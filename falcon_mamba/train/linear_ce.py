@@ -51,10 +51,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for lo in range(0, N, chunk):
             hc, tc = h[lo:lo + chunk], targets_N[lo:lo + chunk]
             if rows_kernel:  # ops/triton_ce.py: the math below in one kernel, g over the logits
-                from falcon_mamba.ops import triton_ce  # Triton: imported only where it runs
+                from falcon_mamba.ops import triton_backend  # Triton: imported only where it runs
 
                 g = hc @ W.t()  # (n, V) in dtype
-                loss += triton_ce.ce_rows_(g, tc, need_h or need_w).sum()
+                loss += triton_backend.ce_rows_(g, tc, need_h or need_w).sum()
             else:
                 logits = (hc @ W.t()).float()  # (n, V): rounded to dtype, then fp32 (a copy unless fp32)
                 lse = torch.logsumexp(logits, dim=-1)  # (n,)
