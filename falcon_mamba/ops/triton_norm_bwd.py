@@ -26,22 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_mamba.ops.triton_decode import _ROUND, _round  # v stored in a dtype and read back
 from falcon_mamba.ops.triton_helpers import LAUNCH_OPTIONS
 
-_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TILE = 4096  # elements of a (BM, BH) tile: two fp32 tiles (x, g) in registers at 8 warps
 PROGRAMS_PER_SM = 4  # 528 programs on the H200: each walks ~8 of the 1.5B block norm's 4,096 tiles
-
-
-@triton.jit
-def _round(v, MODE: tl.constexpr):
-    # v stored in x's dtype and read back (1: bf16, 2: fp16, 0: fp32, as is)
-    if MODE == 1:
-        return v.to(tl.bfloat16).to(tl.float32)
-    elif MODE == 2:
-        return v.to(tl.float16).to(tl.float32)
-    else:
-        return v
 
 
 @triton.jit
