@@ -120,7 +120,7 @@ class MambaMixer(nn.Module):
 
 def joint_add_norm(h, out, weight, eps, u_dtype):
     """(h + out, rms_norm(h + out, weight) in u_dtype) as one autograd Function of Triton kernels
-    (norm_autograd.add_rms_norm): FalconMamba's training add + block norm (_train_add_norm)."""
+    (norm_autograd.add_rms_norm): FalconMamba's training add + block norm (where _train_add_norm)."""
     from falcon_mamba.ops import norm_autograd, triton_backend  # Triton: imported only where it runs
 
     return norm_autograd.add_rms_norm(h, out, weight, eps, u_dtype, triton_backend.add_rms_norm,
@@ -229,18 +229,15 @@ class FalconMamba(nn.Module):
 
         return triton_backend
 
-    def _train_add_norm(self, state: State | None):
-        """A function (h, out, weight, eps, u_dtype) -> (h + out, the block norm's output) running
-        the training residual add and block norm as one autograd Function of Triton kernels
-        (norm_autograd.add_rms_norm), where they train on the triton backend (CUDA, autograd on, no
-        carried state); else None."""
+    def _train_add_norm(self, state: State | None) -> bool:
+        """Whether the training residual adds and block norms run as joint_add_norm (one autograd
+        Function of Triton kernels): training on the triton backend (CUDA, autograd on, no carried
+        state)."""
         if state is not None or self.device.type != "cuda" or not torch.is_grad_enabled():
-            return None
+            return False
         from falcon_mamba import ops
 
-        if ops.backend_name(self.device) != "triton":
-            return None
-        return joint_add_norm
+        return ops.backend_name(self.device) == "triton"
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 last_only: bool = False, reset_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
@@ -269,12 +266,14 @@ class FalconMamba(nn.Module):
         h = self.backbone.embeddings(input_ids)
         convs, ssms = [], []
         fused = self._fused_add_norm()
-        train = None if fused else self._train_add_norm(state)
+        train = not fused and self._train_add_norm(state)
         layers = self.backbone.layers
         # joint[i]: block i's norm takes the previous block's residual add with it (training, fp32
         # norm weights: the recipe's; a bf16 norm rounds its input first, the separate path below)
-        joint = [train is not None and i > 0 and blk.norm.weight.dtype == torch.float32
+        joint = [train and i > 0 and blk.norm.weight.dtype == torch.float32
                  for i, blk in enumerate(layers)] + [False]
+        dev = h.device.type  # the joint norm's output dtype: what the mixer casts its input to
+        u_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
         hbuf = out = None
         for i, blk in enumerate(layers):
             if fused:  # one kernel for the residual add, the cast and the norm (same rounding)
@@ -284,10 +283,7 @@ class FalconMamba(nn.Module):
                                        round_to=blk.norm.weight.dtype, h_out=hbuf)
                 h = hbuf
             elif joint[i]:  # training: the residual add and the norm as one Function
-                dev = h.device.type
-                u_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                           else torch.promote_types(torch.float32, blk.norm.weight.dtype))
-                h, u = train(h.float(), out, blk.norm.weight, blk.norm.eps, u_dtype)
+                h, u = joint_add_norm(h.float(), out, blk.norm.weight, blk.norm.eps, u_dtype)
             else:
                 u = blk.norm(h.to(blk.norm.weight.dtype))
             out, conv, ssm = blk.mixer(u, None if state is None else state.conv[i],

@@ -48,11 +48,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_W = torch.zeros(W_VH.shape, dtype=torch.float32, device=h.device) if need_w else None
+        if rows_kernel:
+            from falcon_mamba.ops import triton_backend  # Triton: imported only where it runs
         for lo in range(0, N, chunk):
             hc, tc = h[lo:lo + chunk], targets_N[lo:lo + chunk]
             if rows_kernel:  # ops/triton_ce.py: the math below in one kernel, g over the logits
-                from falcon_mamba.ops import triton_backend  # Triton: imported only where it runs
-
                 g = hc @ W.t()  # (n, V) in dtype
                 loss += triton_backend.ce_rows_(g, tc, need_h or need_w).sum()
             else:
@@ -125,7 +125,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         h_NH, t_N = h_NH.index_select(0, idx), t_N.index_select(0, idx)
     grad_on = torch.is_grad_enabled()
     dtype = compute_dtype(h, weight)
-    chunk = chunk if chunk > 0 else default_chunk(weight.shape[0])
+    chunk = chunk if chunk > 0 else default_chunk(V)
     if rows_kernel is None:
         from falcon_mamba import ops
 
